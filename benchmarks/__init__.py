@@ -1,0 +1,1 @@
+"""Benchmark harness for jaxckpt (see benchmarks/README.md)."""

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Developer entry point; needs only Python 3 (>= 3.10) with venv and pip.
+
+    python3 dev.py demo     # create .venv, install, run the interrupted-and-resumed training demo
+    python3 dev.py test     # create .venv, install, run the test suite
+    python3 dev.py bench    # create .venv, install, run the quick benchmark
+
+The virtual environment is (re)installed only when pyproject.toml or
+constraints.txt changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+VENV = os.path.join(ROOT, ".venv")
+PY = os.path.join(VENV, "bin", "python")
+STAMP = os.path.join(VENV, ".jaxckpt-installed")
+
+
+def _fingerprint() -> str:
+    h = hashlib.sha256()
+    for name in ("pyproject.toml", "constraints.txt"):
+        with open(os.path.join(ROOT, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
+
+
+def ensure_venv() -> None:
+    want = _fingerprint()
+    if os.path.exists(STAMP) and open(STAMP).read() == want:
+        return
+    if not os.path.exists(PY):
+        print("creating .venv ...", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    pip = [PY, "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    print("installing jaxckpt and its test dependencies into .venv ...", flush=True)
+    subprocess.run(pip + ["--upgrade", "pip"], check=True)
+    subprocess.run(pip + ["-c", "constraints.txt", "-e", ".[test]"], check=True, cwd=ROOT)
+    with open(STAMP, "w") as f:
+        f.write(want)
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("demo", "test", "bench"):
+        print(__doc__)
+        return 2
+    ensure_venv()
+    env = dict(os.environ)
+    cmd = {
+        "demo": [PY, "-m", "examples.demo"],
+        "test": [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider"],
+        "bench": [PY, "-m", "benchmarks.run", "--quick"],
+    }[argv[0]]
+    return subprocess.run(cmd + argv[1:], cwd=ROOT, env=env).returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,44 @@
+"""jaxckpt: fast, crash-consistent, asynchronous checkpoints for JAX and Flax.
+
+The public face. Everything not listed in ``__all__`` is internal and may change.
+"""
+
+from jaxckpt import writer as _writer
+from jaxckpt.api import CheckpointInfo, LeafInfo, LoadReport, inspect, load_checkpoint, load_into, restore, save
+from jaxckpt.checkpointer import AsyncCheckpointer, SaveHandle, SaveStats
+from jaxckpt.errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointLockedError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    SaveTimeoutError,
+    StructureMismatchError,
+    UnsupportedValueError,
+)
+
+__version__ = "0.1.0"
+_writer.set_library_version(__version__)
+
+__all__ = [
+    "AsyncCheckpointer",
+    "CheckpointError",
+    "CheckpointExistsError",
+    "CheckpointInfo",
+    "CheckpointLockedError",
+    "CheckpointNotFoundError",
+    "CorruptCheckpointError",
+    "LeafInfo",
+    "LoadReport",
+    "SaveHandle",
+    "SaveStats",
+    "SaveTimeoutError",
+    "StructureMismatchError",
+    "UnsupportedValueError",
+    "__version__",
+    "inspect",
+    "load_checkpoint",
+    "load_into",
+    "restore",
+    "save",
+]

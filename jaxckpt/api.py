@@ -1,0 +1,329 @@
+"""The functional API: save, restore, load_checkpoint, load_into, inspect.
+
+Restore matches leaves by their flat key path (``params/Dense_0/kernel``), so a
+target may use other container types than the saved tree (a FrozenDict for a
+dict, a TrainState for the dict a notebook saved) as long as the paths agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from jaxckpt import checkpointer
+from jaxckpt import format as fmt
+from jaxckpt import reader as reader_mod
+from jaxckpt import tree as tree_mod
+from jaxckpt.errors import StructureMismatchError
+
+Box = tuple[tuple[int, int], ...]
+
+
+# ------------------------------------------------------------------ save
+def save(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False) -> None:
+    """Write ``tree`` to the checkpoint directory ``path``, atomically and durably.
+
+    ``metadata``: msgpack-able plain values stored with the checkpoint.
+    Raises ``CheckpointExistsError`` if ``path`` exists and ``overwrite`` is False.
+    """
+    checkpointer.save_sync(path, tree, metadata=metadata, overwrite=overwrite)
+
+
+# ------------------------------------------------------------------ records
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+    path: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str | None
+    nbytes: int
+    value: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What ``inspect`` reads from a manifest (no array data)."""
+    path: str
+    format_version: int
+    library: str
+    created: float
+    metadata: Any
+    total_bytes: int
+    leaves: tuple[LeafInfo, ...]
+
+    def __repr__(self) -> str:
+        lines = [f"CheckpointInfo({self.path!r}, format v{self.format_version}, {len(self.leaves)} leaves, "
+                 f"{_human(self.total_bytes)}, written by {self.library})"]
+        for leaf in self.leaves[:50]:
+            desc = repr(leaf.value) if leaf.kind == "value" else f"{leaf.dtype}{list(leaf.shape)}  {_human(leaf.nbytes)}"
+            lines.append(f"  {leaf.path}: {desc}")
+        if len(self.leaves) > 50:
+            lines.append(f"  ... {len(self.leaves) - 50} more")
+        if self.metadata is not None:
+            lines.append(f"  metadata: {self.metadata!r}")
+        return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadReport:
+    """What ``load_into`` did: target keys absent from the source, and source keys not used."""
+    missing: list[str]
+    unexpected: list[str]
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def inspect(path: str | os.PathLike) -> CheckpointInfo:
+    """Read only the manifest: version, metadata, and per leaf path/shape/dtype/size."""
+    with reader_mod.CheckpointReader(path) as r:
+        m = r.manifest
+        leaves = tuple(LeafInfo(x.path, x.kind, x.shape, x.dtype, x.nbytes, x.value) for x in m.leaves)
+        return CheckpointInfo(r.path, m.version, m.library, m.created, m.metadata, m.total_bytes, leaves)
+
+
+# ------------------------------------------------------------------ restore
+def _host_value(rec: fmt.LeafRecord, arr: np.ndarray | None) -> Any:
+    """A leaf as restored with no target."""
+    if rec.kind == "value":
+        return rec.value
+    if rec.kind == "scalar":
+        return arr[()]
+    if rec.kind == "key":
+        return jax.random.wrap_key_data(arr, impl=rec.impl)
+    return arr
+
+
+def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool) -> dict[int, Any]:
+    arrays = [i for i in indices if r.manifest.leaves[i].kind != "value"]
+    got = r.read([(i, None) for i in arrays], verify=verify)
+    host = dict(zip(arrays, got))
+    return {i: _host_value(r.manifest.leaves[i], host.get(i)) for i in indices}
+
+
+def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = False, verify: bool = True) -> Any:
+    """Read a checkpoint.
+
+    ``target=None``: plain dict/list/tuple containers with numpy leaves.
+    ``target`` a pytree of ``jax.Array`` / ``numpy.ndarray`` /
+    ``jax.ShapeDtypeStruct`` (optionally with ``.sharding``) / Python scalars:
+    the result has the target's structure, dtypes and shardings; each device
+    receives only its slice. ``partial=True`` allows the target to be a subset.
+    ``verify``: check every chunk's checksum (default True).
+    """
+    with reader_mod.CheckpointReader(path) as r:
+        m = r.manifest
+        if target is None:
+            values = _read_all(r, list(range(len(m.leaves))), verify)
+            return tree_mod.build(m.tree, [values[i] for i in range(len(m.leaves))])
+        paths, tleaves, treedef = tree_mod.leaf_paths(target)
+        missing = [p for p in paths if p not in r.by_path]
+        extra = [] if partial else sorted(set(r.by_path) - set(paths))
+        if missing or extra:
+            raise StructureMismatchError(_mismatch_message(r.path, missing, extra, partial))
+        out = _fill(r, paths, tleaves, verify)
+        return treedef.unflatten(out)
+
+
+def _mismatch_message(where: str, missing: list[str], extra: list[str], partial: bool) -> str:
+    parts = [f"{where}: the checkpoint does not match the target structure"]
+    if missing:
+        parts.append(f"target leaves missing from the checkpoint: {_list(missing)}")
+    if extra:
+        parts.append(f"checkpoint leaves not in the target: {_list(extra)}"
+                     + ("" if partial else " (pass partial=True to restore a subset)"))
+    return "; ".join(parts)
+
+
+def _list(xs: list[str], n: int = 10) -> str:
+    shown = ", ".join(repr(x) for x in xs[:n])
+    return shown + (f" and {len(xs) - n} more" if len(xs) > n else "")
+
+
+def _target_info(t: Any) -> tuple[tuple[int, ...] | None, Any, Any, bool]:
+    """(shape, dtype, sharding or None, is_key) of a target leaf; shape None for Python scalars."""
+    if isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
+        is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
+        return tuple(t.shape), t.dtype, getattr(t, "sharding", None), is_key
+    if isinstance(t, (np.ndarray, np.generic)):
+        return tuple(np.shape(t)), t.dtype, None, False
+    return None, None, None, False
+
+
+@functools.lru_cache(maxsize=None)
+def _key_data_ndim(impl: str) -> int:
+    return len(jax.random.key_data(jax.random.key(0, impl=impl)).shape)
+
+
+def _key_shape(rec: fmt.LeafRecord) -> tuple[int, ...]:
+    # key data has trailing implementation dimensions; the key array's shape drops them
+    return rec.shape[:len(rec.shape) - _key_data_ndim(rec.impl)]
+
+
+def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any) -> None:
+    shape, _, _, is_key = _target_info(t)
+    if shape is None:  # a Python scalar target
+        if rec.kind == "value" or (rec.kind != "key" and rec.shape == ()):
+            return
+        raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects a Python {type(t).__name__}, "
+                                     f"the checkpoint has an array of shape {rec.shape}")
+    if rec.kind == "value":
+        raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects an array of shape {shape}, "
+                                     f"the checkpoint has a Python {type(rec.value).__name__}")
+    if is_key != (rec.kind == "key"):
+        raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects "
+                                     f"{'a PRNG key array' if is_key else 'a numeric array'}, the checkpoint has "
+                                     f"{'a PRNG key array' if rec.kind == 'key' else 'a numeric array'}")
+    found = _key_shape(rec) if is_key else rec.shape
+    if tuple(found) != tuple(shape):
+        raise StructureMismatchError(f"{where}: leaf {path!r}: shape mismatch: the target expects {tuple(shape)}, "
+                                     f"the checkpoint has {tuple(found)}")
+
+
+def _boxes(t: Any, rec: fmt.LeafRecord) -> list[Box | None]:
+    """The host boxes a target leaf needs: one per distinct addressable slice."""
+    shape, _, sharding, is_key = _target_info(t)
+    if sharding is None or is_key or rec.kind == "value" or shape is None:
+        return [None]
+    idx = sharding.addressable_devices_indices_map(shape)
+    seen: dict[Box, None] = {}
+    for index in idx.values():
+        seen[tuple((s.indices(d)[0], s.indices(d)[1]) for s, d in zip(index, shape))] = None
+    return list(seen)
+
+
+def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
+    return box if box is not None else tuple((0, d) for d in rec.shape)
+
+
+def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool) -> list[Any]:
+    recs = [r.manifest.leaves[r.by_path[p]] for p in paths]
+    for p, rec, t in zip(paths, recs, tleaves):
+        _check_leaf(r.path, p, rec, t)
+    requests: list[tuple[int, Box | None]] = []
+    for p, rec, t in zip(paths, recs, tleaves):
+        if rec.kind != "value":
+            requests.extend((r.by_path[p], b) for b in _boxes(t, rec))
+    arrays = iter(r.read(requests, verify=verify))
+    out = []
+    for p, rec, t in zip(paths, recs, tleaves):
+        if rec.kind == "value":
+            out.append(convert(rec.value, t))
+            continue
+        got = {_full(b, rec): next(arrays) for b in _boxes(t, rec)}
+        out.append(_assemble(rec, got, t))
+    return out
+
+
+def _assemble(rec: fmt.LeafRecord, regions: dict[Box, np.ndarray], t: Any) -> Any:
+    shape, dtype, sharding, is_key = _target_info(t)
+    if is_key:
+        (data,) = regions.values()
+        key = jax.random.wrap_key_data(data, impl=rec.impl)
+        return jax.device_put(key, sharding) if sharding is not None else key
+    if sharding is None or shape is None:
+        (arr,) = regions.values()
+        return convert(arr[()] if rec.kind == "scalar" else arr, t)
+    np_dtype = np.dtype(dtype)
+    regions = {b: (a if a.dtype == np_dtype else a.astype(np_dtype)) for b, a in regions.items()}
+    idx = sharding.addressable_devices_indices_map(shape)
+    singles = []
+    for device, index in idx.items():
+        box = tuple((s.indices(d)[0], s.indices(d)[1]) for s, d in zip(index, shape))
+        singles.append(jax.device_put(regions[box], device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, singles)
+
+
+def convert(value: Any, t: Any) -> Any:
+    """Cast a host value (numpy array/scalar or Python scalar) to the kind of target leaf ``t``."""
+    if isinstance(t, jax.ShapeDtypeStruct):
+        arr = np.asarray(value, dtype=t.dtype)
+        return jax.device_put(arr, t.sharding) if getattr(t, "sharding", None) is not None else jax.device_put(arr)
+    if isinstance(t, jax.Array):
+        arr = np.asarray(value, dtype=t.dtype)
+        return jax.device_put(arr, t.sharding)
+    if isinstance(t, np.ndarray):
+        return np.asarray(value).astype(t.dtype, copy=False)
+    if isinstance(t, np.generic):
+        return np.asarray(value).astype(t.dtype)[()]
+    if isinstance(t, (bool, int, float, complex)):
+        v = value.item() if isinstance(value, (np.ndarray, np.generic)) else value
+        return type(t)(v)
+    if isinstance(t, str):
+        if not isinstance(value, str):
+            raise StructureMismatchError(f"the target expects a str, the checkpoint has {type(value).__name__}")
+        return value
+    return value
+
+
+# ------------------------------------------------------------------ flat views
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
+    """The flat view: ``{"params/Dense_0/kernel": ndarray, "step": 3, ...}`` (MindSpore's ``load_checkpoint``)."""
+    with reader_mod.CheckpointReader(path) as r:
+        values = _read_all(r, list(range(len(r.manifest.leaves))), verify)
+        return {leaf.path: values[i] for i, leaf in enumerate(r.manifest.leaves)}
+
+
+def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
+              verify: bool = True) -> tuple[Any, LoadReport]:
+    """Fill ``target`` from matching keys of ``source`` (a checkpoint path or a flat
+    dict as returned by ``load_checkpoint``); MindSpore's ``load_param_into_net``.
+
+    Returns ``(new_tree, LoadReport)``. ``strict=True`` raises
+    ``StructureMismatchError`` when keys are missing or unexpected;
+    ``strict=False`` keeps the target's value for missing keys.
+    """
+    paths, tleaves, treedef = tree_mod.leaf_paths(target)
+    if isinstance(source, Mapping):
+        keys = set(source)
+        where = "source dict"
+    else:
+        r = reader_mod.CheckpointReader(source)
+        keys = set(r.by_path)
+        where = r.path
+    missing = sorted(p for p in paths if p not in keys)
+    unexpected = sorted(keys - set(paths))
+    report = LoadReport(missing, unexpected)
+    if strict and (missing or unexpected):
+        if not isinstance(source, Mapping):
+            r.close()
+        raise StructureMismatchError(
+            f"{where}: load_into(strict=True): "
+            + "; ".join(x for x in (
+                f"{len(missing)} target keys missing from the source: {_list(missing)}" if missing else "",
+                f"{len(unexpected)} source keys not in the target: {_list(unexpected)}" if unexpected else "") if x))
+    present = [(i, p) for i, p in enumerate(paths) if p in keys]
+    out = list(tleaves)
+    if isinstance(source, Mapping):
+        for i, p in present:
+            out[i] = _convert_checked(where, p, source[p], tleaves[i])
+    else:
+        with r:
+            filled = _fill(r, [p for _, p in present], [tleaves[i] for i, _ in present], verify)
+        for (i, _), v in zip(present, filled):
+            out[i] = v
+    return treedef.unflatten(out), report
+
+
+def _convert_checked(where: str, path: str, value: Any, t: Any) -> Any:
+    shape, _, _, is_key = _target_info(t)
+    if is_key:
+        if not (isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)):
+            raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects a PRNG key array, "
+                                         f"found {type(value).__name__}")
+        return jax.device_put(value, t.sharding) if getattr(t, "sharding", None) is not None else value
+    found = np.shape(value)
+    if shape is not None and tuple(found) != tuple(shape):
+        raise StructureMismatchError(f"{where}: leaf {path!r}: shape mismatch: the target expects {tuple(shape)}, "
+                                     f"the source has {tuple(found)}")
+    return convert(np.asarray(value) if isinstance(value, jax.Array) else value, t)

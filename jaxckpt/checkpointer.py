@@ -1,0 +1,238 @@
+"""AsyncCheckpointer: block for the snapshot only, persist in the background.
+
+Call order: ``save()`` (training thread: validate, backpressure, snapshot) ->
+returns a ``SaveHandle`` -> a coordinator thread runs ``writer.write_checkpoint``
+(hash, write, fsync, commit) on the I/O pool. A background failure is logged
+at once and raised exactly once: by ``SaveHandle.result()`` if the caller asks
+that handle, otherwise by the next ``save()``, ``wait_until_finished()`` or
+``close()`` (orbax's ``check_for_errors`` discipline).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from jaxckpt import format as fmt
+from jaxckpt import snapshot as snapshot_mod
+from jaxckpt import writer
+from jaxckpt.errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
+
+logger = logging.getLogger("jaxckpt")
+
+
+def default_workers() -> int:
+    # Disk-bound work: a few threads keep the queue full even on 2 cores, and
+    # hashing/copying release the GIL.
+    return min(16, max(4, os.cpu_count() or 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveStats:
+    """What one save cost. ``blocking_s``: time until ``save()`` returned (the
+    training loop's pause); ``total_s``: until the checkpoint was committed."""
+    blocking_s: float
+    total_s: float
+    bytes: int
+    files: int
+    throughput_gbps: float
+
+
+class SaveHandle:
+    """The future of one background save."""
+
+    def __init__(self, path: str, label: str):
+        self.path = path
+        self.label = label
+        self._future: Future = Future()
+        self._stats: SaveStats | None = None
+        self._reported = False
+        self._lock = threading.Lock()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> None:
+        """Wait for the save; return None once committed, or raise its error."""
+        self._future.result(timeout)  # raises the future's TimeoutError if not done
+        exc = self._future.exception()
+        if exc is not None:
+            self._take_error()
+            raise exc
+
+    @property
+    def stats(self) -> SaveStats | None:
+        """The save's figures once it committed; None before (or after a failure)."""
+        return self._stats
+
+    def _take_error(self) -> BaseException | None:
+        """The error, the first time it is asked for (each error is raised once)."""
+        with self._lock:
+            if self._reported or not self._future.done():
+                return None
+            exc = self._future.exception()
+            if exc is not None:
+                self._reported = True
+            return exc
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._future.exception() else "committed")
+        return f"SaveHandle({self.path!r}, {state})"
+
+
+def validate_request(path: str | os.PathLike, metadata: Any, overwrite: bool) -> str:
+    """Checks done on the calling thread so that mistakes raise where they are made."""
+    path = os.path.abspath(os.fspath(path))
+    try:
+        fmt.check_metadata(metadata)
+    except TypeError as e:
+        raise UnsupportedValueError(f"{path}: {e}") from None
+    if not overwrite and os.path.lexists(path):
+        raise CheckpointExistsError(f"{path}: a checkpoint already exists (pass overwrite=True to replace it)")
+    return path
+
+
+class AsyncCheckpointer:
+    """Saves pytrees in the background; see the module docstring for the contract.
+
+    ``max_workers``: I/O threads (default: 4..16 by core count).
+    ``max_in_flight``: saves allowed to run at once; ``save()`` beyond it waits
+    for the oldest to finish (host memory stays bounded by that many snapshots).
+    ``timeout``: seconds after which a background save is abandoned with
+    ``SaveTimeoutError`` (nothing is committed).
+    """
+
+    def __init__(self, *, max_workers: int | None = None, max_in_flight: int = 1, timeout: float | None = None):
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        if max_workers is not None and max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self.max_workers = max_workers or default_workers()
+        self.max_in_flight = max_in_flight
+        self.timeout = timeout
+        self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io")
+        self._coord = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save")
+        self._staging = writer.StagingPool()
+        self._handles: deque[SaveHandle] = deque()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------ public
+    def save(self, path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False) -> SaveHandle:
+        """Snapshot ``tree`` to host memory and return; the write runs in the background."""
+        return self._save(path, tree, metadata=metadata, overwrite=overwrite, label=None)
+
+    def wait_until_finished(self) -> None:
+        """Block until every save finished; raise a not-yet-reported background error."""
+        for h in list(self._handles):
+            h._future.exception()  # waits
+        self._prune()
+        self._raise_pending()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.wait_until_finished()
+        finally:
+            self._closed = True
+            self._coord.shutdown(wait=True)
+            self._io.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "AsyncCheckpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+            return False
+        try:
+            self.close()
+        except Exception as err:  # the body's exception wins; ours is logged
+            logger.error("background save error while handling %s: %s", exc_type.__name__, err)
+        return False
+
+    @property
+    def in_flight(self) -> int:
+        self._prune()
+        return len(self._handles)
+
+    # ------------------------------------------------------------ internals
+    def _save(self, path, tree, *, metadata, overwrite, label: str | None,
+              on_commit=None) -> SaveHandle:
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed")
+        t0 = time.perf_counter()
+        self._raise_pending()
+        path = validate_request(path, metadata, overwrite)
+        self._backpressure()
+        self._raise_pending()
+        snap = snapshot_mod.take(tree)
+        blocking = time.perf_counter() - t0
+        handle = SaveHandle(path, label or path)
+        with self._lock:
+            self._handles.append(handle)
+        self._coord.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit)
+        return handle
+
+    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit) -> None:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout - (time.perf_counter() - t0)
+        job = writer.Job(handle.path, handle.label)
+        try:
+            res = writer.write_checkpoint(
+                snap, handle.path, metadata=metadata, overwrite=overwrite, pool=self._io,
+                n_workers=self.max_workers, staging=self._staging, job=job,
+                wait=writer.waiter(deadline, handle.label))
+            total = time.perf_counter() - t0
+            handle._stats = SaveStats(blocking, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
+            if on_commit is not None:
+                on_commit(handle)
+        except BaseException as e:
+            logger.error("background save of %s failed: %s: %s", handle.label, type(e).__name__, e)
+            handle._future.set_exception(e)
+            return
+        finally:
+            del snap
+        handle._future.set_result(None)
+
+    def _prune(self) -> None:
+        """Forget finished handles, except failed ones whose error is still to be raised."""
+        with self._lock:
+            self._handles = deque(h for h in self._handles if not h.done()
+                                  or (h._future.exception() is not None and not h._reported))
+
+    def _backpressure(self) -> None:
+        while True:
+            with self._lock:
+                pending = [h for h in self._handles if not h.done()]
+            if len(pending) < self.max_in_flight:
+                return
+            pending[0]._future.exception()  # wait for the oldest
+
+    def _raise_pending(self) -> None:
+        with self._lock:
+            handles = list(self._handles)
+        for h in handles:
+            exc = h._take_error()
+            if exc is not None:
+                self._prune()
+                raise exc
+        self._prune()
+
+
+def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
+              max_workers: int | None = None) -> writer.WriteResult:
+    """Synchronous save: the caller waits, so numpy inputs are not copied."""
+    path = validate_request(path, metadata, overwrite)
+    snap = snapshot_mod.take(tree, copy_numpy=False)
+    n = max_workers or default_workers()
+    with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
+        return writer.write_checkpoint(
+            snap, path, metadata=metadata, overwrite=overwrite, pool=pool, n_workers=n,
+            staging=writer.StagingPool(), job=writer.Job(path, path), wait=writer.waiter(None, path))

@@ -1,0 +1,43 @@
+"""Typed errors. Everything jaxckpt raises about a checkpoint derives from
+:class:`CheckpointError`; the subclasses also derive from the standard
+exception a caller would naturally catch (``FileNotFoundError`` ...).
+
+Messages name the file and/or the pytree key path, what was expected and what
+was found, so that a user can act on them without reading our code.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error jaxckpt raises about a checkpoint."""
+
+
+class CorruptCheckpointError(CheckpointError, ValueError):
+    """A checkpoint on disk is damaged or hostile: checksum mismatch, truncated or
+    missing data file, malformed manifest, values outside the format's limits."""
+
+
+class StructureMismatchError(CheckpointError, ValueError):
+    """The checkpoint does not fit the requested target structure (missing or
+    unexpected leaves, shape or kind mismatch)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No committed checkpoint exists at the given path (or step)."""
+
+
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint already exists where a new one was to be written."""
+
+
+class CheckpointLockedError(CheckpointError):
+    """Another live writer holds the checkpoint directory's lock."""
+
+
+class SaveTimeoutError(CheckpointError, TimeoutError):
+    """A save did not finish within the configured timeout."""
+
+
+class UnsupportedValueError(CheckpointError, TypeError):
+    """A leaf (or metadata value) cannot be stored in the format."""

@@ -1,0 +1,471 @@
+"""On-disk format v1: the manifest <-> bytes, pure (no I/O, no jax).
+
+``docs/FORMAT.md`` is the normative description; this module is its reference
+implementation. Every number read from disk is checked against a hard cap
+before it is used, so a hostile manifest costs at most a few megabytes and a
+few milliseconds before :class:`CorruptCheckpointError` is raised.
+
+Manifest file layout (``manifest.msgpack``): one msgpack map ::
+
+    {"format": "jaxckpt", "version": 1, "body": <bin>, "xxh3": <uint64>}
+
+where ``xxh3`` is XXH3-64 (seed 0) of the ``body`` bytes and ``body`` is itself
+a msgpack map (see :func:`build_body`). The outer envelope lets a reader check
+the version and the integrity of the whole manifest before decoding it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any
+
+import ml_dtypes
+import msgpack
+import numpy as np
+import xxhash
+
+from jaxckpt.errors import CorruptCheckpointError
+
+FORMAT_NAME = "jaxckpt"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.msgpack"
+HASH_NAME = "xxh3-64"
+
+# Checksums cover each shard in chunks of this many bytes (the last chunk may be
+# shorter). 16 MiB keeps manifests small (256 entries for 4 GiB) while letting a
+# resharding restore verify only the chunks it reads.
+CHUNK_BYTES = 16 << 20
+
+# Hard caps on everything read from disk.
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_LEAVES = 4_000_000
+MAX_NDIM = 64
+MAX_SHARDS_PER_LEAF = 4096
+MAX_FILES = 65536
+MAX_TREE_DEPTH = 256
+MAX_ARRAY_BYTES = 1 << 48  # 256 TiB: far above any real leaf, far below int64 overflow
+MAX_STR = 1 << 20
+
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+
+
+def _dtype_table() -> dict[str, np.dtype]:
+    names = [
+        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+        "float16", "float32", "float64", "complex64", "complex128",
+    ]
+    table = {n: np.dtype(n) for n in names}
+    ml_names = [
+        "bfloat16", "int4", "uint4", "int2", "uint2",
+        "float8_e3m4", "float8_e4m3", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz",
+        "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float6_e2m3fn", "float6_e3m2fn",
+        "float4_e2m1fn",
+    ]
+    for n in ml_names:
+        t = getattr(ml_dtypes, n, None)
+        if t is not None:
+            table[n] = np.dtype(t)
+    return table
+
+
+DTYPES: dict[str, np.dtype] = _dtype_table()
+DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_name(dtype: np.dtype) -> str | None:
+    """The format's name for a (native or little-endian) dtype, or None if unsupported."""
+    return DTYPE_NAMES.get(np.dtype(dtype).newbyteorder("="))
+
+
+def checksum(buf) -> int:
+    """XXH3-64 of a bytes-like object (releases the GIL for large inputs)."""
+    return xxhash.xxh3_64_intdigest(buf)
+
+
+def chunk_count(length: int, chunk_bytes: int) -> int:
+    return max(1, -(-length // chunk_bytes)) if length else 0
+
+
+# --------------------------------------------------------------------- records
+@dataclasses.dataclass(frozen=True)
+class FileRecord:
+    name: str
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardRecord:
+    box: tuple[tuple[int, int], ...]  # per dimension [start, stop) in the global array
+    file: int  # index into Manifest.files
+    offset: int
+    length: int
+    checksums: tuple[int, ...]  # one per CHUNK of the shard's bytes
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.box)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafRecord:
+    path: str
+    kind: str  # "array" | "scalar" (a numpy scalar) | "key" (typed PRNG key) | "value"
+    dtype: str | None = None
+    shape: tuple[int, ...] = ()
+    shards: tuple[ShardRecord, ...] = ()
+    value: Any = None  # for kind "value": a Python int/float/bool/complex/str
+    impl: str | None = None  # for kind "key": the PRNG implementation name
+
+    @property
+    def nbytes(self) -> int:
+        if self.kind == "value":
+            return 0
+        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    version: int
+    library: str
+    created: float
+    chunk_bytes: int
+    files: tuple[FileRecord, ...]
+    tree: Any  # a tree node, see docs/FORMAT.md
+    leaves: tuple[LeafRecord, ...]
+    metadata: Any
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(leaf.nbytes for leaf in self.leaves)
+
+
+# --------------------------------------------------------------------- encode
+def _encode_value(v: Any) -> Any:
+    if isinstance(v, complex):
+        return {"complex": [v.real, v.imag]}
+    return v
+
+
+def build_body(manifest: Manifest) -> dict:
+    def shard(s: ShardRecord) -> dict:
+        return {"box": [list(b) for b in s.box], "file": s.file, "offset": s.offset,
+                "length": s.length, "xxh3": list(s.checksums)}
+
+    def leaf(rec: LeafRecord) -> dict:
+        out: dict[str, Any] = {"path": rec.path, "kind": rec.kind}
+        if rec.kind == "value":
+            out["value"] = _encode_value(rec.value)
+        else:
+            out["dtype"] = rec.dtype
+            out["shape"] = list(rec.shape)
+            out["shards"] = [shard(s) for s in rec.shards]
+            if rec.impl is not None:
+                out["impl"] = rec.impl
+        return out
+
+    return {
+        "library": manifest.library,
+        "created": manifest.created,
+        "hash": HASH_NAME,
+        "chunk_bytes": manifest.chunk_bytes,
+        "files": [{"name": f.name, "size": f.size} for f in manifest.files],
+        "tree": manifest.tree,
+        "leaves": [leaf(r) for r in manifest.leaves],
+        "metadata": manifest.metadata,
+    }
+
+
+def encode_manifest(manifest: Manifest) -> bytes:
+    body = msgpack.packb(build_body(manifest), use_bin_type=True)
+    return msgpack.packb(
+        {"format": FORMAT_NAME, "version": FORMAT_VERSION, "body": body, "xxh3": checksum(body)},
+        use_bin_type=True,
+    )
+
+
+def check_metadata(metadata: Any) -> bytes:
+    """Validate user metadata (msgpack-able plain values); returns its encoding."""
+    def check(v: Any, where: str, depth: int) -> None:
+        if depth > 64:
+            raise TypeError(f"metadata{where}: nested deeper than 64 levels")
+        if v is None or isinstance(v, (bool, int, float, str, bytes)):
+            if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < (1 << 64):
+                raise TypeError(f"metadata{where}: integer {v} does not fit in 64 bits")
+            return
+        if isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                check(x, f"{where}[{i}]", depth + 1)
+            return
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, (str, int)):
+                    raise TypeError(f"metadata{where}: key {k!r} must be str or int")
+                check(x, f"{where}[{k!r}]", depth + 1)
+            return
+        raise TypeError(
+            f"metadata{where}: {type(v).__name__} is not storable; use str/int/float/bool/None/"
+            "bytes and lists/dicts of them")
+
+    check(metadata, "", 0)
+    return msgpack.packb(metadata, use_bin_type=True)
+
+
+# --------------------------------------------------------------------- decode
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the format")
+
+
+def _unpack(data: bytes, max_bytes: int) -> Any:
+    # The limits bound every container and string msgpack would allocate; the
+    # C unpacker has a fixed stack, so deep nesting errors out instead of crashing.
+    return msgpack.unpackb(
+        data, raw=False, strict_map_key=False, ext_hook=_no_ext, use_list=True, max_str_len=MAX_STR, max_bin_len=max_bytes,
+        max_array_len=MAX_LEAVES * 2, max_map_len=MAX_LEAVES * 2, max_ext_len=0,
+    )
+
+
+class _Checker:
+    """Field access with typed, located errors."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.where}: {what}")
+
+    def get(self, m: Any, key: str, types: type | tuple, ctx: str, optional: bool = False) -> Any:
+        if not isinstance(m, dict):
+            raise self.fail(f"{ctx}: expected a map, found {type(m).__name__}")
+        if key not in m:
+            if optional:
+                return None
+            raise self.fail(f"{ctx}: missing field {key!r}")
+        v = m[key]
+        if not isinstance(v, types) or (isinstance(v, bool) and bool not in _as_tuple(types)):
+            raise self.fail(f"{ctx}: field {key!r} expected {_type_names(types)}, found {type(v).__name__}")
+        return v
+
+    def nonneg(self, v: Any, ctx: str, cap: int) -> int:
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > cap:
+            raise self.fail(f"{ctx}: expected an integer in [0, {cap}], found {v!r}")
+        return v
+
+
+def _as_tuple(t: type | tuple) -> tuple:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _type_names(t: type | tuple) -> str:
+    return "/".join(x.__name__ for x in _as_tuple(t))
+
+
+def decode_manifest(data: bytes, where: str) -> Manifest:
+    """Decode and validate a manifest. ``where`` names the file in errors.
+
+    Checks everything a reader needs to trust before touching data files:
+    version, checksum, types, caps, dtype allow-list, shape x itemsize ==
+    length without overflow, shard boxes inside the shape and covering it
+    exactly once, file names plain, byte ranges non-overlapping per file and
+    inside the recorded file sizes.
+    """
+    c = _Checker(where)
+    if len(data) == 0:
+        raise c.fail("the manifest is empty (0 bytes)")
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise c.fail(f"manifest is {len(data)} bytes, above the cap of {MAX_MANIFEST_BYTES}")
+    try:
+        outer = _unpack(data, len(data))
+    except Exception as e:  # msgpack raises many types (ValueError, StackError, ...)
+        raise c.fail(f"not a valid msgpack manifest ({type(e).__name__}: {e})") from None
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT_NAME:
+        raise c.fail("not a jaxckpt manifest (missing format: 'jaxckpt')")
+    version = c.get(outer, "version", int, "envelope")
+    if version != FORMAT_VERSION:
+        raise c.fail(f"format version {version} is not supported (this reader knows version {FORMAT_VERSION})")
+    body = c.get(outer, "body", bytes, "envelope")
+    expected = c.get(outer, "xxh3", int, "envelope")
+    found = checksum(body)
+    if found != expected:
+        raise c.fail(f"manifest checksum mismatch: expected xxh3 {expected:#018x}, found {found:#018x}")
+    try:
+        b = _unpack(body, len(body))
+    except Exception as e:
+        raise c.fail(f"manifest body is not valid msgpack ({type(e).__name__}: {e})") from None
+
+    library = c.get(b, "library", str, "body")
+    created = c.get(b, "created", (int, float), "body")
+    if c.get(b, "hash", str, "body") != HASH_NAME:
+        raise c.fail(f"unknown hash {b['hash']!r}, expected {HASH_NAME!r}")
+    chunk_bytes = c.get(b, "chunk_bytes", int, "body")
+    if not 4096 <= chunk_bytes <= (1 << 40):
+        raise c.fail(f"chunk_bytes {chunk_bytes} outside [4096, 2**40]")
+
+    raw_files = c.get(b, "files", list, "body")
+    if len(raw_files) > MAX_FILES:
+        raise c.fail(f"{len(raw_files)} data files, above the cap of {MAX_FILES}")
+    files = []
+    for i, f in enumerate(raw_files):
+        name = c.get(f, "name", str, f"files[{i}]")
+        if not _FILE_NAME_RE.match(name) or name == MANIFEST_NAME:
+            raise c.fail(f"files[{i}]: file name {name!r} is not a plain file name "
+                         "(letters, digits, '.', '_', '-'; no separators, no leading dot)")
+        files.append(FileRecord(name, c.nonneg(c.get(f, "size", int, f"files[{i}]"), f"files[{i}].size", 1 << 56)))
+    if len({f.name for f in files}) != len(files):
+        raise c.fail("a data file is listed twice")
+
+    raw_leaves = c.get(b, "leaves", list, "body")
+    if len(raw_leaves) > MAX_LEAVES:
+        raise c.fail(f"{len(raw_leaves)} leaves, above the cap of {MAX_LEAVES}")
+    leaves = tuple(_decode_leaf(c, i, r, files, chunk_bytes) for i, r in enumerate(raw_leaves))
+    _check_extents(c, leaves, files)
+    tree = b.get("tree")
+    _check_tree(c, tree, len(leaves))
+    return Manifest(version, library, float(created), chunk_bytes, tuple(files), tree, leaves,
+                    b.get("metadata"))
+
+
+def _decode_leaf(c: _Checker, i: int, r: Any, files: list[FileRecord], chunk_bytes: int) -> LeafRecord:
+    path = c.get(r, "path", str, f"leaves[{i}]")
+    ctx = f"leaf {path!r}"
+    kind = c.get(r, "kind", str, ctx)
+    if kind == "value":
+        v = r.get("value")
+        if isinstance(v, dict) and set(v) == {"complex"}:
+            parts = v["complex"]
+            if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, (int, float)) for p in parts)):
+                raise c.fail(f"{ctx}: malformed complex value")
+            v = complex(parts[0], parts[1])
+        elif not (v is None or isinstance(v, (bool, int, float, str))):
+            raise c.fail(f"{ctx}: value of type {type(v).__name__} is not a scalar")
+        return LeafRecord(path, kind, value=v)
+    if kind not in ("array", "scalar", "key"):
+        raise c.fail(f"{ctx}: unknown leaf kind {kind!r}")
+    dtype = c.get(r, "dtype", str, ctx)
+    if dtype not in DTYPES:
+        raise c.fail(f"{ctx}: dtype {dtype!r} is not in the allow-list")
+    raw_shape = c.get(r, "shape", list, ctx)
+    if len(raw_shape) > MAX_NDIM:
+        raise c.fail(f"{ctx}: {len(raw_shape)} dimensions, above the cap of {MAX_NDIM}")
+    shape = tuple(c.nonneg(d, f"{ctx} shape", MAX_ARRAY_BYTES) for d in raw_shape)
+    itemsize = DTYPES[dtype].itemsize
+    count = 1
+    for d in shape:  # overflow-safe: stop as soon as the product exceeds the cap
+        count *= d
+        if count * itemsize > MAX_ARRAY_BYTES:
+            raise c.fail(f"{ctx}: shape {list(shape)} x itemsize {itemsize} exceeds the cap of {MAX_ARRAY_BYTES} bytes")
+    impl = None
+    if kind == "key":
+        impl = c.get(r, "impl", str, ctx)
+        if not impl.isidentifier():
+            raise c.fail(f"{ctx}: PRNG implementation name {impl!r} is not an identifier")
+    if kind == "scalar" and shape != ():
+        raise c.fail(f"{ctx}: a numpy scalar must have shape (), found {list(shape)}")
+    raw_shards = c.get(r, "shards", list, ctx)
+    if len(raw_shards) > MAX_SHARDS_PER_LEAF:
+        raise c.fail(f"{ctx}: {len(raw_shards)} shards, above the cap of {MAX_SHARDS_PER_LEAF}")
+    shards = []
+    for j, s in enumerate(raw_shards):
+        sctx = f"{ctx} shard {j}"
+        raw_box = c.get(s, "box", list, sctx)
+        if len(raw_box) != len(shape):
+            raise c.fail(f"{sctx}: box has {len(raw_box)} dimensions, the array has {len(shape)}")
+        box = []
+        for d, (dim, pair) in enumerate(zip(shape, raw_box)):
+            if not (isinstance(pair, list) and len(pair) == 2):
+                raise c.fail(f"{sctx}: box dimension {d} must be [start, stop]")
+            a = c.nonneg(pair[0], f"{sctx} box", dim)
+            z = c.nonneg(pair[1], f"{sctx} box", dim)
+            if a > z:
+                raise c.fail(f"{sctx}: box dimension {d} has start {a} > stop {z}")
+            box.append((a, z))
+        box_t = tuple(box)
+        file = c.nonneg(c.get(s, "file", int, sctx), f"{sctx} file", max(len(files) - 1, 0))
+        if file >= len(files):
+            raise c.fail(f"{sctx}: file index {file} but only {len(files)} data files are listed")
+        offset = c.nonneg(c.get(s, "offset", int, sctx), f"{sctx} offset", 1 << 56)
+        length = c.nonneg(c.get(s, "length", int, sctx), f"{sctx} length", MAX_ARRAY_BYTES)
+        expected = math.prod(b - a for a, b in box_t) * itemsize
+        if length != expected:
+            raise c.fail(f"{sctx}: length {length} bytes but box {[list(b) for b in box_t]} x itemsize {itemsize} = {expected}")
+        sums = c.get(s, "xxh3", list, sctx)
+        if len(sums) != chunk_count(length, chunk_bytes):
+            raise c.fail(f"{sctx}: {len(sums)} checksums, expected {chunk_count(length, chunk_bytes)} "
+                         f"for {length} bytes in chunks of {chunk_bytes}")
+        for x in sums:
+            c.nonneg(x, f"{sctx} checksum", (1 << 64) - 1)
+        shards.append(ShardRecord(box_t, file, offset, length, tuple(sums)))
+    _check_cover(c, ctx, shape, shards)
+    return LeafRecord(path, kind, dtype, shape, tuple(shards), impl=impl)
+
+
+def _check_cover(c: _Checker, ctx: str, shape: tuple[int, ...], shards: list[ShardRecord]) -> None:
+    """The shard boxes tile the array exactly: volumes add up and no two overlap."""
+    total = math.prod(shape)
+    if total == 0:
+        if len(shards) > 1:
+            raise c.fail(f"{ctx}: an empty array has {len(shards)} shards")
+        return
+    vol = sum(math.prod(s.shape) for s in shards)
+    if vol != total:
+        raise c.fail(f"{ctx}: shards cover {vol} elements, the array has {total}")
+    if len(shards) > 1:
+        lo = np.array([[a for a, _ in s.box] for s in shards], dtype=np.int64)
+        hi = np.array([[z for _, z in s.box] for s in shards], dtype=np.int64)
+        for i in range(0, len(shards), 256):  # blocked pairwise test keeps memory small
+            over = np.all((lo[i:i + 256, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[i:i + 256, None, :]), axis=2)
+            over[np.arange(over.shape[0]), np.arange(i, i + over.shape[0])] = False
+            if over.any():
+                a, b = np.argwhere(over)[0]
+                raise c.fail(f"{ctx}: shards {i + a} and {b} overlap")
+
+
+def _check_extents(c: _Checker, leaves: tuple[LeafRecord, ...], files: list[FileRecord]) -> None:
+    """Byte ranges lie inside the recorded file sizes and never overlap."""
+    per_file: dict[int, list[tuple[int, int, str]]] = {}
+    for leaf in leaves:
+        for s in leaf.shards:
+            if s.offset + s.length > files[s.file].size:
+                raise c.fail(f"leaf {leaf.path!r}: bytes [{s.offset}, {s.offset + s.length}) lie beyond the end "
+                             f"of {files[s.file].name} ({files[s.file].size} bytes)")
+            if s.length:
+                per_file.setdefault(s.file, []).append((s.offset, s.offset + s.length, leaf.path))
+    for f, ext in per_file.items():
+        ext.sort()
+        for (a0, a1, pa), (b0, _, pb) in zip(ext, ext[1:]):
+            if b0 < a1:
+                raise c.fail(f"leaves {pa!r} and {pb!r} overlap in {files[f].name} at byte {b0}")
+
+
+def _check_tree(c: _Checker, tree: Any, n_leaves: int) -> None:
+    """The tree references every leaf exactly once, is well formed and shallow enough."""
+    seen = bytearray(n_leaves)
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_TREE_DEPTH:
+            raise c.fail(f"tree nested deeper than {MAX_TREE_DEPTH} levels")
+        if isinstance(node, int) and not isinstance(node, bool):
+            if not 0 <= node < n_leaves or seen[node]:
+                raise c.fail(f"tree references leaf {node} which is out of range or used twice")
+            seen[node] = 1
+            continue
+        t = c.get(node, "t", str, "tree node")
+        if t == "none":
+            continue
+        if t not in ("dict", "list", "tuple", "namedtuple", "custom"):
+            raise c.fail(f"tree node kind {t!r} is unknown")
+        children = c.get(node, "c", list, f"tree node {t}")
+        if t in ("dict", "namedtuple", "custom"):
+            keys = c.get(node, "k", list, f"tree node {t}")
+            if len(keys) != len(children):
+                raise c.fail(f"tree node {t}: {len(keys)} keys for {len(children)} children")
+            for k in keys:
+                if not isinstance(k, (str, int)) or isinstance(k, bool):
+                    raise c.fail(f"tree node {t}: key {k!r} is not a str or int")
+        if t in ("namedtuple", "custom"):
+            c.get(node, "n", str, f"tree node {t}")
+        stack.extend((ch, depth + 1) for ch in children)
+    if n_leaves and not all(seen):
+        raise c.fail(f"tree does not reference leaf {seen.index(0)}")

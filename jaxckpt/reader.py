@@ -1,0 +1,203 @@
+"""Reader: a committed checkpoint directory -> host arrays, on a thread pool.
+
+``CheckpointReader`` decodes and validates the manifest once, then serves
+requests for boxes (sub-arrays) of leaves. A request is planned into reads:
+
+* when a whole saved shard lands contiguously in the destination (the shard is
+  the whole leaf, or a slab along the first axis), its bytes are read straight
+  into the final, 64-byte aligned buffer (which ``jax.device_put`` on the CPU
+  backend then adopts without a copy);
+* otherwise only the rows of the shard that intersect the box are read (rounded
+  out to checksum chunks when verifying) into a temporary buffer, then copied.
+
+Reads are cut into checksum chunks and run in parallel; each chunk is verified
+in the thread that read it. Open files are checked to be regular files and at
+least as large as the manifest says.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable
+
+import numpy as np
+
+from jaxckpt import format as fmt
+from jaxckpt import storage
+from jaxckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+
+Box = tuple[tuple[int, int], ...]
+
+
+def default_workers() -> int:
+    return min(16, max(4, os.cpu_count() or 1))
+
+
+def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-order array whose data starts on a 64-byte boundary."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    raw = np.empty(nbytes + 64, np.uint8)
+    off = (-raw.ctypes.data) % 64
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _intersect(a: Box, b: Box) -> Box | None:
+    out = tuple((max(x0, y0), min(x1, y1)) for (x0, x1), (y0, y1) in zip(a, b))
+    return None if any(lo >= hi for lo, hi in out) else out
+
+
+class _Op:
+    """Read ``dest.nbytes`` bytes at ``offset`` of file ``file`` and check a chunk sum."""
+    __slots__ = ("file", "offset", "dest", "checksum", "leaf", "chunk")
+
+    def __init__(self, file: int, offset: int, dest: memoryview, checksum: int | None, leaf: str, chunk: int):
+        self.file, self.offset, self.dest, self.checksum, self.leaf, self.chunk = file, offset, dest, checksum, leaf, chunk
+
+
+class CheckpointReader:
+    def __init__(self, path: str | os.PathLike, max_workers: int | None = None):
+        self.path = os.fspath(path)
+        storage.recover(self.path)
+        if not os.path.isdir(self.path):
+            raise CheckpointNotFoundError(f"{self.path}: no checkpoint here (not a directory)")
+        mpath = os.path.join(self.path, fmt.MANIFEST_NAME)
+        if not os.path.lexists(mpath):
+            raise CheckpointNotFoundError(f"{self.path}: not a committed checkpoint ({fmt.MANIFEST_NAME} is missing)")
+        data = storage.read_small(self.path, fmt.MANIFEST_NAME, fmt.MAX_MANIFEST_BYTES)
+        self.manifest = fmt.decode_manifest(data, mpath)
+        self.by_path = {leaf.path: i for i, leaf in enumerate(self.manifest.leaves)}
+        self.max_workers = max_workers or default_workers()
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ files
+    def _fd(self, file: int) -> int:
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                rec = self.manifest.files[file]
+                p = os.path.join(self.path, rec.name)
+                fd = storage.open_regular(p)
+                size = os.fstat(fd).st_size
+                if size < rec.size:
+                    os.close(fd)
+                    raise CorruptCheckpointError(f"{p}: truncated: the manifest records {rec.size} bytes, found {size}")
+                self._fds[file] = fd
+            return fd
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ planning
+    def _plan_leaf(self, leaf: fmt.LeafRecord, box: Box, verify: bool,
+                   ops: list[_Op], posts: list[Callable[[], None]]) -> np.ndarray:
+        dtype = fmt.DTYPES[leaf.dtype]
+        itemsize = dtype.itemsize
+        out_shape = tuple(hi - lo for lo, hi in box)
+        out = empty_aligned(out_shape, dtype)
+        if out.nbytes == 0:
+            return out
+        out_bytes = out.reshape(-1).view(np.uint8)
+        chunk = self.manifest.chunk_bytes
+        for s in leaf.shards:
+            inter = _intersect(s.box, box)
+            if inter is None or s.length == 0:
+                continue
+            sshape = s.shape
+            row_elems = math.prod(sshape[1:]) if sshape else 1
+            row_bytes = row_elems * itemsize
+            whole = inter == s.box
+            slab = whole and all(s.box[d] == box[d] for d in range(1, len(box)))
+            if slab:  # the shard's bytes are contiguous in ``out``: read in place
+                start = ((s.box[0][0] - box[0][0]) * row_bytes) if box else 0
+                dest = memoryview(out_bytes[start:start + s.length])
+                self._chunk_ops(leaf, s, 0, s.length, dest, verify, ops)
+                continue
+            # Rows [r0, r1) of the shard hold everything we need.
+            r0, r1 = inter[0][0] - s.box[0][0], inter[0][1] - s.box[0][0]
+            lo, hi = r0 * row_bytes, r1 * row_bytes
+            if verify:
+                lo, hi = lo // chunk * chunk, min(-(-hi // chunk) * chunk, s.length)
+            tmp = empty_aligned((hi - lo,), np.uint8)
+            self._chunk_ops(leaf, s, lo, hi, memoryview(tmp), verify, ops)
+            skip = r0 * row_bytes - lo
+            rows = tmp[skip:skip + (r1 - r0) * row_bytes].view(dtype).reshape((r1 - r0,) + sshape[1:])
+            src = rows[(slice(None),) + tuple(slice(a - sb[0], z - sb[0]) for (a, z), sb in zip(inter[1:], s.box[1:]))]
+            dst = out[tuple(slice(a - bb[0], z - bb[0]) for (a, z), bb in zip(inter, box))]
+            posts.append(functools.partial(np.copyto, dst, src))
+        return out
+
+    def _chunk_ops(self, leaf: fmt.LeafRecord, s: fmt.ShardRecord, lo: int, hi: int, dest: memoryview,
+                   verify: bool, ops: list[_Op]) -> None:
+        """Reads of shard bytes [lo, hi) into dest, one op per checksum chunk."""
+        chunk = self.manifest.chunk_bytes
+        pos = lo
+        while pos < hi:
+            end = min(hi, (pos // chunk + 1) * chunk)
+            ci = pos // chunk
+            checks = verify and pos == ci * chunk and end == min((ci + 1) * chunk, s.length)
+            ops.append(_Op(s.file, s.offset + pos, dest[pos - lo:end - lo],
+                           s.checksums[ci] if checks else None, leaf.path, ci))
+            pos = end
+
+    # ------------------------------------------------------------ executing
+    def _run(self, op: _Op) -> None:
+        fd = self._fd(op.file)
+        name = os.path.join(self.path, self.manifest.files[op.file].name)
+        storage.pread_into(fd, op.dest, op.offset, f"{name} (leaf {op.leaf!r})")
+        if op.checksum is not None:
+            found = fmt.checksum(op.dest)
+            if found != op.checksum:
+                raise CorruptCheckpointError(
+                    f"{name}: checksum mismatch in leaf {op.leaf!r}, chunk {op.chunk} (bytes at offset {op.offset}): "
+                    f"expected xxh3 {op.checksum:#018x}, found {found:#018x}")
+
+    def read(self, requests: Iterable[tuple[int, Box | None]], verify: bool = True,
+             progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+        """Read boxes of leaves (``None`` = the whole leaf) in parallel; returns
+        host arrays in the saved dtype, in request order."""
+        ops: list[_Op] = []
+        posts: list[Callable[[], None]] = []
+        outs = []
+        for li, box in requests:
+            leaf = self.manifest.leaves[li]
+            if box is None:
+                box = tuple((0, d) for d in leaf.shape)
+            outs.append(self._plan_leaf(leaf, box, verify, ops, posts))
+        ops.sort(key=lambda o: (o.file, o.offset))
+        if len(ops) <= 2 or self.max_workers <= 1:
+            for op in ops:
+                self._run(op)
+                if progress:
+                    progress(len(op.dest))
+        else:
+            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-read") as pool:
+                futures = [pool.submit(self._run, op) for op in ops]
+                try:
+                    for op, fut in zip(ops, futures):
+                        fut.result()
+                        if progress:
+                            progress(len(op.dest))
+                except BaseException:
+                    for fut in futures:
+                        fut.cancel()
+                    raise
+        for post in posts:
+            post()
+        return outs
