@@ -60,10 +60,10 @@ class SaveHandle:
 
     def result(self, timeout: float | None = None) -> None:
         """Wait for the save; return None once committed, or raise its error."""
-        self._future.result(timeout)  # raises the future's TimeoutError if not done
-        exc = self._future.exception()
+        exc = self._future.exception(timeout)  # raises TimeoutError if not done in time
         if exc is not None:
-            self._take_error()
+            with self._lock:
+                self._reported = True
             raise exc
 
     @property

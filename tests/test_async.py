@@ -1,0 +1,245 @@
+"""AsyncCheckpointer: snapshot semantics, background errors, backpressure, timeouts."""
+
+import errno
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxckpt
+from jaxckpt import storage, writer
+
+
+def _entries(directory):
+    return sorted(os.listdir(directory))
+
+
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Hold every data-file write until the test releases it."""
+    gate = threading.Event()
+    original = storage.DataFile.pwrite
+
+    def pwrite(self, view, offset, direct=False):
+        gate.wait(30)
+        return original(self, view, offset, direct)
+
+    monkeypatch.setattr(storage.DataFile, "pwrite", pwrite)
+    monkeypatch.setattr(storage.DataFile, "pwritev", lambda self, views, off: pwrite(
+        self, memoryview(b"".join(bytes(v) for v in views)), off))
+    yield gate
+    gate.set()
+
+
+def test_save_returns_before_write_and_holds_values_at_call_time(ckdir, slow_writes):
+    # The write is held back until after we donate, delete and mutate the inputs.
+    step = jax.jit(lambda x: x * 2 + 1, donate_argnums=0)
+    x = jnp.arange(1 << 16, dtype=jnp.float32)
+    gone = jnp.full((1 << 12,), 7, jnp.int32)
+    host = np.arange(1000, dtype=np.int64)
+    expect = {"donated": np.asarray(x).copy(), "deleted": np.asarray(gone).copy(), "numpy": host.copy()}
+    with jaxckpt.AsyncCheckpointer() as ck:
+        h = ck.save(ckdir / "c", {"donated": x, "deleted": gone, "numpy": host})
+        assert not h.done()
+        y = step(x)  # donates x's buffer
+        gone.delete()
+        host[:] = -1
+        y.block_until_ready()
+        slow_writes.set()
+        h.result(timeout=60)
+    got = jaxckpt.restore(ckdir / "c")
+    for k, v in expect.items():
+        np.testing.assert_array_equal(got[k], v)
+    assert h.stats.bytes >= sum(v.nbytes for v in expect.values())
+
+
+def test_cpu_snapshot_is_zero_copy_and_survives_donation(ckdir):
+    # On the CPU backend the snapshot holds a view of the jax buffer instead of
+    # a copy; while it is alive XLA must neither free nor reuse that memory.
+    from jaxckpt import snapshot
+    x = jnp.arange(1 << 20, dtype=jnp.float32) + 1
+    snap = snapshot.take({"x": x})
+    (_, host), = snap.leaves[0].shards
+    assert host.ctypes.data == x.unsafe_buffer_pointer()  # zero-copy
+    before = host.copy()
+    y = jax.jit(lambda a: a * 0 - 5, donate_argnums=0)(x)
+    z = jnp.zeros(1 << 20, jnp.float32) - 9  # would reuse a freed buffer
+    jax.block_until_ready((y, z))
+    np.testing.assert_array_equal(host, before)
+
+
+def test_background_error_is_raised_exactly_once_on_next_save(ckdir, monkeypatch, caplog):
+    def fail(self, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", self.path)
+
+    tree = {"a": jnp.ones(1000)}
+    ck = jaxckpt.AsyncCheckpointer()
+    with monkeypatch.context() as m:
+        m.setattr(storage.DataFile, "pwrite", fail)
+        m.setattr(storage.DataFile, "pwritev", fail)
+        h = ck.save(ckdir / "bad", tree)
+        assert isinstance(h._future.exception(timeout=30), OSError)  # wait without consuming the error
+    assert "background save of" in caplog.text and "No space left" in caplog.text  # logged at once
+    with pytest.raises(OSError) as info:
+        ck.save(ckdir / "next", tree)
+    assert info.value.errno == errno.ENOSPC and "data-00000.bin" in str(info.value)
+    ck.save(ckdir / "next", tree).result()  # raised once only: this save works
+    ck.wait_until_finished()
+    ck.close()
+    assert _entries(ckdir) == ["next"]  # no temporary directory left, nothing committed for "bad"
+
+
+def test_error_reported_by_result_is_not_raised_again(ckdir, monkeypatch):
+    tree = {"a": jnp.ones(10)}
+    ck = jaxckpt.AsyncCheckpointer()
+    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    h = ck.save(ckdir / "bad", tree)
+    with pytest.raises(OSError, match="I/O error"):
+        h.result(timeout=30)
+    ck.wait_until_finished()  # already reported through result()
+    ck.close()
+    assert _entries(ckdir) == []
+
+
+@pytest.mark.parametrize("where", ["wait_until_finished", "close", "context"])
+def test_pending_error_surfaces_on_wait_close_and_context_exit(ckdir, monkeypatch, where):
+    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    tree = {"a": jnp.ones(10)}
+    if where == "context":
+        with pytest.raises(OSError, match="I/O error"):
+            with jaxckpt.AsyncCheckpointer() as ck:
+                ck.save(ckdir / "c", tree)
+        return
+    ck = jaxckpt.AsyncCheckpointer()
+    ck.save(ckdir / "c", tree)
+    with pytest.raises(OSError, match="I/O error"):
+        getattr(ck, where)()
+    ck.close()  # nothing left to raise
+    assert _entries(ckdir) == []
+
+
+def test_context_exit_keeps_the_body_exception(ckdir, monkeypatch):
+    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with pytest.raises(KeyError):
+        with jaxckpt.AsyncCheckpointer() as ck:
+            ck.save(ckdir / "c", {"a": jnp.ones(3)})
+            raise KeyError("body")
+
+
+def test_max_in_flight_is_honoured(ckdir, monkeypatch):
+    active, peak, lock = [0], [0], threading.Lock()
+    release = threading.Semaphore(0)
+    original = writer.write_checkpoint
+
+    def tracked(*a, **k):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        release.acquire(timeout=30)
+        try:
+            return original(*a, **k)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(writer, "write_checkpoint", tracked)
+    ck = jaxckpt.AsyncCheckpointer(max_in_flight=2)
+    tree = {"a": jnp.ones(100)}
+    h1 = ck.save(ckdir / "1", tree)
+    h2 = ck.save(ckdir / "2", tree)
+    started = threading.Event()
+    third = []
+
+    def save_third():
+        started.set()
+        third.append(ck.save(ckdir / "3", tree))
+
+    t = threading.Thread(target=save_third)
+    t.start()
+    started.wait(10)
+    t.join(0.3)
+    assert t.is_alive() and not third  # blocked: two saves in flight
+    release.release()  # let the oldest finish
+    t.join(30)
+    assert third and not t.is_alive()
+    release.release()
+    release.release()
+    ck.close()
+    assert peak[0] == 2
+    assert all(h.done() for h in (h1, h2, third[0]))
+    assert _entries(ckdir) == ["1", "2", "3"]
+
+
+def test_many_sequential_async_saves_are_identical(ckdir):
+    tree = {"w": jnp.arange(12345, dtype=jnp.float32), "b": [np.int8(3), 2.5], "k": jax.random.key(1)}
+    with jaxckpt.AsyncCheckpointer(max_in_flight=3) as ck:
+        for i in range(12):
+            ck.save(ckdir / f"s{i}", tree)
+    datas = {(ckdir / f"s{i}" / "data-00000.bin").read_bytes() for i in range(12)}
+    assert len(datas) == 1
+    for i in range(12):
+        got = jaxckpt.restore(ckdir / f"s{i}", tree)
+        np.testing.assert_array_equal(got["w"], tree["w"])
+        assert got["b"][0] == np.int8(3) and got["b"][1] == 2.5
+        np.testing.assert_array_equal(jax.random.key_data(got["k"]), jax.random.key_data(tree["k"]))
+
+
+def test_timeout_abandons_a_hung_save(ckdir, slow_writes):
+    ck = jaxckpt.AsyncCheckpointer(timeout=0.5)
+    h = ck.save(ckdir / "hung", {"a": jnp.ones(1 << 16)})
+    with pytest.raises(jaxckpt.SaveTimeoutError, match="hung.* did not finish within the timeout"):
+        h.result(timeout=30)
+    slow_writes.set()
+    ck.close()
+    assert _entries(ckdir) == []  # nothing committed, temporary directory removed
+
+
+def test_stats_and_files(ckdir):
+    tree = {"a": jnp.ones((256, 256)), "b": np.zeros(10, np.uint8)}
+    with jaxckpt.AsyncCheckpointer(max_workers=3) as ck:
+        h = ck.save(ckdir / "c", tree, metadata={"note": "hi"})
+        h.result()
+    s = h.stats
+    assert isinstance(s, jaxckpt.SaveStats)
+    assert s.bytes >= 256 * 256 * 4 + 10 and s.files == 2
+    assert 0 <= s.blocking_s <= s.total_s and s.throughput_gbps > 0
+    assert sorted(os.listdir(ckdir / "c")) == ["data-00000.bin", "manifest.msgpack"]
+    with pytest.raises(dataclasses_frozen_error()):
+        s.bytes = 0  # frozen record
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_save_validates_on_the_calling_thread(ckdir):
+    with jaxckpt.AsyncCheckpointer() as ck:
+        ck.save(ckdir / "c", {"a": 1}).result()
+        with pytest.raises(jaxckpt.CheckpointExistsError, match="already exists"):
+            ck.save(ckdir / "c", {"a": 1})
+        with pytest.raises(jaxckpt.UnsupportedValueError, match="metadata.*set is not storable"):
+            ck.save(ckdir / "d", {"a": 1}, metadata={"x": {1, 2}})
+        with pytest.raises(jaxckpt.UnsupportedValueError, match="leaf 'a/obj': object is not storable"):
+            ck.save(ckdir / "e", {"a": {"obj": object()}})
+    assert _entries(ckdir) == ["c"]
+
+
+def test_closed_checkpointer_refuses_saves(ckdir):
+    ck = jaxckpt.AsyncCheckpointer()
+    ck.close()
+    with pytest.raises(jaxckpt.CheckpointError, match="closed"):
+        ck.save(ckdir / "c", {"a": 1})
+
+
+def test_buffered_fallback_when_o_direct_is_unavailable(ckdir, monkeypatch):
+    monkeypatch.setattr(storage, "_O_DIRECT", 0)
+    tree = {f"x{i}": np.random.default_rng(i).random(n).astype(np.float32) for i, n in enumerate([1, 17, 5000, 300000])}
+    with jaxckpt.AsyncCheckpointer() as ck:
+        ck.save(ckdir / "c", tree).result()
+    got = jaxckpt.restore(ckdir / "c")
+    for k in tree:
+        np.testing.assert_array_equal(got[k], tree[k])
