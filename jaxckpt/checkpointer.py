@@ -11,6 +11,7 @@ that handle, otherwise by the next ``save()``, ``wait_until_finished()`` or
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -20,11 +21,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from jaxckpt import format as fmt
+from jaxckpt import multihost
 from jaxckpt import snapshot as snapshot_mod
 from jaxckpt import writer
 from jaxckpt.errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
 
 logger = logging.getLogger("jaxckpt")
+
+# Coordination keys must be equal on every process: SPMD programs create
+# checkpointers and call the synchronous save in the same order everywhere.
+_instances = itertools.count()
+_sync_saves = itertools.count()
 
 
 def default_workers() -> int:
@@ -117,7 +124,10 @@ class AsyncCheckpointer:
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io")
-        self._coord = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save")
+        self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save")
+        self._multi = multihost.coordinator()
+        self._instance = next(_instances)  # same on every process of an SPMD program
+        self._seq = 0
         self._staging = writer.StagingPool()
         self._handles: deque[SaveHandle] = deque()
         self._lock = threading.Lock()
@@ -142,7 +152,7 @@ class AsyncCheckpointer:
             self.wait_until_finished()
         finally:
             self._closed = True
-            self._coord.shutdown(wait=True)
+            self._bg.shutdown(wait=True)
             self._io.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "AsyncCheckpointer":
@@ -173,22 +183,24 @@ class AsyncCheckpointer:
         path = validate_request(path, metadata, overwrite)
         self._backpressure()
         self._raise_pending()
-        snap = snapshot_mod.take(tree)
+        snap = snapshot_mod.take(tree, process_index=self._multi.process_index,
+                                 process_count=self._multi.process_count)
         blocking = time.perf_counter() - t0
         handle = SaveHandle(path, label or path)
+        self._seq += 1
+        key = f"jaxckpt/{self._instance}/{self._seq}/{os.path.basename(path)}"
         with self._lock:
             self._handles.append(handle)
-        self._coord.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit)
+        self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key)
         return handle
 
-    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit) -> None:
+    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key) -> None:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.path, handle.label)
+        ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
+                             self._multi, key, deadline)
         try:
-            res = writer.write_checkpoint(
-                snap, handle.path, metadata=metadata, overwrite=overwrite, pool=self._io,
-                n_workers=self.max_workers, staging=self._staging, job=job,
-                wait=writer.waiter(deadline, handle.label))
+            res = writer.write_checkpoint(snap, handle.path, metadata=metadata, overwrite=overwrite, ctx=ctx)
             total = time.perf_counter() - t0
             handle._stats = SaveStats(blocking, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
             if on_commit is not None:
@@ -227,12 +239,15 @@ class AsyncCheckpointer:
 
 
 def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
-              max_workers: int | None = None) -> writer.WriteResult:
+              max_workers: int | None = None, label: str | None = None) -> writer.WriteResult:
     """Synchronous save: the caller waits, so numpy inputs are not copied."""
     path = validate_request(path, metadata, overwrite)
-    snap = snapshot_mod.take(tree, copy_numpy=False)
+    multi = multihost.coordinator()
+    snap = snapshot_mod.take(tree, copy_numpy=False, process_index=multi.process_index,
+                             process_count=multi.process_count)
     n = max_workers or default_workers()
+    key = f"jaxckpt/sync/{next(_sync_saves)}/{os.path.basename(path)}"
     with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
-        return writer.write_checkpoint(
-            snap, path, metadata=metadata, overwrite=overwrite, pool=pool, n_workers=n,
-            staging=writer.StagingPool(), job=writer.Job(path, path), wait=writer.waiter(None, path))
+        ctx = writer.Context(pool, n, writer.StagingPool(), writer.Job(path, label or path),
+                             writer.waiter(None, label or path), multi, key)
+        return writer.write_checkpoint(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)

@@ -20,6 +20,7 @@ Nothing here touches jax: the snapshot already holds host buffers.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import threading
 import time
@@ -27,12 +28,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
+import msgpack
 import numpy as np
 
 from jaxckpt import format as fmt
+from jaxckpt import multihost
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
-from jaxckpt.errors import CheckpointError, SaveTimeoutError
+from jaxckpt.errors import CheckpointError, SaveTimeoutError, UnsupportedValueError
 from jaxckpt.snapshot import Snapshot
 
 _SMALL = 64 << 10
@@ -200,8 +203,8 @@ def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool,
 
 @dataclasses.dataclass(frozen=True)
 class WriteResult:
-    bytes: int
-    files: int
+    bytes: int  # data bytes this process wrote
+    files: int  # files this process wrote
 
 
 class Job:
@@ -232,62 +235,182 @@ class Job:
             self._committing = True
 
 
-def _leaf_records(snap: Snapshot, paths: list[str], layout: Layout, sums: list[list[list[int]]],
-                  file_index: int) -> list[fmt.LeafRecord]:
+def _own_shards(snap: Snapshot, layout: Layout, sums: list[list[list[int]]]) -> list[list]:
+    """This process's shard records as plain lists: [leaf, box, offset, length, checksums]."""
+    # Zero-byte shards are left out: an empty array has no shards, and a
+    # checkpoint holding only empty arrays lists no data file to point at.
+    return [[li, [list(b) for b in box], layout.shard_offsets[li][si], arr.nbytes, sums[li][si]]
+            for li, leaf in enumerate(snap.leaves) for si, (box, arr) in enumerate(leaf.shards) if arr.nbytes]
+
+
+def _manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], shards: list[tuple[int, list]]) -> bytes:
+    """Encode the manifest from the snapshot's tree and every process's shard
+    records (``(file index, [leaf, box, offset, length, checksums])``)."""
+    tree_desc, paths = tree_mod.describe(snap.treedef)
+    if len(set(paths)) != len(paths):
+        dup = next(p for p in paths if paths.count(p) > 1)
+        raise UnsupportedValueError(f"leaf {dup!r}: two leaves have the same key path (e.g. keys 1 and '1')")
+    per_leaf: list[list[fmt.ShardRecord]] = [[] for _ in snap.leaves]
+    for file_index, (li, box, offset, length, sums) in shards:
+        per_leaf[li].append(fmt.ShardRecord(tuple(tuple(b) for b in box), file_index, offset, length, tuple(sums)))
     records = []
-    for li, (leaf, path) in enumerate(zip(snap.leaves, paths)):
+    for leaf, path, mine in zip(snap.leaves, paths, per_leaf):
         if leaf.kind == "value":
             records.append(fmt.LeafRecord(path, "value", value=leaf.value))
-            continue
-        shards = tuple(
-            fmt.ShardRecord(box, file_index, layout.shard_offsets[li][si], arr.nbytes, tuple(sums[li][si]))
-            for si, (box, arr) in enumerate(leaf.shards))
-        records.append(fmt.LeafRecord(path, leaf.kind, leaf.dtype, tuple(leaf.shape), shards, impl=leaf.impl))
-    return records
+        else:
+            mine.sort(key=lambda r: r.box)
+            records.append(fmt.LeafRecord(path, leaf.kind, leaf.dtype, tuple(leaf.shape), tuple(mine), impl=leaf.impl))
+    return fmt.encode_manifest(fmt.Manifest(fmt.FORMAT_VERSION, f"jaxckpt {_version}", time.time(), fmt.CHUNK_BYTES,
+                                            tuple(files), tree_desc, tuple(records), metadata))
 
 
-def write_data(snap: Snapshot, tmp: str, file_name: str, pool: ThreadPoolExecutor, n_workers: int,
-               staging: StagingPool, job: Job, wait: Callable[[list[Future]], None], direct: bool = True
+@dataclasses.dataclass
+class Context:
+    """How one save runs: the I/O pool, its waiting rule, and (multi-process) coordination.
+
+    ``key`` scopes every coordination key of this save; all processes must use
+    the same one (the checkpointer derives it from a per-instance save counter).
+    """
+    pool: ThreadPoolExecutor
+    n_workers: int
+    staging: StagingPool
+    job: Job
+    wait: Callable[[list[Future]], None]
+    coord: multihost.Coordinator = multihost.LOCAL
+    key: str = ""
+    deadline: float | None = None
+
+
+def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: bool = True
                ) -> tuple[Layout, list[list[list[int]]]]:
     """(every process) Write this process's shards into ``tmp/file_name``."""
     layout = plan(snap, fmt.CHUNK_BYTES)
     sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
-    if not layout.units and layout.size == 0:
+    if layout.size == 0:
         return layout, sums
     f = storage.DataFile(tmp, file_name, direct=direct)
     try:
-        runs = split_runs(layout.units, n_workers) if layout.units else []
-        wait([pool.submit(_write_run, f, run, sums, staging, job.abort) for run in runs])
-        job.abort.check()
-        wait([pool.submit(f.finish, layout.size)])
+        runs = split_runs(layout.units, ctx.n_workers)
+        ctx.wait([ctx.pool.submit(_write_run, f, run, sums, ctx.staging, ctx.job.abort) for run in runs])
+        ctx.job.abort.check()
+        ctx.wait([ctx.pool.submit(f.finish, layout.size)])
     finally:
         f.close()
     return layout, sums
 
 
-def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, pool: ThreadPoolExecutor,
-                     n_workers: int, staging: StagingPool, job: Job,
-                     wait: Callable[[list[Future]], None]) -> WriteResult:
-    """(single process) The whole save: data, manifest, commit. Cleans up on failure."""
+def _commit(tmp: str, path: str, manifest: bytes, overwrite: bool, ctx: Context) -> None:
+    """(primary) Write the manifest durably, then make the checkpoint visible."""
+    ctx.wait([ctx.pool.submit(storage.write_file, tmp, fmt.MANIFEST_NAME, manifest)])
+    os.unlink(os.path.join(tmp, storage.OWNER_FILE))  # the manifest now marks it as ours
+    ctx.job.begin_commit()
+    storage.commit(tmp, path, overwrite)
+
+
+def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, ctx: Context) -> WriteResult:
+    """The whole save: data, manifest, commit. Cleans up on failure.
+
+    (all processes) call it with the same ``ctx.key``; see ``_write_multi``.
+    """
+    if ctx.coord.process_count > 1:
+        return _write_multi(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)
     tmp = storage.make_temp_dir(path)
-    job.tmp = tmp
+    ctx.job.tmp = tmp
     try:
-        file_name = data_file_name(0)
-        layout, sums = write_data(snap, tmp, file_name, pool, n_workers, staging, job, wait)
-        tree_desc, paths = tree_mod.describe(snap.treedef)
-        files = (fmt.FileRecord(file_name, layout.size),) if layout.size else ()
-        manifest = fmt.Manifest(fmt.FORMAT_VERSION, f"jaxckpt {_version}", time.time(), fmt.CHUNK_BYTES, files,
-                                tree_desc, tuple(_leaf_records(snap, paths, layout, sums, 0)), metadata)
-        data = fmt.encode_manifest(manifest)
-        wait([pool.submit(storage.write_file, tmp, fmt.MANIFEST_NAME, data)])
-        os.unlink(os.path.join(tmp, storage.OWNER_FILE))  # the manifest now marks it as ours
-        job.begin_commit()
-        storage.commit(tmp, path, overwrite)
+        name = data_file_name(0)
+        layout, sums = write_data(snap, tmp, name, ctx)
+        files = [fmt.FileRecord(name, layout.size)] if layout.size else []
+        manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)])
+        _commit(tmp, path, manifest, overwrite, ctx)
         return WriteResult(layout.size, len(files) + 1)
     except BaseException:
-        job.try_abort()  # stop workers still writing into tmp
+        ctx.job.try_abort()  # stop workers still writing into tmp
         storage.remove_tree(tmp)
         raise
+
+
+def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, ctx: Context) -> WriteResult:
+    """Multi-process save over a shared filesystem.
+
+    1. (primary) create the temporary directory, publish its name.
+    2. (all) write own shards into ``data-<process>.bin``; publish a report
+       (shard records, or the error).
+    3. (primary) gather every report (failing fast on an error report, a dead
+       process or the deadline), check the files are visible, write the
+       manifest, commit; publish the outcome.
+    4. (others) wait for the outcome: the save succeeds everywhere or nowhere.
+    """
+    coord, key, label = ctx.coord, ctx.key, ctx.job.label
+    me = coord.process_index
+    if coord.is_primary:
+        ident = hashlib.sha256(key.encode()).hexdigest()[:16]
+        storage.remove_tree(storage.aux_name(path, storage.TMP_MARK, ident))  # a stale one from a crashed run
+        tmp = storage.make_temp_dir(path, ident)
+        ctx.job.tmp = tmp
+        coord.set(f"{key}/tmp", tmp.encode())
+    else:
+        tmp = coord.get(f"{key}/tmp", ctx.deadline, f"process 0 to start the save of {label}", from_process=0).decode()
+    name = data_file_name(me)
+    try:
+        if not os.path.isdir(tmp):
+            raise CheckpointError(
+                f"{coord.tag()} cannot see {tmp}, created by process 0: the checkpoint directory must be on a "
+                "filesystem that all processes share")
+        layout, sums = write_data(snap, tmp, name, ctx)
+        report = {"ok": True, "file": name, "size": layout.size, "shards": _own_shards(snap, layout, sums)}
+    except BaseException as e:
+        ctx.job.try_abort()
+        coord.set(f"{key}/report/{me}", msgpack.packb({"ok": False, "error": f"{type(e).__name__}: {e}"}))
+        if coord.is_primary:
+            _fail_multi(tmp, key, coord, f"process 0 failed: {type(e).__name__}: {e}")
+        raise
+    coord.set(f"{key}/report/{me}", msgpack.packb(report))
+    if not coord.is_primary:
+        outcome = msgpack.unpackb(coord.get(f"{key}/outcome", ctx.deadline, f"process 0 to commit {label}",
+                                            from_process=0))
+        if not outcome["ok"]:
+            raise CheckpointError(f"{coord.tag()} save of {label} failed: {outcome['error']}")
+        return WriteResult(layout.size, 1 if layout.size else 0)
+    try:
+        reports = [report] + [
+            msgpack.unpackb(coord.get(f"{key}/report/{p}", ctx.deadline, f"process {p} to write its shards of {label}",
+                                      from_process=p)) for p in range(1, coord.process_count)]
+        files, shards = [], []
+        for p, r in enumerate(reports):
+            if not r["ok"]:
+                raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
+            if r["size"]:
+                _check_visible(tmp, r["file"], r["size"], p)
+                shards.extend((len(files), s) for s in r["shards"])
+                files.append(fmt.FileRecord(r["file"], r["size"]))
+        manifest = _manifest(snap, metadata, files, shards)
+        fmt.decode_manifest(manifest, f"{path} (manifest being written)")  # every process's shards tile every array
+        _commit(tmp, path, manifest, overwrite, ctx)
+    except BaseException as e:
+        _fail_multi(tmp, key, coord, f"{type(e).__name__}: {e}")
+        raise
+    coord.set(f"{key}/outcome", msgpack.packb({"ok": True}))
+    return WriteResult(sum(f.size for f in files), len(files) + 1)
+
+
+def _check_visible(tmp: str, name: str, size: int, process: int) -> None:
+    try:
+        found = os.stat(os.path.join(tmp, name)).st_size
+    except FileNotFoundError:
+        found = None
+    if found != size:
+        raise CheckpointError(
+            f"process 0 cannot see {os.path.join(tmp, name)} as written by process {process} "
+            f"({size} bytes; found {'nothing' if found is None else f'{found} bytes'}): the checkpoint "
+            "directory must be on a filesystem that all processes share")
+
+
+def _fail_multi(tmp: str, key: str, coord: multihost.Coordinator, why: str) -> None:
+    storage.remove_tree(tmp)
+    try:
+        coord.set(f"{key}/outcome", msgpack.packb({"ok": False, "error": why}))
+    except Exception as e:  # the service may be gone too; the others' deadlines still bound their wait
+        multihost.logger.error("%s could not publish the failed outcome: %s", coord.tag(), e)
 
 
 def waiter(deadline: float | None, label: str) -> Callable[[list[Future]], None]:

@@ -1,0 +1,94 @@
+"""Multi-process coordination through the ``jax.distributed`` coordination service.
+
+The writer and the manager use only this small interface: a key-value store
+with blocking gets bounded by a deadline. No XLA collective is involved, so the
+coordination runs on background threads and never stalls the training
+thread's device work. Every key is scoped by the save that uses it, and every
+wait has a deadline; a process that died is noticed through the service's list
+of live nodes, so the others fail fast with an error naming it.
+
+Single-process jobs get :data:`LOCAL`, on which nothing waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import jax
+
+from jaxckpt.errors import CheckpointError, SaveTimeoutError
+
+logger = logging.getLogger("jaxckpt")
+
+# Used when the caller configured no timeout: a multi-process wait must end.
+DEFAULT_TIMEOUT_S = 300.0
+
+
+class Coordinator:
+    """The single-process coordinator: there is no one to wait for."""
+
+    process_index = 0
+    process_count = 1
+
+    @property
+    def is_primary(self) -> bool:
+        return self.process_index == 0
+
+    def set(self, key: str, value: bytes) -> None:  # pragma: no cover - never called single-process
+        raise CheckpointError("no coordination in a single-process job")
+
+    def get(self, key: str, deadline: float | None, what: str, from_process: int | None = None) -> bytes:
+        raise CheckpointError("no coordination in a single-process job")
+
+    def try_get(self, key: str) -> bytes | None:
+        return None
+
+    def tag(self) -> str:
+        return f"[process={self.process_index}]"
+
+
+LOCAL = Coordinator()
+
+
+class JaxCoordinator(Coordinator):
+    """Coordination through ``jax.distributed``'s key-value store."""
+
+    def __init__(self, client, process_index: int, process_count: int):
+        self._client = client
+        self.process_index = process_index
+        self.process_count = process_count
+
+    def set(self, key: str, value: bytes) -> None:
+        self._client.key_value_set_bytes(key, value)
+
+    def try_get(self, key: str) -> bytes | None:
+        try:
+            return self._client.key_value_try_get_bytes(key)
+        except Exception:  # NOT_FOUND is reported as a generic runtime error
+            return None
+
+    def get(self, key: str, deadline: float | None, what: str, from_process: int | None = None) -> bytes:
+        """Wait for ``key`` until ``deadline`` (time.monotonic)."""
+        if deadline is None:
+            deadline = time.monotonic() + DEFAULT_TIMEOUT_S
+        left_ms = max(int((deadline - time.monotonic()) * 1000), 1)
+        try:
+            return self._client.blocking_key_value_get_bytes(key, left_ms)
+        except Exception as e:  # the service reports a timeout as a generic error
+            if "DEADLINE_EXCEEDED" in str(e) or "timed out" in str(e).lower():
+                raise SaveTimeoutError(f"{self.tag()} timed out waiting for {what}" + (
+                    "" if from_process is None else f" (process {from_process} did not answer)")) from None
+            raise CheckpointError(f"{self.tag()} coordination service error while waiting for {what}: {e}") from None
+
+
+def coordinator() -> Coordinator:
+    """The coordinator for this job (``LOCAL`` unless several JAX processes run)."""
+    if jax.process_count() == 1:
+        return LOCAL
+    from jax._src import distributed  # the documented multi-controller runtime's client
+
+    client = distributed.global_state.client
+    if client is None:
+        raise CheckpointError("several JAX processes but no jax.distributed client: call jax.distributed.initialize()")
+    return JaxCoordinator(client, jax.process_index(), jax.process_count())
