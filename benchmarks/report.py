@@ -409,8 +409,8 @@ def render(data: dict, source: Path | None = None) -> str:
     lines += _machine_lines(data)
     unavailable = data["machine"]["jax"].get("unavailable", {})
     for name, why in unavailable.items():
-        lines += [f"- **{name} not available**: {why}"]
-    lines += ["", "## Targets", ""] + _targets_lines(res)
+        lines += [f"- **{name} not available**: {why}", ""]
+    lines += ["## Targets", ""] + _targets_lines(res)
     for workload in data["workloads"]:
         lines += _workload_section(res, workload)
     lines += _failure_lines(res)

@@ -59,7 +59,8 @@ def run_round(runner: Runner, workload: str, quick: bool, round_no: int,
               method_names: list[str], cold: bool):
     """Yield the records of one round of one workload."""
     base = {"round": round_no, "workload": workload}
-    spec = {"workload": workload, "quick": quick}
+    digests = str(_digests_path(runner, workload))
+    spec = {"workload": workload, "quick": quick, "digests": digests}
     limits_root = runner.scratch / f"{workload}-limits"
     yield base | {"method": None, "phase": "limits"} | runner.call(
         spec | {"phase": "limits", "root": str(limits_root)})
@@ -75,6 +76,20 @@ def run_round(runner: Runner, workload: str, quick: bool, round_no: int,
                 break  # nothing to restore
         for leftover in runner.scratch.glob(f"{workload}-{name}-r{round_no}*"):
             shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _digests_path(runner: Runner, workload: str) -> Path:
+    return runner.scratch / f"{workload}-digests.json"
+
+
+def make_references(runner: Runner, workload_names: list[str], quick: bool) -> None:
+    """Leaf digests of each workload, computed once, for the restore checks."""
+    for workload in workload_names:
+        result = runner.call({"phase": "reference", "workload": workload, "quick": quick,
+                              "digests": str(_digests_path(runner, workload))})
+        if not result["ok"]:
+            raise SystemExit(f"cannot compute reference digests of {workload}: "
+                             f"{result['error']}")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -120,57 +135,72 @@ def _result_stem(args: argparse.Namespace, started: datetime.datetime) -> str:
 
 
 def _available(runner: Runner, wanted: list[str]) -> tuple[dict, list[str]]:
+    """The child's JAX backend description, and the wanted methods that import."""
     info = runner.call({"phase": "describe"})
     if not info["ok"]:
         raise SystemExit(f"cannot start a worker: {info['error']}")
-    unavailable = info.pop("unavailable")
+    unavailable = info["unavailable"]
     for name in wanted:
         if name in unavailable:
             print(f"{name}: not available ({unavailable[name]}); skipped", file=sys.stderr)
-    return info | {"unavailable": unavailable}, [m for m in wanted if m not in unavailable]
+    return info, [m for m in wanted if m not in unavailable]
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    started = datetime.datetime.now()
-    stem = _result_stem(args, started)
-    scratch = Path(args.scratch) / stem
-    scratch.mkdir(parents=True, exist_ok=True)
-    results_dir = Path(args.results)
-    results_dir.mkdir(parents=True, exist_ok=True)
-    json_path = results_dir / f"{stem}.json"
-    runner = Runner("benchmarks.worker", scratch, args.timeout, args.verbose)
+def _run_header(args, argv, started, runner: Runner) -> dict:
+    jax_info, method_names = _available(runner, args.method_list)
+    return {
+        "command": "python -m benchmarks.run " + shlex.join(argv),
+        "started": started.isoformat(timespec="seconds"),
+        "quick": args.quick, "short": args.short, "rounds": args.rounds,
+        "methods": method_names, "reference": methods.REFERENCE,
+        "cold_reads": measure.can_drop_caches(),
+        "machine": machine.describe(runner.scratch) | {"jax": jax_info},
+        "workloads": {w: workloads.get(w, args.quick).describe() for w in args.workload_list},
+        "records": [],
+    }
+
+
+def _measure(runner: Runner, args, data: dict, json_path: Path) -> None:
+    """All rounds; the JSON is rewritten after each round and on any abort."""
     try:
-        backend, method_names = _available(runner, args.method_list)
-        data = {
-            "command": "python -m benchmarks.run " + shlex.join(argv if argv is not None
-                                                                else sys.argv[1:]),
-            "started": started.isoformat(timespec="seconds"),
-            "quick": args.quick, "short": args.short, "rounds": args.rounds,
-            "methods": method_names, "reference": methods.REFERENCE,
-            "machine": machine.describe(scratch) | {"jax": backend},
-            "workloads": {w: workloads.get(w, args.quick).describe() for w in args.workload_list},
-            "records": [],
-        }
-        cold = measure.can_drop_caches()
-        data["cold_reads"] = cold
+        make_references(runner, args.workload_list, args.quick)
         for round_no in range(args.rounds):
             for workload in args.workload_list:
-                for record in run_round(runner, workload, args.quick, round_no, method_names,
-                                        cold):
+                for record in run_round(runner, workload, args.quick, round_no,
+                                        data["methods"], data["cold_reads"]):
                     print(_progress(record), flush=True)
                     data["records"].append(record)
             json_path.write_text(json.dumps(data, indent=1))
         data["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
-        json_path.write_text(json.dumps(data, indent=1))
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    md_paths = [json_path.with_suffix(".md")]
+        json_path.write_text(json.dumps(data, indent=1))
+
+
+def _write_reports(args, data: dict, json_path: Path) -> list[Path]:
+    paths = [json_path.with_suffix(".md")]
     if not (args.quick or args.short or args.no_results_md):
-        md_paths.append(HERE / "RESULTS.md")
+        paths.append(HERE / "RESULTS.md")
     text = report.render(data, source=json_path)
-    for path in md_paths:
+    for path in paths:
         path.write_text(text)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    started = datetime.datetime.now()
+    stem = _result_stem(args, started)
+    json_path = Path(args.results) / f"{stem}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    runner = Runner("benchmarks.worker", Path(args.scratch) / stem, args.timeout, args.verbose)
+    runner.scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        data = _run_header(args, argv, started, runner)
+        _measure(runner, args, data, json_path)
+    finally:
+        shutil.rmtree(runner.scratch, ignore_errors=True)
+    md_paths = _write_reports(args, data, json_path)
     print(report.targets_text(data))
     print(f"raw results: {json_path}\nreport: {', '.join(str(p) for p in md_paths)}")
     return 0

@@ -1,6 +1,6 @@
 """Run one measurement in a fresh Python process and collect its JSON result.
 
-The child is `python -m MODULE SPEC_JSON`; it writes its result as JSON to
+The child is `python -m MODULE [ARGS] SPEC_JSON`; it writes its result as JSON to
 `spec["out"]` and exits 0, or exits `measure.EXIT_MISMATCH` when a restore
 was not bit-exact, which aborts the whole benchmark.
 """
@@ -24,8 +24,10 @@ class RestoreMismatchAbort(SystemExit):
 
 
 class Runner:
-    def __init__(self, module: str, scratch: Path, timeout: float, verbose: bool = False):
+    def __init__(self, module: str, scratch: Path, timeout: float, verbose: bool = False,
+                 args: tuple[str, ...] = ()):
         self.module = module
+        self.args = args
         self.scratch = scratch
         self.timeout = timeout
         self.verbose = verbose
@@ -37,7 +39,8 @@ class Runner:
         """Run one child; {"ok": True, "wall_s": ..., **result} or {"ok": False, "error": ...}."""
         out = self.scratch / "worker-result.json"
         out.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", self.module, json.dumps(spec | {"out": str(out)})]
+        cmd = [sys.executable, "-m", self.module, *self.args,
+               json.dumps(spec | {"out": str(out)})]
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=REPO, env=self._env, capture_output=True, text=True,

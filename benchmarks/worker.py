@@ -4,6 +4,7 @@ SPEC_JSON (see subproc.py) holds `phase`, `out` and, by phase, `workload`,
 `quick`, `method` and `root`.  Phases:
 
   describe      backend, devices, library versions, which methods import
+  reference     digests of every leaf (for checking restores), once per run
   limits        physical limits for the workload's byte count
   save          blocking and total time, peak extra RSS, files created
   restore_warm  restore with the checkpoint in the page cache
@@ -18,6 +19,7 @@ training job sees it, not the first one of a process.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import statistics
@@ -89,6 +91,15 @@ def phase_limits(spec: dict) -> dict:
     return limits.measure_all(Path(spec["root"]), workload.nbytes)
 
 
+def phase_reference(spec: dict) -> dict:
+    """Digests of every leaf, written to spec["digests"] for restore checks."""
+    workload = workloads.get(spec["workload"], spec["quick"])
+    t0 = time.perf_counter()
+    digests = measure.reference_digests(workload)
+    Path(spec["digests"]).write_text(json.dumps(digests))
+    return {"seconds": time.perf_counter() - t0, "leaves": len(digests)}
+
+
 def phase_save(spec: dict) -> dict:
     workload = workloads.get(spec["workload"], spec["quick"])
     method_cls = methods.get(spec["method"])
@@ -135,7 +146,8 @@ def _restore(spec: dict, cold: bool) -> dict:
         restored = _block(method.restore(abstract, 0))
         t1 = time.perf_counter()
     method.close()
-    check = measure.verify_restore(workload, restored)
+    digests = json.loads(Path(spec["digests"]).read_text())
+    check = measure.verify_restore(workload, restored, digests)
     return {"available": True, "restore_s": t1 - t0, "rss_restore_bytes": rss.extra,
             "rss_method": rss.method, "verified": check}
 
@@ -233,6 +245,7 @@ def phase_concurrent(spec: dict) -> dict:
 
 PHASES = {
     "describe": phase_describe,
+    "reference": phase_reference,
     "limits": phase_limits,
     "save": phase_save,
     "restore_warm": phase_restore_warm,

@@ -16,6 +16,7 @@ from jaxckpt.errors import (
     StructureMismatchError,
     UnsupportedValueError,
 )
+from jaxckpt.manager import CheckpointManager, StepMetadata
 
 __version__ = "0.1.0"
 _writer.set_library_version(__version__)
@@ -26,6 +27,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointInfo",
     "CheckpointLockedError",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
     "LeafInfo",
@@ -33,6 +35,7 @@ __all__ = [
     "SaveHandle",
     "SaveStats",
     "SaveTimeoutError",
+    "StepMetadata",
     "StructureMismatchError",
     "UnsupportedValueError",
     "__version__",

@@ -19,7 +19,7 @@ from jaxckpt import checkpointer
 from jaxckpt import format as fmt
 from jaxckpt import reader as reader_mod
 from jaxckpt import tree as tree_mod
-from jaxckpt.errors import StructureMismatchError
+from jaxckpt.errors import CorruptCheckpointError, StructureMismatchError
 
 Box = tuple[tuple[int, int], ...]
 
@@ -106,6 +106,9 @@ def _host_value(rec: fmt.LeafRecord, arr: np.ndarray | None) -> Any:
 
 def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool) -> dict[int, Any]:
     arrays = [i for i in indices if r.manifest.leaves[i].kind != "value"]
+    for i in arrays:
+        if r.manifest.leaves[i].kind == "key":
+            _check_key_record(r, r.manifest.leaves[i])
     got = r.read([(i, None) for i in arrays], verify=verify)
     host = dict(zip(arrays, got))
     return {i: _host_value(r.manifest.leaves[i], host.get(i)) for i in indices}
@@ -160,14 +163,33 @@ def _target_info(t: Any) -> tuple[tuple[int, ...] | None, Any, Any, bool]:
     return None, None, None, False
 
 
-@functools.lru_cache(maxsize=None)
-def _key_data_ndim(impl: str) -> int:
-    return len(jax.random.key_data(jax.random.key(0, impl=impl)).shape)
+@functools.lru_cache(maxsize=64)
+def _key_layout(impl: str) -> tuple[tuple[int, ...], np.dtype] | None:
+    """Trailing shape and dtype of one key's data for a PRNG implementation; None if unknown."""
+    try:
+        data = jax.random.key_data(jax.random.key(0, impl=impl))
+    except (ValueError, TypeError, KeyError):
+        return None
+    return tuple(data.shape), np.dtype(data.dtype)
+
+
+def _check_key_record(r: reader_mod.CheckpointReader, rec: fmt.LeafRecord) -> None:
+    """A key leaf's implementation is known and its data fits it (else jax raises TypeError/ValueError)."""
+    where = os.path.join(r.path, fmt.MANIFEST_NAME)
+    layout = _key_layout(rec.impl)
+    if layout is None:
+        raise CorruptCheckpointError(f"{where}: leaf {rec.path!r}: unknown PRNG implementation {rec.impl!r}")
+    trailing, dtype = layout
+    n = len(trailing)
+    if fmt.DTYPES[rec.dtype] != dtype or len(rec.shape) < n or tuple(rec.shape[len(rec.shape) - n:]) != trailing:
+        raise CorruptCheckpointError(
+            f"{where}: leaf {rec.path!r}: {rec.impl} key data must be {dtype}[..., {', '.join(map(str, trailing))}], "
+            f"found {rec.dtype}{list(rec.shape)}")
 
 
 def _key_shape(rec: fmt.LeafRecord) -> tuple[int, ...]:
     # key data has trailing implementation dimensions; the key array's shape drops them
-    return rec.shape[:len(rec.shape) - _key_data_ndim(rec.impl)]
+    return rec.shape[:len(rec.shape) - len(_key_layout(rec.impl)[0])]
 
 
 def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any) -> None:
@@ -209,6 +231,8 @@ def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
 def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool) -> list[Any]:
     recs = [r.manifest.leaves[r.by_path[p]] for p in paths]
     for p, rec, t in zip(paths, recs, tleaves):
+        if rec.kind == "key":
+            _check_key_record(r, rec)
         _check_leaf(r.path, p, rec, t)
     requests: list[tuple[int, Box | None]] = []
     for p, rec, t in zip(paths, recs, tleaves):

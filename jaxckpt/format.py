@@ -47,6 +47,7 @@ MAX_FILES = 65536
 MAX_TREE_DEPTH = 256
 MAX_ARRAY_BYTES = 1 << 48  # 256 TiB: far above any real leaf, far below int64 overflow
 MAX_STR = 1 << 20
+MAX_PAIRWISE_SHARDS = 256  # shards of one leaf that do not form a grid (see _check_cover)
 
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
 
@@ -308,7 +309,7 @@ def decode_manifest(data: bytes, where: str) -> Manifest:
     files = []
     for i, f in enumerate(raw_files):
         name = c.get(f, "name", str, f"files[{i}]")
-        if not _FILE_NAME_RE.match(name) or name == MANIFEST_NAME:
+        if not _FILE_NAME_RE.fullmatch(name) or name == MANIFEST_NAME:  # fullmatch: '$' alone admits a final '\n'
             raise c.fail(f"files[{i}]: file name {name!r} is not a plain file name "
                          "(letters, digits, '.', '_', '-'; no separators, no leading dot)")
         files.append(FileRecord(name, c.nonneg(c.get(f, "size", int, f"files[{i}]"), f"files[{i}].size", 1 << 56)))
@@ -320,6 +321,8 @@ def decode_manifest(data: bytes, where: str) -> Manifest:
         raise c.fail(f"{len(raw_leaves)} leaves, above the cap of {MAX_LEAVES}")
     leaves = tuple(_decode_leaf(c, i, r, files, chunk_bytes) for i, r in enumerate(raw_leaves))
     _check_extents(c, leaves, files)
+    if len({leaf.path for leaf in leaves}) != len(leaves):
+        raise c.fail("two leaves have the same path")
     tree = b.get("tree")
     _check_tree(c, tree, len(leaves))
     return Manifest(version, library, float(created), chunk_bytes, tuple(files), tree, leaves,
@@ -410,15 +413,36 @@ def _check_cover(c: _Checker, ctx: str, shape: tuple[int, ...], shards: list[Sha
     vol = sum(math.prod(s.shape) for s in shards)
     if vol != total:
         raise c.fail(f"{ctx}: shards cover {vol} elements, the array has {total}")
-    if len(shards) > 1:
-        lo = np.array([[a for a, _ in s.box] for s in shards], dtype=np.int64)
-        hi = np.array([[z for _, z in s.box] for s in shards], dtype=np.int64)
-        for i in range(0, len(shards), 256):  # blocked pairwise test keeps memory small
-            over = np.all((lo[i:i + 256, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[i:i + 256, None, :]), axis=2)
-            over[np.arange(over.shape[0]), np.arange(i, i + over.shape[0])] = False
-            if over.any():
-                a, b = np.argwhere(over)[0]
-                raise c.fail(f"{ctx}: shards {i + a} and {b} overlap")
+    boxes = [s.box for s in shards if all(a < z for a, z in s.box)]  # empty boxes overlap nothing
+    if len(boxes) < 2:
+        return
+    lo = np.array([[a for a, _ in b] for b in boxes], dtype=np.int64).reshape(len(boxes), -1)
+    hi = np.array([[z for _, z in b] for b in boxes], dtype=np.int64).reshape(len(boxes), -1)
+    # Fast path, O(n log n): the shards of a jax sharding form a grid, each box one cell
+    # between consecutive boundaries; then boxes overlap only if they are the same cell.
+    cells = np.empty_like(lo)
+    for d in range(lo.shape[1]):
+        edges = np.unique(np.concatenate([lo[:, d], hi[:, d]]))
+        cells[:, d] = np.searchsorted(edges, lo[:, d])
+        if np.any(np.searchsorted(edges, hi[:, d]) != cells[:, d] + 1):
+            break
+    else:
+        _, first, counts = np.unique(cells, axis=0, return_index=True, return_counts=True)
+        if np.any(counts > 1):
+            a = int(first[np.argmax(counts > 1)])
+            b = next(j for j in range(len(boxes)) if j != a and boxes[j] == boxes[a])
+            raise c.fail(f"{ctx}: shards {a} and {b} overlap")
+        return
+    # Any other tiling is checked pairwise, which costs n^2: bounded so that a
+    # hostile manifest cannot buy minutes of CPU with a few megabytes.
+    if len(boxes) > MAX_PAIRWISE_SHARDS:
+        raise c.fail(f"{ctx}: {len(boxes)} shards that do not form a grid (at most {MAX_PAIRWISE_SHARDS} allowed)")
+    for i in range(0, len(boxes), 64):  # blocked: small temporaries
+        over = np.all((lo[i:i + 64, None, :] < hi[None, :, :]) & (lo[None, :, :] < hi[i:i + 64, None, :]), axis=2)
+        over[np.arange(over.shape[0]), np.arange(i, i + over.shape[0])] = False
+        if over.any():
+            a, b = np.argwhere(over)[0]
+            raise c.fail(f"{ctx}: shards {i + a} and {b} overlap")
 
 
 def _check_extents(c: _Checker, leaves: tuple[LeafRecord, ...], files: list[FileRecord]) -> None:
@@ -464,6 +488,8 @@ def _check_tree(c: _Checker, tree: Any, n_leaves: int) -> None:
             for k in keys:
                 if not isinstance(k, (str, int)) or isinstance(k, bool):
                     raise c.fail(f"tree node {t}: key {k!r} is not a str or int")
+            if len(set(keys)) != len(keys):
+                raise c.fail(f"tree node {t}: a key occurs twice")
         if t in ("namedtuple", "custom"):
             c.get(node, "n", str, f"tree node {t}")
         stack.extend((ch, depth + 1) for ch in children)

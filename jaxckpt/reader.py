@@ -92,6 +92,13 @@ class CheckpointReader:
                 self._fds[file] = fd
             return fd
 
+    def _fd_for(self, file: int, leaf: str) -> int:
+        """``_fd`` for reading ``leaf``: a missing or short file error names the leaf too."""
+        try:
+            return self._fd(file)
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{e} (while reading leaf {leaf!r})") from None
+
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -158,7 +165,7 @@ class CheckpointReader:
 
     # ------------------------------------------------------------ executing
     def _run(self, op: _Op) -> None:
-        fd = self._fd(op.file)
+        fd = self._fd_for(op.file, op.leaf)
         name = os.path.join(self.path, self.manifest.files[op.file].name)
         storage.pread_into(fd, op.dest, op.offset, f"{name} (leaf {op.leaf!r})")
         if op.checksum is not None:
@@ -179,6 +186,9 @@ class CheckpointReader:
             leaf = self.manifest.leaves[li]
             if box is None:
                 box = tuple((0, d) for d in leaf.shape)
+            for s in leaf.shards:  # real file sizes before allocating: a manifest must not claim more than is on disk
+                if s.length:
+                    self._fd_for(s.file, leaf.path)
             outs.append(self._plan_leaf(leaf, box, verify, ops, posts))
         ops.sort(key=lambda o: (o.file, o.offset))
         if len(ops) <= 2 or self.max_workers <= 1:

@@ -29,12 +29,14 @@ import re
 import shutil
 import socket
 import stat
+import time
 import uuid
-from typing import Iterable
+from typing import Callable, Iterable
 
 import msgpack
 
-from jaxckpt.errors import CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
+from jaxckpt.errors import (CheckpointExistsError, CheckpointLockedError, CheckpointNotFoundError,
+                            CorruptCheckpointError)
 
 TMP_MARK = "jaxckpt-tmp"
 DEL_MARK = "jaxckpt-del"
@@ -55,7 +57,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _aux_name(final: str, mark: str, ident: str | None = None) -> str:
+def aux_name(final: str, mark: str, ident: str | None = None) -> str:
     parent, name = os.path.split(os.path.abspath(final))
     return os.path.join(parent, f".{name}.{mark}-{ident or uuid.uuid4().hex[:16]}")
 
@@ -67,12 +69,13 @@ def parse_aux(entry: str) -> tuple[str, str] | None:
 
 
 def owner_record() -> dict:
-    return {"kind": TMP_MARK, "host": socket.gethostname(), "pid": os.getpid()}
+    # The start time tells a live writer from a later process that got the same pid.
+    return {"kind": TMP_MARK, "host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
 
 
 def make_temp_dir(final: str, ident: str | None = None) -> str:
     """Create the temporary sibling of ``final`` and mark it as ours."""
-    tmp = _aux_name(final, TMP_MARK, ident)
+    tmp = aux_name(final, TMP_MARK, ident)
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     try:
         os.mkdir(tmp)
@@ -273,7 +276,7 @@ def commit(tmp: str, final: str, overwrite: bool) -> None:
             fsync_dir(parent)
             shutil.rmtree(tmp, ignore_errors=True)
             return
-        old = _aux_name(final, OLD_MARK)
+        old = aux_name(final, OLD_MARK)
         os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(parent)
@@ -312,14 +315,34 @@ def recover(final: str) -> None:
 def remove_checkpoint(path: str) -> None:
     """Delete a committed checkpoint crash-safely: rename it away (atomic: it is
     no longer listed), fsync the parent, then delete the files."""
-    gone = _aux_name(path, DEL_MARK)
+    gone = aux_name(path, DEL_MARK)
     os.rename(path, gone)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
-    shutil.rmtree(gone, ignore_errors=True)
+    remove_tree(gone)
 
 
 def remove_tree(path: str) -> None:
-    shutil.rmtree(path, ignore_errors=True)
+    """Delete a directory tree, its identifying files (owner marker, manifest)
+    last: a crash midway leaves a directory still recognisable as ours by
+    :func:`is_ours`, or an empty one, which :func:`clean_stale` can remove."""
+    try:
+        entries = os.listdir(path)
+    except OSError:
+        return
+    marks = (OWNER_FILE, "manifest.msgpack")
+    for e in [e for e in entries if e not in marks] + [e for e in marks if e in entries]:
+        p = os.path.join(path, e)
+        try:
+            if stat.S_ISDIR(os.lstat(p).st_mode):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.unlink(p)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:  # a worker of an abandoned save created a file meanwhile
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def require_dir(path: str) -> None:
@@ -333,3 +356,222 @@ def list_entries(directory: str) -> Iterable[str]:
         return os.listdir(directory)
     except FileNotFoundError:
         return []
+
+
+def is_committed(path: str) -> bool:
+    """A real directory (not a symlink) holding a regular manifest file."""
+    try:
+        st = os.lstat(path)
+        mst = os.lstat(os.path.join(path, "manifest.msgpack"))
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and stat.S_ISREG(mst.st_mode)
+
+
+# ------------------------------------------------------------------- processes
+def _proc_stat(pid: int) -> tuple[bytes, int] | None:
+    """(state, start time in clock ticks since boot) from Linux /proc, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+        fields = data[data.rindex(b")") + 2:].split()  # the command name may hold spaces and ')'
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_start(pid: int) -> int | None:
+    st = _proc_stat(pid)
+    return st[1] if st else None
+
+
+def process_alive(host: object, pid: object, start: object) -> bool:
+    """False only when sure the process is gone: same host, and the pid no longer
+    exists, is a zombie, or now belongs to a process started later (pid reuse)."""
+    if host != socket.gethostname() or type(pid) is not int or pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    except OSError:
+        return True
+    st = _proc_stat(pid)
+    if st is not None and (st[0] == b"Z" or (type(start) is int and st[1] != start)):
+        return False
+    return True
+
+
+def _owner_alive(path: str) -> bool:
+    try:
+        rec = msgpack.unpackb(read_small(path, OWNER_FILE, 4096), raw=False)
+    except (OSError, ValueError, CorruptCheckpointError, msgpack.UnpackException):
+        return False
+    return isinstance(rec, dict) and process_alive(rec.get("host"), rec.get("pid"), rec.get("start"))
+
+
+# ------------------------------------------------------------------- cleanup
+def clean_stale(directory: str, accept: Callable[[str], bool]) -> list[str]:
+    """Remove what interrupted saves, overwrites and deletions left in ``directory``
+    for the checkpoint names that ``accept`` recognises: our temporary directories whose writer
+    is gone, half-deleted checkpoints, old copies set aside by an overwrite (put
+    back first when the checkpoint itself is missing). A directory is removed
+    only when its name is one of ours AND it carries our owner marker or
+    manifest (or is empty). Call with the directory's lock held. Returns the
+    removed paths."""
+    removed = []
+    for entry in list_entries(directory):
+        parsed = parse_aux(entry)
+        if parsed is None or not accept(parsed[0]):
+            continue
+        name, mark = parsed
+        path = os.path.join(directory, entry)
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        if mark == OLD_MARK:
+            recover(os.path.join(directory, name))
+            if not os.path.lexists(path):
+                continue  # it was put back
+        if mark == TMP_MARK and _owner_alive(path):
+            continue  # a save still running in another process
+        if is_ours(path):
+            remove_tree(path)
+        else:
+            try:
+                os.rmdir(path)  # only succeeds on an empty directory
+            except OSError:
+                continue
+        removed.append(path)
+    return removed
+
+
+# ------------------------------------------------------------------- directory lock
+LOCK_NAME = ".jaxckpt-lock"
+_LOCK_KIND = "jaxckpt-lock"
+
+
+def lock_record(token: str) -> dict:
+    pid = os.getpid()
+    return {"kind": _LOCK_KIND, "host": socket.gethostname(), "pid": pid, "start": process_start(pid),
+            "token": token, "time": time.time()}
+
+
+def read_lock(directory: str) -> dict | None:
+    """The lock holder's record, or None when the directory is not locked."""
+    path = os.path.join(directory, LOCK_NAME)
+    try:
+        rec = msgpack.unpackb(read_small(directory, LOCK_NAME, 4096), raw=False)
+    except CorruptCheckpointError as e:
+        if not os.path.lexists(path):
+            return None
+        raise CheckpointLockedError(f"{path}: unreadable lock file ({e}); if no writer uses this directory, "
+                                    "delete the file") from None
+    except (ValueError, msgpack.UnpackException) as e:
+        rec = e
+    if not isinstance(rec, dict) or rec.get("kind") != _LOCK_KIND:
+        raise CheckpointLockedError(f"{path}: not a valid jaxckpt lock file; if no writer uses this directory, "
+                                    "delete the file")
+    return rec
+
+
+def _create_lock(directory: str, token: str) -> bool:
+    """Create the lock file with its content in one atomic step (hard link of a
+    fully written file); False when it exists already."""
+    path = os.path.join(directory, LOCK_NAME)
+    data = msgpack.packb(lock_record(token))
+    tmp_name = f"{LOCK_NAME}.{token}"
+    write_file(directory, tmp_name, data)
+    try:
+        os.link(os.path.join(directory, tmp_name), path)
+    except FileExistsError:
+        return False
+    except OSError as e:  # a filesystem without hard links: exclusive create in place
+        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        try:
+            os.unlink(os.path.join(directory, tmp_name))
+        except OSError:
+            pass
+    fsync_dir(directory)
+    return True
+
+
+def _take_over(directory: str, stale: dict) -> None:
+    """Remove a stale lock, unless a competitor replaced it meanwhile (then put theirs back)."""
+    path = os.path.join(directory, LOCK_NAME)
+    aside = os.path.join(directory, f"{LOCK_NAME}.stale-{uuid.uuid4().hex[:16]}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    try:
+        moved = msgpack.unpackb(read_small(directory, os.path.basename(aside), 4096), raw=False)
+    except (OSError, ValueError, CorruptCheckpointError, msgpack.UnpackException):
+        moved = None
+    if not (isinstance(moved, dict) and moved.get("token") == stale.get("token")):
+        try:
+            os.link(aside, path)
+        except OSError:
+            pass
+    os.unlink(aside)
+
+
+def _held_message(directory: str, holder: dict) -> str:
+    path = os.path.join(directory, LOCK_NAME)
+    when = holder.get("time")
+    since = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else ""
+    who = f"host {holder.get('host')!r}, pid {holder.get('pid')}{since}"
+    if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
+        return (f"{path}: this process already writes to this directory ({who}): close the other "
+                "CheckpointManager first, or open this one with read_only=True")
+    return (f"{path}: the directory is locked by another writer ({who}); one writer at a time. Open it with "
+            "read_only=True to follow that writer; if that process is gone (on another host), delete the lock file")
+
+
+def acquire_lock(directory: str) -> tuple[str, dict | None]:
+    """Take the directory's writer lock. Returns ``(token, stale)``: the token to
+    release it with, and the record of a dead holder whose lock was taken over
+    (None if there was none). Raises ``CheckpointLockedError`` while a live
+    process (or one on another host, whose liveness we cannot check) holds it."""
+    token = uuid.uuid4().hex
+    stale = None
+    for _ in range(5):
+        if _create_lock(directory, token):
+            return token, stale
+        holder = read_lock(directory)
+        if holder is None:
+            continue  # released meanwhile
+        if process_alive(holder.get("host"), holder.get("pid"), holder.get("start")):
+            raise CheckpointLockedError(_held_message(directory, holder))
+        _take_over(directory, holder)
+        stale = holder
+    raise CheckpointLockedError(f"{os.path.join(directory, LOCK_NAME)}: could not take the lock: other processes "
+                                "keep competing for it")
+
+
+def release_lock(directory: str, token: str) -> None:
+    """Remove the lock if it is still ours."""
+    try:
+        holder = read_lock(directory)
+    except CheckpointLockedError:
+        return
+    if holder is not None and holder.get("token") == token:
+        try:
+            os.unlink(os.path.join(directory, LOCK_NAME))
+        except FileNotFoundError:
+            pass

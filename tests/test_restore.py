@@ -1,0 +1,372 @@
+"""Restore into targets, partial restore, resharding, and the flat views
+(load_checkpoint / load_into) of issue 2."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax.training import train_state
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxckpt
+from jaxckpt import format as fmt
+from jaxckpt import storage
+
+
+# ---------------------------------------------------------------- helpers
+def raw(x: Any) -> bytes:
+    return np.ascontiguousarray(np.asarray(x)).view(np.uint8).tobytes()
+
+
+def assert_same_leaves(got: Any, want: Any) -> None:
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert type(g) is type(w)
+        assert np.asarray(g).dtype == np.asarray(w).dtype
+        assert raw(g) == raw(w)
+
+
+def read_manifest(path) -> fmt.Manifest:
+    with open(os.path.join(path, fmt.MANIFEST_NAME), "rb") as f:
+        return fmt.decode_manifest(f.read(), "test")
+
+
+class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(nn.relu(nn.Dense(8)(x)))
+
+
+@pytest.fixture(scope="module")
+def state() -> train_state.TrainState:
+    """A Flax TrainState with optax adamw after three real training steps."""
+    model = MLP()
+    x = jnp.linspace(-1, 1, 12).reshape(4, 3)
+    y = jnp.eye(4, 2)
+    st = train_state.TrainState.create(apply_fn=model.apply, params=model.init(jax.random.key(0), x),
+                                       tx=optax.adamw(1e-2))
+
+    @jax.jit
+    def step(st):
+        grads = jax.grad(lambda p: jnp.mean((st.apply_fn(p, x) - y) ** 2))(st.params)
+        return st.apply_gradients(grads=grads)
+
+    for _ in range(3):
+        st = step(st)
+    return st
+
+
+def state_dict(st: train_state.TrainState) -> dict:
+    """The TrainState's data as a plain dict (what a notebook would save)."""
+    return {"step": st.step, "params": st.params, "opt_state": st.opt_state}
+
+
+# ---------------------------------------------------------------- targets
+def test_trainstate_target_gets_type_and_sharding(ckdir, state):
+    jaxckpt.save(ckdir / "c", state)
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
+    # a target whose leaves live replicated over the 8-device mesh
+    target = jax.tree.map(lambda x: jax.device_put(jnp.zeros_like(x), NamedSharding(mesh, P())), state)
+    got = jaxckpt.restore(ckdir / "c", target)
+    assert type(got) is train_state.TrainState
+    assert got.apply_fn is target.apply_fn and got.tx is target.tx
+    for g, t, w in zip(jax.tree.leaves(got), jax.tree.leaves(target), jax.tree.leaves(state)):
+        assert isinstance(g, jax.Array) and g.sharding == t.sharding and g.dtype == w.dtype
+        assert raw(g) == raw(w)
+
+
+def test_trainstate_restores_from_plain_dict_checkpoint(ckdir, state):
+    # paths agree (step, params/..., opt_state/0/mu/...), containers differ
+    jaxckpt.save(ckdir / "c", state_dict(state))
+    got = jaxckpt.restore(ckdir / "c", state)
+    assert type(got) is train_state.TrainState
+    assert_same_leaves(got, state)
+
+
+def test_partial_restore_params_only(ckdir, state, monkeypatch):
+    jaxckpt.save(ckdir / "c", state_dict(state))
+    target = {"params": jax.tree.map(jnp.zeros_like, state.params)}
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.restore(ckdir / "c", target)
+    extra = ["opt_state/0/count"] + [f"opt_state/0/{m}/params/{d}/{k}" for m in ("mu", "nu")
+                                     for d in ("Dense_0", "Dense_1") for k in ("bias", "kernel")] + ["step"]
+    assert str(ei.value) == (f"{ckdir / 'c'}: the checkpoint does not match the target structure; "
+                             "checkpoint leaves not in the target: " + ", ".join(repr(x) for x in extra)
+                             + " (pass partial=True to restore a subset)")
+    # more than 10: the list is cut
+    jaxckpt.save(ckdir / "d", {"params": state.params, "more": list(range(12))})
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.restore(ckdir / "d", target)
+    assert str(ei.value).endswith("checkpoint leaves not in the target: 'more/0', 'more/1', 'more/10', 'more/11', "
+                                  "'more/2', 'more/3', 'more/4', 'more/5', 'more/6', 'more/7' and 2 more "
+                                  "(pass partial=True to restore a subset)")
+
+    reads: list[tuple[int, int]] = []
+    real = storage.pread_into
+
+    def spy(fd, buf, offset, path):
+        reads.append((offset, len(buf)))
+        real(fd, buf, offset, path)
+
+    monkeypatch.setattr(storage, "pread_into", spy)
+    got = jaxckpt.restore(ckdir / "c", target, partial=True)
+    assert_same_leaves(got, {"params": state.params})
+    # exactly the params' bytes were read, each once, nothing of opt_state or step
+    m = read_manifest(ckdir / "c")
+    wanted = sorted((s.offset, s.length) for leaf in m.leaves if leaf.path.startswith("params/") for s in leaf.shards)
+    assert sorted(reads) == wanted
+    assert len(wanted) == 4
+
+
+def test_partial_restore_reads_one_leaf_only(ckdir, monkeypatch):
+    tree = {"a": np.arange(100_000, dtype=np.float32), "b": np.ones((300, 70), np.int16), "c": np.zeros(5, np.int8)}
+    jaxckpt.save(ckdir / "c", tree)
+    reads: list[tuple[int, int]] = []
+    real = storage.pread_into
+    monkeypatch.setattr(storage, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
+    got = jaxckpt.restore(ckdir / "c", {"b": np.zeros((300, 70), np.int16)}, partial=True)
+    np.testing.assert_array_equal(got["b"], tree["b"])
+    rec = next(x for x in read_manifest(ckdir / "c").leaves if x.path == "b")
+    assert reads == [(rec.shards[0].offset, 300 * 70 * 2)]
+
+
+def test_target_dtype_casts(ckdir):
+    vals = np.array([[0.5, -1.25, 3.0], [1e4, -0.0, 7.75]], np.float32)
+    jaxckpt.save(ckdir / "c", {"np": vals, "jx": vals, "sds": vals, "i": np.arange(6, dtype=np.int64).reshape(2, 3),
+                                "py": np.float32(2.5)})
+    target = {"np": np.zeros((2, 3), np.float16), "jx": jnp.zeros((2, 3), jnp.bfloat16),
+              "sds": jax.ShapeDtypeStruct((2, 3), jnp.float16), "i": np.zeros((2, 3), np.float64), "py": 0.0}
+    got = jaxckpt.restore(ckdir / "c", target)
+    assert type(got["np"]) is np.ndarray and got["np"].dtype == np.float16
+    assert raw(got["np"]) == raw(vals.astype(np.float16))
+    assert isinstance(got["jx"], jax.Array) and got["jx"].dtype == jnp.bfloat16
+    assert raw(got["jx"]) == raw(vals.astype(ml_dtypes.bfloat16))
+    assert isinstance(got["sds"], jax.Array) and got["sds"].dtype == jnp.float16
+    assert raw(got["i"]) == raw(np.arange(6, dtype=np.float64).reshape(2, 3))
+    assert type(got["py"]) is float and got["py"] == 2.5
+
+
+def test_shape_mismatch_names_path_and_shapes(ckdir):
+    jaxckpt.save(ckdir / "c", {"params": {"w": np.zeros((4, 3), np.float32)}, "b": np.zeros(2)})
+    for t in (np.zeros((3, 4), np.float32), jnp.zeros((3, 4)), jax.ShapeDtypeStruct((3, 4), jnp.float32)):
+        with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+            jaxckpt.restore(ckdir / "c", {"params": {"w": t}, "b": np.zeros(2)})
+        assert str(ei.value) == (f"{ckdir / 'c'}: leaf 'params/w': shape mismatch: "
+                                 "the target expects (3, 4), the checkpoint has (4, 3)")
+
+
+def test_missing_leaf_names_it(ckdir):
+    jaxckpt.save(ckdir / "c", {"a": np.zeros(2), "b": {"c": np.ones(3)}})
+    target = {"a": np.zeros(2), "b": {"c": np.ones(3), "d": np.ones(1)}}
+    for partial in (False, True):
+        with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+            jaxckpt.restore(ckdir / "c", target, partial=partial)
+        assert str(ei.value) == (f"{ckdir / 'c'}: the checkpoint does not match the target structure; "
+                                 "target leaves missing from the checkpoint: 'b/d'")
+
+
+def test_kind_mismatches(ckdir):
+    jaxckpt.save(ckdir / "c", {"n": 3, "a": np.zeros((2,)), "k": jax.random.key(1)})
+    where = str(ckdir / "c")
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.restore(ckdir / "c", {"n": np.zeros(2), "a": np.zeros(2), "k": jax.random.key(0)})
+    assert str(ei.value) == f"{where}: leaf 'n': the target expects an array of shape (2,), the checkpoint has a Python int"
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.restore(ckdir / "c", {"n": 1, "a": 0.0, "k": jax.random.key(0)})
+    assert str(ei.value) == f"{where}: leaf 'a': the target expects a Python float, the checkpoint has an array of shape (2,)"
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.restore(ckdir / "c", {"n": 1, "a": np.zeros(2), "k": np.zeros(2, np.uint32)})
+    assert str(ei.value) == (f"{where}: leaf 'k': the target expects a numeric array, the checkpoint has a PRNG key array")
+
+
+def test_restore_not_found(ckdir):
+    with pytest.raises(jaxckpt.CheckpointNotFoundError) as ei:
+        jaxckpt.restore(ckdir / "nothing")
+    assert isinstance(ei.value, FileNotFoundError) and str(ckdir / "nothing") in str(ei.value)
+    os.mkdir(ckdir / "empty")  # a directory without a manifest is not a checkpoint
+    with pytest.raises(jaxckpt.CheckpointNotFoundError, match="manifest.msgpack is missing"):
+        jaxckpt.inspect(ckdir / "empty")
+
+
+# ---------------------------------------------------------------- resharding
+@pytest.fixture(scope="module")
+def mesh() -> Mesh:
+    return Mesh(np.array(jax.devices()).reshape(4, 2), ("x", "y"))
+
+
+@pytest.fixture
+def saved_xy(ckdir, mesh):
+    host = np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32)
+    host[0, 0] = np.nan
+    arr = jax.device_put(host, NamedSharding(mesh, P("x", "y")))
+    jaxckpt.save(ckdir / "c", {"w": arr})
+    assert len(read_manifest(ckdir / "c").leaves[0].shards) == 8
+    return ckdir / "c", host
+
+
+def check_sharded(got: jax.Array, host: np.ndarray, sharding) -> None:
+    assert isinstance(got, jax.Array)
+    assert got.sharding == sharding
+    assert raw(got) == host.tobytes()
+    for shard in got.addressable_shards:  # each device holds exactly its slice
+        assert raw(shard.data) == np.ascontiguousarray(host[shard.index]).tobytes()
+
+
+@pytest.mark.parametrize("spec", [P("y", "x"), P(None, "x"), P(), P("x", "y"), P(("y", "x"))],
+                         ids=["yx", "none_x", "replicated", "same", "joint"])
+@pytest.mark.parametrize("verify", [True, False])
+def test_reshard_named_sharding(saved_xy, mesh, spec, verify):
+    path, host = saved_xy
+    sharding = NamedSharding(mesh, spec)
+    got = jaxckpt.restore(path, {"w": jax.device_put(np.zeros((8, 16), np.float32), sharding)}, verify=verify)["w"]
+    check_sharded(got, host, sharding)
+    got = jaxckpt.restore(path, {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sharding)}, verify=verify)["w"]
+    check_sharded(got, host, sharding)
+
+
+def test_reshard_other_mesh_and_single_device(saved_xy):
+    path, host = saved_xy
+    mesh2 = Mesh(np.array(jax.devices()[::-1]).reshape(2, 2, 2), ("a", "b", "c"))
+    sharding = NamedSharding(mesh2, P(("a", "b"), "c"))
+    got = jaxckpt.restore(path, {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sharding)})["w"]
+    check_sharded(got, host, sharding)
+    one = SingleDeviceSharding(jax.devices()[5])
+    got = jaxckpt.restore(path, {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=one)})["w"]
+    check_sharded(got, host, one)
+
+
+def test_reshard_to_numpy(saved_xy):
+    path, host = saved_xy
+    got = jaxckpt.restore(path, {"w": np.zeros((8, 16), np.float32)})["w"]
+    assert type(got) is np.ndarray and got.tobytes() == host.tobytes()
+    got = jaxckpt.restore(path)["w"]
+    assert type(got) is np.ndarray and got.dtype == np.float32 and got.tobytes() == host.tobytes()
+    flat = jaxckpt.load_checkpoint(path)
+    assert list(flat) == ["w"] and flat["w"].tobytes() == host.tobytes()
+
+
+def test_reshard_uneven_and_cast(ckdir, mesh):
+    # 12 rows over 4 devices, then restored over 8 devices as bfloat16
+    host = np.arange(12 * 6, dtype=np.float32).reshape(12, 6) / 7
+    arr = jax.device_put(host, NamedSharding(mesh, P("x", None)))
+    jaxckpt.save(ckdir / "c", arr)
+    target = NamedSharding(Mesh(np.array(jax.devices()).reshape(2, 4), ("p", "q")), P("p", None))
+    got = jaxckpt.restore(ckdir / "c", jax.ShapeDtypeStruct((12, 6), jnp.bfloat16, sharding=target))
+    assert got.sharding == target and got.dtype == jnp.bfloat16
+    assert raw(got) == raw(host.astype(ml_dtypes.bfloat16))
+
+
+def test_sharded_prng_key_restore(ckdir, mesh):
+    keys = jax.random.split(jax.random.key(3), 8)
+    sharding = NamedSharding(mesh, P("x"))
+    sk = jax.device_put(keys, sharding)
+    jaxckpt.save(ckdir / "c", {"k": sk})
+    got = jaxckpt.restore(ckdir / "c", {"k": sk})["k"]
+    assert jax.dtypes.issubdtype(got.dtype, jax.dtypes.prng_key)
+    assert got.sharding == sharding
+    assert raw(jax.random.key_data(got)) == raw(jax.random.key_data(keys))
+
+
+# ---------------------------------------------------------------- flat views
+def test_load_checkpoint_flat_keys(ckdir, state):
+    jaxckpt.save(ckdir / "c", state_dict(state))
+    flat = jaxckpt.load_checkpoint(ckdir / "c")
+    assert sorted(flat) == [
+        "opt_state/0/count",
+        "opt_state/0/mu/params/Dense_0/bias", "opt_state/0/mu/params/Dense_0/kernel",
+        "opt_state/0/mu/params/Dense_1/bias", "opt_state/0/mu/params/Dense_1/kernel",
+        "opt_state/0/nu/params/Dense_0/bias", "opt_state/0/nu/params/Dense_0/kernel",
+        "opt_state/0/nu/params/Dense_1/bias", "opt_state/0/nu/params/Dense_1/kernel",
+        "params/params/Dense_0/bias", "params/params/Dense_0/kernel",
+        "params/params/Dense_1/bias", "params/params/Dense_1/kernel",
+        "step",
+    ]
+    assert type(flat["params/params/Dense_0/kernel"]) is np.ndarray
+    assert raw(flat["params/params/Dense_0/kernel"]) == raw(state.params["params"]["Dense_0"]["kernel"])
+    assert raw(flat["opt_state/0/nu/params/Dense_1/bias"]) == raw(state.opt_state[0].nu["params"]["Dense_1"]["bias"])
+    assert flat["step"].shape == () and int(flat["step"]) == 3
+
+
+def test_load_checkpoint_values_and_scalars(ckdir):
+    jaxckpt.save(ckdir / "c", {"lr": 0.5, "name": "x", "s": np.int16(4), "l": [np.arange(2), None, {"z": 1j}]})
+    flat = jaxckpt.load_checkpoint(ckdir / "c")
+    assert flat.keys() == {"lr", "name", "s", "l/0", "l/2/z"}
+    assert flat["lr"] == 0.5 and flat["name"] == "x" and flat["l/2/z"] == 1j
+    assert type(flat["s"]) is np.int16 and flat["s"] == 4
+    np.testing.assert_array_equal(flat["l/0"], np.arange(2))
+
+
+def _target_with_extra_and_missing(state):
+    params = jax.tree.map(jnp.zeros_like, state.params["params"])
+    params["Dense_2"] = {"kernel": jnp.full((2, 2), 7.0)}   # missing from the source
+    return {"params": {"params": params}}
+
+
+def test_load_into_strict_and_non_strict(ckdir, state):
+    jaxckpt.save(ckdir / "c", {"params": state.params, "extra_stat": np.arange(3)})
+    target = _target_with_extra_and_missing(state)
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.load_into(target, ckdir / "c")
+    assert str(ei.value) == (f"{ckdir / 'c'}: load_into(strict=True): 1 target keys missing from the source: "
+                             "'params/params/Dense_2/kernel'; 1 source keys not in the target: 'extra_stat'")
+
+    got, report = jaxckpt.load_into(target, ckdir / "c", strict=False)
+    assert report == jaxckpt.LoadReport(missing=["params/params/Dense_2/kernel"], unexpected=["extra_stat"])
+    assert jax.tree.structure(got) == jax.tree.structure(target)
+    assert raw(got["params"]["params"]["Dense_2"]["kernel"]) == raw(jnp.full((2, 2), 7.0))  # the target's value
+    for name in ("Dense_0", "Dense_1"):
+        for k in ("kernel", "bias"):
+            g = got["params"]["params"][name][k]
+            assert isinstance(g, jax.Array) and raw(g) == raw(state.params["params"][name][k])
+
+
+def test_load_into_reports_are_sorted(ckdir):
+    jaxckpt.save(ckdir / "c", {"z": 1, "b": 2, "m": {"q": 3, "a": 4}})
+    got, report = jaxckpt.load_into({"y": 0, "c": 0, "m": {"a": 0}, "aa": 9}, ckdir / "c", strict=False)
+    assert report.missing == ["aa", "c", "y"]
+    assert report.unexpected == ["b", "m/q", "z"]
+    assert got == {"y": 0, "c": 0, "m": {"a": 4}, "aa": 9}
+
+
+def test_load_into_from_flat_dict(ckdir, state):
+    jaxckpt.save(ckdir / "c", {"params": state.params, "extra_stat": np.arange(3)})
+    flat = jaxckpt.load_checkpoint(ckdir / "c")
+    target = _target_with_extra_and_missing(state)
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.load_into(target, flat)
+    assert str(ei.value) == ("source dict: load_into(strict=True): 1 target keys missing from the source: "
+                             "'params/params/Dense_2/kernel'; 1 source keys not in the target: 'extra_stat'")
+    got, report = jaxckpt.load_into(target, flat, strict=False)
+    assert report == jaxckpt.LoadReport(["params/params/Dense_2/kernel"], ["extra_stat"])
+    k = got["params"]["params"]["Dense_0"]["kernel"]
+    assert isinstance(k, jax.Array) and raw(k) == raw(state.params["params"]["Dense_0"]["kernel"])
+    assert raw(got["params"]["params"]["Dense_2"]["kernel"]) == raw(jnp.full((2, 2), 7.0))
+    # exact match: strict passes and the report is empty
+    full = {"params": jax.tree.map(jnp.zeros_like, state.params), "extra_stat": np.zeros(3, np.int64)}
+    got, report = jaxckpt.load_into(full, flat)
+    assert report == jaxckpt.LoadReport([], [])
+    assert_same_leaves(got, {"params": state.params, "extra_stat": np.arange(3)})
+
+
+def test_load_into_shape_mismatch_from_flat_dict():
+    with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+        jaxckpt.load_into({"a": {"b": np.zeros((2, 2))}}, {"a/b": np.zeros(3)})
+    assert str(ei.value) == "source dict: leaf 'a/b': shape mismatch: the target expects (2, 2), the source has (3,)"
+
+
+def test_load_into_trainstate_from_checkpoint(ckdir, state):
+    jaxckpt.save(ckdir / "c", state_dict(state))
+    fresh = state.replace(step=jnp.zeros_like(state.step), params=jax.tree.map(jnp.zeros_like, state.params))
+    got, report = jaxckpt.load_into(fresh, ckdir / "c")
+    assert report == jaxckpt.LoadReport([], [])
+    assert type(got) is train_state.TrainState
+    assert_same_leaves(got, state)
