@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 import xxhash
 
+from jaxckpt import _gc
 from jaxckpt.errors import CorruptCheckpointError
 
 FORMAT_NAME = "jaxckpt"
@@ -42,7 +43,8 @@ CHUNK_BYTES = 16 << 20
 MAX_MANIFEST_BYTES = 256 << 20
 MAX_LEAVES = 4_000_000
 MAX_NDIM = 64
-MAX_SHARDS_PER_LEAF = 4096
+MAX_SHARDS_PER_LEAF = 1 << 17  # a leaf split over every chip of a large pod
+MAX_BOX_ENTRIES = 1 << 18  # shards x ndim of one leaf: bounds the decoded boxes' memory
 MAX_FILES = 65536
 MAX_TREE_DEPTH = 256
 MAX_ARRAY_BYTES = 1 << 48  # 256 TiB: far above any real leaf, far below int64 overflow
@@ -263,6 +265,11 @@ def _type_names(t: type | tuple) -> str:
 
 
 def decode_manifest(data: bytes, where: str) -> Manifest:
+    with _gc.paused():  # 10^5 acyclic objects for a 10^4-leaf manifest: see jaxckpt/_gc.py
+        return _decode_manifest(data, where)
+
+
+def _decode_manifest(data: bytes, where: str) -> Manifest:
     """Decode and validate a manifest. ``where`` names the file in errors.
 
     Checks everything a reader needs to trust before touching data files:
@@ -368,51 +375,62 @@ def _decode_leaf(c: _Checker, i: int, r: Any, files: list[FileRecord], chunk_byt
     raw_shards = c.get(r, "shards", list, ctx)
     if len(raw_shards) > MAX_SHARDS_PER_LEAF:
         raise c.fail(f"{ctx}: {len(raw_shards)} shards, above the cap of {MAX_SHARDS_PER_LEAF}")
+    if len(raw_shards) * max(len(shape), 1) > MAX_BOX_ENTRIES:
+        raise c.fail(f"{ctx}: {len(raw_shards)} shards x {len(shape)} dimensions, above the cap of "
+                     f"{MAX_BOX_ENTRIES} box entries")
+    # The loop below runs once per shard of every leaf (10^4-10^6 times for big
+    # trees): checks are inline and messages are only formatted on failure.
     shards = []
+    volume = 0
+    n_files = len(files)
+    ndim = len(shape)
     for j, s in enumerate(raw_shards):
-        sctx = f"{ctx} shard {j}"
-        raw_box = c.get(s, "box", list, sctx)
-        if len(raw_box) != len(shape):
-            raise c.fail(f"{sctx}: box has {len(raw_box)} dimensions, the array has {len(shape)}")
+        if type(s) is not dict:
+            raise c.fail(f"{ctx} shard {j}: expected a map, found {type(s).__name__}")
+        raw_box, file, offset, length, sums = (s.get("box"), s.get("file"), s.get("offset"), s.get("length"),
+                                               s.get("xxh3"))
+        if type(raw_box) is not list or len(raw_box) != ndim:
+            raise c.fail(f"{ctx} shard {j}: box must be a list of {ndim} [start, stop] pairs, found {raw_box!r:.100}")
         box = []
-        for d, (dim, pair) in enumerate(zip(shape, raw_box)):
-            if not (isinstance(pair, list) and len(pair) == 2):
-                raise c.fail(f"{sctx}: box dimension {d} must be [start, stop]")
-            a = c.nonneg(pair[0], f"{sctx} box", dim)
-            z = c.nonneg(pair[1], f"{sctx} box", dim)
-            if a > z:
-                raise c.fail(f"{sctx}: box dimension {d} has start {a} > stop {z}")
-            box.append((a, z))
-        box_t = tuple(box)
-        file = c.nonneg(c.get(s, "file", int, sctx), f"{sctx} file", max(len(files) - 1, 0))
-        if file >= len(files):
-            raise c.fail(f"{sctx}: file index {file} but only {len(files)} data files are listed")
-        offset = c.nonneg(c.get(s, "offset", int, sctx), f"{sctx} offset", 1 << 56)
-        length = c.nonneg(c.get(s, "length", int, sctx), f"{sctx} length", MAX_ARRAY_BYTES)
-        expected = math.prod(b - a for a, b in box_t) * itemsize
-        if length != expected:
-            raise c.fail(f"{sctx}: length {length} bytes but box {[list(b) for b in box_t]} x itemsize {itemsize} = {expected}")
-        sums = c.get(s, "xxh3", list, sctx)
-        if len(sums) != chunk_count(length, chunk_bytes):
-            raise c.fail(f"{sctx}: {len(sums)} checksums, expected {chunk_count(length, chunk_bytes)} "
-                         f"for {length} bytes in chunks of {chunk_bytes}")
+        elems = 1
+        for d, pair in enumerate(raw_box):
+            if not (type(pair) is list and len(pair) == 2 and type(pair[0]) is int and type(pair[1]) is int
+                    and 0 <= pair[0] <= pair[1] <= shape[d]):
+                raise c.fail(f"{ctx} shard {j}: box dimension {d} must be [start, stop] with "
+                             f"0 <= start <= stop <= {shape[d]}, found {pair!r:.100}")
+            box.append((pair[0], pair[1]))
+            elems *= pair[1] - pair[0]
+        if type(file) is not int or not 0 <= file < n_files:
+            raise c.fail(f"{ctx} shard {j}: file index {file!r:.40} but {n_files} data files are listed")
+        if type(offset) is not int or not 0 <= offset <= (1 << 56):
+            raise c.fail(f"{ctx} shard {j}: offset must be an integer in [0, 2**56], found {offset!r:.40}")
+        expected = elems * itemsize
+        if type(length) is not int or length != expected:
+            raise c.fail(f"{ctx} shard {j}: length {length!r:.40} bytes but box {[list(x) for x in box]} x itemsize "
+                         f"{itemsize} = {expected}")
+        if type(sums) is not list or len(sums) != chunk_count(length, chunk_bytes):
+            raise c.fail(f"{ctx} shard {j}: expected {chunk_count(length, chunk_bytes)} checksums for {length} bytes "
+                         f"in chunks of {chunk_bytes}, found {sums!r:.100}")
         for x in sums:
-            c.nonneg(x, f"{sctx} checksum", (1 << 64) - 1)
-        shards.append(ShardRecord(box_t, file, offset, length, tuple(sums)))
-    _check_cover(c, ctx, shape, shards)
+            if type(x) is not int or not 0 <= x < (1 << 64):
+                raise c.fail(f"{ctx} shard {j}: checksum {x!r:.40} is not a 64-bit unsigned integer")
+        volume += elems
+        shards.append(ShardRecord(tuple(box), file, offset, length, tuple(sums)))
+    _check_cover(c, ctx, shape, shards, volume)
     return LeafRecord(path, kind, dtype, shape, tuple(shards), impl=impl)
 
 
-def _check_cover(c: _Checker, ctx: str, shape: tuple[int, ...], shards: list[ShardRecord]) -> None:
-    """The shard boxes tile the array exactly: volumes add up and no two overlap."""
+def _check_cover(c: _Checker, ctx: str, shape: tuple[int, ...], shards: list[ShardRecord], vol: int) -> None:
+    """The shard boxes tile the array exactly: volumes (``vol``) add up and no two overlap."""
     total = math.prod(shape)
     if total == 0:
         if len(shards) > 1:
             raise c.fail(f"{ctx}: an empty array has {len(shards)} shards")
         return
-    vol = sum(math.prod(s.shape) for s in shards)
     if vol != total:
         raise c.fail(f"{ctx}: shards cover {vol} elements, the array has {total}")
+    if len(shards) == 1:
+        return  # one box inside the shape with the full volume is the whole array
     boxes = [s.box for s in shards if all(a < z for a, z in s.box)]  # empty boxes overlap nothing
     if len(boxes) < 2:
         return

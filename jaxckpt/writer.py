@@ -35,7 +35,7 @@ from jaxckpt import format as fmt
 from jaxckpt import multihost
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
-from jaxckpt.errors import CheckpointError, SaveTimeoutError, UnsupportedValueError
+from jaxckpt.errors import CheckpointError, CorruptCheckpointError, SaveTimeoutError, UnsupportedValueError
 from jaxckpt.snapshot import Snapshot
 
 _SMALL = 64 << 10
@@ -321,6 +321,7 @@ def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: boo
         layout, sums = write_data(snap, tmp, name, ctx)
         files = [fmt.FileRecord(name, layout.size)] if layout.size else []
         manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)])
+        _self_check(manifest, path)
         _commit(tmp, path, manifest, overwrite, ctx)
         return WriteResult(layout.size, len(files) + 1)
     except BaseException:
@@ -384,13 +385,22 @@ def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, c
                 shards.extend((len(files), s) for s in r["shards"])
                 files.append(fmt.FileRecord(r["file"], r["size"]))
         manifest = _manifest(snap, metadata, files, shards)
-        fmt.decode_manifest(manifest, f"{path} (manifest being written)")  # every process's shards tile every array
+        _self_check(manifest, path)
         _commit(tmp, path, manifest, overwrite, ctx)
     except BaseException as e:
         _fail_multi(tmp, key, coord, f"{type(e).__name__}: {e}")
         raise
     coord.set(f"{key}/outcome", msgpack.packb({"ok": True}))
     return WriteResult(sum(f.size for f in files), len(files) + 1)
+
+
+def _self_check(manifest: bytes, path: str) -> None:
+    """Never commit what our own reader would reject (a string or nesting beyond
+    the format's caps, and, across processes, shards that do not tile an array)."""
+    try:
+        fmt.decode_manifest(manifest, f"{path} (manifest being written)")
+    except CorruptCheckpointError as e:
+        raise UnsupportedValueError(f"refusing to write a checkpoint that cannot be read back: {e}") from None
 
 
 def _check_visible(tmp: str, name: str, size: int, process: int) -> None:
