@@ -188,6 +188,28 @@ def encode_manifest(manifest: Manifest) -> bytes:
     )
 
 
+def check_writable(manifest: Manifest, encoded: bytes, where: str) -> None:
+    """The caps a correct writer can still exceed (sizes of what the user
+    stored). Cheaper than a full :func:`decode_manifest`, which a writer needs
+    only when the shard records come from elsewhere (other processes)."""
+    c = _Checker(where)
+    if len(encoded) > MAX_MANIFEST_BYTES:
+        raise c.fail(f"manifest is {len(encoded)} bytes, above the cap of {MAX_MANIFEST_BYTES}")
+    if len(manifest.leaves) > MAX_LEAVES:
+        raise c.fail(f"{len(manifest.leaves)} leaves, above the cap of {MAX_LEAVES}")
+    for leaf in manifest.leaves:
+        if len(leaf.shards) > MAX_SHARDS_PER_LEAF or len(leaf.shards) * max(len(leaf.shape), 1) > MAX_BOX_ENTRIES:
+            raise c.fail(f"leaf {leaf.path!r}: {len(leaf.shards)} shards of {len(leaf.shape)} dimensions, above the "
+                         f"caps of {MAX_SHARDS_PER_LEAF} shards and {MAX_BOX_ENTRIES} box entries")
+        if len(leaf.shape) > MAX_NDIM:
+            raise c.fail(f"leaf {leaf.path!r}: {len(leaf.shape)} dimensions, above the cap of {MAX_NDIM}")
+    try:
+        _unpack(msgpack.unpackb(encoded, raw=False)["body"], len(encoded))  # string and nesting caps
+    except Exception as e:
+        raise c.fail(f"manifest body would not decode ({type(e).__name__}: {e})") from None
+    _check_tree(c, manifest.tree, len(manifest.leaves))
+
+
 def check_metadata(metadata: Any) -> bytes:
     """Validate user metadata (msgpack-able plain values); returns its encoding."""
     def check(v: Any, where: str, depth: int) -> None:

@@ -31,6 +31,7 @@ from typing import Any, Callable
 import msgpack
 import numpy as np
 
+from jaxckpt import _gc
 from jaxckpt import format as fmt
 from jaxckpt import multihost
 from jaxckpt import storage
@@ -235,33 +236,62 @@ class Job:
             self._committing = True
 
 
-def _own_shards(snap: Snapshot, layout: Layout, sums: list[list[list[int]]]) -> list[list]:
-    """This process's shard records as plain lists: [leaf, box, offset, length, checksums]."""
+def _own_shards(snap: Snapshot, layout: Layout, sums: list[list[list[int]]]) -> list[tuple]:
+    """This process's shard records: (leaf, box, offset, length, checksums)."""
     # Zero-byte shards are left out: an empty array has no shards, and a
     # checkpoint holding only empty arrays lists no data file to point at.
-    return [[li, [list(b) for b in box], layout.shard_offsets[li][si], arr.nbytes, sums[li][si]]
-            for li, leaf in enumerate(snap.leaves) for si, (box, arr) in enumerate(leaf.shards) if arr.nbytes]
+    with _gc.paused():
+        return [(li, box, layout.shard_offsets[li][si], arr.nbytes, tuple(sums[li][si]))
+                for li, leaf in enumerate(snap.leaves) for si, (box, arr) in enumerate(leaf.shards) if arr.nbytes]
 
 
-def _manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], shards: list[tuple[int, list]]) -> bytes:
+def _from_report(shard: list) -> tuple:
+    """A shard record received from another process (msgpack lists) as tuples."""
+    li, box, offset, length, sums = shard
+    return li, tuple(tuple(b) for b in box), offset, length, tuple(sums)
+
+
+def _manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], shards: list[tuple[int, list]],
+              path: str, full_check: bool = False) -> bytes:
     """Encode the manifest from the snapshot's tree and every process's shard
-    records (``(file index, [leaf, box, offset, length, checksums])``)."""
+    records (``(file index, [leaf, box, offset, length, checksums])``).
+
+    Never returns a manifest our own reader would reject: with shards from
+    other processes the full decoder checks that they tile every array; else
+    the cheaper ``check_writable`` checks the caps on what the user stored.
+    """
+    with _gc.paused():  # ~5 objects per leaf, acyclic: see jaxckpt/_gc.py
+        manifest = _build_manifest(snap, metadata, files, shards)
+        data = fmt.encode_manifest(manifest)
+        try:
+            if full_check:
+                fmt.decode_manifest(data, f"{path} (manifest being written)")
+            else:
+                fmt.check_writable(manifest, data, f"{path} (manifest being written)")
+        except CorruptCheckpointError as e:
+            raise UnsupportedValueError(f"refusing to write a checkpoint that cannot be read back: {e}") from None
+        return data
+
+
+def _build_manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], shards: list[tuple[int, list]]
+                    ) -> fmt.Manifest:
     tree_desc, paths = tree_mod.describe(snap.treedef)
     if len(set(paths)) != len(paths):
         dup = next(p for p in paths if paths.count(p) > 1)
         raise UnsupportedValueError(f"leaf {dup!r}: two leaves have the same key path (e.g. keys 1 and '1')")
     per_leaf: list[list[fmt.ShardRecord]] = [[] for _ in snap.leaves]
     for file_index, (li, box, offset, length, sums) in shards:
-        per_leaf[li].append(fmt.ShardRecord(tuple(tuple(b) for b in box), file_index, offset, length, tuple(sums)))
+        per_leaf[li].append(fmt.ShardRecord(box, file_index, offset, length, sums))
     records = []
     for leaf, path, mine in zip(snap.leaves, paths, per_leaf):
         if leaf.kind == "value":
             records.append(fmt.LeafRecord(path, "value", value=leaf.value))
         else:
-            mine.sort(key=lambda r: r.box)
+            if len(mine) > 1:
+                mine.sort(key=lambda r: r.box)
             records.append(fmt.LeafRecord(path, leaf.kind, leaf.dtype, tuple(leaf.shape), tuple(mine), impl=leaf.impl))
-    return fmt.encode_manifest(fmt.Manifest(fmt.FORMAT_VERSION, f"jaxckpt {_version}", time.time(), fmt.CHUNK_BYTES,
-                                            tuple(files), tree_desc, tuple(records), metadata))
+    return fmt.Manifest(fmt.FORMAT_VERSION, f"jaxckpt {_version}", time.time(), fmt.CHUNK_BYTES,
+                        tuple(files), tree_desc, tuple(records), metadata)
 
 
 @dataclasses.dataclass
@@ -285,7 +315,8 @@ def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: b
                ) -> tuple[Layout, list[list[list[int]]]]:
     """(every process) Write this process's shards into ``tmp/file_name``."""
     layout = plan(snap, fmt.CHUNK_BYTES)
-    sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
+    with _gc.paused():
+        sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
     if layout.size == 0:
         return layout, sums
     f = storage.DataFile(tmp, file_name, direct=direct)
@@ -320,8 +351,7 @@ def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: boo
         name = data_file_name(0)
         layout, sums = write_data(snap, tmp, name, ctx)
         files = [fmt.FileRecord(name, layout.size)] if layout.size else []
-        manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)])
-        _self_check(manifest, path)
+        manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], path)
         _commit(tmp, path, manifest, overwrite, ctx)
         return WriteResult(layout.size, len(files) + 1)
     except BaseException:
@@ -382,25 +412,15 @@ def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, c
                 raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
             if r["size"]:
                 _check_visible(tmp, r["file"], r["size"], p)
-                shards.extend((len(files), s) for s in r["shards"])
+                shards.extend((len(files), s if p == 0 else _from_report(s)) for s in r["shards"])
                 files.append(fmt.FileRecord(r["file"], r["size"]))
-        manifest = _manifest(snap, metadata, files, shards)
-        _self_check(manifest, path)
+        manifest = _manifest(snap, metadata, files, shards, path, full_check=True)
         _commit(tmp, path, manifest, overwrite, ctx)
     except BaseException as e:
         _fail_multi(tmp, key, coord, f"{type(e).__name__}: {e}")
         raise
     coord.set(f"{key}/outcome", msgpack.packb({"ok": True}))
     return WriteResult(sum(f.size for f in files), len(files) + 1)
-
-
-def _self_check(manifest: bytes, path: str) -> None:
-    """Never commit what our own reader would reject (a string or nesting beyond
-    the format's caps, and, across processes, shards that do not tile an array)."""
-    try:
-        fmt.decode_manifest(manifest, f"{path} (manifest being written)")
-    except CorruptCheckpointError as e:
-        raise UnsupportedValueError(f"refusing to write a checkpoint that cannot be read back: {e}") from None
 
 
 def _check_visible(tmp: str, name: str, size: int, process: int) -> None:
