@@ -58,6 +58,12 @@ class Workload:
     def nbytes(self) -> int:
         return sum(leaf.nbytes for leaf in self.leaves)
 
+    @functools.cached_property
+    def pool_floats(self) -> int:
+        """Size of the shared pool that float leaves are sliced from."""
+        floats = sum(leaf.nbytes // 4 for leaf in self.leaves if leaf.kind == "normal")
+        return max(1, min(POOL_FLOATS, floats))
+
     def describe(self) -> dict:
         largest = max(self.leaves, key=lambda leaf: leaf.nbytes)
         return {
@@ -165,11 +171,6 @@ def _pool(seed: int, floats: int) -> np.ndarray:
     return np.random.default_rng([seed, 0x9E37]).standard_normal(floats, dtype=np.float32)
 
 
-def _pool_size(workload: Workload) -> int:
-    floats = sum(leaf.nbytes // 4 for leaf in workload.leaves if leaf.kind == "normal")
-    return max(1, min(POOL_FLOATS, floats))
-
-
 def _fill_normal(out: np.ndarray, pool: np.ndarray, offset: int, spec: LeafSpec) -> None:
     flat = out.reshape(-1)
     done = 0
@@ -191,7 +192,7 @@ def make_leaf(workload: Workload, index: int) -> np.ndarray:
         return np.asarray(rng.integers(0, 1 << 20), dtype=spec.dtype).reshape(spec.shape)
     if spec.kind == "rng":
         return rng.integers(0, 1 << 32, size=spec.shape, dtype=np.uint32)
-    pool = _pool(workload.seed, _pool_size(workload))
+    pool = _pool(workload.seed, workload.pool_floats)
     out = np.empty(spec.shape, dtype=spec.dtype)
     _fill_normal(out, pool, int(rng.integers(pool.size)), spec)
     return out

@@ -17,6 +17,7 @@ import numpy as np
 
 from jaxckpt import checkpointer
 from jaxckpt import format as fmt
+from jaxckpt import progress as progress_mod
 from jaxckpt import reader as reader_mod
 from jaxckpt import tree as tree_mod
 from jaxckpt.errors import CorruptCheckpointError, StructureMismatchError
@@ -104,17 +105,19 @@ def _host_value(rec: fmt.LeafRecord, arr: np.ndarray | None) -> Any:
     return arr
 
 
-def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool) -> dict[int, Any]:
+def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool,
+              progress: Any = None) -> dict[int, Any]:
     arrays = [i for i in indices if r.manifest.leaves[i].kind != "value"]
     for i in arrays:
         if r.manifest.leaves[i].kind == "key":
             _check_key_record(r, r.manifest.leaves[i])
-    got = r.read([(i, None) for i in arrays], verify=verify)
+    got = r.read([(i, None) for i in arrays], verify=verify, progress=progress)
     host = dict(zip(arrays, got))
     return {i: _host_value(r.manifest.leaves[i], host.get(i)) for i in indices}
 
 
-def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = False, verify: bool = True) -> Any:
+def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = False, verify: bool = True,
+            progress: bool | None = None) -> Any:
     """Read a checkpoint.
 
     ``target=None``: plain dict/list/tuple containers with numpy leaves.
@@ -123,18 +126,21 @@ def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = Fals
     the result has the target's structure, dtypes and shardings; each device
     receives only its slice. ``partial=True`` allows the target to be a subset.
     ``verify``: check every chunk's checksum (default True).
+    ``progress``: show a progress bar (None: only when interactive and the
+    checkpoint holds at least 256 MiB; see ``jaxckpt.progress``).
     """
-    with reader_mod.CheckpointReader(path) as r:
+    with reader_mod.CheckpointReader(path) as r, \
+            progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
         m = r.manifest
         if target is None:
-            values = _read_all(r, list(range(len(m.leaves))), verify)
+            values = _read_all(r, list(range(len(m.leaves))), verify, bar.callback)
             return tree_mod.build(m.tree, [values[i] for i in range(len(m.leaves))])
         paths, tleaves, treedef = tree_mod.leaf_paths(target)
         missing = [p for p in paths if p not in r.by_path]
         extra = [] if partial else sorted(set(r.by_path) - set(paths))
         if missing or extra:
             raise StructureMismatchError(_mismatch_message(r.path, missing, extra, partial))
-        out = _fill(r, paths, tleaves, verify)
+        out = _fill(r, paths, tleaves, verify, bar.callback)
         return treedef.unflatten(out)
 
 
@@ -194,11 +200,20 @@ def _key_shape(rec: fmt.LeafRecord) -> tuple[int, ...]:
 
 def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any) -> None:
     shape, _, _, is_key = _target_info(t)
-    if shape is None:  # a Python scalar target
-        if rec.kind == "value" or (rec.kind != "key" and rec.shape == ()):
-            return
+    if shape is None:  # a Python scalar or str target
+        if rec.kind == "value":
+            v = rec.value
+            # str <-> number and complex -> real cannot be cast (int('abc'), float(1j) raise)
+            if isinstance(t, str) == isinstance(v, str) and (isinstance(t, complex) or not isinstance(v, complex)):
+                return
+            found = f"a Python {type(v).__name__}"
+        else:
+            if (rec.kind != "key" and rec.shape == () and not isinstance(t, str)
+                    and (isinstance(t, complex) or not rec.dtype.startswith("complex"))):
+                return
+            found = f"an array of shape {rec.shape}" if rec.shape != () else f"a {rec.dtype} array of shape ()"
         raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects a Python {type(t).__name__}, "
-                                     f"the checkpoint has an array of shape {rec.shape}")
+                                     f"the checkpoint has {found}")
     if rec.kind == "value":
         raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects an array of shape {shape}, "
                                      f"the checkpoint has a Python {type(rec.value).__name__}")
@@ -228,7 +243,8 @@ def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
     return box if box is not None else tuple((0, d) for d in rec.shape)
 
 
-def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool) -> list[Any]:
+def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
+          progress: Any = None) -> list[Any]:
     recs = [r.manifest.leaves[r.by_path[p]] for p in paths]
     for p, rec, t in zip(paths, recs, tleaves):
         if rec.kind == "key":
@@ -238,7 +254,7 @@ def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], 
     for p, rec, t in zip(paths, recs, tleaves):
         if rec.kind != "value":
             requests.extend((r.by_path[p], b) for b in _boxes(t, rec))
-    arrays = iter(r.read(requests, verify=verify))
+    arrays = iter(r.read(requests, verify=verify, progress=progress))
     out = []
     for p, rec, t in zip(paths, recs, tleaves):
         if rec.kind == "value":
@@ -291,10 +307,12 @@ def convert(value: Any, t: Any) -> Any:
 
 
 # ------------------------------------------------------------------ flat views
-def load_checkpoint(path: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
-    """The flat view: ``{"params/Dense_0/kernel": ndarray, "step": 3, ...}`` (MindSpore's ``load_checkpoint``)."""
-    with reader_mod.CheckpointReader(path) as r:
-        values = _read_all(r, list(range(len(r.manifest.leaves))), verify)
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, progress: bool | None = None) -> dict[str, Any]:
+    """The flat view: ``{"params/Dense_0/kernel": ndarray, "step": 3, ...}`` (MindSpore's ``load_checkpoint``).
+    ``progress`` as in ``restore``."""
+    with reader_mod.CheckpointReader(path) as r, \
+            progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
+        values = _read_all(r, list(range(len(r.manifest.leaves))), verify, bar.callback)
         return {leaf.path: values[i] for i, leaf in enumerate(r.manifest.leaves)}
 
 
@@ -350,4 +368,8 @@ def _convert_checked(where: str, path: str, value: Any, t: Any) -> Any:
     if shape is not None and tuple(found) != tuple(shape):
         raise StructureMismatchError(f"{where}: leaf {path!r}: shape mismatch: the target expects {tuple(shape)}, "
                                      f"the source has {tuple(found)}")
+    if isinstance(value, str) != isinstance(t, str) or (
+            shape is None and not isinstance(t, complex) and (isinstance(value, complex) or np.iscomplexobj(value))):
+        raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects {type(t).__name__}, "
+                                     f"the source has {type(value).__name__}")
     return convert(np.asarray(value) if isinstance(value, jax.Array) else value, t)

@@ -44,6 +44,7 @@ import re
 import signal
 import threading
 import time
+import weakref
 from typing import Any, Callable, Collection, Iterable, Mapping
 
 import jax
@@ -342,13 +343,18 @@ def _metadata_from(raw: Any, step: int, path: str, created: float, nbytes: int) 
         v = raw.get(key)
         if (v is None and optional) or (isinstance(v, types) and not isinstance(v, bool)):
             return v
-        raise CorruptCheckpointError(f"{where}: step record field {key!r}: expected {'/'.join(t.__name__ for t in types)}"
-                                     f", found {type(v).__name__}")
+        expected = "/".join(t.__name__ for t in types)
+        raise CorruptCheckpointError(f"{where}: step record field {key!r}: expected {expected}, "
+                                     f"found {type(v).__name__}")
 
     meta = StepMetadata(step, field("epoch", (int,)), float(field("timestamp", (int, float), optional=False)),
                         field("reason", (str,), optional=False), field("metrics", (dict,)), raw.get("user"),
                         field("jax_version", (str,)), field("jaxckpt_version", (str,)), path, nbytes)
     return meta, True
+
+
+def _rate(gbps: float) -> str:
+    return f"{gbps:.2f} GB/s" if gbps >= 1 else f"{gbps * 1000:.1f} MB/s"
 
 
 def _deleted_leaves(state: Any) -> tuple[int, int]:
@@ -382,6 +388,11 @@ class _SigtermWatch:
             self.requested = True  # no logging here: a signal handler may run inside logging's own lock
         if callable(self._prev):
             self._prev(signum, frame)
+        elif not self._active and self._prev == signal.SIG_DFL:
+            # Closed, but still installed (closed off the main thread, or another handler was
+            # chained on top of ours): do what the default would have done.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def uninstall(self) -> None:
         self._active = False
@@ -390,6 +401,12 @@ class _SigtermWatch:
         if signal.getsignal(signal.SIGTERM) == self._handle:
             signal.signal(signal.SIGTERM, self._prev if self._prev is not None else signal.SIG_DFL)
             self._installed = False
+
+
+def _release(directory: str, token: str, watch: _SigtermWatch) -> None:
+    """Give up the directory lock; the SIGTERM handler turns inert (no reference to the manager here)."""
+    watch._active = False
+    storage.release_lock(directory, token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -470,8 +487,8 @@ class CheckpointManager:
         self._preempted_at: int | None = None
         self._restored_step: int | None = None
         self._closed = False
-        self._lock_token: str | None = None
         self._watch = _SigtermWatch()
+        self._release: Callable[[], Any] = lambda: None
         self._ckptr: ckpt_mod.AsyncCheckpointer | None = None
         if not self.read_only:
             self._open_for_writing(save_timeout)
@@ -485,7 +502,9 @@ class CheckpointManager:
 
     def _open_for_writing(self, save_timeout: float | None) -> None:
         os.makedirs(self.directory, exist_ok=True)
-        self._lock_token, stale = storage.acquire_lock(self.directory)
+        token, stale = storage.acquire_lock(self.directory)
+        # Released by close(), or when the manager is garbage-collected / the interpreter exits unclosed.
+        self._release = weakref.finalize(self, _release, self.directory, token, self._watch)
         if stale is not None:
             logger.warning("%s: took over the lock of a writer that is gone (host %r, pid %s)",
                            self.directory, stale.get("host"), stale.get("pid"))
@@ -494,7 +513,7 @@ class CheckpointManager:
                 logger.info("removed the leftover of an interrupted save or deletion: %s", path)
             self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout)
         except BaseException:
-            storage.release_lock(self.directory, self._lock_token)
+            self._release()
             raise
 
     # ------------------------------------------------------------------ listing
@@ -640,12 +659,12 @@ class CheckpointManager:
         replaced = self._claim(step, name, overwrite)
         now = self._clock()
         record = _record(step, epoch, now, reason, _plain_metrics(metrics, where), metadata)
-        self._last_save_time = now
         path = self._path(name)
         if self.async_save or wait:
             on_commit = functools.partial(self._on_commit, step, name, record, replaced)
             handle = self._ckptr._save(path, state, metadata=record, overwrite=overwrite, label=f"step {step}",
                                        on_commit=on_commit)
+            self._last_save_time = now
             with self._lock:
                 self._high = max(self._high, step)
                 self._pending[step] = handle  # (if it committed already, pruned as done later)
@@ -655,6 +674,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         res = ckpt_mod.save_sync(path, state, metadata=record, overwrite=overwrite)
         total = time.perf_counter() - t0
+        self._last_save_time = now
         stats = ckpt_mod.SaveStats(total, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
         self._committed_step(step, name, record, replaced, stats)
 
@@ -694,9 +714,9 @@ class CheckpointManager:
             self._pending.pop(step, None)
             self._high = max(self._high, step)
             self._last_stats = info
-        logger.info("saved step %d (%s) to %s: blocked %.3f s, committed after %.3f s, %s, %.2f GB/s",
+        logger.info("saved step %d (%s) to %s: blocked %.3f s, committed after %.3f s, %s, %s",
                     step, info.reason, path, info.blocking_s, info.total_s, api._human(info.bytes),
-                    info.throughput_gbps)
+                    _rate(info.throughput_gbps))
         if replaced is not None and replaced != name:  # overwritten under a new name (another epoch)
             self._delete(step, replaced)
         self._rotate()
@@ -820,9 +840,7 @@ class CheckpointManager:
                 self._ckptr.close()
         finally:
             self._watch.uninstall()
-            if self._lock_token is not None:
-                storage.release_lock(self.directory, self._lock_token)
-                self._lock_token = None
+            self._release()
 
     def __enter__(self) -> "CheckpointManager":
         return self

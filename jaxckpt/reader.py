@@ -17,6 +17,7 @@ least as large as the manifest says.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 import os
@@ -80,6 +81,7 @@ class CheckpointReader:
         self.by_path = {leaf.path: i for i, leaf in enumerate(self.manifest.leaves)}
         self.max_workers = max_workers or default_workers()
         self._fds: dict[int, int] = {}
+        self._starts: dict[int, list[int]] | None = None  # shard offsets per file, built on first use
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ files
@@ -171,6 +173,11 @@ class CheckpointReader:
                            s.checksums[ci] if checks else None, leaf.path, ci))
             pos = end
 
+    def _only_padding(self, file: int, lo: int, hi: int) -> bool:
+        """No shard starts in [lo, hi) of ``file`` (shards never overlap, so none lies there)."""
+        starts = self._starts[file]
+        return lo == hi or bisect.bisect_left(starts, lo) == bisect.bisect_left(starts, hi)
+
     # ------------------------------------------------------------ executing
     def _verify(self, op: _Op, data) -> None:
         if op.checksum is not None:
@@ -199,10 +206,17 @@ class CheckpointReader:
             op.dest[:] = piece.data
         return sum(len(op.dest) for op in group)
 
-    @staticmethod
-    def _groups(ops: list[_Op]) -> list[list[_Op]]:
+    def _groups(self, ops: list[_Op]) -> list[list[_Op]]:
         """Coalesce small reads that are close in a file (10,000 leaves of a few
-        KiB become a handful of reads instead of 10,000 syscalls and futures)."""
+        KiB become a handful of reads instead of 10,000 syscalls and futures).
+        A gap is bridged only when it holds padding, never another shard's
+        bytes: a partial restore reads nothing of the leaves it leaves out."""
+        if self._starts is None:
+            starts: dict[int, list[int]] = {}
+            for leaf in self.manifest.leaves:
+                for sh in leaf.shards:
+                    starts.setdefault(sh.file, []).append(sh.offset)
+            self._starts = {f: sorted(v) for f, v in starts.items()}
         groups: list[list[_Op]] = []
         for op in ops:
             n = len(op.dest)
@@ -211,7 +225,7 @@ class CheckpointReader:
                 head, tail = g[0], g[-1]
                 end = tail.offset + len(tail.dest)
                 if (tail.file == op.file and len(tail.dest) < _SMALL_READ and 0 <= op.offset - end <= _GAP
-                        and op.offset + n - head.offset <= _GROUP_BYTES):
+                        and op.offset + n - head.offset <= _GROUP_BYTES and self._only_padding(op.file, end, op.offset)):
                     g.append(op)
                     continue
             groups.append([op])

@@ -101,8 +101,11 @@ def is_ours(path: str) -> bool:
     except (OSError, ValueError, CorruptCheckpointError, msgpack.UnpackException):
         pass
     try:
-        head = read_small(path, "manifest.msgpack", 64 << 20)
-        return b"jaxckpt" in head[:64]
+        fd = open_regular(os.path.join(path, "manifest.msgpack"))
+        try:  # the envelope's first field is format: "jaxckpt"; any manifest size (up to the 256 MiB cap) is fine
+            return b"jaxckpt" in os.pread(fd, 64, 0)
+        finally:
+            os.close(fd)
     except (OSError, CorruptCheckpointError):
         return False
 
@@ -528,7 +531,32 @@ def _take_over(directory: str, stale: dict) -> None:
             os.link(aside, path)
         except OSError:
             pass
-    os.unlink(aside)
+    try:
+        os.unlink(aside)
+    except FileNotFoundError:  # removed by _clean_lock_leftovers of a writer that got the lock meanwhile
+        pass
+
+
+_LOCK_LEFTOVER_RE = re.compile(r"^\.jaxckpt-lock\.(?:stale-[0-9a-f]{16}|[0-9a-f]{32})$")
+
+
+def _clean_lock_leftovers(directory: str) -> None:
+    """Remove the lock's temporary files (``_create_lock``, ``_take_over``) that
+    a writer killed while taking the lock left behind: only those whose
+    recorded process is gone, so a competitor's file in use is never touched."""
+    for entry in list_entries(directory):
+        if not _LOCK_LEFTOVER_RE.match(entry):
+            continue
+        try:
+            rec = msgpack.unpackb(read_small(directory, entry, 4096), raw=False)
+        except (OSError, ValueError, CorruptCheckpointError, msgpack.UnpackException):
+            continue
+        if (isinstance(rec, dict) and rec.get("kind") == _LOCK_KIND
+                and not process_alive(rec.get("host"), rec.get("pid"), rec.get("start"))):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:
+                pass
 
 
 def _held_message(directory: str, holder: dict) -> str:
@@ -552,6 +580,7 @@ def acquire_lock(directory: str) -> tuple[str, dict | None]:
     stale = None
     for _ in range(5):
         if _create_lock(directory, token):
+            _clean_lock_leftovers(directory)
             return token, stale
         holder = read_lock(directory)
         if holder is None:

@@ -229,3 +229,21 @@ def test_restore_into_jax_target_after_corruption(ckdir):
         jaxckpt.restore(ckdir / "c", tree)
     with pytest.raises(jaxckpt.CorruptCheckpointError, match="checksum mismatch in leaf 'w'"):
         jaxckpt.restore(ckdir / "c", {"w": jax.ShapeDtypeStruct((1000,), jnp.float32)})
+
+
+def test_flipped_bit_in_a_later_chunk(ckdir):
+    chunk = fmt.CHUNK_BYTES
+    a = np.arange(chunk // 4 * 2 + 100, dtype=np.float32)  # 3 checksum chunks
+    jaxckpt.save(ckdir / "c", {"big": a})
+    s = leaf_record(ckdir / "c", "big").shards[0]
+    assert len(s.checksums) == 3
+    flip_bit(ckdir / "c" / DATA, s.offset + chunk + 5, bit=2)
+    with pytest.raises(jaxckpt.CorruptCheckpointError,
+                       match=re.escape(f"{ckdir / 'c' / DATA}: checksum mismatch in leaf 'big', chunk 1 "
+                                       f"(bytes at offset {s.offset + chunk}): expected xxh3 0x")):
+        jaxckpt.restore(ckdir / "c")
+    # without verification the damage comes through, at exactly the flipped element
+    mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+    got = jaxckpt.restore(ckdir / "c", {"big": jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=NamedSharding(mesh, P()))},
+                          verify=False)["big"]
+    assert np.flatnonzero(np.asarray(got) != a).tolist() == [chunk // 4 + 1]

@@ -44,7 +44,8 @@ def test_exception_in_with_block_saves_the_last_state(ckdir, caplog, error):
         assert ro.all_steps() == [5, 7]
         assert_state(ro.restore(), 7)
         meta = ro.metadata(7)
-        assert (meta.reason, meta.epoch, meta.metrics, meta.metadata) == ("exception", 1, {"loss": 1.0 / 7}, {"run": "a"})
+        assert (meta.reason, meta.epoch, meta.metrics) == ("exception", 1, {"loss": 1.0 / 7})
+        assert meta.metadata == {"run": "a"}
     assert f"save_on_exception: saved step 7 after {type(error).__name__}" in caplog.text
     assert sorted(os.listdir(ckdir)) == ["5", "7"]  # committed, lock released, nothing temporary
 
@@ -257,3 +258,20 @@ def test_sigterm_sent_by_another_process(ckdir):
     step = int(first.split()[2].rstrip(","))
     assert step > 10 and first == f"preempted at {step}, latest {step}, chained []"
     _check_preempted(ckdir, step)
+
+
+def test_sigterm_after_close_off_the_main_thread_acts_as_before(ckdir):
+    # Closed from another thread, the handler cannot be removed (Python allows that only on the
+    # main thread): it must then behave like the previous disposition, here the default (die).
+    script = textwrap.dedent("""
+        import os, signal, sys, threading, jaxckpt
+        mgr = jaxckpt.CheckpointManager(sys.argv[1])
+        t = threading.Thread(target=mgr.close)
+        t.start(); t.join()
+        print("closed", flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+        print("still alive", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(ckdir)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert proc.stdout == "closed\n"

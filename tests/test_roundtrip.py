@@ -64,6 +64,8 @@ def assert_leaf_same(got: Any, want: Any, where: str = "") -> None:
         assert got.dtype == want.dtype, (where, got.dtype, want.dtype)
         assert got.shape == want.shape, (where, got.shape, want.shape)
         assert raw(got) == raw(want), where
+        if isinstance(want, jax.Array):
+            assert got.sharding == want.sharding, where
         return
     assert type(got) is type(want), (where, type(got), type(want))
     assert py_bits(got) == py_bits(want), (where, got, want)
@@ -215,11 +217,15 @@ def test_property_roundtrip_bit_exact(tree):
 
 # ---------------------------------------------------------------- numpy inputs
 def test_every_format_dtype_roundtrips(ckdir):
-    tree = {name: make_array(name, (5, 3), i) for i, name in enumerate(ALL_DTYPES)}
+    tree = {name: {"odd": make_array(name, (5, 3), i), "zero_d": make_array(name, (), i), "empty": make_array(name, (0, 2), i)}
+            for i, name in enumerate(ALL_DTYPES)}
+    tree["jax"] = {name: jax.device_put(make_array(name, (3, 7), i)) for i, name in enumerate(JAX_DTYPES)}
     jaxckpt.save(ckdir / "c", tree)
-    assert_plain_same(jaxckpt.restore(ckdir / "c"), tree)
-    info = jaxckpt.inspect(ckdir / "c")
-    assert {leaf.path: leaf.dtype for leaf in info.leaves} == {n: n for n in ALL_DTYPES}
+    assert_plain_same(jaxckpt.restore(ckdir / "c"), plain(tree))
+    assert_tree_same(jaxckpt.restore(ckdir / "c", tree), tree)
+    info = {leaf.path: leaf.dtype for leaf in jaxckpt.inspect(ckdir / "c").leaves}
+    assert {p: d for p, d in info.items() if p.endswith("/odd")} == {f"{n}/odd": n for n in ALL_DTYPES}
+    assert {p: d for p, d in info.items() if p.startswith("jax/")} == {f"jax/{n}": n for n in JAX_DTYPES}
 
 
 def test_noncontiguous_and_fortran_views(ckdir):
@@ -309,6 +315,15 @@ def test_typed_prng_keys(ckdir, impl):
     assert info["one"].kind == "key" and info["one"].dtype == "uint32"
 
 
+def test_64_bit_jax_arrays_with_x64(ckdir):
+    with jax.enable_x64(True):
+        tree = {n: jax.device_put(make_array(n, (3, 5), i)) for i, n in enumerate(["int64", "uint64", "float64", "complex128"])}
+        assert [v.dtype for v in tree.values()] == [np.int64, np.uint64, np.float64, np.complex128]
+        jaxckpt.save(ckdir / "c", tree)
+        assert_plain_same(jaxckpt.restore(ckdir / "c"), plain(tree))
+        assert_tree_same(jaxckpt.restore(ckdir / "c", tree), tree)
+
+
 def mesh42() -> Mesh:
     return Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
 
@@ -374,6 +389,27 @@ def test_several_small_sharded_leaves_file_size(ckdir):
     assert_tree_same(got, {"a": a, "b": b, "c": c})
     for k, v in {"a": a, "b": b, "c": c}.items():
         assert got[k].sharding == v.sharding
+
+
+def test_empty_sharded_arrays(ckdir):
+    mesh = mesh42()
+    tree = {f"e{i}": jax.device_put(np.zeros(shape, np.float32), NamedSharding(mesh, spec))
+            for i, (shape, spec) in enumerate([((0, 16), P(None, "y")), ((8, 0), P("x", None)), ((0, 16), P("x", "y"))])}
+    jaxckpt.save(ckdir / "c", tree)
+    assert_tree_same(jaxckpt.restore(ckdir / "c", tree), tree)
+    assert_plain_same(jaxckpt.restore(ckdir / "c"), plain(tree))
+
+
+def test_colliding_key_paths_are_refused(ckdir):
+    # "a/b" and a -> b flatten to the same key path: restoring by path could not tell them apart
+    with pytest.raises(jaxckpt.UnsupportedValueError, match="leaf 'a/b': two leaves have the same key path"):
+        jaxckpt.save(ckdir / "c", {"a/b": 1, "a": {"b": 2}})
+    assert os.listdir(ckdir) == []
+    # a '/' in a key is fine otherwise; int dict keys come back as ints
+    tree = {"a/b": np.arange(2), "c": {1: 3}}
+    jaxckpt.save(ckdir / "d", tree)
+    assert_plain_same(jaxckpt.restore(ckdir / "d"), tree)
+    assert sorted(jaxckpt.load_checkpoint(ckdir / "d")) == ["a/b", "c/1"]
 
 
 # ---------------------------------------------------------------- flax / optax containers

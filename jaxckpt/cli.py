@@ -1,0 +1,405 @@
+"""The ``jaxckpt`` command: ``verify``, ``ls`` and ``show``.
+
+A thin layer over the public API: ``show`` prints ``jaxckpt.inspect``, ``ls``
+prints a read-only ``CheckpointManager``'s step records, and ``verify`` re-reads
+every chunk of every shard through ``CheckpointReader.read(verify=True)`` in
+bounded batches, so verifying a 500 GiB checkpoint needs a few hundred MiB of
+memory, not 500 GiB.
+
+Exit status: 0 all good; 1 a checkpoint failed verification or could not be
+read (the message goes to stderr, or to the FAILED line of ``verify``); 2 a
+usage error (bad arguments, a path that is not a directory, nothing to verify).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import pprint
+import stat
+import sys
+from typing import Any, Iterator, Sequence
+
+import jaxckpt
+from jaxckpt import format as fmt
+from jaxckpt import progress as progress_mod
+from jaxckpt.errors import CheckpointError
+from jaxckpt.reader import CheckpointReader
+
+# Bytes of leaf data asked of the reader at once. A slab of a shard larger than
+# this goes through a temporary buffer rounded out to whole checksum chunks, so
+# at most 2 x 112 MiB + 2 chunks of 16 MiB = 256 MiB are in flight.
+VERIFY_BATCH_BYTES = 112 << 20
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A command line that cannot be acted on (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- finding checkpoints
+def is_checkpoint(path: str) -> bool:
+    """A real directory holding a regular ``manifest.msgpack`` (docs/FORMAT.md §2)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode) and stat.S_ISREG(os.lstat(os.path.join(path, fmt.MANIFEST_NAME)).st_mode)
+    except OSError:
+        return False
+
+
+def _looks_damaged(path: str) -> bool:
+    """A directory without a manifest that still holds data files (``*.bin``):
+    a checkpoint whose manifest was lost, worth reporting rather than skipping."""
+    try:
+        with os.scandir(path) as it:
+            return any(e.name.endswith(".bin") and not e.name.startswith(".") and e.is_file(follow_symlinks=False)
+                       for e in it)
+    except OSError:
+        return False
+
+
+def _natural_key(name: str) -> tuple:
+    """Step directories in step order: ``2`` before ``10``, ``run_2`` before ``run_10``."""
+    out: list[Any] = []
+    digits = ""
+    for ch in name + "\0":
+        if ch.isdigit():
+            digits += ch
+            continue
+        if digits:
+            out.append((0, int(digits), ""))
+            digits = ""
+        if ch != "\0":
+            out.append((1, 0, ch))
+    return tuple(out)
+
+
+def find_checkpoints(path: str) -> tuple[bool, list[str]]:
+    """``(is_single, paths)``: ``path`` itself when it is a checkpoint (or a
+    checkpoint that lost its manifest), else its checkpoint subdirectories in
+    step order. Hidden entries (temporary, deleted, set-aside directories) are
+    never checkpoints."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{path}: no such directory" if not os.path.lexists(path) else f"{path}: not a directory")
+    if is_checkpoint(path) or _looks_damaged(path):
+        return True, [path]
+    found = []
+    with os.scandir(path) as it:
+        for e in it:
+            if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+                continue
+            sub = os.path.join(path, e.name)
+            if is_checkpoint(sub) or _looks_damaged(sub):
+                found.append(e.name)
+    return False, [os.path.join(path, n) for n in sorted(found, key=_natural_key)]
+
+
+# ----------------------------------------------------------------------------- verify
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    path: str
+    ok: bool
+    leaves: int = 0
+    nbytes: int = 0
+    error: str | None = None
+    gone: bool = False  # deleted while being verified (a running manager rotated it away)
+
+
+def _pieces(leaf: fmt.LeafRecord, batch_bytes: int) -> list[tuple[Any, int]]:
+    """``(box, nbytes)`` requests that read every byte of ``leaf`` once, each of at
+    most ``batch_bytes`` where possible. A leaf larger than that is read shard by
+    shard (a box equal to a shard is read straight into place, nothing rounded
+    out), and a shard larger than that in slabs of rows (one row at least)."""
+    if leaf.kind == "value" or leaf.nbytes == 0:
+        return []
+    if leaf.nbytes <= batch_bytes:
+        return [(None, leaf.nbytes)]
+    out = []
+    for s in leaf.shards:
+        if s.length == 0:
+            continue
+        if s.length <= batch_bytes or not s.box:
+            out.append((s.box, s.length))
+            continue
+        (lo, hi), rest = s.box[0], s.box[1:]
+        row_bytes = s.length // (hi - lo)
+        rows = max(1, batch_bytes // row_bytes)
+        out.extend((((r, min(r + rows, hi)),) + rest, (min(r + rows, hi) - r) * row_bytes) for r in range(lo, hi, rows))
+    return out
+
+
+def _batches(manifest: fmt.Manifest, batch_bytes: int) -> Iterator[tuple[list[tuple[int, Any]], int, int]]:
+    """``(requests, nbytes, leaves finished)``: every array byte once, in batches
+    of at most ``batch_bytes`` (but one piece per batch at least)."""
+    batch: list[tuple[int, Any]] = []
+    size = finished = 0
+    for i, leaf in enumerate(manifest.leaves):
+        for box, n in _pieces(leaf, batch_bytes):
+            if batch and size + n > batch_bytes:
+                yield batch, size, finished
+                batch, size, finished = [], 0, 0
+            batch.append((i, box))
+            size += n
+        finished += 1
+    if batch or finished:
+        yield batch, size, finished
+
+
+def verify_checkpoint(path: str, *, progress: bool | None = None, batch_bytes: int = VERIFY_BATCH_BYTES,
+                      stream: Any = None) -> VerifyResult:
+    """Re-read and re-hash every chunk of every shard of the checkpoint at ``path``."""
+    try:
+        with CheckpointReader(path) as r:
+            m = r.manifest
+            bar = progress_mod.progress_bar(f"verify {path}", m.total_bytes, len(m.leaves), enabled=progress,
+                                            stream=stream, leave=False)
+            with bar:
+                for requests, nbytes, finished in _batches(m, batch_bytes):
+                    counted = 0
+
+                    def step(n: int) -> None:
+                        # reads rounded out to whole chunks may exceed the batch: count each byte once
+                        nonlocal counted
+                        n = min(n, nbytes - counted)
+                        counted += n
+                        bar.update(n)
+
+                    if requests:
+                        r.read(requests, verify=True, progress=step)
+                    bar.update(nbytes - counted, leaves=finished)
+            return VerifyResult(path, True, len(m.leaves), m.total_bytes)
+    except (CheckpointError, OSError) as e:
+        return VerifyResult(path, False, error=_message(e), gone=not os.path.lexists(path))
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, CheckpointError):
+        return str(e)
+    return f"{type(e).__name__}: {e}"  # an OSError's text alone ("[Errno 5] ...") hides what it is
+
+
+def _cmd_verify(args: argparse.Namespace, out: Any, err: Any) -> int:
+    is_single, paths = find_checkpoints(args.path)
+    if not paths:
+        raise UsageError(f"{args.path}: nothing to verify (no checkpoint here: no {fmt.MANIFEST_NAME} in it or "
+                         "in its subdirectories)")
+    progress = False if args.no_progress else (True if args.progress else None)
+    failed = gone = 0
+    for p in paths:
+        res = verify_checkpoint(p, progress=progress, stream=err)
+        if res.ok:
+            if not args.quiet:
+                leaves = f"{res.leaves} leaf" if res.leaves == 1 else f"{res.leaves} leaves"
+                print(f"OK  {p}  ({leaves}, {progress_mod.format_bytes(res.nbytes)})", file=out, flush=True)
+        elif res.gone and not is_single:
+            gone += 1
+            if not args.quiet:
+                print(f"GONE  {p}: deleted while being verified (rotated away by a running manager?)",
+                      file=out, flush=True)
+        else:
+            failed += 1
+            print(f"FAILED  {p}: {res.error}", file=out, flush=True)
+    if not is_single and not args.quiet:
+        checked = len(paths) - gone
+        print(f"{checked - failed} of {checked} checkpoints OK" + (f", {failed} FAILED" if failed else ""), file=out)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- ls
+def _local_iso(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).isoformat(timespec="seconds")
+
+
+def _format_value(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def _format_metrics(metrics: dict | None) -> str:
+    if not metrics:
+        return "-"
+    return " ".join(f"{k}={_format_value(v)}" for k, v in metrics.items())
+
+
+def _jsonable(v: Any) -> Any:
+    """Plain JSON: bytes as hex, complex as [re, im], NaN/inf as strings (strict parsers reject them)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, complex):
+        return [_jsonable(v.real), _jsonable(v.imag)]
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
+
+
+def _table(rows: list[list[str]], out: Any) -> None:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip(), file=out)
+
+
+def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
+    d = args.dir
+    if not os.path.isdir(d):
+        raise UsageError(f"{d}: no such directory" if not os.path.lexists(d) else f"{d}: not a directory")
+    if is_checkpoint(d):
+        raise UsageError(f"{d} is a checkpoint, not a directory of checkpoints; try: jaxckpt show {d}")
+    rows, records, failed = [], [], 0
+    try:
+        mgr = jaxckpt.CheckpointManager(d, read_only=True, step_format=args.step_format, step_prefix=args.step_prefix)
+    except (ValueError, TypeError) as e:  # a malformed --step-format / --step-prefix
+        raise UsageError(str(e)) from None
+    with mgr:
+        steps = mgr.all_steps()
+        for step in steps:
+            try:
+                meta = mgr.metadata(step)
+            except (CheckpointError, OSError) as e:
+                failed += 1
+                print(f"jaxckpt ls: step {step}: {_message(e)}", file=err)
+                rows.append([str(step), "?", "?", "?", "?", "UNREADABLE"])
+                records.append({"step": step, "error": _message(e)})
+                continue
+            rows.append([str(step), "-" if meta.epoch is None else str(meta.epoch), _local_iso(meta.timestamp),
+                         progress_mod.format_bytes(meta.nbytes), _format_metrics(meta.metrics), meta.reason or "-"])
+            records.append({"step": meta.step, "epoch": meta.epoch, "timestamp": meta.timestamp,
+                            "time": _local_iso(meta.timestamp), "nbytes": meta.nbytes, "metrics": meta.metrics,
+                            "reason": meta.reason, "metadata": meta.metadata, "path": meta.path,
+                            "jax_version": meta.jax_version, "jaxckpt_version": meta.jaxckpt_version})
+    if args.json:
+        print(json.dumps(_jsonable(records), indent=2), file=out)
+    elif rows:
+        _table([["STEP", "EPOCH", "TIME", "SIZE", "METRICS", "REASON"]] + rows, out)
+    else:
+        others = find_checkpoints(d)[1]
+        hint = (f" ({len(others)} checkpoint directories are not named by step, e.g. "
+                f"{os.path.basename(others[0])!r}: see --step-format)") if others else ""
+        print(f"{d}: no committed checkpoints{hint}", file=err)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------- show
+def _leaf_row(leaf: jaxckpt.LeafInfo) -> list[str]:
+    if leaf.kind == "value":
+        value = repr(leaf.value)
+        return [leaf.path, "-", type(leaf.value).__name__, value if len(value) <= 40 else value[:37] + "..."]
+    dtype = f"key<{leaf.dtype}>" if leaf.kind == "key" else str(leaf.dtype)
+    return [leaf.path, str(tuple(leaf.shape)), dtype, progress_mod.format_bytes(leaf.nbytes)]
+
+
+def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
+    p = args.path
+    if not os.path.isdir(p):
+        raise UsageError(f"{p}: no such directory" if not os.path.lexists(p) else f"{p}: not a directory")
+    if not is_checkpoint(p):
+        is_single, found = find_checkpoints(p)
+        if found and not is_single:
+            names = ", ".join(os.path.basename(x) for x in found[-5:])
+            raise UsageError(f"{p} is a directory of checkpoints ({names}); show one of them, e.g. "
+                             f"jaxckpt show {found[-1]}")
+    info = jaxckpt.inspect(p)
+    if args.json:
+        doc = {"path": info.path, "format_version": info.format_version, "library": info.library,
+               "created": info.created, "total_bytes": info.total_bytes, "metadata": info.metadata,
+               "leaves": [{"path": x.path, "kind": x.kind, "shape": list(x.shape), "dtype": x.dtype,
+                           "nbytes": x.nbytes, **({"value": x.value} if x.kind == "value" else {})}
+                          for x in info.leaves]}
+        print(json.dumps(_jsonable(doc), indent=2), file=out)
+        return EXIT_OK
+    print(info.path, file=out)
+    print(f"  format v{info.format_version}, written by {info.library}, created {_local_iso(info.created)}", file=out)
+    print(f"  {len(info.leaves)} leaves, {progress_mod.format_bytes(info.total_bytes)}", file=out)
+    print(file=out)
+    if info.leaves:
+        _table([["KEY PATH", "SHAPE", "DTYPE", "SIZE"]] + [_leaf_row(x) for x in info.leaves], out)
+        print(file=out)
+    if info.metadata is None:
+        print("metadata: none", file=out)
+    else:
+        print("metadata:", file=out)
+        for line in pprint.pformat(info.metadata, width=96, sort_dicts=False).splitlines():
+            print("  " + line, file=out)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxckpt", description="Inspect and verify jaxckpt checkpoints.",
+                     epilog="Exit status: 0 ok, 1 a checkpoint failed or could not be read, 2 usage error.")
+    parser.add_argument("--version", action="version", version=f"jaxckpt {jaxckpt.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("verify", help="re-read and re-hash every byte of a checkpoint or a directory of checkpoints",
+                       description="Re-read every chunk of every shard and check its XXH3 checksum. PATH is a "
+                                   "checkpoint, or a directory of checkpoints (a CheckpointManager's directory): "
+                                   "each is verified. Prints 'OK  <path>  (<n> leaves, <size>)' or "
+                                   "'FAILED  <path>: <reason>' per checkpoint; exits 1 if any failed.")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    bar.add_argument("--progress", action="store_true",
+                     help="draw a progress bar on stderr even when it is not a terminal")
+    p.set_defaults(run=_cmd_verify)
+
+    p = sub.add_parser("ls", help="list the committed steps of a CheckpointManager directory",
+                       description="List committed steps: step, epoch, time (local), size, metrics, reason. "
+                                   "Reads manifests only.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--step-format", default=None, help="the manager's step_format (default '{step}')")
+    p.add_argument("--step-prefix", default=None, help="the manager's step_prefix")
+    p.set_defaults(run=_cmd_ls)
+
+    p = sub.add_parser("show", help="the leaves (key path, shape, dtype, size) and metadata of a checkpoint",
+                       description="Print a checkpoint's leaves and metadata from its manifest (no array data "
+                                   "is read).")
+    p.add_argument("path", metavar="PATH")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error argparse already reported
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    out, err = sys.stdout, sys.stderr
+    try:
+        return args.run(args, out, err)
+    except UsageError as e:
+        print(f"jaxckpt {args.command}: {e}", file=err)
+        return EXIT_USAGE
+    except (CheckpointError, OSError) as e:
+        if isinstance(e, BrokenPipeError):  # `jaxckpt ls | head`: the reader went away, not an error of ours
+            _silence_stdout()
+            return EXIT_FAILED
+        print(f"jaxckpt {args.command}: {_message(e)}", file=err)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"jaxckpt {args.command}: interrupted", file=err)
+        return 130
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit; with the pipe closed that would print a second error.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
