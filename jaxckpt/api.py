@@ -204,7 +204,8 @@ def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any) -> None:
         if rec.kind == "value":
             v = rec.value
             # str <-> number and complex -> real cannot be cast (int('abc'), float(1j) raise)
-            if isinstance(t, str) == isinstance(v, str) and (isinstance(t, complex) or not isinstance(v, complex)):
+            if (v is not None and isinstance(t, str) == isinstance(v, str)
+                    and (isinstance(t, complex) or not isinstance(v, complex))):
                 return
             found = f"a Python {type(v).__name__}"
         else:

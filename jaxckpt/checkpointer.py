@@ -175,7 +175,10 @@ class AsyncCheckpointer:
 
     # ------------------------------------------------------------ internals
     def _save(self, path, tree, *, metadata, overwrite, label: str | None,
-              on_commit=None) -> SaveHandle:
+              on_commit=None, timeout: float | None = None) -> SaveHandle:
+        """``save`` with a label for messages (e.g. "step 42"), a callback run on
+        the background thread right after the commit, and a per-save timeout
+        overriding the checkpointer's."""
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
@@ -191,11 +194,12 @@ class AsyncCheckpointer:
         key = f"jaxckpt/{self._instance}/{self._seq}/{os.path.basename(path)}"
         with self._lock:
             self._handles.append(handle)
-        self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key)
+        self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key,
+                        self.timeout if timeout is None else timeout)
         return handle
 
-    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key) -> None:
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout - (time.perf_counter() - t0)
+    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.path, handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline)

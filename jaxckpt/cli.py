@@ -43,10 +43,12 @@ class UsageError(Exception):
 
 
 # ----------------------------------------------------------------------------- finding checkpoints
-def is_checkpoint(path: str) -> bool:
-    """A real directory holding a regular ``manifest.msgpack`` (docs/FORMAT.md §2)."""
+def is_checkpoint(path: str, follow: bool = False) -> bool:
+    """A real directory holding a regular ``manifest.msgpack`` (docs/FORMAT.md §2);
+    ``follow``: ``path`` itself may be a symbolic link (one the user named)."""
     try:
-        return stat.S_ISDIR(os.lstat(path).st_mode) and stat.S_ISREG(os.lstat(os.path.join(path, fmt.MANIFEST_NAME)).st_mode)
+        st = os.stat(path) if follow else os.lstat(path)
+        return stat.S_ISDIR(st.st_mode) and stat.S_ISREG(os.lstat(os.path.join(path, fmt.MANIFEST_NAME)).st_mode)
     except OSError:
         return False
 
@@ -85,7 +87,7 @@ def find_checkpoints(path: str) -> tuple[bool, list[str]]:
     never checkpoints."""
     if not os.path.isdir(path):
         raise UsageError(f"{path}: no such directory" if not os.path.lexists(path) else f"{path}: not a directory")
-    if is_checkpoint(path) or _looks_damaged(path):
+    if is_checkpoint(path, follow=True) or _looks_damaged(path):
         return True, [path]
     found = []
     with os.scandir(path) as it:
@@ -251,7 +253,7 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
     d = args.dir
     if not os.path.isdir(d):
         raise UsageError(f"{d}: no such directory" if not os.path.lexists(d) else f"{d}: not a directory")
-    if is_checkpoint(d):
+    if is_checkpoint(d, follow=True):
         raise UsageError(f"{d} is a checkpoint, not a directory of checkpoints; try: jaxckpt show {d}")
     rows, records, failed = [], [], 0
     try:
@@ -300,7 +302,7 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     p = args.path
     if not os.path.isdir(p):
         raise UsageError(f"{p}: no such directory" if not os.path.lexists(p) else f"{p}: not a directory")
-    if not is_checkpoint(p):
+    if not is_checkpoint(p, follow=True):
         is_single, found = find_checkpoints(p)
         if found and not is_single:
             names = ", ".join(os.path.basename(x) for x in found[-5:])

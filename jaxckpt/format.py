@@ -40,7 +40,7 @@ HASH_NAME = "xxh3-64"
 CHUNK_BYTES = 16 << 20
 
 # Hard caps on everything read from disk.
-MAX_MANIFEST_BYTES = 256 << 20
+MAX_MANIFEST_BYTES = 64 << 20  # ~500k leaves; decoded, a manifest costs ~50x its size in memory
 MAX_LEAVES = 4_000_000
 MAX_NDIM = 64
 MAX_SHARDS_PER_LEAF = 1 << 17  # a leaf split over every chip of a large pod

@@ -35,6 +35,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import functools
+import itertools
 import logging
 import math
 import numbers
@@ -52,6 +53,7 @@ import jax
 from jaxckpt import api
 from jaxckpt import checkpointer as ckpt_mod
 from jaxckpt import format as fmt
+from jaxckpt import multihost
 from jaxckpt import reader as reader_mod
 from jaxckpt import storage
 from jaxckpt import writer
@@ -64,6 +66,8 @@ RECORD_KEY = "jaxckpt_manager"  # its presence in a manifest's metadata marks a 
 RECORD_VERSION = 1
 REASONS = ("interval", "forced", "exception", "preemption")
 _MAX_STEP = (1 << 63) - 1
+EXCEPTION_SAVE_TIMEOUT_S = 60.0  # multi-process exception saves: see _exception_save
+_manager_ids = itertools.count()  # equal on every process of an SPMD program (coordination keys)
 
 
 # ----------------------------------------------------------------------------- records
@@ -475,6 +479,8 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.read_only = bool(read_only)
         self._clock = _clock
+        self._multi = multihost.coordinator()
+        self._agree = multihost.Agreement(self._multi, f"jaxckpt/mgr/{next(_manager_ids)}")
         self._lock = threading.RLock()       # guards the step tables below
         self._rotate_lock = threading.Lock()  # one rotation at a time
         self._committed: dict[int, str] = {}  # step -> directory name
@@ -497,11 +503,15 @@ class CheckpointManager:
         except BaseException:
             self.close()
             raise
-        if save_on_preemption and not self.read_only:
-            self._watch.install()
+        if save_on_preemption and not self.read_only and not self._agree.jax_preemption:
+            self._watch.install()  # (multi-process jobs with JAX's preemption service use its SIGTERM handler)
+        self._save_on_preemption = bool(save_on_preemption)
 
     def _open_for_writing(self, save_timeout: float | None) -> None:
-        os.makedirs(self.directory, exist_ok=True)
+        storage.ensure_dir(self.directory)
+        if not self._multi.is_primary:  # the primary holds the lock and cleans up for the whole job
+            self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout)
+            return
         token, stale = storage.acquire_lock(self.directory)
         # Released by close(), or when the manager is garbage-collected / the interpreter exits unclosed.
         self._release = weakref.finalize(self, _release, self.directory, token, self._watch)
@@ -594,15 +604,20 @@ class CheckpointManager:
         return self._decide(as_step(step), False) is not None
 
     def _decide(self, step: int, force: bool) -> str | None:
-        if self._watch.requested and self._preempted_at is None:
+        """Why ``step`` is saved now, or None. In a multi-process job every
+        process reaches the same answer: step-based rules are deterministic,
+        and what depends on one process (its clock, a signal it received) is
+        decided by agreement (``multihost.Agreement``)."""
+        if self._preempted_at is None and self._save_on_preemption and self._agree.preempted(step, self._watch.requested):
             return "preemption"
         if force:
             return "forced"
         if step <= self._high:
             return None
-        if self._policy.due(step, self._clock() if self._policy.interval_seconds else 0.0, self._last_save_time):
-            return "interval"
-        return None
+        if self._policy.interval_seconds is None:
+            return "interval" if self._policy.due(step, 0.0, self._last_save_time) else None
+        due = self._agree.primary_decides(step, lambda: self._policy.due(step, self._clock(), self._last_save_time))
+        return "interval" if due else None
 
     def save(self, step: int, state: Any, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
              metadata: Any = None, force: bool = False, overwrite: bool = False) -> bool:
@@ -646,7 +661,7 @@ class CheckpointManager:
         return not exists
 
     def _save_step(self, step: int, state: Any, epoch: int | None, metrics: Any, metadata: Any, reason: str,
-                   overwrite: bool, wait: bool) -> None:
+                   overwrite: bool, wait: bool, timeout: float | None = None) -> None:
         """Build the step record and save; ``wait``: return after the commit."""
         where = f"{self.directory}: step {step}"
         if epoch is not None:
@@ -663,7 +678,7 @@ class CheckpointManager:
         if self.async_save or wait:
             on_commit = functools.partial(self._on_commit, step, name, record, replaced)
             handle = self._ckptr._save(path, state, metadata=record, overwrite=overwrite, label=f"step {step}",
-                                       on_commit=on_commit)
+                                       on_commit=on_commit, timeout=timeout)
             self._last_save_time = now
             with self._lock:
                 self._high = max(self._high, step)
@@ -744,12 +759,16 @@ class CheckpointManager:
                 self._delete(step, committed[step])
 
     def _delete(self, step: int, name: str) -> None:
-        """Crash-safe deletion of one step directory (renamed away first)."""
+        """Crash-safe deletion of one step directory (renamed away first).
+        In a multi-process job the primary deletes; the others, which took the
+        same decision from the same manifests, only forget the step."""
         path = self._path(name)
         with self._lock:
             if self._committed.get(step) == name:
                 del self._committed[step]
             self._meta.pop(name, None)
+        if not self._multi.is_primary:
+            return
         try:
             storage.remove_checkpoint(path)
         except FileNotFoundError:
@@ -880,8 +899,14 @@ class CheckpointManager:
                            "the step that failed?), so it cannot be saved; the last committed checkpoint (step %s) "
                            "stays the latest", req.step, deleted, arrays, latest)
             return
+        # In a multi-process job the other processes may not be failing with us: then they
+        # never join this save. Bound the wait so that the failing process exits promptly.
+        timeout = None
+        if self._multi.process_count > 1:
+            timeout = min(self._ckptr.timeout or EXCEPTION_SAVE_TIMEOUT_S, EXCEPTION_SAVE_TIMEOUT_S)
         try:
-            self._save_step(req.step, req.state, req.epoch, req.metrics, req.metadata, "exception", False, wait=True)
+            self._save_step(req.step, req.state, req.epoch, req.metrics, req.metadata, "exception", False, wait=True,
+                            timeout=timeout)
         except Exception as err:
             logger.error("save_on_exception: saving step %d failed (%s: %s); the last committed checkpoint "
                          "(step %s) stays the latest", req.step, type(err).__name__, err, latest)

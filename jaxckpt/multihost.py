@@ -12,8 +12,10 @@ Single-process jobs get :data:`LOCAL`, on which nothing waits.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
+from typing import Callable
 
 import jax
 
@@ -44,6 +46,9 @@ class Coordinator:
     def try_get(self, key: str) -> bytes | None:
         return None
 
+    def delete(self, key: str) -> None:
+        pass
+
     def tag(self) -> str:
         return f"[process={self.process_index}]"
 
@@ -67,6 +72,12 @@ class JaxCoordinator(Coordinator):
             return self._client.key_value_try_get_bytes(key)
         except Exception:  # NOT_FOUND is reported as a generic runtime error
             return None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.key_value_delete(key)
+        except Exception:  # best effort: keys are small
+            pass
 
     def get(self, key: str, deadline: float | None, what: str, from_process: int | None = None) -> bytes:
         """Wait for ``key`` until ``deadline`` (time.monotonic)."""
@@ -92,3 +103,73 @@ def coordinator() -> Coordinator:
     if client is None:
         raise CheckpointError("several JAX processes but no jax.distributed client: call jax.distributed.initialize()")
     return JaxCoordinator(client, jax.process_index(), jax.process_count())
+
+
+def _jax_preemption_service() -> bool:
+    from jax._src import distributed
+
+    return distributed.global_state.preemption_sync_manager is not None
+
+
+class Agreement:
+    """Decisions every process of a job must share (the manager's), taken where
+    the information lives and published through the key-value store.
+
+    * ``primary_decides(step, decide)``: process 0 evaluates ``decide`` (e.g. a
+      wall-clock rule: clocks differ between hosts) and the others wait for its
+      answer, so no process saves a step another one skips.
+    * ``preempted(step, signalled)``: JAX's preemption sync point where the
+      runtime provides one (it picks the first step all processes can reach);
+      otherwise the first process signalled publishes ``its step + 2`` and every
+      process stops there (processes of a synchronous job are at most a step
+      apart).
+
+    Single-process jobs take every decision locally, with no I/O.
+    """
+
+    AGREE_TIMEOUT_S = 120.0
+    _KEEP_KEYS = 64
+
+    def __init__(self, coord: Coordinator, prefix: str):
+        self.coord = coord
+        self.prefix = prefix
+        self.jax_preemption = coord.process_count > 1 and _jax_preemption_service()
+        self._cache: tuple[int, bool] | None = None
+        self._published: collections.deque[str] = collections.deque()
+        self._signal_published = False
+
+    def primary_decides(self, step: int, decide: Callable[[], bool]) -> bool:
+        if self.coord.process_count == 1:
+            return decide()
+        if self._cache is not None and self._cache[0] == step:
+            return self._cache[1]  # should_save(step) then save(step): one decision
+        key = f"{self.prefix}/due/{step}"
+        if self.coord.is_primary:
+            value = bool(decide())
+            self.coord.set(key, b"1" if value else b"0")
+            self._published.append(key)
+            if len(self._published) > self._KEEP_KEYS:
+                self.coord.delete(self._published.popleft())
+        else:
+            value = self.coord.get(key, time.monotonic() + self.AGREE_TIMEOUT_S,
+                                   f"process 0's save decision for step {step}", from_process=0) == b"1"
+        self._cache = (step, value)
+        return value
+
+    def preempted(self, step: int, signalled: bool) -> bool:
+        if self.coord.process_count == 1:
+            return signalled
+        if self.jax_preemption:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        key = f"{self.prefix}/preempt"
+        if signalled and not self._signal_published:
+            self._signal_published = True
+            if self.coord.try_get(key) is None:
+                try:
+                    self.coord.set(key, str(step + 2).encode())
+                except Exception:  # another process published first: its step stands
+                    pass
+        at = self.coord.try_get(key)
+        return at is not None and step >= int(at)

@@ -178,8 +178,10 @@ class ProgressBar:
         self.close(ok=exc_type is None)
 
     # ------------------------------------------------------------ rendering
-    def text(self, now: float | None = None, final: bool = False, ok: bool = True, label: str | None = None) -> str:
-        """The bar as one line of text (what the terminal shows)."""
+    def text(self, now: float | None = None, final: bool = False, ok: bool = True, label: str | None = None,
+             bar: bool = True) -> str:
+        """The bar as one line of text (what the terminal shows; ``bar=False``:
+        without the ``[###---]`` part, which a notebook draws graphically)."""
         now = self._clock() if now is None else now
         elapsed = max(0.0, now - self._start)
         total = self.total_bytes
@@ -187,7 +189,8 @@ class ProgressBar:
         parts = [self.label if label is None else label]
         if total:
             filled = _BAR_WIDTH * done // total
-            parts.append("[" + "#" * filled + "-" * (_BAR_WIDTH - filled) + f"] {100 * done // total:3d}%")
+            pct = f"{100 * done // total:3d}%"
+            parts.append(("[" + "#" * filled + "-" * (_BAR_WIDTH - filled) + "] " + pct) if bar else pct.strip())
         parts.append(f"{format_bytes(done)}/{format_bytes(total)}")
         if self.total_leaves:
             parts.append(f"{min(self.leaves_done, self.total_leaves)}/{self.total_leaves} leaves")
@@ -227,11 +230,12 @@ class ProgressBar:
 
     def _draw_notebook(self, now: float, final: bool, ok: bool) -> None:
         text = self.text(now, final, ok)
+        short = self.text(now, final, ok, bar=False)
         total = self.total_bytes
         value, maximum = (min(self.bytes_done, total), total) if total else (1 if final else 0, 1)
         markup = (f'<div style="font-family: monospace; font-size: 90%; white-space: pre">'
                   f'<progress value="{value}" max="{maximum}" style="width: 24ch; vertical-align: middle">'
-                  f'</progress>  {html.escape(text)}</div>')
+                  f'</progress>  {html.escape(short)}</div>')
         obj = _Html(markup, text)
         if self._handle is None:
             display = self._display if self._display is not None else _ipython_display()

@@ -73,10 +73,29 @@ def owner_record() -> dict:
     return {"kind": TMP_MARK, "host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
 
 
+def ensure_dir(path: str) -> None:
+    """``os.makedirs(path, exist_ok=True)``, durably: each directory created is
+    fsynced into its parent (a commit fsyncs only the checkpoint's own parent,
+    so a new parent's entry would otherwise be lost by a power failure)."""
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        ensure_dir(parent)
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+        return
+    fsync_dir(parent)
+
+
 def make_temp_dir(final: str, ident: str | None = None) -> str:
     """Create the temporary sibling of ``final`` and mark it as ours."""
     tmp = aux_name(final, TMP_MARK, ident)
-    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    ensure_dir(os.path.dirname(tmp))
     try:
         os.mkdir(tmp)
     except FileExistsError:
@@ -275,6 +294,8 @@ def commit(tmp: str, final: str, overwrite: bool) -> None:
     if os.path.lexists(final):
         if not overwrite:
             raise CheckpointExistsError(f"{final}: a checkpoint already exists (pass overwrite=True to replace it)")
+        if not is_ours(final):  # overwrite replaces checkpoints, never a user's other files
+            raise CheckpointExistsError(f"{final}: exists and is not a jaxckpt checkpoint; refusing to replace it")
         if _renameat2_exchange(tmp, final):
             fsync_dir(parent)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -446,6 +467,11 @@ def clean_stale(directory: str, accept: Callable[[str], bool]) -> list[str]:
             remove_tree(path)
         else:
             try:
+                # A writer killed between creating the directory and writing its
+                # owner marker (one write) leaves the empty marker alone in it.
+                marker = os.path.join(path, OWNER_FILE)
+                if os.listdir(path) == [OWNER_FILE] and os.lstat(marker).st_size == 0:
+                    os.unlink(marker)
                 os.rmdir(path)  # only succeeds on an empty directory
             except OSError:
                 continue

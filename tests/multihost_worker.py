@@ -130,7 +130,77 @@ def scenario_kill():
     return {"error": None}
 
 
+def _small_state(m, step):
+    w = np.full(SHAPE, step, np.float32) + np.arange(128, dtype=np.float32).reshape(SHAPE)
+    return {"w": place(w, NamedSharding(m, P("x"))), "step": step}
+
+
+def scenario_manager_rotation():
+    """Both processes run the same loop; the primary deletes, the others agree."""
+    m = mesh((nproc, ndev), ("x", "y"))
+    d = os.path.join(workdir, "run")
+    with jaxckpt.CheckpointManager(d, save_interval_steps=2, max_to_keep=2, keep_period=6,
+                                   save_timeout=60) as mgr:
+        for step in range(1, 13):
+            mgr.save(step, _small_state(m, step), metrics={"loss": 1.0 / step})
+        mgr.wait_until_finished()
+        steps = mgr.all_steps()
+    latest = jaxckpt.CheckpointManager(d, read_only=True)
+    got = latest.restore(target={"w": jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=NamedSharding(m, P("y"))),
+                                 "step": 0})
+    ok = all(np.array_equal(np.asarray(s.data), (np.full(SHAPE, 12, np.float32)
+                                                 + np.arange(128, dtype=np.float32).reshape(SHAPE))[s.index])
+             for s in got["w"].addressable_shards)
+    return {"steps": steps, "on_disk": sorted((e for e in os.listdir(d) if not e.startswith(".")), key=int),
+            "restored_ok": ok, "restored_step": got["step"]}
+
+
+def scenario_preemption():
+    """SIGTERM reaches process 1 only; both must save the same step and stop."""
+    import signal
+    import time
+
+    m = mesh((nproc, ndev), ("x", "y"))
+    d = os.path.join(workdir, "pre")
+    stopped = None
+    with jaxckpt.CheckpointManager(d, save_interval_steps=1000, save_timeout=60) as mgr:
+        for step in range(1, 2000):
+            if pid == 1 and step == 10:
+                os.kill(os.getpid(), signal.SIGTERM)
+            mgr.save(step, _small_state(m, step))
+            if mgr.reached_preemption(step):
+                stopped = step
+                break
+            time.sleep(0.01)
+        steps = mgr.all_steps()
+        meta = mgr.metadata(steps[-1]) if steps else None
+    return {"stopped": stopped, "steps": steps, "reason": meta.reason if meta else None}
+
+
+def scenario_exception_one_process():
+    """Process 1 fails inside the managed loop; process 0 goes on. Nobody may hang."""
+    import time
+
+    m = mesh((nproc, ndev), ("x", "y"))
+    d = os.path.join(workdir, "exc")
+    t0 = time.monotonic()
+    try:
+        with jaxckpt.CheckpointManager(d, save_interval_steps=2, save_on_exception=True, save_timeout=15) as mgr:
+            for step in range(1, 12):
+                if pid == 1 and step == 5:
+                    raise RuntimeError("boom on process 1")
+                mgr.save(step, _small_state(m, step))
+                time.sleep(0.05)
+    except Exception as e:
+        return {"error": type(e).__name__, "message": str(e)[:300], "seconds": time.monotonic() - t0,
+                "steps": jaxckpt.CheckpointManager(d, read_only=True).all_steps()}
+    return {"error": None, "seconds": time.monotonic() - t0}
+
+
 SCENARIOS = {
+    "manager_rotation": scenario_manager_rotation,
+    "preemption": scenario_preemption,
+    "exception_one_process": scenario_exception_one_process,
     "save_sync": lambda: scenario_save(False),
     "save_async": lambda: scenario_save(True),
     "restore": scenario_restore,

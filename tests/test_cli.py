@@ -170,9 +170,12 @@ def test_verify_manager_directory(run_dir, capsys):
     (run_dir / "logs" / "train.txt").write_text("loss 1\n")
     hidden = run_dir / f".10.{storage.TMP_MARK}-0123456789abcdef"  # a save in progress is never a checkpoint
     jaxckpt.save(hidden, state(11))
-    assert run(capsys, "verify", run_dir) == (0, "".join(f"OK  {run_dir / s}  (2 leaves, 264 B)\n" for s in ("1", "2", "10"))
-                                              + "3 of 3 checkpoints OK\n", "")
+    os.symlink(run_dir / "1", run_dir / "99")  # a symbolic link is never a step (docs/FORMAT.md section 2)
+    expected = "".join(f"OK  {run_dir / s}  (2 leaves, 264 B)\n" for s in ("1", "2", "10"))
+    assert run(capsys, "verify", run_dir) == (0, expected + "3 of 3 checkpoints OK\n", "")
     assert run(capsys, "verify", "--quiet", run_dir) == (0, "", "")
+    # ... but a link named on the command line is followed
+    assert run(capsys, "verify", run_dir / "99") == (0, f"OK  {run_dir / '99'}  (2 leaves, 264 B)\n", "")
 
 
 def test_verify_manager_directory_with_one_corrupt_step(run_dir, capsys):
@@ -299,7 +302,6 @@ def test_ls_table(run_dir, capsys):
         ["2", "1", iso(T0 + 2), "264 B", "loss=0.5 acc=0.2", "interval"],
         ["10", "5", iso(T0 + 10), "264 B", "loss=0.1 acc=1", "forced"],
     ]
-    assert len({len(line.split("METRICS")[0]) for line in out.splitlines()[:1]}) == 1
     assert [line.index("interval") for line in out.splitlines()[1:3]] == [out.splitlines()[0].index("REASON")] * 2
 
 
@@ -336,8 +338,7 @@ def test_ls_step_naming_options(ckdir, capsys):
     with jaxckpt.CheckpointManager(ckdir, async_save=False, step_prefix="run") as mgr:
         mgr.save(1, state(1))
         mgr.save(20, state(20))
-    assert sorted(os.listdir(ckdir)) == [storage.LOCK_NAME, "run_1", "run_20"] or sorted(os.listdir(ckdir)) == [
-        "run_1", "run_20"]
+    assert {"run_1", "run_20"} <= set(os.listdir(ckdir)) and not {"1", "20"} & set(os.listdir(ckdir))
     assert run(capsys, "ls", ckdir) == (0, "", f"{ckdir}: no committed checkpoints (2 checkpoint directories are not "
                                                 "named by step, e.g. 'run_1': see --step-format)\n")
     rc, out, _ = run(capsys, "ls", "--step-prefix", "run", ckdir)

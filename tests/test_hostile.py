@@ -342,6 +342,16 @@ def test_manifest_over_size_cap(ckpt):
 
 
 # ---------------------------------------------------------------- data files and PRNG keys
+def test_value_leaf_none_into_a_number_target(ckpt):
+    # the writer never stores None as a leaf (it is an empty subtree); a manifest that does
+    # must not reach int(None)
+    write_body(ckpt, mutated(read_body(ckpt), lambda b: leaf(b, 2).__setitem__("value", None)))
+    assert jaxckpt.restore(ckpt)["n"] is None
+    with pytest.raises(jaxckpt.StructureMismatchError, match=re.escape(
+            f"{ckpt}: leaf 'n': the target expects a Python int, the checkpoint has a Python NoneType")):
+        jaxckpt.restore(ckpt, {"a": A, "b": B, "n": 0})
+
+
 def test_recorded_file_size_larger_than_file(ckpt):
     def bigger(b):
         b["files"][0]["size"] = 1 << 40

@@ -273,7 +273,8 @@ def test_notebook_bar_updates_one_display_in_place(kernel):
     assert '<progress value="0" max="3000"' in first._repr_html_()
     html = last._repr_html_()
     assert '<progress value="3000" max="3000"' in html
-    assert "restore &lt;ckpt&gt; &amp; co" in html and "<ckpt>" not in html
+    assert "restore &lt;ckpt&gt; &amp; co  100%  2.9 KiB/2.9 KiB  3/3 leaves" in html and "<ckpt>" not in html
+    assert "[#" not in html  # the graphical bar replaces the text one
     assert repr(last) == "restore <ckpt> & co  [####################] 100%  2.9 KiB/2.9 KiB  3/3 leaves  " \
                          "1000 B/s  done in 3.0 s"
 
@@ -343,3 +344,18 @@ def test_restore_progress_off_and_auto(ckpt, capsys, monkeypatch):
 def test_restore_rejects_a_bad_progress_argument(ckpt):
     with pytest.raises(TypeError, match="progress must be True, False or None"):
         jaxckpt.restore(ckpt, progress="auto")
+
+
+def test_in_a_real_kernel_a_restore_draws_one_html_output(ckpt):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell(f"import jaxckpt\nt = jaxckpt.restore({str(ckpt)!r}, progress=True)"),
+                nbformat.v4.new_code_cell(f"t = jaxckpt.restore({str(ckpt)!r})  # auto: small, so no bar")]
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3").execute()
+    first, second = (cell.outputs for cell in nb.cells)
+    assert [o.output_type for o in first] == ["display_data"] and second == []  # nothing on stderr either
+    total = 3000 * 4 + 7 * 8
+    assert f'<progress value="{total}" max="{total}"' in first[0].data["text/html"]
+    assert re.fullmatch(r"restore .*/c \(3 leaves\)  \[#{20}\] 100%  11\.8 KiB/11\.8 KiB  (.*/s  )?done in .*",
+                        first[0].data["text/plain"])

@@ -556,3 +556,13 @@ def test_array_over_2gib(ckdir):
     j = jaxckpt.restore(ckdir / "c", {"big": jax.ShapeDtypeStruct((n,), np.uint8), "small": np.arange(3)})
     assert isinstance(j["big"], jax.Array) and j["big"].shape == (n,)
     assert np.array_equal(np.asarray(j["big"]), a)
+
+
+def test_overwrite_refuses_to_replace_a_non_checkpoint_directory(ckdir):
+    victim = ckdir / "notes"
+    victim.mkdir()
+    (victim / "todo.txt").write_text("keep me")
+    with pytest.raises(jaxckpt.CheckpointExistsError, match="exists and is not a jaxckpt checkpoint; refusing"):
+        jaxckpt.save(victim, {"a": np.ones(3)}, overwrite=True)
+    assert (victim / "todo.txt").read_text() == "keep me"
+    assert sorted(os.listdir(ckdir)) == ["notes"]  # no temporary directory left

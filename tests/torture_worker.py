@@ -108,9 +108,10 @@ class Injector:
     """Counts the calls jaxckpt makes to ``target`` and, at call number
     ``index`` (0-based), runs ``action`` before or after the real call.
 
-    ``os.*`` and ``shutil.*`` calls are counted only when made directly from a
-    jaxckpt module, so that the count does not depend on other code (jax,
-    logging, pytest) running meanwhile. ``action=None`` only counts.
+    ``os.*`` and ``shutil.*`` calls are counted only when made from a jaxckpt
+    module or from ``shutil`` (whose ``rmtree`` jaxckpt calls), so that the
+    count does not depend on other code (jax, logging, pytest) running
+    meanwhile. ``action=None`` only counts.
     """
 
     def __init__(self, target: str, index: int = -1, when: str = "before",
@@ -129,7 +130,7 @@ class Injector:
         def wrapped(*args, **kwargs):
             if self._filter:
                 caller = sys._getframe(1).f_globals.get("__name__", "")
-                if not caller.startswith("jaxckpt"):
+                if not caller.startswith(("jaxckpt", "shutil")):
                     return real(*args, **kwargs)
             with self._lock:
                 n = self.calls
@@ -174,9 +175,14 @@ def prepare(directory: str) -> None:
         mgr.save(2, values(2))
 
 
-def run_scenario(mgr: jaxckpt.CheckpointManager, scenario: str) -> None:
+def run_scenario(mgr: "jaxckpt.CheckpointManager | str", scenario: str) -> None:
     """``save``: step 3 (commit, then rotation deletes step 1).
-    ``overwrite``: step 2 replaced by version 1 of its values."""
+    ``overwrite``: step 2 replaced by version 1 of its values.
+    ``open``: a writer opens the directory ``mgr`` (taking the lock, cleaning
+    leftovers) and closes it."""
+    if scenario == "open":
+        with open_manager(mgr):
+            return
     if scenario == "save":
         mgr.save(3, values(3))
     elif scenario == "overwrite":
@@ -222,11 +228,12 @@ def job_torture(args: dict, log: Log) -> None:
 
 def job_crash(args: dict, log: Log) -> None:
     """Run a scenario and leave with os._exit(77) at one injected call."""
-    mgr = open_manager(args["dir"])
+    mgr = args["dir"] if args["scenario"] == "open" else open_manager(args["dir"])
     inj = Injector(args["target"], args["index"], args["when"], hard_exit).install()
     run_scenario(mgr, args["scenario"])
     inj.uninstall()
-    mgr.close()
+    if not isinstance(mgr, str):
+        mgr.close()
     log("completed", calls=inj.calls)
 
 
