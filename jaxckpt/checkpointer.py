@@ -34,6 +34,19 @@ _instances = itertools.count()
 _sync_saves = itertools.count()
 
 
+BACKGROUND_NICE = 10
+
+
+def _background_priority() -> None:
+    """Lower this thread's CPU priority (Linux: per-thread nice). A background
+    save then takes CPU the training loop leaves idle instead of competing with
+    its compute threads; the writes themselves are disk-bound."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
+        pass
+
+
 def default_workers() -> int:
     # Disk-bound work: a few threads keep the queue full even on 2 cores, and
     # hashing/copying release the GIL.
@@ -123,8 +136,8 @@ class AsyncCheckpointer:
         self.max_workers = max_workers or default_workers()
         self.max_in_flight = max_in_flight
         self.timeout = timeout
-        self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io")
-        self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save")
+        self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
+        self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save", initializer=_background_priority)
         self._multi = multihost.coordinator()
         self._instance = next(_instances)  # same on every process of an SPMD program
         self._seq = 0

@@ -40,7 +40,10 @@ _GROUP_BYTES = 8 << 20  # ... into reads of at most this size
 
 
 def default_workers() -> int:
-    return min(16, max(4, os.cpu_count() or 1))
+    # Reads wait on the disk (and on page faults of fresh buffers): more requests
+    # in flight than cores measured faster on cold reads (8 vs 4: 0.47 s vs 0.54 s
+    # for 0.86 GB on 2 cores).
+    return min(16, max(8, 2 * (os.cpu_count() or 1)))
 
 
 def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
