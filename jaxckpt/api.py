@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import html
 import os
+import pprint
+import time
 from typing import Any, Mapping
 
 import jax
@@ -69,12 +72,68 @@ class CheckpointInfo:
             lines.append(f"  metadata: {self.metadata!r}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """The notebook view: a header line, the metadata, and a table of leaves
+        (key path, shape, dtype, size; at most ``HTML_MAX_ROWS`` rows)."""
+        head = (f"<b>CheckpointInfo</b> <code>{html.escape(self.path)}</code><br>"
+                f"format v{self.format_version} &middot; {len(self.leaves)} leaves &middot; "
+                f"{_human(self.total_bytes)} &middot; written by {html.escape(self.library)} &middot; "
+                f"created {html.escape(when(self.created))}")
+        if self.metadata is not None:
+            head += ("<br>metadata: <pre style=\"margin: 0; white-space: pre-wrap\">"
+                     f"{html.escape(_shorten(pprint.pformat(self.metadata, width=100), 4000))}</pre>")
+        rows = []
+        for leaf in self.leaves[:HTML_MAX_ROWS]:
+            if leaf.kind == "value":
+                shape, dtype, size = "", f"Python {type(leaf.value).__name__}", f"= {_shorten(repr(leaf.value), 80)}"
+            else:
+                shape, size = str(tuple(leaf.shape)), _human(leaf.nbytes)
+                dtype = f"{leaf.dtype} (PRNG key data)" if leaf.kind == "key" else str(leaf.dtype)
+            rows.append((leaf.path, shape, dtype, size))
+        more = len(self.leaves) - HTML_MAX_ROWS
+        return head + html_table(("key path", "shape", "dtype", "size"), rows,
+                                 f"... {more} more leaves" if more > 0 else None)
+
 
 @dataclasses.dataclass(frozen=True)
 class LoadReport:
     """What ``load_into`` did: target keys absent from the source, and source keys not used."""
     missing: list[str]
     unexpected: list[str]
+
+
+HTML_MAX_ROWS = 200  # a notebook table of a million leaves would stall the browser
+
+
+def html_table(header: tuple[str, ...] | None, rows: list[tuple[str, ...]], footer: str | None = None) -> str:
+    """An HTML table of plain-text cells (each escaped here); ``header=None``:
+    the first cell of each row is its heading (a key/value table)."""
+    left = 'style="text-align: left"'
+    out = ["<table>"]
+    if header is not None:
+        out.append("<tr>" + "".join(f"<th {left}>{html.escape(h)}</th>" for h in header) + "</tr>")
+    for row in rows:
+        cells = [f"<td {left}>{html.escape(c)}</td>" for c in row]
+        if header is None:
+            cells[0] = f"<th {left}>{html.escape(row[0])}</th>"
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    if footer is not None:
+        width = len(header) if header is not None else max((len(r) for r in rows), default=1)
+        out.append(f'<tr><td colspan="{width}" {left}>{html.escape(footer)}</td></tr>')
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _shorten(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def when(timestamp: float) -> str:
+    """Local time of a Unix timestamp read from disk; the raw number if it is not a valid time."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+    except (OverflowError, OSError, ValueError):
+        return repr(timestamp)
 
 
 def _human(n: int) -> str:

@@ -66,6 +66,7 @@ RECORD_KEY = "jaxckpt_manager"  # its presence in a manifest's metadata marks a 
 RECORD_VERSION = 1
 REASONS = ("interval", "forced", "exception", "preemption")
 _MAX_STEP = (1 << 63) - 1
+_MAX_RELISTS = 100  # restore(): re-listings after the latest step was deleted under a follower
 EXCEPTION_SAVE_TIMEOUT_S = 60.0  # multi-process exception saves: see _exception_save
 _manager_ids = itertools.count()  # equal on every process of an SPMD program (coordination keys)
 
@@ -93,7 +94,7 @@ class StepMetadata:
     nbytes: int
 
     def __repr__(self) -> str:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.timestamp))
+        when = api.when(self.timestamp)
         parts = [f"step={self.step}"]
         if self.epoch is not None:
             parts.append(f"epoch={self.epoch}")
@@ -105,6 +106,23 @@ class StepMetadata:
         if self.jax_version or self.jaxckpt_version:
             parts.append(f"jax {self.jax_version}, jaxckpt {self.jaxckpt_version}")
         return f"StepMetadata({', '.join(parts)})"
+
+    def _repr_html_(self) -> str:
+        """The notebook view: a small key/value table."""
+        rows = [("step", str(self.step))]
+        if self.epoch is not None:
+            rows.append(("epoch", str(self.epoch)))
+        rows.append(("reason", self.reason if self.reason is not None else "(not written by a CheckpointManager)"))
+        rows += [("saved", api.when(self.timestamp)), ("size", api._human(self.nbytes))]
+        for name, value in (self.metrics or {}).items():
+            shown = format(value, ".6g") if isinstance(value, float) else repr(value)
+            rows.append((f"metrics[{name!r}]", api._shorten(shown, 200)))
+        if self.metadata is not None:
+            rows.append(("metadata", api._shorten(repr(self.metadata), 1000)))
+        if self.jax_version or self.jaxckpt_version:
+            rows.append(("versions", f"jax {self.jax_version}, jaxckpt {self.jaxckpt_version}"))
+        rows.append(("path", self.path))
+        return "<b>StepMetadata</b>\n" + api.html_table(None, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -573,9 +591,15 @@ class CheckpointManager:
         with self._lock:
             hit = self._meta.get(name)
         if hit is None:
-            with reader_mod.CheckpointReader(path) as r:
-                m = r.manifest
-                hit = _metadata_from(m.metadata, step, path, m.created, m.total_bytes)
+            try:
+                with reader_mod.CheckpointReader(path) as r:
+                    m = r.manifest
+                    hit = _metadata_from(m.metadata, step, path, m.created, m.total_bytes)
+            except (CorruptCheckpointError, CheckpointNotFoundError):
+                gone = self._gone(step)
+                if gone is not None:
+                    raise gone from None
+                raise
             with self._lock:
                 self._meta[name] = hit
         return hit
@@ -775,8 +799,9 @@ class CheckpointManager:
             return
         except OSError as e:
             logger.error("could not delete %s (step %d): %s", path, step, e)
-            with self._lock:
-                self._committed.setdefault(step, name)
+            if storage.is_committed(path):  # still there (else renamed away, left for the next start to clean)
+                with self._lock:
+                    self._committed.setdefault(step, name)
             return
         logger.info("deleted step %d (%s) by the retention rules", step, path)
 
@@ -789,30 +814,61 @@ class CheckpointManager:
         committed steps in turn and log which one was restored
         (``restored_step`` tells it too)."""
         self._wait_all()
+        asked = step
+        # A read-only follower may see steps deleted under it by the writer's
+        # retention (only ever after a newer commit): it then re-lists and,
+        # for the latest, moves on to the newer one. Bounded: the writer
+        # would have to commit and rotate within each short open-and-read.
+        for _ in range(_MAX_RELISTS):
+            with self._lock:
+                steps = sorted(self._committed, reverse=True)
+            if asked is None:
+                if not steps:
+                    raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint")
+                step = steps[0]
+            step = as_step(step)
+            self._step_path(step)  # raises for an unknown step
+            candidates = [s for s in steps if s <= step] if fallback else [step]
+            failures = []
+            deleted = False
+            for s in candidates:
+                try:
+                    out = api.restore(self._step_path(s), target, partial=partial)
+                except (CorruptCheckpointError, CheckpointNotFoundError) as e:
+                    gone = self._gone(s)
+                    if gone is not None:  # deleted, not damaged
+                        deleted = True
+                        if asked is None and s == step:
+                            break  # a newer step is the latest now
+                        if not fallback:
+                            raise gone from None
+                        continue
+                    if not fallback:
+                        raise
+                    logger.warning("restore: step %d is unusable (%s); trying an older step", s, e)
+                    failures.append(f"step {s}: {e}")
+                    continue
+                if s != step:
+                    logger.warning("restore(fallback=True): restored step %d; step %d could not be restored", s, step)
+                self._restored_step = s
+                return out
+            if not deleted:
+                raise CorruptCheckpointError(f"{self.directory}: no committed step could be restored: "
+                                             + "; ".join(failures))
+        raise CheckpointNotFoundError(f"{self.directory}: the latest step was deleted while being read "
+                                      f"{_MAX_RELISTS} times in a row")
+
+    def _gone(self, step: int) -> CheckpointNotFoundError | None:
+        """If the directory of ``step`` no longer exists (a writer's retention
+        deleted it while we read it), re-list the directory and return the
+        error saying so; None if it is still there (a read error is damage)."""
         with self._lock:
-            steps = sorted(self._committed, reverse=True)
-        if step is None:
-            if not steps:
-                raise CheckpointNotFoundError(f"{self.directory}: no committed checkpoint")
-            step = steps[0]
-        step = as_step(step)
-        self._step_path(step)  # raises for an unknown step
-        candidates = [s for s in steps if s <= step] if fallback else [step]
-        failures = []
-        for s in candidates:
-            try:
-                out = api.restore(self._step_path(s), target, partial=partial)
-            except (CorruptCheckpointError, CheckpointNotFoundError) as e:
-                if not fallback:
-                    raise
-                logger.warning("restore: step %d is unusable (%s); trying an older step", s, e)
-                failures.append(f"step {s}: {e}")
-                continue
-            if s != step:
-                logger.warning("restore(fallback=True): restored step %d; step %d could not be restored", s, step)
-            self._restored_step = s
-            return out
-        raise CorruptCheckpointError(f"{self.directory}: no committed step could be restored: " + "; ".join(failures))
+            name = self._committed.get(step)
+        if name is None or os.path.lexists(self._path(name)):
+            return None
+        self.reload()  # the directory changed under us: see what is there now
+        return CheckpointNotFoundError(f"{self.directory}: step {step} was deleted (by the writer's retention rules) "
+                                       "while being read")
 
     # ------------------------------------------------------------------ preemption
     def reached_preemption(self, step: int) -> bool:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import functools
 import math
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -46,12 +47,25 @@ def default_workers() -> int:
     return min(16, max(8, 2 * (os.cpu_count() or 1)))
 
 
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
+_POPULATE_BYTES = 4 << 20
+
+
 def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-order array whose data starts on a 64-byte boundary."""
+    """An uninitialised C-order array whose data starts on a 64-byte boundary.
+
+    Buffers of 4 MiB or more are mapped with ``MAP_POPULATE``: the kernel
+    provides all their pages in one go instead of one page fault per 4 KiB
+    inside the parallel reads, which contend on the process's memory map. On
+    a 2-core VM this took a first restore of 0.86 GB from 2.0-3.1 s to 0.69 s.
+    """
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return np.empty(shape, dtype)
+    if nbytes >= _POPULATE_BYTES and _POPULATE:
+        m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE)
+        return np.frombuffer(m, np.uint8).view(dtype).reshape(shape)  # page-aligned; the array keeps m alive
     raw = np.empty(nbytes + 64, np.uint8)
     off = (-raw.ctypes.data) % 64
     return raw[off:off + nbytes].view(dtype).reshape(shape)
@@ -193,7 +207,8 @@ class CheckpointReader:
 
     def _run(self, group: list[_Op]) -> int:
         """Read one group of ops; returns the bytes read. A group of several
-        ops (small neighbours in one file) is read with one pread, then split."""
+        ops (small neighbours in one file) is read with one scatter read
+        straight into the destinations; padding between them goes to scratch."""
         first, last = group[0], group[-1]
         fd = self._fd_for(first.file, first.leaf)
         name = os.path.join(self.path, self.manifest.files[first.file].name)
@@ -201,12 +216,17 @@ class CheckpointReader:
             storage.pread_into(fd, first.dest, first.offset, f"{name} (leaf {first.leaf!r})")
             self._verify(first, first.dest)
             return len(first.dest)
-        span = np.empty(last.offset + len(last.dest) - first.offset, np.uint8)
-        storage.pread_into(fd, memoryview(span), first.offset, f"{name} (leaves {first.leaf!r} .. {last.leaf!r})")
+        scratch = memoryview(bytearray(_GAP))
+        bufs: list[memoryview] = []
+        pos = first.offset
         for op in group:
-            piece = span[op.offset - first.offset:op.offset - first.offset + len(op.dest)]
-            self._verify(op, piece)
-            op.dest[:] = piece.data
+            if op.offset > pos:
+                bufs.append(scratch[:op.offset - pos])
+            bufs.append(op.dest)
+            pos = op.offset + len(op.dest)
+        storage.preadv_into(fd, bufs, first.offset, f"{name} (leaves {first.leaf!r} .. {last.leaf!r})")
+        for op in group:
+            self._verify(op, op.dest)
         return sum(len(op.dest) for op in group)
 
     def _groups(self, ops: list[_Op]) -> list[list[_Op]]:

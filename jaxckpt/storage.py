@@ -49,10 +49,20 @@ _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 # ------------------------------------------------------------------- helpers
+def named(e: OSError, path: str) -> OSError:
+    """The error of a call on a file descriptor names no file: add ``path``
+    (the user must learn where the disk failed, e.g. ENOSPC on which file)."""
+    if e.filename is None:
+        e.filename = path
+    return e
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        raise named(e, path)
     finally:
         os.close(fd)
 
@@ -101,7 +111,11 @@ def make_temp_dir(final: str, ident: str | None = None) -> str:
     except FileExistsError:
         if ident is None:
             raise
-    write_file(tmp, OWNER_FILE, msgpack.packb(owner_record()), sync=False)
+    try:
+        write_file(tmp, OWNER_FILE, msgpack.packb(owner_record()), sync=False)
+    except BaseException:  # e.g. ENOSPC: a live owner's unmarked directory would never be cleaned
+        remove_tree(tmp)
+        raise
     return tmp
 
 
@@ -130,13 +144,16 @@ def is_ours(path: str) -> bool:
 
 
 def write_file(directory: str, name: str, data: bytes, sync: bool = True) -> None:
-    fd = os.open(os.path.join(directory, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+    path = os.path.join(directory, name)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
         if sync:
             os.fsync(fd)
+    except OSError as e:
+        raise named(e, path)
     finally:
         os.close(fd)
 
@@ -184,6 +201,25 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
         done += n
 
 
+def preadv_into(fd: int, bufs: list[memoryview], offset: int, path: str) -> None:
+    """Scatter-read consecutive file bytes from ``offset`` into ``bufs`` (one
+    syscall per 1024 buffers); a short read means the file was truncated."""
+    total = sum(len(b) for b in bufs)
+    done = 0
+    pending = [b for b in bufs if len(b)]
+    while pending:
+        n = os.preadv(fd, pending[:1024], offset + done)
+        if n == 0:
+            raise CorruptCheckpointError(
+                f"{path}: truncated: expected {total} bytes at offset {offset}, found {done}")
+        done += n
+        while pending and n >= len(pending[0]):
+            n -= len(pending[0])
+            pending.pop(0)
+        if n:
+            pending[0] = pending[0][n:]
+
+
 # ------------------------------------------------------------------- writing
 def aligned_buffer(nbytes: int) -> mmap.mmap:
     """Page-aligned anonymous memory (what O_DIRECT needs)."""
@@ -224,14 +260,17 @@ class DataFile:
                     # write: this (aligned, whole-block) write goes buffered.
                     fd = self.fd
                     continue
-                raise
+                raise named(e, self.path)
             view = view[n:]
             offset += n
 
     def pwritev(self, views: list, offset: int) -> None:
         """Buffered gather write of consecutive buffers (many small leaves, one syscall)."""
         while views:
-            n = os.pwritev(self.fd, views[:1024], offset)  # IOV_MAX
+            try:
+                n = os.pwritev(self.fd, views[:1024], offset)  # IOV_MAX
+            except OSError as e:
+                raise named(e, self.path)
             offset += n
             while views and n >= len(views[0]):
                 n -= len(views[0])
@@ -244,6 +283,8 @@ class DataFile:
         try:
             os.ftruncate(self.fd, size)
             os.fsync(self.fd)
+        except OSError as e:
+            raise named(e, self.path)
         finally:
             self.close()
 
@@ -298,13 +339,13 @@ def commit(tmp: str, final: str, overwrite: bool) -> None:
             raise CheckpointExistsError(f"{final}: exists and is not a jaxckpt checkpoint; refusing to replace it")
         if _renameat2_exchange(tmp, final):
             fsync_dir(parent)
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)  # the old checkpoint; identifying files last, so a crash leaves it recognisable
             return
         old = aux_name(final, OLD_MARK)
         os.rename(final, old)
         os.rename(tmp, final)
         fsync_dir(parent)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
         return
     try:
         os.rename(tmp, final)
@@ -341,7 +382,17 @@ def remove_checkpoint(path: str) -> None:
     no longer listed), fsync the parent, then delete the files."""
     gone = aux_name(path, DEL_MARK)
     os.rename(path, gone)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    try:
+        fsync_dir(os.path.dirname(os.path.abspath(path)))
+    except BaseException:
+        # Not durably renamed away: deleting the files now could leave a
+        # half-deleted checkpoint under its name after a power failure. Put
+        # it back (the deletion failed as a whole) rather than leave it aside.
+        try:
+            os.rename(gone, path)
+        except OSError:
+            pass
+        raise
     remove_tree(gone)
 
 
@@ -350,6 +401,9 @@ def remove_tree(path: str) -> None:
     last: a crash midway leaves a directory still recognisable as ours by
     :func:`is_ours`, or an empty one, which :func:`clean_stale` can remove."""
     try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            os.unlink(path)  # a symlink planted in place of a directory: remove it, never what it points to
+            return
         entries = os.listdir(path)
     except OSError:
         return
@@ -412,7 +466,7 @@ def process_start(pid: int) -> int | None:
 def process_alive(host: object, pid: object, start: object) -> bool:
     """False only when sure the process is gone: same host, and the pid no longer
     exists, is a zombie, or now belongs to a process started later (pid reuse)."""
-    if host != socket.gethostname() or type(pid) is not int or pid <= 0:
+    if host != socket.gethostname() or type(pid) is not int or not 0 < pid < 2**31:  # (os.kill: C int)
         return True
     try:
         os.kill(pid, 0)
@@ -470,8 +524,10 @@ def clean_stale(directory: str, accept: Callable[[str], bool]) -> list[str]:
                 # A writer killed between creating the directory and writing its
                 # owner marker (one write) leaves the empty marker alone in it.
                 marker = os.path.join(path, OWNER_FILE)
-                if os.listdir(path) == [OWNER_FILE] and os.lstat(marker).st_size == 0:
-                    os.unlink(marker)
+                if os.listdir(path) == [OWNER_FILE]:
+                    st = os.lstat(marker)
+                    if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                        os.unlink(marker)
                 os.rmdir(path)  # only succeeds on an empty directory
             except OSError:
                 continue
@@ -514,23 +570,24 @@ def _create_lock(directory: str, token: str) -> bool:
     path = os.path.join(directory, LOCK_NAME)
     data = msgpack.packb(lock_record(token))
     tmp_name = f"{LOCK_NAME}.{token}"
-    write_file(directory, tmp_name, data)
     try:
-        os.link(os.path.join(directory, tmp_name), path)
-    except FileExistsError:
-        return False
-    except OSError as e:  # a filesystem without hard links: exclusive create in place
-        if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
+        write_file(directory, tmp_name, data)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-        except FileExistsError:
+            os.link(os.path.join(directory, tmp_name), path)
+        except (FileExistsError, FileNotFoundError):  # ENOENT: the new holder removed our empty temp file
             return False
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        except OSError as e:  # a filesystem without hard links: exclusive create in place
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            except FileExistsError:
+                return False
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         try:
             os.unlink(os.path.join(directory, tmp_name))
@@ -574,11 +631,14 @@ def _clean_lock_leftovers(directory: str) -> None:
         if not _LOCK_LEFTOVER_RE.match(entry):
             continue
         try:
-            rec = msgpack.unpackb(read_small(directory, entry, 4096), raw=False)
+            data = read_small(directory, entry, 4096)
+            # Empty: its writer was killed between creating and writing it (a
+            # competitor's file caught in that instant makes its link fail: it retries).
+            rec = msgpack.unpackb(data, raw=False) if data else None
         except (OSError, ValueError, CorruptCheckpointError, msgpack.UnpackException):
             continue
-        if (isinstance(rec, dict) and rec.get("kind") == _LOCK_KIND
-                and not process_alive(rec.get("host"), rec.get("pid"), rec.get("start"))):
+        if rec is None or (isinstance(rec, dict) and rec.get("kind") == _LOCK_KIND
+                           and not process_alive(rec.get("host"), rec.get("pid"), rec.get("start"))):
             try:
                 os.unlink(os.path.join(directory, entry))
             except OSError:
@@ -588,7 +648,10 @@ def _clean_lock_leftovers(directory: str) -> None:
 def _held_message(directory: str, holder: dict) -> str:
     path = os.path.join(directory, LOCK_NAME)
     when = holder.get("time")
-    since = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else ""
+    try:  # the record is read from disk: NaN or a year past 9999 must not break the message
+        since = time.strftime(" since %Y-%m-%d %H:%M:%S", time.localtime(when)) if isinstance(when, (int, float)) else ""
+    except (ValueError, OverflowError, OSError):
+        since = ""
     who = f"host {holder.get('host')!r}, pid {holder.get('pid')}{since}"
     if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
         return (f"{path}: this process already writes to this directory ({who}): close the other "
@@ -605,8 +668,14 @@ def acquire_lock(directory: str) -> tuple[str, dict | None]:
     token = uuid.uuid4().hex
     stale = None
     for _ in range(5):
-        if _create_lock(directory, token):
-            _clean_lock_leftovers(directory)
+        try:
+            created = _create_lock(directory, token)
+            if created:
+                _clean_lock_leftovers(directory)
+        except BaseException:  # failed after the lock was made: do not leave it held by nobody's token
+            release_lock(directory, token)
+            raise
+        if created:
             return token, stale
         holder = read_lock(directory)
         if holder is None:

@@ -320,14 +320,40 @@ def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: b
     if layout.size == 0:
         return layout, sums
     f = storage.DataFile(tmp, file_name, direct=direct)
+    futures: list[Future] = []
     try:
         runs = split_runs(layout.units, ctx.n_workers)
-        ctx.wait([ctx.pool.submit(_write_run, f, run, sums, ctx.staging, ctx.job.abort) for run in runs])
+        futures = [ctx.pool.submit(_write_run, f, run, sums, ctx.staging, ctx.job.abort) for run in runs]
+        ctx.wait(futures)
         ctx.job.abort.check()
-        ctx.wait([ctx.pool.submit(f.finish, layout.size)])
+        futures.append(ctx.pool.submit(f.finish, layout.size))
+        ctx.wait(futures[-1:])
     finally:
-        f.close()
+        _close_when_done(f, futures)
     return layout, sums
+
+
+def _close_when_done(f: storage.DataFile, futures: list[Future]) -> None:
+    """Close ``f`` once no worker can write through it any more. A save that
+    timed out gives up while a worker may still be inside a write: closing
+    the descriptors then would let that write land in whatever file reuses
+    their numbers next (the next save's data file)."""
+    pending = [fut for fut in futures if not fut.done()]
+    if not pending:
+        f.close()
+        return
+    lock = threading.Lock()
+    left = [len(pending)]
+
+    def one_done(_: Future) -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            f.close()
+
+    for fut in pending:
+        fut.add_done_callback(one_done)
 
 
 def _commit(tmp: str, path: str, manifest: bytes, overwrite: bool, ctx: Context) -> None:

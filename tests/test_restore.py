@@ -53,6 +53,17 @@ def assert_reads_only(reads: list[tuple[int, int]], m: fmt.Manifest, wanted: set
     assert sum(n for _, n in reads) < sum(z - a for a, z in ranges(lambda p: p in wanted)) + 64 * len(reads) + 4096
 
 
+def spy_scatter_reads(monkeypatch, reads: list[tuple[int, int]]) -> None:
+    """Record coalesced scatter reads as one (offset, length) each."""
+    real = storage.preadv_into
+
+    def spy(fd, bufs, off, p):
+        reads.append((off, sum(len(b) for b in bufs)))
+        real(fd, bufs, off, p)
+
+    monkeypatch.setattr(storage, "preadv_into", spy)
+
+
 def read_manifest(path) -> fmt.Manifest:
     with open(os.path.join(path, fmt.MANIFEST_NAME), "rb") as f:
         return fmt.decode_manifest(f.read(), "test")
@@ -136,6 +147,7 @@ def test_partial_restore_params_only(ckdir, state, monkeypatch):
         real(fd, buf, offset, path)
 
     monkeypatch.setattr(storage, "pread_into", spy)
+    spy_scatter_reads(monkeypatch, reads)
     got = jaxckpt.restore(ckdir / "c", target, partial=True)
     assert_same_leaves(got, {"params": state.params})
     # exactly the params' bytes were read, each once, nothing of opt_state or step
@@ -150,6 +162,7 @@ def test_partial_restore_reads_one_leaf_only(ckdir, monkeypatch):
     reads: list[tuple[int, int]] = []
     real = storage.pread_into
     monkeypatch.setattr(storage, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
+    spy_scatter_reads(monkeypatch, reads)
     got = jaxckpt.restore(ckdir / "c", {"b": np.zeros((300, 700), np.int16)}, partial=True)
     np.testing.assert_array_equal(got["b"], tree["b"])
     m = read_manifest(ckdir / "c")
@@ -321,6 +334,7 @@ def test_reshard_multi_chunk_leaf_reads_needed_ranges(ckdir, mesh, monkeypatch, 
     reads: list[tuple[int, int]] = []
     real = storage.pread_into
     monkeypatch.setattr(storage, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
+    spy_scatter_reads(monkeypatch, reads)
     sharding = NamedSharding(mesh, P("x", None))  # 4 row blocks of 10 MiB, none aligned to a chunk
     got = jaxckpt.restore(ckdir / "c", {"w": jax.ShapeDtypeStruct(host.shape, jnp.int32, sharding=sharding)}, verify=verify)["w"]
     check_sharded(got, host, sharding)
