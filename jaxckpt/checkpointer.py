@@ -109,6 +109,8 @@ class SaveHandle:
 def validate_request(path: str | os.PathLike, metadata: Any, overwrite: bool) -> str:
     """Checks done on the calling thread so that mistakes raise where they are made."""
     path = os.path.abspath(os.fspath(path))
+    if "\x00" in path:  # else only the background write would fail
+        raise ValueError(f"{path!r}: embedded null byte in the checkpoint path")
     try:
         fmt.check_metadata(metadata)
     except TypeError as e:
