@@ -3,6 +3,8 @@
 Measured in the same run as the methods so that ratios compare like with
 like on a noisy, shared machine:
 
+* first touch: fill freshly allocated memory (page faults on new pages);
+  what a restore pays for its output buffers.  Reported, not used in ratios.
 * memcpy: numpy copy into a preallocated, already-touched buffer, 1 and 2
   threads (numpy releases the GIL while copying).  Best of a few repeats.
 * buffered write: one file, 64 MiB os.write()s, then fsync.
@@ -32,6 +34,7 @@ CHUNK = 64 << 20
 ALIGN = 4096
 MEMCPY_MIN = 64 << 20
 MEMCPY_MAX = 1 << 30
+FIRST_TOUCH_MAX = 4 << 30
 REPEATS = 3
 
 
@@ -73,6 +76,17 @@ def memcpy(nbytes: int, threads: int) -> dict:
             w.join()
 
     return {"threads": threads, **_best_bandwidth(size, run)}
+
+
+def first_touch(nbytes: int) -> dict:
+    """Allocate and fill fresh memory once (no reuse: every page faults in)."""
+    size = max(MEMCPY_MIN, min(nbytes, FIRST_TOUCH_MAX))
+
+    def run() -> None:
+        np.empty(size, dtype=np.uint8).fill(1)
+
+    seconds = _timed(run)
+    return {"bytes": size, "seconds": seconds, "gbps": size / seconds / 1e9}
 
 
 def _write_file(path: Path, nbytes: int, chunk: mmap.mmap, flags: int) -> float:
@@ -124,7 +138,8 @@ def read(path: Path, nbytes: int, cold: bool) -> dict:
 def measure_all(scratch: Path, nbytes: int) -> dict:
     """Every limit for `nbytes`, using files under `scratch`."""
     scratch.mkdir(parents=True, exist_ok=True)
-    result = {"memcpy_1t": memcpy(nbytes, 1), "memcpy_2t": memcpy(nbytes, 2)}
+    result = {"first_touch": first_touch(nbytes), "memcpy_1t": memcpy(nbytes, 1),
+              "memcpy_2t": memcpy(nbytes, 2)}
     chunk = _random_chunk()
     data = scratch / "limits.bin"
     try:

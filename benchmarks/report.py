@@ -305,6 +305,7 @@ def _ratio_table(res: Results, workload: str, to_limit: bool) -> list[str]:
 
 
 LIMIT_ROWS = (
+    ("first touch of new memory (page faults)", lambda r: r.get("first_touch")),
     ("memcpy, 1 thread", lambda r: r["memcpy_1t"]),
     ("memcpy, 2 threads", lambda r: r["memcpy_2t"]),
     ("write + fsync, buffered, 64 MiB chunks", lambda r: r["buffered_write"]),
@@ -318,7 +319,9 @@ def _limits_table(res: Results, workload: str) -> list[str]:
     rows = []
     records = list(res.limits[workload].values())
     for label, pick in LIMIT_ROWS:
-        entries = [pick(r) for r in records]
+        entries = [e for e in map(pick, records) if e is not None]
+        if not entries:
+            continue
         values = [e["gbps"] for e in entries if e.get("available", True)]
         notes = sorted({e["note"] for e in entries if e.get("note")})
         if values:

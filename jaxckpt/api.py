@@ -78,7 +78,7 @@ class CheckpointInfo:
         head = (f"<b>CheckpointInfo</b> <code>{html.escape(self.path)}</code><br>"
                 f"format v{self.format_version} &middot; {len(self.leaves)} leaves &middot; "
                 f"{_human(self.total_bytes)} &middot; written by {html.escape(self.library)} &middot; "
-                f"created {html.escape(when(self.created))}")
+                f"created {html.escape(_when(self.created))}")
         if self.metadata is not None:
             head += ("<br>metadata: <pre style=\"margin: 0; white-space: pre-wrap\">"
                      f"{html.escape(_shorten(pprint.pformat(self.metadata, width=100), 4000))}</pre>")
@@ -91,8 +91,8 @@ class CheckpointInfo:
                 dtype = f"{leaf.dtype} (PRNG key data)" if leaf.kind == "key" else str(leaf.dtype)
             rows.append((leaf.path, shape, dtype, size))
         more = len(self.leaves) - HTML_MAX_ROWS
-        return head + html_table(("key path", "shape", "dtype", "size"), rows,
-                                 f"... {more} more leaves" if more > 0 else None)
+        return head + _html_table(("key path", "shape", "dtype", "size"), rows,
+                                  f"... {more} more leaves" if more > 0 else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,7 @@ class LoadReport:
 HTML_MAX_ROWS = 200  # a notebook table of a million leaves would stall the browser
 
 
-def html_table(header: tuple[str, ...] | None, rows: list[tuple[str, ...]], footer: str | None = None) -> str:
+def _html_table(header: tuple[str, ...] | None, rows: list[tuple[str, ...]], footer: str | None = None) -> str:
     """An HTML table of plain-text cells (each escaped here); ``header=None``:
     the first cell of each row is its heading (a key/value table)."""
     left = 'style="text-align: left"'
@@ -128,7 +128,7 @@ def _shorten(text: str, n: int) -> str:
     return text if len(text) <= n else text[:n - 3] + "..."
 
 
-def when(timestamp: float) -> str:
+def _when(timestamp: float) -> str:
     """Local time of a Unix timestamp read from disk; the raw number if it is not a valid time."""
     try:
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))

@@ -94,7 +94,7 @@ class StepMetadata:
     nbytes: int
 
     def __repr__(self) -> str:
-        when = api.when(self.timestamp)
+        when = api._when(self.timestamp)
         parts = [f"step={self.step}"]
         if self.epoch is not None:
             parts.append(f"epoch={self.epoch}")
@@ -113,7 +113,7 @@ class StepMetadata:
         if self.epoch is not None:
             rows.append(("epoch", str(self.epoch)))
         rows.append(("reason", self.reason if self.reason is not None else "(not written by a CheckpointManager)"))
-        rows += [("saved", api.when(self.timestamp)), ("size", api._human(self.nbytes))]
+        rows += [("saved", api._when(self.timestamp)), ("size", api._human(self.nbytes))]
         for name, value in (self.metrics or {}).items():
             shown = format(value, ".6g") if isinstance(value, float) else repr(value)
             rows.append((f"metrics[{name!r}]", api._shorten(shown, 200)))
@@ -122,7 +122,7 @@ class StepMetadata:
         if self.jax_version or self.jaxckpt_version:
             rows.append(("versions", f"jax {self.jax_version}, jaxckpt {self.jaxckpt_version}"))
         rows.append(("path", self.path))
-        return "<b>StepMetadata</b>\n" + api.html_table(None, rows)
+        return "<b>StepMetadata</b>\n" + api._html_table(None, rows)
 
 
 @dataclasses.dataclass(frozen=True)
