@@ -197,7 +197,25 @@ def scenario_exception_one_process():
     return {"error": None, "seconds": time.monotonic() - t0}
 
 
+def scenario_unshared():
+    """Process 1 does not see the directory process 0 created (as with a
+    node-local path on a cluster): the save must fail everywhere, saying so."""
+    m = mesh((nproc, ndev), ("x", "y"))
+    tree = state(m, P("x", "y"), P("y"))
+    path = os.path.join(workdir, "ckpt3")
+    if pid == 1:
+        real_isdir = os.path.isdir
+        os.path.isdir = lambda p: False if ".jaxckpt-tmp-" in str(p) else real_isdir(p)
+    try:
+        with jaxckpt.AsyncCheckpointer(timeout=30) as ck:
+            ck.save(path, tree).result()
+    except jaxckpt.CheckpointError as e:
+        return {"error": type(e).__name__, "message": str(e), "committed": os.path.exists(path)}
+    return {"error": None}
+
+
 SCENARIOS = {
+    "unshared": scenario_unshared,
     "manager_rotation": scenario_manager_rotation,
     "preemption": scenario_preemption,
     "exception_one_process": scenario_exception_one_process,

@@ -214,3 +214,15 @@ def test_exception_in_one_process_does_not_hang_the_others(tmp_path):
     assert "process 1" in r0["message"]
     assert r0["seconds"] < 90 and r1["seconds"] < 90
     assert r0["steps"] == [2, 4]  # what both committed before the failure; nothing partial
+
+
+@pytest.mark.timeout(180)
+def test_a_filesystem_not_shared_by_all_processes_is_detected_and_explained(tmp_path):
+    results, logs = run_job("unshared", 2, 2, tmp_path)
+    assert all(results), "\n".join(logs)[-4000:]
+    for r in results:
+        assert r["error"] == "CheckpointError" and not r["committed"], r
+        assert "[process=1] cannot see" in r["message"], r
+        assert "must be on a filesystem that all processes share" in r["message"], r
+    assert "save of" in results[0]["message"] and "failed on process 1" in results[0]["message"]
+    assert not os.listdir(tmp_path)  # nothing committed, temporary directory removed
