@@ -13,3 +13,53 @@ import pytest  # noqa: E402
 def ckdir(tmp_path):
     """A fresh directory for checkpoints."""
     return tmp_path
+
+
+# ----------------------------------------------------------------------------- no pickle (issue 6)
+import nopickle  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--allow-pickle", action="store_true",
+                     help="run without the no-pickle guard (pickle's loaders patched to raise)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "allow_pickle(reason): this test may unpickle, for third-party code only; "
+                                       "give the reason")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_pickle_session(request):
+    """Patch pickle's loaders to raise for the whole session (module fixtures included)."""
+    if request.config.getoption("--allow-pickle"):
+        yield
+        return
+    nopickle.install()
+    yield
+    nopickle.uninstall()
+
+
+@pytest.fixture(autouse=True)
+def _no_pickle(request, _no_pickle_session):
+    """``@pytest.mark.allow_pickle("reason")`` lifts the guard for one test (third-party code only)."""
+    if request.node.get_closest_marker("allow_pickle") and not request.config.getoption("--allow-pickle"):
+        nopickle.uninstall()
+        try:
+            yield
+        finally:
+            nopickle.install()
+        return
+    yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Fail a test during which anything tried to unpickle, even if the error was swallowed."""
+    seen = len(nopickle.ATTEMPTS)
+    result = yield
+    tried = nopickle.ATTEMPTS[seen:]
+    if tried:
+        pytest.fail(f"this test unpickled ({', '.join(tried)}): no code path may use pickle's loaders "
+                    "(mark it @pytest.mark.allow_pickle('why') if third-party code needs it)", pytrace=False)
+    return result
