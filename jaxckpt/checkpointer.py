@@ -128,9 +128,16 @@ class AsyncCheckpointer:
     for the oldest to finish (host memory stays bounded by that many snapshots).
     ``timeout``: seconds after which a background save is abandoned with
     ``SaveTimeoutError`` (nothing is committed).
+    ``copy_cpu_arrays``: on the CPU backend, copy jax arrays at snapshot time
+    instead of holding zero-copy views until the write ends. Views need no
+    extra memory, but a training step that donates its state cannot reuse
+    viewed buffers while a save runs; with fast donating steps the copy is
+    cheaper overall (see ``jaxckpt/snapshot.py``). No effect on GPU/TPU, where
+    the snapshot is always a host copy.
     """
 
-    def __init__(self, *, max_workers: int | None = None, max_in_flight: int = 1, timeout: float | None = None):
+    def __init__(self, *, max_workers: int | None = None, max_in_flight: int = 1, timeout: float | None = None,
+                 copy_cpu_arrays: bool = False):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if max_workers is not None and max_workers < 1:
@@ -138,6 +145,7 @@ class AsyncCheckpointer:
         self.max_workers = max_workers or default_workers()
         self.max_in_flight = max_in_flight
         self.timeout = timeout
+        self.copy_cpu_arrays = bool(copy_cpu_arrays)
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
         self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save", initializer=_background_priority)
         self._multi = multihost.coordinator()
@@ -201,7 +209,7 @@ class AsyncCheckpointer:
         path = validate_request(path, metadata, overwrite)
         self._backpressure()
         self._raise_pending()
-        snap = snapshot_mod.take(tree, process_index=self._multi.process_index,
+        snap = snapshot_mod.take(tree, copy_cpu=self.copy_cpu_arrays, process_index=self._multi.process_index,
                                  process_count=self._multi.process_count)
         blocking = time.perf_counter() - t0
         handle = SaveHandle(path, label or path)

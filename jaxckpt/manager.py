@@ -476,7 +476,7 @@ class CheckpointManager:
     layout is ``step_format="{prefix}-{epoch}_{step}"`` with
     ``step_prefix="resnet"``; ``{step:08d}`` zero-pads). ``save_timeout``:
     seconds after which a background save is abandoned with
-    ``SaveTimeoutError``. ``_clock``: the wall clock (tests inject one); it
+    ``SaveTimeoutError``. ``copy_cpu_arrays``: see ``AsyncCheckpointer``. ``_clock``: the wall clock (tests inject one); it
     drives ``save_interval_seconds`` and the step timestamps, hence
     ``keep_time_interval``.
     """
@@ -488,6 +488,7 @@ class CheckpointManager:
                  best_metric: str | None = None, best_mode: str = "min", save_on_exception: bool = False,
                  save_on_preemption: bool = True, async_save: bool = True, read_only: bool = False, *,
                  step_format: str | None = None, step_prefix: str | None = None, save_timeout: float | None = None,
+                 copy_cpu_arrays: bool = False,
                  _clock: Callable[[], float] = time.time):
         self.directory = os.path.abspath(os.fspath(directory))
         self._policy = SavePolicy.build(save_interval_steps, save_interval_seconds, save_on_steps)
@@ -497,6 +498,7 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.read_only = bool(read_only)
         self._clock = _clock
+        self._copy_cpu = bool(copy_cpu_arrays)
         self._multi = multihost.coordinator()
         self._agree = multihost.Agreement(self._multi, f"jaxckpt/mgr/{next(_manager_ids)}")
         self._lock = threading.RLock()       # guards the step tables below
@@ -528,7 +530,7 @@ class CheckpointManager:
     def _open_for_writing(self, save_timeout: float | None) -> None:
         storage.ensure_dir(self.directory)
         if not self._multi.is_primary:  # the primary holds the lock and cleans up for the whole job
-            self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout)
+            self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout, copy_cpu_arrays=self._copy_cpu)
             return
         token, stale = storage.acquire_lock(self.directory)
         # Released by close(), or when the manager is garbage-collected / the interpreter exits unclosed.
@@ -539,7 +541,7 @@ class CheckpointManager:
         try:
             for path in storage.clean_stale(self.directory, lambda n: self._naming.parse(n) is not None):
                 logger.info("removed the leftover of an interrupted save or deletion: %s", path)
-            self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout)
+            self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout, copy_cpu_arrays=self._copy_cpu)
         except BaseException:
             self._release()
             raise

@@ -243,3 +243,20 @@ def test_buffered_fallback_when_o_direct_is_unavailable(ckdir, monkeypatch):
     got = jaxckpt.restore(ckdir / "c")
     for k in tree:
         np.testing.assert_array_equal(got[k], tree[k])
+
+
+def test_copy_cpu_arrays_takes_an_owned_copy_and_frees_the_buffer_for_donation(ckdir):
+    from jaxckpt import snapshot
+    x = jnp.arange(1 << 16, dtype=jnp.float32) + 1
+    snap = snapshot.take({"x": x}, copy_cpu=True)
+    (_, host), = snap.leaves[0].shards
+    assert host.ctypes.data != x.unsafe_buffer_pointer() and host.flags.owndata
+    np.testing.assert_array_equal(host, np.arange(1 << 16, dtype=np.float32) + 1)
+    with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
+        h = ck.save(ckdir / "c", {"x": x})
+        y = jax.jit(lambda a: a * 0 - 5, donate_argnums=0)(x)
+        y.block_until_ready()
+        h.result()
+    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "c")["x"], np.arange(1 << 16, dtype=np.float32) + 1)
+    with jaxckpt.CheckpointManager(ckdir / "m", copy_cpu_arrays=True) as mgr:
+        assert mgr._ckptr.copy_cpu_arrays is True
