@@ -146,6 +146,7 @@ class AsyncCheckpointer:
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self.copy_cpu_arrays = bool(copy_cpu_arrays)
+        self._host_pool = snapshot_mod.HostPool()
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
         self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save", initializer=_background_priority)
         self._multi = multihost.coordinator()
@@ -209,7 +210,9 @@ class AsyncCheckpointer:
         path = validate_request(path, metadata, overwrite)
         self._backpressure()
         self._raise_pending()
-        snap = snapshot_mod.take(tree, copy_cpu=self.copy_cpu_arrays, process_index=self._multi.process_index,
+        pooled: list = []
+        snap = snapshot_mod.take(tree, copy_cpu=self.copy_cpu_arrays, pool=self._host_pool, pooled=pooled,
+                                 process_index=self._multi.process_index,
                                  process_count=self._multi.process_count)
         blocking = time.perf_counter() - t0
         handle = SaveHandle(path, label or path)
@@ -218,16 +221,20 @@ class AsyncCheckpointer:
         with self._lock:
             self._handles.append(handle)
         self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key,
-                        self.timeout if timeout is None else timeout)
+                        self.timeout if timeout is None else timeout, pooled)
         return handle
 
-    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout) -> None:
+    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout,
+             pooled: list) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.path, handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline)
         try:
             res = writer.write_checkpoint(snap, handle.path, metadata=metadata, overwrite=overwrite, ctx=ctx)
+            # Every worker is done with the copies: the next save reuses them. (After a
+            # failure or timeout an abandoned worker may still read them: they are dropped.)
+            self._host_pool.put(pooled)
             total = time.perf_counter() - t0
             handle._stats = SaveStats(blocking, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
             if on_commit is not None:

@@ -28,6 +28,8 @@ records the leaf's dtype and shape, so all snapshots describe the same tree.
 from __future__ import annotations
 
 import dataclasses
+import math
+import threading
 from typing import Any
 
 import jax
@@ -88,11 +90,57 @@ def _python_value(v: Any) -> bool:
     return isinstance(v, int) and -(1 << 63) <= v < (1 << 64)
 
 
+class HostPool:
+    """Host buffers for CPU snapshot copies, reused from one save to the next:
+    fresh memory costs a page fault per 4 KiB (slow on VMs), reused memory
+    copies at memcpy speed. Holds about one state's worth per save in flight."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        n = math.prod(shape) * np.dtype(dtype).itemsize
+        with self._lock:
+            bufs = self._free.get(n)
+            raw = bufs.pop() if bufs else None
+        if raw is None:
+            raw = np.empty(max(n, 1), np.uint8)
+        return raw[:n].view(dtype).reshape(shape)
+
+    def put(self, arrays: list[np.ndarray]) -> None:
+        with self._lock:
+            for a in arrays:
+                raw = a.base if a.base is not None else a
+                while raw.base is not None and isinstance(raw.base, np.ndarray):
+                    raw = raw.base
+                self._free.setdefault(a.nbytes, []).append(raw)
+
+
 def take(tree: Any, *, copy_numpy: bool = True, copy_cpu: bool = False, process_index: int = 0,
-         process_count: int = 1) -> Snapshot:
+         process_count: int = 1, pool: HostPool | None = None, pooled: list | None = None) -> Snapshot:
     """Copy ``tree``'s leaves to host memory the snapshot owns (see module doc)."""
     with _gc.paused():  # see jaxckpt/_gc.py: half the time on 10k-leaf trees
-        return _take(tree, copy_numpy, copy_cpu, process_index, process_count)
+        snap = _take(tree, copy_numpy, copy_cpu, process_index, process_count)
+    if copy_cpu:  # (outside the GC pause: copies are long, allocations few)
+        snap = _copy_into(snap, pool if pool is not None else HostPool(), pooled if pooled is not None else [])
+    return snap
+
+
+def _copy_into(snap: Snapshot, pool: HostPool, pooled: list) -> Snapshot:
+    """Replace CPU views (not owning their data) by copies in pooled buffers."""
+    leaves = []
+    for leaf in snap.leaves:
+        shards = []
+        for box, a in leaf.shards:
+            if not a.flags.owndata and a.base is not None and not isinstance(a.base, np.ndarray):
+                buf = pool.get(a.shape, a.dtype)
+                np.copyto(buf, a)
+                pooled.append(buf)
+                a = buf
+            shards.append((box, a))
+        leaves.append(dataclasses.replace(leaf, shards=tuple(shards)) if shards else leaf)
+    return Snapshot(snap.treedef, tuple(leaves))
 
 
 def _take(tree: Any, copy_numpy: bool, copy_cpu: bool, process_index: int, process_count: int) -> Snapshot:
@@ -137,7 +185,7 @@ def _take(tree: Any, copy_numpy: bool, copy_cpu: bool, process_index: int, proce
                 parts = []
             if info[2]:
                 accel.extend(d for _, d in parts)
-            pending.append((i, name, impl, shape, parts, copy_cpu and not info[2]))
+            pending.append((i, name, impl, shape, parts))
         elif isinstance(x, (np.ndarray, np.generic)):
             a = np.asarray(x)
             name = fmt.dtype_name(a.dtype)
@@ -158,7 +206,7 @@ def _take(tree: Any, copy_numpy: bool, copy_cpu: bool, process_index: int, proce
     # Start every transfer before waiting on any.
     for d in accel:
         d.copy_to_host_async()
-    for i, name, impl, shape, parts, copy in pending:
-        host = tuple((box, np.array(d) if copy else np.asarray(d)) for box, d in parts)
+    for i, name, impl, shape, parts in pending:
+        host = tuple((box, np.asarray(d)) for box, d in parts)
         out[i] = HostLeaf("key" if impl else "array", name, shape, host, impl=impl)
     return Snapshot(treedef, tuple(out))

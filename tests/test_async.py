@@ -250,7 +250,7 @@ def test_copy_cpu_arrays_takes_an_owned_copy_and_frees_the_buffer_for_donation(c
     x = jnp.arange(1 << 16, dtype=jnp.float32) + 1
     snap = snapshot.take({"x": x}, copy_cpu=True)
     (_, host), = snap.leaves[0].shards
-    assert host.ctypes.data != x.unsafe_buffer_pointer() and host.flags.owndata
+    assert host.ctypes.data != x.unsafe_buffer_pointer() and not np.shares_memory(host, np.asarray(x))
     np.testing.assert_array_equal(host, np.arange(1 << 16, dtype=np.float32) + 1)
     with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
         h = ck.save(ckdir / "c", {"x": x})
@@ -260,3 +260,18 @@ def test_copy_cpu_arrays_takes_an_owned_copy_and_frees_the_buffer_for_donation(c
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "c")["x"], np.arange(1 << 16, dtype=np.float32) + 1)
     with jaxckpt.CheckpointManager(ckdir / "m", copy_cpu_arrays=True) as mgr:
         assert mgr._ckptr.copy_cpu_arrays is True
+
+
+def test_copy_cpu_arrays_reuses_its_host_buffers_between_saves(ckdir, monkeypatch):
+    from jaxckpt import snapshot
+    seen = []
+    real = snapshot.HostPool.get
+    monkeypatch.setattr(snapshot.HostPool, "get", lambda self, shape, dtype: (
+        seen.append(b := real(self, shape, dtype)), b)[1])
+    tree = {"w": jnp.arange(1 << 16, dtype=jnp.float32)}
+    with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
+        ck.save(ckdir / "a", tree).result()
+        ck.save(ckdir / "b", {"w": tree["w"] + 1}).result()
+    assert len(seen) == 2 and seen[0].ctypes.data == seen[1].ctypes.data  # the same memory, reused
+    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "a")["w"], np.arange(1 << 16, dtype=np.float32))
+    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.arange(1 << 16, dtype=np.float32) + 1)
