@@ -47,6 +47,19 @@ def _background_priority() -> None:
         pass
 
 
+def close_after(close, exc_type: type | None) -> None:
+    """``close()`` at the end of a ``with`` block: its error is raised if the
+    block succeeded; if the block raised, the block's exception wins and ours
+    is logged."""
+    if exc_type is None:
+        close()
+        return
+    try:
+        close()
+    except Exception as err:
+        logger.error("background save error while handling %s: %s", exc_type.__name__, err)
+
+
 def default_workers() -> int:
     # Disk-bound work: a few threads keep the queue full even on 2 cores, and
     # hashing/copying release the GIL.
@@ -183,13 +196,7 @@ class AsyncCheckpointer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-            return False
-        try:
-            self.close()
-        except Exception as err:  # the body's exception wins; ours is logged
-            logger.error("background save error while handling %s: %s", exc_type.__name__, err)
+        close_after(self.close, exc_type)
         return False
 
     @property

@@ -923,17 +923,11 @@ class CheckpointManager:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc_type is None:
-            self.close()
-            return False
         try:
-            if self.save_on_exception and not self.read_only and not self._closed:
+            if exc_type is not None and self.save_on_exception and not self.read_only and not self._closed:
                 self._exception_save(exc_type)
         finally:
-            try:
-                self.close()
-            except Exception as err:  # the body's exception wins; ours is logged
-                logger.error("background save error while handling %s: %s", exc_type.__name__, err)
+            ckpt_mod.close_after(self.close, exc_type)
         return False
 
     def _exception_save(self, exc_type: type) -> None:
