@@ -141,16 +141,20 @@ class AsyncCheckpointer:
     for the oldest to finish (host memory stays bounded by that many snapshots).
     ``timeout``: seconds after which a background save is abandoned with
     ``SaveTimeoutError`` (nothing is committed).
-    ``copy_cpu_arrays``: on the CPU backend, copy jax arrays at snapshot time
-    instead of holding zero-copy views until the write ends. Views need no
-    extra memory, but a training step that donates its state cannot reuse
-    viewed buffers while a save runs; with fast donating steps the copy is
-    cheaper overall (see ``jaxckpt/snapshot.py``). No effect on GPU/TPU, where
-    the snapshot is always a host copy.
+    ``copy_cpu_arrays``: on the CPU backend, whether to copy jax arrays at
+    snapshot time instead of holding zero-copy views until the write ends.
+    Views cost no blocking time and no memory, but a training step that
+    donates its state cannot reuse viewed buffers while a save runs and
+    allocates fresh memory instead, which costs more than the copy (see
+    ``jaxckpt/snapshot.py``). ``None`` (default) decides by watching: saves
+    take views until one finds, when it ends, that arrays it viewed were
+    donated or deleted meanwhile; from then on saves copy into host buffers
+    reused between saves. ``True``/``False`` always/never copy. No effect on
+    GPU/TPU, where the snapshot is always a host copy.
     """
 
     def __init__(self, *, max_workers: int | None = None, max_in_flight: int = 1, timeout: float | None = None,
-                 copy_cpu_arrays: bool = False):
+                 copy_cpu_arrays: bool | None = None):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if max_workers is not None and max_workers < 1:
@@ -158,7 +162,8 @@ class AsyncCheckpointer:
         self.max_workers = max_workers or default_workers()
         self.max_in_flight = max_in_flight
         self.timeout = timeout
-        self.copy_cpu_arrays = bool(copy_cpu_arrays)
+        self.copy_cpu_arrays = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
+        self._copying = bool(copy_cpu_arrays)  # what the next snapshot does
         self._host_pool = snapshot_mod.HostPool()
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
         self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save", initializer=_background_priority)
@@ -218,8 +223,9 @@ class AsyncCheckpointer:
         self._backpressure()
         self._raise_pending()
         pooled: list = []
-        snap = snapshot_mod.take(tree, copy_cpu=self.copy_cpu_arrays, pool=self._host_pool, pooled=pooled,
-                                 process_index=self._multi.process_index,
+        watched = snapshot_mod.Watch() if self.copy_cpu_arrays is None and not self._copying else None
+        snap = snapshot_mod.take(tree, copy_cpu=self._copying, pool=self._host_pool, pooled=pooled,
+                                 viewed=watched, process_index=self._multi.process_index,
                                  process_count=self._multi.process_count)
         blocking = time.perf_counter() - t0
         handle = SaveHandle(path, label or path)
@@ -228,11 +234,11 @@ class AsyncCheckpointer:
         with self._lock:
             self._handles.append(handle)
         self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key,
-                        self.timeout if timeout is None else timeout, pooled)
+                        self.timeout if timeout is None else timeout, pooled, watched)
         return handle
 
     def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout,
-             pooled: list) -> None:
+             pooled: list, watched: snapshot_mod.Watch | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.path, handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
@@ -242,6 +248,11 @@ class AsyncCheckpointer:
             # Every worker is done with the copies: the next save reuses them. (After a
             # failure or timeout an abandoned worker may still read them: they are dropped.)
             self._host_pool.put(pooled)
+            if watched is not None and not self._copying and watched.moved_on():
+                self._copying = True
+                logger.info("the caller let go of (donated, deleted or replaced) arrays the save of %s "
+                            "held by zero-copy view: later saves copy CPU arrays at snapshot time "
+                            "(set copy_cpu_arrays to choose)", handle.label)
             total = time.perf_counter() - t0
             handle._stats = SaveStats(blocking, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
             if on_commit is not None:
@@ -251,7 +262,7 @@ class AsyncCheckpointer:
             handle._future.set_exception(e)
             return
         finally:
-            del snap
+            del snap, watched
         handle._future.set_result(None)
 
     def _prune(self) -> None:

@@ -488,7 +488,7 @@ class CheckpointManager:
                  best_metric: str | None = None, best_mode: str = "min", save_on_exception: bool = False,
                  save_on_preemption: bool = True, async_save: bool = True, read_only: bool = False, *,
                  step_format: str | None = None, step_prefix: str | None = None, save_timeout: float | None = None,
-                 copy_cpu_arrays: bool = False,
+                 copy_cpu_arrays: bool | None = None,
                  _clock: Callable[[], float] = time.time):
         self.directory = os.path.abspath(os.fspath(directory))
         self._policy = SavePolicy.build(save_interval_steps, save_interval_seconds, save_on_steps)
@@ -498,7 +498,7 @@ class CheckpointManager:
         self.async_save = bool(async_save)
         self.read_only = bool(read_only)
         self._clock = _clock
-        self._copy_cpu = bool(copy_cpu_arrays)
+        self._copy_cpu = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
         self._multi = multihost.coordinator()
         self._agree = multihost.Agreement(self._multi, f"jaxckpt/mgr/{next(_manager_ids)}")
         self._lock = threading.RLock()       # guards the step tables below

@@ -2,6 +2,7 @@
 
 import errno
 import os
+import sys
 import threading
 
 import jax
@@ -275,3 +276,117 @@ def test_copy_cpu_arrays_reuses_its_host_buffers_between_saves(ckdir, monkeypatc
     assert len(seen) == 2 and seen[0].ctypes.data == seen[1].ctypes.data  # the same memory, reused
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "a")["w"], np.arange(1 << 16, dtype=np.float32))
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.arange(1 << 16, dtype=np.float32) + 1)
+
+
+def _aligned(nbytes, seed):
+    import mmap
+    a = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)[:nbytes]
+    a[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    return a
+
+
+@pytest.mark.parametrize("sizes", [
+    [4096 * 3 + 5, 17, 70000, 4096, 1],           # aligned sources, tails, small leaves between
+    [100, 5, 4096 * 2, 9, (8 << 20) + 4096 * 3 + 1],  # a source larger than one staging buffer
+    [65536, 65536, 3],
+])
+def test_direct_writes_from_aligned_sources_match_the_buffered_layout(tmp_path, sizes):
+    """Page-aligned sources skip the staging copy; the file must be byte-for-byte
+    what the buffered path writes for the same plan (gaps zero-filled)."""
+    from jaxckpt import snapshot
+    arrays = []
+    for i, n in enumerate(sizes):
+        a = _aligned(n, i) if n >= 4096 else np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
+        arrays.append(a)
+    leaves = []
+    for a in arrays:
+        box = ((0, a.size),)
+        leaves.append(snapshot.HostLeaf("array", "uint8", a.shape, ((box, a),)))
+    snap = snapshot.Snapshot(None, tuple(leaves))
+    layout = writer.plan(snap, 1 << 20)
+    direct_sources = [u for u in layout.units if writer._direct_ok(u.src, u.offset)]
+    assert direct_sources, "the plan must contain page-aligned units for this test to mean anything"
+    files = {}
+    for direct in (True, False):
+        f = storage.DataFile(str(tmp_path), f"d{int(direct)}.bin", direct=direct)
+        if direct and not f.direct:
+            pytest.skip("O_DIRECT is not supported on this file system")
+        for run in writer.split_runs(layout.units, 3):
+            if direct:
+                writer._write_direct(f, run, writer.StagingPool(), writer._Abort())
+            else:
+                writer._write_buffered(f, run, writer._Abort())
+        f.finish(layout.size)
+        files[direct] = (tmp_path / f"d{int(direct)}.bin").read_bytes()
+    assert len(files[True]) == layout.size
+    assert files[True] == files[False]
+    for a, off in zip(arrays, layout.shard_offsets):
+        assert files[True][off[0]:off[0] + a.nbytes] == a.tobytes()
+
+
+def test_pooled_copies_go_to_disk_without_the_staging_copy(ckdir, monkeypatch):
+    copied = []
+    real = np.copyto
+
+    def spy(dst, src, *a, **k):
+        if sys._getframe(1).f_code.co_name == "_write_direct":  # staging copies only
+            copied.append(np.asarray(src).nbytes)
+        return real(dst, src, *a, **k)
+
+    tree = {"w": jnp.arange(3 << 18, dtype=jnp.float32) * 3, "b": jnp.arange(7, dtype=jnp.int8)}
+    with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
+        ck.save(ckdir / "warm", tree).result()
+        monkeypatch.setattr(writer.np, "copyto", spy)
+        ck.save(ckdir / "c", tree).result()
+    monkeypatch.undo()
+    if not storage.DataFile(str(ckdir), "probe", direct=True).direct:
+        pytest.skip("O_DIRECT is not supported on this file system")
+    assert sum(copied) < 64 << 10, f"the writer staged {sum(copied)} bytes of a 3 MiB pooled leaf"
+    got = jaxckpt.restore(ckdir / "c")
+    np.testing.assert_array_equal(got["w"], np.arange(3 << 18, dtype=np.float32) * 3)
+    np.testing.assert_array_equal(got["b"], np.arange(7, dtype=np.int8))
+
+
+def test_default_switches_to_copies_once_a_save_sees_its_arrays_donated(ckdir, slow_writes, caplog):
+    """copy_cpu_arrays=None: zero-copy views until a save finds, at its end, that
+    arrays it viewed were donated meanwhile; later snapshots copy."""
+    from jaxckpt import snapshot
+    copies = []
+    real = snapshot._copy_into
+    step = jax.jit(lambda s: {k: v * 2 for k, v in s.items()}, donate_argnums=0)
+    state = {"w": jnp.ones(1 << 19, jnp.float32), "b": jnp.ones(3, jnp.float32)}
+    with jaxckpt.AsyncCheckpointer() as ck:
+        assert ck.copy_cpu_arrays is None
+        slow_writes.set()
+        for i in range(3):  # a loop that does not donate: views throughout
+            ck.save(ckdir / f"nodonate{i}", state).result()
+        assert ck._copying is False
+        slow_writes.clear()
+        h = ck.save(ckdir / "a", state)
+        state = step(state)  # donates the viewed buffers while the save is held
+        jax.block_until_ready(state)
+        slow_writes.set()
+        with caplog.at_level("INFO", logger="jaxckpt"):
+            h.result()
+        assert ck._copying is True
+        assert "let go of (donated, deleted or replaced) arrays the save of" in caplog.text
+        import unittest.mock as mock
+        with mock.patch.object(snapshot, "_copy_into", lambda *a: copies.append(1) or real(*a)):
+            ck.save(ckdir / "b", state).result()
+    assert copies == [1]
+    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "a")["w"], np.ones(1 << 19, np.float32))
+    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.full(1 << 19, 2, np.float32))
+
+
+@pytest.mark.parametrize("choice", [False, True])
+def test_an_explicit_copy_choice_is_never_changed(ckdir, choice):
+    step = jax.jit(lambda s: {k: v + 1 for k, v in s.items()}, donate_argnums=0)
+    state = {"w": jnp.zeros(1 << 19, jnp.float32)}
+    with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=choice) as ck:
+        for i in range(3):
+            h = ck.save(ckdir / f"s{i}", state)
+            state = step(state)
+            h.result()
+            assert ck._copying is choice
+    for i in range(3):
+        np.testing.assert_array_equal(jaxckpt.restore(ckdir / f"s{i}")["w"], np.full(1 << 19, i, np.float32))
