@@ -4,7 +4,7 @@ Every measurement runs in its own fresh process (`benchmarks.worker`).
 Rounds are interleaved: each round measures the physical limits and then
 every method once, starting from a different method each round, so slow
 phases of a shared machine hit all methods alike.  Raw results go to
-`benchmarks/results/<timestamp>-<workloads>.json` after every round; the
+`benchmarks/results/<timestamp>-<workloads>.json` after every measurement; the
 report (`benchmarks/report.py`) is written at the end.
 """
 
@@ -170,7 +170,7 @@ def _measure(runner: Runner, args, data: dict, json_path: Path) -> None:
                                         data["methods"], data["cold_reads"]):
                     print(_progress(record), flush=True)
                     data["records"].append(record)
-            json_path.write_text(json.dumps(data, indent=1))
+                    json_path.write_text(json.dumps(data, indent=1))  # a killed run keeps its records
         data["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
     finally:
         json_path.write_text(json.dumps(data, indent=1))
