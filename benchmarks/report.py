@@ -205,12 +205,18 @@ TARGETS = (
 
 def evaluate_targets(res: Results) -> list[dict]:
     rows = []
+    backend = res.data.get("machine", {}).get("jax", {}).get("backend", "cpu")
     for target in TARGETS:
         for workload in res.data["workloads"]:
             if target.workloads is not None and workload not in target.workloads:
                 continue
             score, measured = target.measure(res, workload)
-            if score is None:
+            if target.against == "rss" and backend != "cpu":
+                # The memory targets are set for the CPU backend, where the
+                # snapshot can be a view and a restore can read into the final
+                # buffers; on an accelerator the host copy is the snapshot.
+                verdict, measured = "n/a", f"{measured} (the target is for the CPU backend)"
+            elif score is None:
                 verdict = "n/a"
             elif target.strict:
                 verdict = "PASS" if score < target.limit() else "FAIL"
