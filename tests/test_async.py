@@ -289,6 +289,7 @@ def _aligned(nbytes, seed):
     [4096 * 3 + 5, 17, 70000, 4096, 1],           # aligned sources, tails, small leaves between
     [100, 5, 4096 * 2, 9, (8 << 20) + 4096 * 3 + 1],  # a source larger than one staging buffer
     [65536, 65536, 3],
+    [16384 + 7] * 1800 + [1, 4096 * 5],               # small leaves filling several staging buffers
 ])
 def test_direct_writes_from_aligned_sources_match_the_buffered_layout(tmp_path, sizes):
     """Page-aligned sources skip the staging copy; the file must be byte-for-byte
