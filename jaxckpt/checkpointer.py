@@ -249,6 +249,8 @@ class AsyncCheckpointer:
             # failure or timeout an abandoned worker may still read them: they are dropped.)
             self._host_pool.put(pooled)
             if watched is not None and not self._copying and watched.moved_on():
+                # Fault in the copies' memory here, off the training thread.
+                self._host_pool.warm(snapshot_mod.view_sizes(snap))
                 self._copying = True
                 logger.info("the caller let go of (donated, deleted or replaced) arrays the save of %s "
                             "held by zero-copy view: later saves copy CPU arrays at snapshot time "

@@ -122,6 +122,16 @@ class HostPool:
             raw = np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)
         return raw[:n].view(dtype).reshape(shape)
 
+    def warm(self, sizes: list[int]) -> None:
+        """Allocate buffers of these byte sizes and fault their pages in now
+        (called on a background thread), so that the first copies into the
+        pool run at memcpy speed instead of page-fault speed."""
+        for n in sizes:
+            raw = np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)
+            raw[::mmap.PAGESIZE] = 0  # one write per page faults it in
+            with self._lock:
+                self._free.setdefault(n, []).append(raw)
+
     def put(self, arrays: list[np.ndarray]) -> None:
         with self._lock:
             for a in arrays:
@@ -177,6 +187,13 @@ class Watch:
         if any(a.is_deleted() for a in self.arrays):
             return True
         return any(now < then for now, then in zip(self._now(), self._counts))
+
+
+def view_sizes(snap: Snapshot) -> list[int]:
+    """Byte sizes of the shards ``snap`` holds as views of jax buffers (what
+    a copying snapshot of the same tree would copy into pooled buffers)."""
+    return [a.nbytes for leaf in snap.leaves for _, a in leaf.shards
+            if not a.flags.owndata and not isinstance(a.base, np.ndarray)]
 
 
 def _copy_into(snap: Snapshot, cpu_views: set[int], pool: HostPool, pooled: list) -> Snapshot:

@@ -371,10 +371,14 @@ def test_default_switches_to_copies_once_a_save_sees_its_arrays_donated(ckdir, s
             h.result()
         assert ck._copying is True
         assert "let go of (donated, deleted or replaced) arrays the save of" in caplog.text
+        # the copies' memory was faulted in by that save, off the training thread
+        assert {n: len(bufs) for n, bufs in ck._host_pool._free.items()} == {(1 << 19) * 4: 1, 3 * 4: 1}
+        warmed_buffer = ck._host_pool._free[(1 << 19) * 4][0]
         import unittest.mock as mock
         with mock.patch.object(snapshot, "_copy_into", lambda *a: copies.append(1) or real(*a)):
             ck.save(ckdir / "b", state).result()
     assert copies == [1]
+    assert warmed_buffer in [b for bufs in ck._host_pool._free.values() for b in bufs]  # reused, not a new one
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "a")["w"], np.ones(1 << 19, np.float32))
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.full(1 << 19, 2, np.float32))
 
