@@ -37,6 +37,8 @@ class Figure:
 FIGURES = (
     Figure("blocking_s", "blocking", "save", "blocking_s", "s", "memcpy", "÷ memcpy"),
     Figure("total_s", "total save", "save", "total_s", "s", "write", "÷ write limit"),
+    Figure("blocking2_s", "blocking, 2nd save", "save", "blocking2_s", "s", "memcpy", "÷ memcpy"),
+    Figure("total2_s", "total, 2nd save", "save", "total2_s", "s", "write", "÷ write limit"),
     Figure("restore_warm_s", "restore warm", "restore_warm", "restore_s", "s", "warm_read",
            "÷ warm read"),
     Figure("restore_cold_s", "restore cold", "restore_cold", "restore_s", "s", "cold_read",
@@ -269,6 +271,7 @@ def _label(method: str) -> str:
 COLUMNS = (
     ("blocking", ("blocking_s",)),
     ("total save", ("total_s",)),
+    ("2nd save in the process: blocking / total", ("blocking2_s", "total2_s")),
     ("restore warm", ("restore_warm_s",)),
     ("restore cold", ("restore_cold_s",)),
     ("extra RSS save", ("rss_save",)),
