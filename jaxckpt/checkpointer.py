@@ -147,9 +147,10 @@ class AsyncCheckpointer:
     donates its state cannot reuse viewed buffers while a save runs and
     allocates fresh memory instead, which costs more than the copy (see
     ``jaxckpt/snapshot.py``). ``None`` (default) decides by watching: saves
-    take views until one finds, when it ends, that arrays it viewed were
-    donated or deleted meanwhile; from then on saves copy into host buffers
-    reused between saves. ``True``/``False`` always/never copy. No effect on
+    take views until one finds, when it ends, that the caller let go of
+    arrays it viewed (donated, deleted or replaced them, as a training loop
+    does); from then on saves copy, into host buffers faulted in ahead on a
+    background thread and reused between saves. ``True``/``False`` always/never copy. No effect on
     GPU/TPU, where the snapshot is always a host copy.
     """
 
@@ -250,7 +251,7 @@ class AsyncCheckpointer:
             self._host_pool.put(pooled)
             if watched is not None and not self._copying and watched.moved_on():
                 # Fault in the copies' memory here, off the training thread.
-                self._host_pool.warm(snapshot_mod.view_sizes(snap))
+                self._host_pool.warm(snapshot_mod.cpu_view_sizes(snap))
                 self._copying = True
                 logger.info("the caller let go of (donated, deleted or replaced) arrays the save of %s "
                             "held by zero-copy view: later saves copy CPU arrays at snapshot time "

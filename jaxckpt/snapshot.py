@@ -38,6 +38,7 @@ import math
 import mmap
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -72,9 +73,6 @@ class Snapshot:
         return sum(a.nbytes for leaf in self.leaves for _, a in leaf.shards)
 
 
-_WATCH_BYTES = 1 << 20
-
-
 def _full_box(shape: tuple[int, ...]) -> Box:
     return tuple([(0, d) for d in shape])
 
@@ -102,6 +100,12 @@ def _python_value(v: Any) -> bool:
     return isinstance(v, int) and -(1 << 63) <= v < (1 << 64)
 
 
+def _page_aligned(n: int) -> np.ndarray:
+    """``n`` bytes of anonymous mmap memory: page-aligned, so the writer can
+    hand a buffer to O_DIRECT as it is, with no copy into staging memory."""
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)
+
+
 class HostPool:
     """Host buffers for CPU snapshot copies, reused from one save to the next:
     fresh memory costs a page fault per 4 KiB (slow on VMs), reused memory
@@ -117,9 +121,7 @@ class HostPool:
             bufs = self._free.get(n)
             raw = bufs.pop() if bufs else None
         if raw is None:
-            # Page-aligned (anonymous mmap): the writer can then hand the
-            # buffer to O_DIRECT as it is, with no copy into staging memory.
-            raw = np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)
+            raw = _page_aligned(n)
         return raw[:n].view(dtype).reshape(shape)
 
     def warm(self, sizes: list[int]) -> None:
@@ -127,7 +129,7 @@ class HostPool:
         (called on a background thread), so that the first copies into the
         pool run at memcpy speed instead of page-fault speed."""
         for n in sizes:
-            raw = np.frombuffer(mmap.mmap(-1, max(n, 1)), np.uint8)
+            raw = _page_aligned(n)
             raw[::mmap.PAGESIZE] = 0  # one write per page faults it in
             with self._lock:
                 self._free.setdefault(n, []).append(raw)
@@ -143,20 +145,17 @@ class HostPool:
 
 def take(tree: Any, *, copy_numpy: bool = True, copy_cpu: bool = False, process_index: int = 0,
          process_count: int = 1, pool: HostPool | None = None, pooled: list | None = None,
-         viewed: list | None = None) -> Snapshot:
+         viewed: Watch | None = None) -> Snapshot:
     """Copy ``tree``'s leaves to host memory the snapshot owns (see module doc).
 
-    ``viewed``: when given (and ``copy_cpu`` is false), a ``Watch`` that
-    receives the CPU jax arrays of 1 MiB or more that the snapshot holds by
-    zero-copy view."""
+    ``viewed``: when given (and ``copy_cpu`` is false), a ``Watch`` told about
+    the CPU jax arrays the snapshot holds by zero-copy view."""
     with _gc.paused():  # see jaxckpt/_gc.py: half the time on 10k-leaf trees
-        snap, cpu_views = _take(tree, copy_numpy, copy_cpu, process_index, process_count,
-                                None if copy_cpu else viewed)
+        snap = _take(tree, copy_numpy, process_index, process_count, None if copy_cpu else viewed)
         if viewed is not None and not copy_cpu:  # counted once _take's own references are gone
             viewed.start()
     if copy_cpu:  # (outside the GC pause: copies are long, allocations few)
-        snap = _copy_into(snap, cpu_views, pool if pool is not None else HostPool(),
-                          pooled if pooled is not None else [])
+        snap = _copy_into(snap, pool if pool is not None else HostPool(), pooled if pooled is not None else [])
     return snap
 
 
@@ -168,11 +167,8 @@ class Watch:
     Uses CPython reference counts, taken by the same code at both times."""
 
     def __init__(self) -> None:
-        self.arrays: list[jax.Array] = []
+        self.arrays: list[jax.Array] = []  # the CPU arrays the snapshot views
         self._counts: list[int] = []
-
-    def append(self, a: jax.Array) -> None:
-        self.arrays.append(a)
 
     def _now(self) -> list[int]:
         counts = []
@@ -189,20 +185,34 @@ class Watch:
         return any(now < then for now, then in zip(self._now(), self._counts))
 
 
-def view_sizes(snap: Snapshot) -> list[int]:
-    """Byte sizes of the shards ``snap`` holds as views of jax buffers (what
-    a copying snapshot of the same tree would copy into pooled buffers)."""
-    return [a.nbytes for leaf in snap.leaves for _, a in leaf.shards
-            if not a.flags.owndata and not isinstance(a.base, np.ndarray)]
+def _cpu_views(snap: Snapshot) -> Iterator[np.ndarray]:
+    """The host arrays of ``snap`` that are views of CPU jax buffers (not the
+    pinned-host copies of accelerator arrays, which are views too)."""
+    on_cpu: dict[int, bool] = {}  # by sharding identity: leaves share a few shardings
+    for leaf in snap.leaves:
+        for _, a in leaf.shards:
+            src = a.base.obj if isinstance(a.base, memoryview) else None
+            if isinstance(src, jax.Array):
+                key = id(src.sharding)
+                if key not in on_cpu:
+                    on_cpu[key] = not on_accelerator(next(iter(src.sharding.device_set)))
+                if on_cpu[key]:
+                    yield a
 
 
-def _copy_into(snap: Snapshot, cpu_views: set[int], pool: HostPool, pooled: list) -> Snapshot:
-    """Replace views of CPU jax buffers (ids in ``cpu_views``) by copies in pooled buffers."""
+def cpu_view_sizes(snap: Snapshot) -> list[int]:
+    """Bytes of each shard a copying snapshot of the same tree would copy."""
+    return [a.nbytes for a in _cpu_views(snap)]
+
+
+def _copy_into(snap: Snapshot, pool: HostPool, pooled: list) -> Snapshot:
+    """Replace views of CPU jax buffers by copies in pooled buffers."""
+    views = {id(a) for a in _cpu_views(snap)}
     leaves = []
     for leaf in snap.leaves:
         shards = []
         for box, a in leaf.shards:
-            if id(a) in cpu_views:
+            if id(a) in views:
                 buf = pool.get(a.shape, a.dtype)
                 np.copyto(buf, a)
                 pooled.append(buf)
@@ -263,8 +273,8 @@ def _start_transfers(arrays: list[jax.Array]) -> dict[int, jax.Array]:
     return {id(d): c for d, c in zip(direct, copies)}
 
 
-def _take(tree: Any, copy_numpy: bool, copy_cpu: bool, process_index: int, process_count: int,
-          viewed: list | None) -> tuple[Snapshot, set[int]]:
+def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
+          viewed: Watch | None) -> Snapshot:
     # Process-local data (numpy arrays, arrays on this process's devices only)
     # is the same on every process of an SPMD job: the primary writes it once.
     local_owner = process_index == 0
@@ -308,8 +318,8 @@ def _take(tree: Any, copy_numpy: bool, copy_cpu: bool, process_index: int, proce
                 parts = []
             if info[2]:
                 accel.extend(d for _, d in parts)
-            elif viewed is not None and parts and x.nbytes >= _WATCH_BYTES:
-                viewed.append(x)
+            elif viewed is not None:
+                viewed.arrays.append(x)
             pending.append((i, name, impl, shape, parts))
         elif isinstance(x, (np.ndarray, np.generic)):
             a = np.asarray(x)
@@ -330,11 +340,7 @@ def _take(tree: Any, copy_numpy: bool, copy_cpu: bool, process_index: int, proce
 
     # Start every transfer before waiting on any.
     copies = _start_transfers(accel)
-    accel_ids = {id(d) for d in accel} if copy_cpu else set()
-    cpu_views: set[int] = set()
     for i, name, impl, shape, parts in pending:
         host = tuple((box, np.asarray(copies.get(id(d), d))) for box, d in parts)
-        if copy_cpu and not (parts and id(parts[0][1]) in accel_ids):
-            cpu_views.update(id(a) for _, a in host if not a.flags.owndata)
         out[i] = HostLeaf("key" if impl else "array", name, shape, host, impl=impl)
-    return Snapshot(treedef, tuple(out)), cpu_views
+    return Snapshot(treedef, tuple(out))

@@ -216,8 +216,14 @@ def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool,
     buf = pool.get()
     size = buf.nbytes
     mv = memoryview(buf)
-    base = run[0].offset  # aligned by construction (split_runs)
-    fill = 0
+    base = run[0].offset  # file offset of buf[0]; aligned by construction (split_runs)
+    fill = 0  # bytes of buf holding data (or padding) to write
+
+    def flush(end: int) -> None:
+        """Write buf[:end] (``end`` a multiple of the block size) at ``base``, zero-padded after ``fill``."""
+        buf[fill:end] = 0
+        f.pwrite(mv[:end], base, direct=True)
+
     try:
         for i, u in enumerate(run):
             if not i & 15:
@@ -230,45 +236,33 @@ def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool,
                 # The common case for small leaves, kept to a few memoryview
                 # operations: 10,000 leaves of 1-16 KiB spent most of their
                 # save time in the general path's numpy slicing below.
-                if rel > fill:
-                    mv[fill:rel] = _ZEROS[:rel - fill]
+                mv[fill:rel] = _ZEROS[:rel - fill]
                 mv[rel:rel + n] = memoryview(src)
                 fill = rel + n
                 continue
             if _direct_ok(src, offset):
-                rel = offset - base
-                if fill:  # flush what is staged up to this unit's (aligned) start
-                    if rel > size:
-                        end = _align(fill, storage.ALIGN)
-                        buf[fill:end] = 0
-                        f.pwrite(memoryview(buf)[:end], base, direct=True)
-                    else:
-                        buf[fill:rel] = 0
-                        f.pwrite(memoryview(buf)[:rel], base, direct=True)
+                if fill:  # write what is staged, up to this unit's (aligned) start if it is in buf
+                    flush(rel if rel <= size else _align(fill, storage.ALIGN))
                     fill = 0
                 # page-aligned source memory: no staging copy for the whole blocks
-                n = src.nbytes - src.nbytes % storage.ALIGN
+                n -= n % storage.ALIGN
                 f.pwrite(memoryview(src[:n]), offset, direct=True)
                 base = offset = offset + n
                 src = src[n:]
             while src.nbytes:
                 rel = offset - base
                 if rel >= size:
-                    buf[fill:] = 0
-                    f.pwrite(memoryview(buf), base, direct=True)
+                    flush(size)
                     base, fill = base + size, 0
                     continue
                 n = min(src.nbytes, size - rel)
-                if rel > fill:
-                    buf[fill:rel] = 0
+                buf[fill:rel] = 0
                 np.copyto(buf[rel:rel + n], src[:n])
                 fill = rel + n
                 offset += n
                 src = src[n:]
         if fill:
-            end = _align(fill, storage.ALIGN)
-            buf[fill:end] = 0
-            f.pwrite(memoryview(buf)[:end], base, direct=True)
+            flush(_align(fill, storage.ALIGN))
     finally:
         pool.put(buf)
 
