@@ -15,6 +15,22 @@ def ckdir(tmp_path):
     return tmp_path
 
 
+@pytest.fixture
+def no_progress_env(monkeypatch):
+    """Progress bars decided by the code under test, not by the caller's JAXCKPT_PROGRESS."""
+    from jaxckpt import progress
+    monkeypatch.delenv(progress.ENV_VAR, raising=False)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """A fork server for the crash and concurrency tests (tests/torture_worker.py)."""
+    import torture_worker
+    s = torture_worker.ForkServer()
+    yield s
+    s.close()
+
+
 # ----------------------------------------------------------------------------- no pickle (issue 6)
 import nopickle  # noqa: E402
 

@@ -25,6 +25,8 @@ from jaxckpt import progress
 from jaxckpt import storage
 from jaxckpt.reader import CheckpointReader
 
+from helpers import FakeClock, flip_bit, read_manifest
+
 DATA = "data-00000.bin"
 T0 = 1_700_000_000.0
 TREE = {
@@ -34,17 +36,7 @@ TREE = {
 }  # 65536 + 56 + 8 = 65600 bytes = 64.1 KiB in 4 leaves
 
 
-class Clock:
-    def __init__(self, t: float):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture(autouse=True)
-def no_env(monkeypatch):
-    monkeypatch.delenv(progress.ENV_VAR, raising=False)
+pytestmark = pytest.mark.usefixtures("no_progress_env")
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:
@@ -54,16 +46,7 @@ def run(capsys, *argv) -> tuple[int, str, str]:
 
 
 def leaf_record(path, key: str) -> fmt.LeafRecord:
-    with open(os.path.join(path, fmt.MANIFEST_NAME), "rb") as f:
-        return next(x for x in fmt.decode_manifest(f.read(), "test").leaves if x.path == key)
-
-
-def flip_bit(path, offset: int, bit: int = 0) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ (1 << bit)]))
+    return next(x for x in read_manifest(path).leaves if x.path == key)
 
 
 @pytest.fixture
@@ -81,7 +64,7 @@ def state(step: int) -> dict:
 def run_dir(ckdir):
     """A manager's directory with steps 1, 2 and 10 (10 forced), fixed timestamps."""
     d = ckdir / "run"
-    clock = Clock(T0)
+    clock = FakeClock(T0)
     with jaxckpt.CheckpointManager(d, async_save=False, _clock=clock) as mgr:
         for step in (1, 2, 10):
             clock.t = T0 + step

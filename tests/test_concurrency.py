@@ -22,16 +22,7 @@ from jaxckpt import reader as reader_mod
 from jaxckpt import storage
 
 import torture_worker as tw
-from torture_worker import aux_entries, big_values, same, values
-
-LONG = os.environ.get("JAXCKPT_LONG_TESTS") == "1"
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = tw.ForkServer()
-    yield s
-    s.close()
+from torture_worker import LONG, aux_entries, big_values, same, values
 
 
 # =========================================================================== two writers

@@ -16,20 +16,9 @@ from jax.sharding import PartitionSpec as P
 import jaxckpt
 from jaxckpt import format as fmt
 
+from helpers import flip_bit, read_manifest
+
 DATA = "data-00000.bin"
-
-
-def read_manifest(path) -> fmt.Manifest:
-    with open(os.path.join(path, fmt.MANIFEST_NAME), "rb") as f:
-        return fmt.decode_manifest(f.read(), "test")
-
-
-def flip_bit(path, offset: int, bit: int = 0) -> None:
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        b = f.read(1)[0]
-        f.seek(offset)
-        f.write(bytes([b ^ (1 << bit)]))
 
 
 TREE = {

@@ -25,16 +25,7 @@ import jaxckpt
 from jaxckpt import storage
 
 import torture_worker as tw
-from torture_worker import aux_entries, same, values
-
-LONG = os.environ.get("JAXCKPT_LONG_TESTS") == "1"
-
-
-@pytest.fixture(scope="module")
-def server():
-    s = tw.ForkServer()
-    yield s
-    s.close()
+from torture_worker import LONG, aux_entries, same, values
 
 
 def check_listed(directory, expect=lambda step: [values(step)]) -> list[int]:

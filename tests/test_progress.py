@@ -15,23 +15,15 @@ import pytest
 import jaxckpt
 from jaxckpt import progress
 
+from helpers import FakeClock
+
 
 class FakeTTY(io.StringIO):
     def isatty(self) -> bool:
         return True
 
 
-class FakeClock:
-    def __init__(self, t: float = 100.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture(autouse=True)
-def no_env(monkeypatch):
-    monkeypatch.delenv(progress.ENV_VAR, raising=False)
+pytestmark = pytest.mark.usefixtures("no_progress_env")
 
 
 @pytest.fixture

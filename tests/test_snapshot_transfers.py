@@ -45,6 +45,12 @@ def _host(snap, paths=("key", "n", "replicated", "sharded", "w")):
     return out
 
 
+def _assert_holds(snap, want):
+    got = _host(snap)
+    for k, v in want.items():
+        np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
 def test_one_batched_transfer_to_pinned_host_and_the_copies_outlive_the_sources(as_accelerator, monkeypatch):
     calls = []
     real = jax.device_put
@@ -64,9 +70,7 @@ def test_one_batched_transfer_to_pinned_host_and_the_copies_outlive_the_sources(
     for k in ("w", "sharded", "replicated"):
         tree[k].delete()
     jax.block_until_ready(jnp.zeros(1 << 20) + 1)  # memory churn after the sources are gone
-    got = _host(snap)
-    for k, v in want.items():
-        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    _assert_holds(snap, want)
     assert [len(leaf.shards) for leaf in snap.leaves] == [1, 1, 1, 8, 1]
 
 
@@ -84,9 +88,7 @@ def test_refused_pinned_transfer_falls_back_to_copy_to_host_async(as_accelerator
     snap = snapshot.take(tree)
     monkeypatch.undo()
     assert len(started) == 11
-    got = _host(snap)
-    for k, v in want.items():
-        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    _assert_holds(snap, want)
 
 
 def test_devices_without_pinned_host_memory_use_copy_to_host_async(as_accelerator, monkeypatch):
@@ -98,9 +100,7 @@ def test_devices_without_pinned_host_memory_use_copy_to_host_async(as_accelerato
     snap = snapshot.take(tree)
     monkeypatch.undo()
     assert called == []
-    got = _host(snap)
-    for k, v in want.items():
-        np.testing.assert_array_equal(got[k], v, err_msg=k)
+    _assert_holds(snap, want)
 
 
 def test_save_and_restore_through_the_pinned_path_is_bit_exact(as_accelerator, tmp_path):

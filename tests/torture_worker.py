@@ -33,6 +33,8 @@ import jaxckpt
 import nopickle
 from jaxckpt import storage
 
+LONG = os.environ.get("JAXCKPT_LONG_TESTS") == "1"  # the long variants of the crash and concurrency tests
+
 # --------------------------------------------------------------------------- step values
 def values(step: int, version: int = 0) -> dict:
     """The training state of ``step``: a pure function of (step, version), with

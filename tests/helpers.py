@@ -1,0 +1,31 @@
+"""Small helpers shared by several test modules."""
+
+from __future__ import annotations
+
+import os
+
+from jaxckpt import format as fmt
+
+
+class FakeClock:
+    """A clock that stands still until a test moves ``t``."""
+
+    def __init__(self, t: float = 100.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def read_manifest(path) -> fmt.Manifest:
+    with open(os.path.join(path, fmt.MANIFEST_NAME), "rb") as f:
+        return fmt.decode_manifest(f.read(), "test")
+
+
+def flip_bit(path, offset: int, bit: int = 0) -> None:
+    """Flip one bit of the file at ``path`` in place."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([b ^ (1 << bit)]))
