@@ -30,19 +30,20 @@ import numpy as np
 MIB = 1 << 20
 
 
-def _timed(fn, reps=3):
-    times, out = [], None
-    for _ in range(reps):
-        out = None
+def _timing(fn):
+    """A run of ``fn`` that returns its duration in seconds."""
+    def run():
         t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times, out
+        fn()
+        return time.perf_counter() - t0
+    return run
 
 
-def _record(results, name, nbytes, fn, reps=3):
+def _record(results, name, nbytes, run, reps=3):
+    """Median of ``reps`` runs (each returns its seconds), or the error it raised."""
     try:
-        med, times, _ = _timed(fn, reps)
+        times = [run() for _ in range(reps)]
+        med = statistics.median(times)
         results[name] = {"s": med, "gbps": nbytes / med / 1e9, "runs": times}
         print(f"{name:45s} {med * 1e3:9.1f} ms {nbytes / med / 1e9:7.2f} GB/s", flush=True)
     except Exception as e:  # noqa: BLE001 - a probe records what fails
@@ -74,14 +75,7 @@ def d2h(results, label, arrays, dev):
         return run
 
     def timed_only(name, fn):
-        try:
-            ts = [fresh(fn)() for _ in range(3)]
-            med = statistics.median(ts)
-            results[name] = {"s": med, "gbps": nbytes / med / 1e9, "runs": ts}
-            print(f"{name:45s} {med * 1e3:9.1f} ms {nbytes / med / 1e9:7.2f} GB/s", flush=True)
-        except Exception as e:  # noqa: BLE001
-            results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-            print(f"{name:45s} FAILED {type(e).__name__}: {str(e)[:150]}", flush=True)
+        _record(results, name, nbytes, fresh(fn))
 
     timed_only(f"d2h {label} copy_to_host_async+asarray", async_asarray)
     timed_only(f"d2h {label} device_get", lambda: jax.device_get(arrays))
@@ -102,15 +96,15 @@ def h2d(results, label, host, dev):
     nbytes = sum(a.nbytes for a in host)
     sh = jax.sharding.SingleDeviceSharding(dev)
     _record(results, f"h2d {label} device_put(list)",
-            nbytes, lambda: jax.block_until_ready(jax.device_put(host, [sh] * len(host))))
+            nbytes, _timing(lambda: jax.block_until_ready(jax.device_put(host, [sh] * len(host)))))
 
     def via_pinned():
         p = jax.device_put(host, _host_sharding(dev, "pinned_host"))
         return jax.block_until_ready(jax.device_put(p, sh))
-    _record(results, f"h2d {label} numpy->pinned_host->device", nbytes, via_pinned)
+    _record(results, f"h2d {label} numpy->pinned_host->device", nbytes, _timing(via_pinned))
     pinned = jax.block_until_ready(jax.device_put(host, _host_sharding(dev, "pinned_host")))
     _record(results, f"h2d {label} pinned_host->device only", nbytes,
-            lambda: jax.block_until_ready(jax.device_put(pinned, sh)))
+            _timing(lambda: jax.block_until_ready(jax.device_put(pinned, sh))))
 
 
 def small_concat(results, arrays, dev):
@@ -126,7 +120,7 @@ def small_concat(results, arrays, dev):
     def run():
         flat = np.asarray(cat(arrays))
         return [p.reshape(s) for p, s in zip(np.split(flat, np.cumsum(sizes)[:-1]), shapes)]
-    _record(results, "d2h small jit concat+one transfer+split", nbytes, run)
+    _record(results, "d2h small jit concat+one transfer+split", nbytes, _timing(run))
     flat = np.concatenate([np.asarray(a).reshape(-1) for a in arrays])
     offs = np.cumsum([0] + sizes)
     split = jax.jit(lambda f: [f[offs[i]:offs[i + 1]].reshape(shapes[i]) for i in range(len(shapes))])
@@ -134,7 +128,7 @@ def small_concat(results, arrays, dev):
     jax.block_until_ready(split(jax.device_put(flat, dev)))
     results["h2d small split compile+first"] = {"s": time.perf_counter() - t0}
     _record(results, "h2d small one transfer+jit split", nbytes,
-            lambda: jax.block_until_ready(split(jax.device_put(flat, dev))))
+            _timing(lambda: jax.block_until_ready(split(jax.device_put(flat, dev)))))
 
 
 def main(argv):
