@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxckpt import checkpointer
 from jaxckpt import format as fmt
+from jaxckpt import placement
 from jaxckpt import progress as progress_mod
 from jaxckpt import reader as reader_mod
 from jaxckpt import tree as tree_mod
@@ -221,11 +222,15 @@ def _list(xs: list[str], n: int = 10) -> str:
 def _target_info(t: Any) -> tuple[tuple[int, ...] | None, Any, Any, bool]:
     """(shape, dtype, sharding or None, is_key) of a target leaf; shape None for Python scalars."""
     if isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
-        is_key = jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key)
-        return tuple(t.shape), t.dtype, getattr(t, "sharding", None), is_key
+        return tuple(t.shape), t.dtype, getattr(t, "sharding", None), _is_key_dtype(t.dtype)
     if isinstance(t, (np.ndarray, np.generic)):
         return tuple(np.shape(t)), t.dtype, None, False
     return None, None, None, False
+
+
+@functools.lru_cache(maxsize=256)
+def _is_key_dtype(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 @functools.lru_cache(maxsize=64)
@@ -257,8 +262,8 @@ def _key_shape(rec: fmt.LeafRecord) -> tuple[int, ...]:
     return rec.shape[:len(rec.shape) - len(_key_layout(rec.impl)[0])]
 
 
-def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any) -> None:
-    shape, _, _, is_key = _target_info(t)
+def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any, info: tuple) -> None:
+    shape, _, _, is_key = info
     if shape is None:  # a Python scalar or str target
         if rec.kind == "value":
             v = rec.value
@@ -296,9 +301,9 @@ def _single_device(sharding: Any, cache: dict[int, tuple[Any, bool]]) -> bool:
     return hit[1]
 
 
-def _boxes(t: Any, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, bool]]) -> list[Box | None]:
+def _boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, bool]]) -> list[Box | None]:
     """The host boxes a target leaf needs: one per distinct addressable slice."""
-    shape, _, sharding, is_key = _target_info(t)
+    shape, _, sharding, is_key = info
     if sharding is None or is_key or rec.kind == "value" or shape is None or _single_device(sharding, cache):
         return [None]
     idx = sharding.addressable_devices_indices_map(shape)
@@ -315,27 +320,28 @@ def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
 def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
           progress: Any = None) -> list[Any]:
     recs = [r.manifest.leaves[r.by_path[p]] for p in paths]
-    for p, rec, t in zip(paths, recs, tleaves):
+    infos = [_target_info(t) for t in tleaves]
+    for p, rec, t, info in zip(paths, recs, tleaves, infos):
         if rec.kind == "key":
             _check_key_record(r, rec)
-        _check_leaf(r.path, p, rec, t)
+        _check_leaf(r.path, p, rec, t, info)
     cache: dict[int, tuple[Any, bool]] = {}
-    boxes = [_boxes(t, rec, cache) for rec, t in zip(recs, tleaves)]
+    boxes = [_boxes(info, rec, cache) for rec, info in zip(recs, infos)]
     requests: list[tuple[int, Box | None]] = []
     for p, rec, bs in zip(paths, recs, boxes):
         if rec.kind != "value":
             requests.extend((r.by_path[p], b) for b in bs)
     arrays = iter(r.read(requests, verify=verify, progress=progress))
     out: list[Any] = []
-    # Leaves bound for one device are transferred in ONE batched device_put:
-    # per-leaf calls cost ~60-90 us each, which dominates 10^4-leaf restores.
+    # Leaves bound for one device are placed together at the end
+    # (placement.put: ~15 us per leaf instead of jax.device_put's ~50 us).
     batch: list[tuple[int, np.ndarray, Any]] = []
-    for p, rec, t, bs in zip(paths, recs, tleaves, boxes):
+    for rec, t, info, bs in zip(recs, tleaves, infos, boxes):
         if rec.kind == "value":
             out.append(convert(rec.value, t))
             continue
         got = {_full(b, rec): next(arrays) for b in bs}
-        shape, dtype, sharding, is_key = _target_info(t)
+        shape, dtype, sharding, is_key = info
         if sharding is not None and not is_key and _single_device(sharding, cache):
             (arr,) = got.values()
             batch.append((len(out), arr if arr.dtype == np.dtype(dtype) else arr.astype(dtype), sharding))
@@ -343,7 +349,7 @@ def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], 
         else:
             out.append(_assemble(rec, got, t))
     if batch:
-        placed = jax.device_put([a for _, a, _ in batch], [sh for _, _, sh in batch])
+        placed = placement.put([a for _, a, _ in batch], [sh for _, _, sh in batch])
         for (i, _, _), x in zip(batch, placed):
             out[i] = x
     return out
