@@ -381,8 +381,8 @@ class Context:
 def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: bool = True
                ) -> tuple[Layout, list[list[list[int]]]]:
     """(every process) Write this process's shards into ``tmp/file_name``."""
-    layout = plan(snap, fmt.CHUNK_BYTES)
-    with _gc.paused():
+    with _gc.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/_gc.py
+        layout = plan(snap, fmt.CHUNK_BYTES)
         sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
     if layout.size == 0:
         return layout, sums
