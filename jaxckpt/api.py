@@ -18,6 +18,7 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from jaxckpt import _gc
 from jaxckpt import checkpointer
 from jaxckpt import format as fmt
 from jaxckpt import placement
@@ -319,6 +320,12 @@ def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
 
 def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
           progress: Any = None) -> list[Any]:
+    with _gc.paused():  # a few acyclic objects per leaf: see jaxckpt/_gc.py
+        return _fill_leaves(r, paths, tleaves, verify, progress)
+
+
+def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
+                 progress: Any) -> list[Any]:
     recs = [r.manifest.leaves[r.by_path[p]] for p in paths]
     infos = [_target_info(t) for t in tleaves]
     for p, rec, t, info in zip(paths, recs, tleaves, infos):
