@@ -11,8 +11,10 @@ device once, and hands each array to the same JAX-internal transfer that
 ``jax.device_put`` ends in (``pxla.batched_device_put``): 12-20 us per array.
 
 That function is not public API. It is looked up once; if it is missing,
-or it rejects a call (a JAX upgrade changed it), ``put`` logs that once and
-falls back to ``jax.device_put`` for good. Only plain numpy arrays whose
+rejects a call, or returns something other than what ``jax.device_put``
+would (checked on the first array of every call: type, shape, dtype,
+sharding, committed), ``put`` logs that once and falls back to
+``jax.device_put`` for good. Only plain numpy arrays whose
 dtype JAX keeps as is (no float64 -> float32 narrowing with x64 off) bound
 for a ``SingleDeviceSharding`` take the fast path; anything else goes to
 ``jax.device_put`` in one batched call. ``tests/test_placement.py`` checks
@@ -71,6 +73,7 @@ def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Arra
         avals: dict[tuple, Any] = {}
         devices: dict[int, Any] = {}
         canonical: dict[np.dtype, bool] = {}
+        checked = False
         for i, (a, sharding) in enumerate(zip(arrays, shardings)):
             dev = devices.get(id(sharding))
             if dev is None:
@@ -89,11 +92,15 @@ def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Arra
             if aval is None:
                 aval = avals[key] = shaped_array(a.shape, a.dtype)
             try:
-                out[i] = transfer(aval, sharding, [a], [dev], True)
-            except (TypeError, AttributeError) as err:  # the internal signature changed
+                x = transfer(aval, sharding, [a], [dev], True)
+                if checked is False:
+                    _check_like_device_put(x, a, sharding)
+                    checked = True
+            except (TypeError, AttributeError, ValueError) as err:  # the internal API changed
                 _disable(err)
                 slow.extend(range(i, len(arrays)))
                 break
+            out[i] = x
     else:
         slow = list(range(len(arrays)))
     if slow:
@@ -101,6 +108,17 @@ def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Arra
         for i, x in zip(slow, placed):
             out[i] = x
     return out
+
+
+def _check_like_device_put(x: Any, a: np.ndarray, sharding: Any) -> None:
+    """The first array of each call is checked for what ``jax.device_put``
+    guarantees, so a JAX release that changed the internal function's meaning
+    (not only its signature) is caught too."""
+    if not (isinstance(x, jax.Array) and x.shape == a.shape and x.dtype == a.dtype
+            and x.sharding == sharding and x.committed):
+        raise ValueError(f"unexpected result {type(x).__name__} "
+                         f"(shape {getattr(x, 'shape', None)}, dtype {getattr(x, 'dtype', None)}, "
+                         f"sharding {getattr(x, 'sharding', None)}, committed {getattr(x, 'committed', None)})")
 
 
 def _single_device(sharding: Any) -> Any:

@@ -106,3 +106,21 @@ def test_restore_of_many_leaves_uses_it_and_round_trips(fresh_fast_path, ckdir, 
     assert seen == [300]
     for k, v in tree.items():
         _same(out[k], v)
+
+
+def test_a_changed_meaning_is_caught_too(fresh_fast_path, monkeypatch, caplog):
+    from jax._src import core
+    from jax._src.interpreters import pxla
+
+    def uncommitted(aval, sharding, xs, devices, committed):
+        return pxla.batched_device_put(aval, sharding, xs, devices, False)
+
+    monkeypatch.setattr(placement, "_fast", (core.ShapedArray, uncommitted))
+    host = _host_arrays()[:3]
+    shardings = [SingleDeviceSharding(jax.devices()[1])] * 3
+    with caplog.at_level("INFO", logger="jaxckpt"):
+        got = placement.put(host, shardings)
+    for a, b in zip(got, jax.device_put(host, shardings)):
+        _same(a, b)
+    assert not placement.fast_path_active()
+    assert "unexpected result ArrayImpl" in caplog.text and "committed False" in caplog.text
