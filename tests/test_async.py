@@ -278,9 +278,10 @@ def test_copy_cpu_arrays_reuses_its_host_buffers_between_saves(ckdir, monkeypatc
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.arange(1 << 16, dtype=np.float32) + 1)
 
 
-def _aligned(nbytes, seed):
+def _aligned(nbytes, seed, shift=0):
+    """Random bytes whose address is ``shift`` bytes past a page boundary."""
     import mmap
-    a = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)[:nbytes]
+    a = np.frombuffer(mmap.mmap(-1, max(nbytes + shift, 1)), np.uint8)[shift:shift + nbytes]
     a[:] = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
     return a
 
@@ -290,6 +291,8 @@ def _aligned(nbytes, seed):
     [100, 5, 4096 * 2, 9, (8 << 20) + 4096 * 3 + 1],  # a source larger than one staging buffer
     [65536, 65536, 3],
     [16384 + 7] * 1800 + [1, 4096 * 5],               # small leaves filling several staging buffers
+    # (size, address past a page boundary): what XLA's and numpy's allocators return; staged
+    [(70000, 64), 17, ((8 << 20) + 4096 * 3 + 1, 64), (3 << 20, 4032), 4096 * 4, ((1 << 20) + 3, 17)],
 ])
 def test_direct_writes_from_aligned_sources_match_the_buffered_layout(tmp_path, sizes):
     """Page-aligned sources skip the staging copy; the file must be byte-for-byte
@@ -297,7 +300,8 @@ def test_direct_writes_from_aligned_sources_match_the_buffered_layout(tmp_path, 
     from jaxckpt import snapshot
     arrays = []
     for i, n in enumerate(sizes):
-        a = _aligned(n, i) if n >= 4096 else np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
+        n, shift = n if isinstance(n, tuple) else (n, 0)
+        a = _aligned(n, i, shift) if n >= 4096 else np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
         arrays.append(a)
     leaves = []
     for a in arrays:
@@ -395,3 +399,25 @@ def test_an_explicit_copy_choice_is_never_changed(ckdir, choice):
             assert ck._copying is choice
     for i in range(3):
         np.testing.assert_array_equal(jaxckpt.restore(ckdir / f"s{i}")["w"], np.full(1 << 19, i, np.float32))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
+def test_staging_and_pool_buffers_are_private_memory():
+    """Shared anonymous memory (mmap's default) is shmem, which never gets huge
+    pages; O_DIRECT from huge pages ran twice as fast here (storage.aligned_buffer)."""
+    from jaxckpt import snapshot
+
+    def perms(addr):
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, mode = line.split()[:2]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= addr < hi:
+                    return mode
+        raise AssertionError(f"address {addr:#x} not mapped")
+
+    a = np.frombuffer(storage.aligned_buffer(4 << 20), np.uint8)
+    b = snapshot._page_aligned(4 << 20)
+    for buf in (a, b):
+        assert buf.ctypes.data % 4096 == 0
+        assert perms(buf.ctypes.data) == "rw-p"
