@@ -421,3 +421,18 @@ def test_staging_and_pool_buffers_are_private_memory():
     for buf in (a, b):
         assert buf.ctypes.data % 4096 == 0
         assert perms(buf.ctypes.data) == "rw-p"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_background_threads_run_at_the_lowest_priority():
+    from jaxckpt import checkpointer
+
+    def nice():
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    before = nice()
+    with jaxckpt.AsyncCheckpointer() as ck:
+        io = ck._io.submit(nice).result()
+        bg = ck._bg.submit(nice).result()
+    assert io == bg == checkpointer.BACKGROUND_NICE == 19
+    assert nice() == before  # the caller's thread keeps its priority
