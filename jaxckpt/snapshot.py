@@ -62,6 +62,7 @@ class HostLeaf(NamedTuple):
     shards: tuple[tuple[Box, np.ndarray], ...] = ()  # C-contiguous, little-endian host buffers
     value: Any = None
     impl: str | None = None
+    cpu_view: bool = False  # shards are zero-copy views of CPU jax buffers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +164,9 @@ def take(tree: Any, *, copy_numpy: bool = True, copy_cpu: bool = False, process_
         snap = _take(tree, copy_numpy, process_index, process_count, None if copy_cpu else viewed)
         if viewed is not None and not copy_cpu:  # counted once _take's own references are gone
             viewed.start()
-    if copy_cpu:  # (outside the GC pause: copies are long, allocations few)
-        snap = _copy_into(snap, pool if pool is not None else HostPool(), pooled if pooled is not None else [])
+    if copy_cpu:
+        with _gc.paused():  # a view and a tuple or two per leaf
+            snap = _copy_into(snap, pool if pool is not None else HostPool(), pooled if pooled is not None else [])
     return snap
 
 
@@ -196,38 +198,65 @@ class Watch:
 
 def _cpu_views(snap: Snapshot) -> Iterator[np.ndarray]:
     """The host arrays of ``snap`` that are views of CPU jax buffers (not the
-    pinned-host copies of accelerator arrays, which are views too)."""
-    on_cpu: dict[int, bool] = {}  # by sharding identity: leaves share a few shardings
+    pinned-host copies of accelerator arrays, which are views too). Marked
+    when taken: a view's ``base`` does not always lead back to its array
+    (bfloat16 views hold a capsule)."""
     for leaf in snap.leaves:
-        for _, a in leaf.shards:
-            src = a.base.obj if isinstance(a.base, memoryview) else None
-            if isinstance(src, jax.Array):
-                key = id(src.sharding)
-                if key not in on_cpu:
-                    on_cpu[key] = not on_accelerator(next(iter(src.sharding.device_set)))
-                if on_cpu[key]:
-                    yield a
+        if leaf.cpu_view:
+            for _, a in leaf.shards:
+                yield a
+
+
+# CPU views smaller than this are copied into one shared pooled buffer (an
+# arena, each at a 64-byte aligned offset) instead of a pooled buffer each:
+# a 10,000-leaf tree then costs one buffer, not 10,000 mappings and lookups.
+ARENA_LEAF_BYTES = 64 << 10
+_ARENA_ALIGN = 64
+
+
+def _arena_offsets(views: list[np.ndarray]) -> tuple[dict[int, int], int]:
+    """Offsets in the arena of the small ``views`` (by ``id``), and its size."""
+    offsets: dict[int, int] = {}
+    end = 0
+    for a in views:
+        if 0 < a.nbytes < ARENA_LEAF_BYTES:
+            offsets[id(a)] = end
+            end += -(-a.nbytes // _ARENA_ALIGN) * _ARENA_ALIGN
+    return offsets, end
 
 
 def cpu_view_sizes(snap: Snapshot) -> list[int]:
-    """Bytes of each shard a copying snapshot of the same tree would copy."""
-    return [a.nbytes for a in _cpu_views(snap)]
+    """Bytes of each pooled buffer a copying snapshot of the same tree asks for."""
+    views = list(_cpu_views(snap))
+    _, arena = _arena_offsets(views)
+    return [a.nbytes for a in views if a.nbytes >= ARENA_LEAF_BYTES] + ([arena] if arena else [])
 
 
 def _copy_into(snap: Snapshot, pool: HostPool, pooled: list) -> Snapshot:
     """Replace views of CPU jax buffers by copies in pooled buffers."""
-    views = {id(a) for a in _cpu_views(snap)}
+    offsets, arena_bytes = _arena_offsets(list(_cpu_views(snap)))
+    arena = None
+    if arena_bytes:
+        arena = pool.get((arena_bytes,), np.dtype(np.uint8))
+        pooled.append(arena)
     leaves = []
     for leaf in snap.leaves:
+        if not leaf.cpu_view:
+            leaves.append(leaf)
+            continue
         shards = []
         for box, a in leaf.shards:
-            if id(a) in views:
+            off = offsets.get(id(a))
+            if not a.nbytes:
+                buf = np.empty(a.shape, a.dtype)
+            elif off is None:
                 buf = pool.get(a.shape, a.dtype)
-                np.copyto(buf, a)
                 pooled.append(buf)
-                a = buf
-            shards.append((box, a))
-        leaves.append(leaf._replace(shards=tuple(shards)) if shards else leaf)
+            else:
+                buf = arena[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+            np.copyto(buf, a)
+            shards.append((box, buf))
+        leaves.append(leaf._replace(shards=tuple(shards), cpu_view=False))
     return Snapshot(snap.treedef, tuple(leaves))
 
 
@@ -235,6 +264,14 @@ def on_accelerator(device: Any) -> bool:
     """Whether arrays on ``device`` need a device->host transfer (tests patch this)."""
     return device.platform != "cpu"
 
+
+# Shards smaller than this skip the pinned-host path and use copy_to_host_async.
+# On an H200 host (W1, 1.1 GB, fresh device arrays per save) later saves
+# blocked for 0.03 s with every shard pinned, 0.03-0.04 s with shards under
+# 1 MiB on copy_to_host_async and 0.22-0.25 s with every shard on it; the first
+# pinned save of a process, which allocates the pinned memory, blocked for
+# 1.1-3.5 s (``python -m benchmarks.gpu_probe snapshot W1``).
+PINNED_MIN_BYTES = 0
 
 _NO_PINNED = object()
 _pinned: dict[Any, Any] = {}  # device -> its pinned_host SingleDeviceSharding, or _NO_PINNED
@@ -264,7 +301,7 @@ def _start_transfers(arrays: list[jax.Array]) -> dict[int, jax.Array]:
     targets: list[Any] = []
     for d in arrays:
         s = _pinned_sharding(next(iter(d.sharding.device_set)))
-        if s is _NO_PINNED:
+        if s is _NO_PINNED or d.nbytes < PINNED_MIN_BYTES:
             d.copy_to_host_async()
         else:
             direct.append(d)
@@ -329,7 +366,7 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
                 accel.extend(d for _, d in parts)
             elif viewed is not None:
                 viewed.arrays.append(x)
-            pending.append((i, name, impl, shape, parts))
+            pending.append((i, name, impl, shape, parts, not info[2]))
         elif isinstance(x, (np.ndarray, np.generic)):
             a = np.asarray(x)
             name = fmt.dtype_name(a.dtype)
@@ -349,11 +386,11 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
 
     # Start every transfer before waiting on any.
     copies = _start_transfers(accel)
-    for i, name, impl, shape, parts in pending:
+    for i, name, impl, shape, parts, cpu in pending:
         if len(parts) == 1:  # the common case, without a generator
             ((box, d),) = parts
             host = ((box, np.asarray(copies.get(id(d), d) if copies else d)),)
         else:
             host = tuple((box, np.asarray(copies.get(id(d), d))) for box, d in parts)
-        out[i] = HostLeaf("key" if impl else "array", name, shape, host, None, impl)
+        out[i] = HostLeaf("key" if impl else "array", name, shape, host, None, impl, cpu)
     return Snapshot(treedef, tuple(out))

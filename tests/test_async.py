@@ -278,6 +278,43 @@ def test_copy_cpu_arrays_reuses_its_host_buffers_between_saves(ckdir, monkeypatc
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.arange(1 << 16, dtype=np.float32) + 1)
 
 
+def test_copies_of_small_cpu_leaves_share_one_pooled_buffer(ckdir, monkeypatch):
+    """Small leaves are copied into one arena (not a buffer, a mapping, each:
+    a 10,000-leaf tree would otherwise map 10,000 regions), each at a 64-byte
+    aligned offset; large ones get their own. Values stay bit-exact."""
+    from jaxckpt import snapshot
+    seen = []
+    real = snapshot.HostPool.get
+    monkeypatch.setattr(snapshot.HostPool, "get", lambda self, shape, dtype: (
+        seen.append((shape, b := real(self, shape, dtype))), b)[1])
+    rng = np.random.default_rng(0)
+    tree = {f"s{i}": jnp.asarray(rng.integers(-100, 100, n).astype(dt))
+            for i, (n, dt) in enumerate([(7, np.int8), (0, np.float32), (1000, np.float32), (33, jnp.bfloat16),
+                                         (5, np.complex64), (1, np.int64)] * 20)}
+    tree["scalar"] = jnp.float32(2.5)
+    tree["big"] = jnp.arange(1 << 15, dtype=jnp.float32)  # 128 KiB: a buffer of its own
+    expected = {k: np.asarray(v).copy() for k, v in tree.items()}
+    snap = snapshot.take(tree, copy_cpu=True, pool=snapshot.HostPool())
+    small = sum(-(-np.asarray(v).nbytes // 64) * 64 for k, v in tree.items() if k != "big")
+    assert sorted(shape for shape, _ in seen) == sorted([(small,), (1 << 15,)])
+    assert snapshot.cpu_view_sizes(snapshot.take(tree)) == [1 << 17, small]
+    arena = next(b for shape, b in seen if shape == (small,))
+    for (k, v), leaf in zip(sorted(tree.items()), snap.leaves):
+        (_, host), = leaf.shards
+        assert host.tobytes() == expected[k].tobytes() and host.dtype == expected[k].dtype
+        assert host.ctypes.data % 64 == 0 or not host.nbytes
+        assert not np.shares_memory(host, np.asarray(v))
+        assert np.shares_memory(host, arena) == (k != "big" and host.nbytes > 0)
+        assert not leaf.cpu_view
+    with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
+        h = ck.save(ckdir / "c", tree)
+        jax.jit(lambda t: jax.tree.map(lambda a: a * 0, t), donate_argnums=0)(tree)
+        h.result()
+    got = jaxckpt.restore(ckdir / "c")
+    for k in expected:
+        assert np.asarray(got[k]).tobytes() == expected[k].tobytes()
+
+
 def _aligned(nbytes, seed, shift=0):
     """Random bytes whose address is ``shift`` bytes past a page boundary."""
     import mmap
@@ -376,7 +413,7 @@ def test_default_switches_to_copies_once_a_save_sees_its_arrays_donated(ckdir, s
         assert ck._copying is True
         assert "let go of (donated, deleted or replaced) arrays the save of" in caplog.text
         # the copies' memory was faulted in by that save, off the training thread
-        assert {n: len(bufs) for n, bufs in ck._host_pool._free.items()} == {(1 << 19) * 4: 1, 3 * 4: 1}
+        assert {n: len(bufs) for n, bufs in ck._host_pool._free.items()} == {(1 << 19) * 4: 1, 64: 1}  # "b": an arena
         warmed_buffer = ck._host_pool._free[(1 << 19) * 4][0]
         import unittest.mock as mock
         with mock.patch.object(snapshot, "_copy_into", lambda *a: copies.append(1) or real(*a)):

@@ -1,0 +1,200 @@
+"""Where jaxckpt's time goes on an accelerator: two probes the harness cannot run.
+
+    python -m benchmarks.gpu_probe snapshot W1 [--quick] [OUT.json]
+    python -m benchmarks.gpu_probe restore W3 [--quick] [OUT.json]
+
+Not comparisons between libraries (`benchmarks.run` does that); each asks
+which of jaxckpt's own choices is faster on the default device.
+
+snapshot: three consecutive `AsyncCheckpointer` saves per device -> host
+    path, in one process, paths alternating over two rounds: every shard
+    through pinned host memory (`PINNED_MIN_BYTES = 0`), every shard with
+    `copy_to_host_async` (no pinned memory), and shards under 1 MiB with
+    `copy_to_host_async`, larger ones pinned. Each save is of FRESH device
+    arrays (a device-side copy of the state, made outside the timing): a
+    jax.Array caches its host copy after `copy_to_host_async`, so saving the
+    same arrays again would time nothing. The first save of a path pays its
+    one-time allocations; the later ones are what a training run sees.
+restore: saves the workload with jaxckpt (and with orbax), then restores it
+    in fresh processes from the page cache, as a resuming job does once:
+    jaxckpt with host -> device transfers in windows of 256 MiB / 64 MiB /
+    all at once (`placement.ACCEL_WINDOW_BYTES`), and orbax. Each restore is
+    checked bit for bit against the workload's digests.
+
+Prints a summary and writes JSON (default
+`benchmarks/results/<timestamp>-gpu-probe-<probe>-<workload>.json`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MIB = 1 << 20
+SNAPSHOT_PATHS = {"pinned": 0, "copy_to_host_async": 1 << 62, "hybrid_1MiB": MIB}
+RESTORE_WINDOWS = {"window 256 MiB": 256 * MIB, "window 64 MiB": 64 * MIB, "all at once": 0}
+
+
+def _fresh(state):
+    """A device-side copy of every leaf: new buffers with no cached host copy.
+    (Not ``jnp.copy`` per leaf: that compiles once per shape, minutes for
+    W2's thousands of shapes; a first version of this probe ran out of time.)"""
+    import jax
+
+    return jax.block_until_ready(jax.device_put(state, may_alias=False))
+
+
+def probe_snapshot(workload, device) -> dict:
+    import jax
+
+    import jaxckpt
+    from jaxckpt import snapshot
+
+    from . import workloads
+
+    state = jax.block_until_ready(workloads.build_state(workload, device))
+    root = Path(tempfile.mkdtemp(prefix="jaxckpt-probe-", dir=".")).resolve()
+    out: dict = {}
+    try:
+        for rnd in range(2):  # alternate so that no path always goes first
+            order = list(SNAPSHOT_PATHS) if rnd == 0 else list(reversed(SNAPSHOT_PATHS))
+            for name in order:
+                snapshot.PINNED_MIN_BYTES = SNAPSHOT_PATHS[name]
+                runs = []
+                with jaxckpt.AsyncCheckpointer() as ck:
+                    for i in range(3):
+                        fresh = _fresh(state)
+                        path = root / f"{name}-{rnd}-{i}"
+                        t0 = time.perf_counter()
+                        handle = ck.save(path, fresh)
+                        t1 = time.perf_counter()
+                        del fresh  # as a training step that donates its state would
+                        handle.result()
+                        runs.append({"blocking_s": t1 - t0, "total_s": time.perf_counter() - t0})
+                        shutil.rmtree(path)
+                out.setdefault(name, []).append(runs)
+                print(f"save {name:20s} blocking " + " / ".join(f"{r['blocking_s']:.3f}" for r in runs)
+                      + " s; total " + " / ".join(f"{r['total_s']:.3f}" for r in runs) + " s", flush=True)
+    finally:
+        snapshot.PINNED_MIN_BYTES = 0
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _child(argv: list[str]) -> dict:
+    """Run one step of the restore probe in a fresh process; its last stdout line is JSON."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_probe", *argv],
+                          capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout)[-1500:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def probe_restore(name: str, quick: bool, device) -> dict:
+    from . import measure, workloads
+
+    workload = workloads.get(name, quick)
+    root = Path(tempfile.mkdtemp(prefix="jaxckpt-probe-", dir=".")).resolve()
+    q = ["--quick"] if quick else []
+    out: dict = {"runs": []}
+    try:
+        digests = root / "digests.json"
+        digests.write_text(json.dumps(measure.reference_digests(workload)))
+        for method in ("jaxckpt-sync", "orbax-async"):
+            r = _child(["_save", name, str(root / method), method, *q])
+            print(f"saved with {method}: {r}", flush=True)
+        for rnd in range(2):
+            for label, window in RESTORE_WINDOWS.items():
+                r = _child(["_restore", name, str(root / "jaxckpt-sync"), "jaxckpt-sync", str(window),
+                            str(digests), *q])
+                r |= {"method": "jaxckpt", "config": label, "round": rnd}
+                out["runs"].append(r)
+                print(json.dumps(r), flush=True)
+            r = _child(["_restore", name, str(root / "orbax-async"), "orbax-async", "0", str(digests), *q])
+            r |= {"method": "orbax", "config": "CheckpointManager", "round": rnd}
+            out["runs"].append(r)
+            print(json.dumps(r), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def _save_step(name: str, root: str, method: str, quick: bool) -> dict:
+    import jax
+
+    from . import methods, workloads
+
+    workload = workloads.get(name, quick)
+    state = jax.block_until_ready(workloads.build_state(workload))
+    Path(root).mkdir(parents=True)
+    m = methods.get(method)(Path(root))
+    t0 = time.perf_counter()
+    m.start_save(state, 0)()
+    m.close()
+    return {"save_s": time.perf_counter() - t0}
+
+
+def _restore_step(name: str, root: str, method: str, window: int, digests: str, quick: bool) -> dict:
+    import jax
+
+    from jaxckpt import placement
+
+    from . import measure, methods, workloads
+
+    placement.ACCEL_WINDOW_BYTES = window
+    workload = workloads.get(name, quick)
+    abstract = workloads.abstract_state(workload)
+    m = methods.get(method)(Path(root))
+    measure.read_tree(Path(root))  # into the page cache
+    with measure.PeakRss() as rss:
+        t0 = time.perf_counter()
+        restored = jax.block_until_ready(m.restore(abstract, 0))
+        seconds = time.perf_counter() - t0
+    m.close()
+    check = measure.verify_restore(workload, restored, json.loads(Path(digests).read_text()))
+    return {"restore_s": seconds, "rss_restore_bytes": rss.extra, "verified": check}
+
+
+def main(argv: list[str]) -> int:
+    quick = "--quick" in argv  # tiny sizes, for a smoke test of the probe itself
+    args = [a for a in argv if a != "--quick"]
+    if args and args[0] == "_save":
+        print(json.dumps(_save_step(args[1], args[2], args[3], quick)))
+        return 0
+    if args and args[0] == "_restore":
+        print(json.dumps(_restore_step(args[1], args[2], args[3], int(args[4]), args[5], quick)))
+        return 0
+    if len(args) < 2 or args[0] not in ("snapshot", "restore"):
+        print(__doc__)
+        return 2
+    import jax
+
+    from . import machine, workloads
+
+    probe, name = args[0], args[1]
+    out_path = Path(args[2]) if len(args) > 2 else Path("benchmarks/results") / (
+        f"{time.strftime('%Y%m%dT%H%M%S')}-gpu-probe-{probe}-{name}.json")
+    workload = workloads.get(name, quick)
+    device = jax.devices()[0]
+    print(f"{probe} {name}: {workload.describe()} on {device} ({device.device_kind})", flush=True)
+    result = {"probe": probe, "workload": workload.describe(), "device": str(device),
+              "device_kind": device.device_kind, "machine": machine.describe(Path(".")),
+              "command": "python -m benchmarks.gpu_probe " + " ".join(argv)}
+    if probe == "snapshot":
+        result["saves"] = probe_snapshot(workload, device)
+    else:
+        result |= probe_restore(name, quick, device)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
