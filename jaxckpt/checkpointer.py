@@ -157,8 +157,10 @@ class AsyncCheckpointer:
     take views until one finds, when it ends, that the caller let go of
     arrays it viewed (donated, deleted or replaced them, as a training loop
     does); from then on saves copy, into host buffers faulted in ahead on a
-    background thread and reused between saves. ``True``/``False`` always/never copy. No effect on
-    GPU/TPU, where the snapshot is always a host copy.
+    background thread and reused between saves. ``True``/``False`` always/never copy. A copying
+    save copies only into buffers that are ready: a leaf without one (the first save, a tree
+    that grew) stays a zero-copy view for that save, and a buffer for it is prepared in the
+    background once the save ends. No effect on GPU/TPU, where the snapshot is always a host copy.
     """
 
     def __init__(self, *, max_workers: int | None = None, max_in_flight: int = 1, timeout: float | None = None,
@@ -175,6 +177,9 @@ class AsyncCheckpointer:
         self._host_pool = snapshot_mod.HostPool()
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
         self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save", initializer=_background_priority)
+        # Prepares host buffers for later snapshots' copies, one request at a time (so a
+        # request sees the buffers the one before it made), beside the saves.
+        self._warmer = ThreadPoolExecutor(1, thread_name_prefix="jaxckpt-warm", initializer=_background_priority)
         self._multi = multihost.coordinator()
         self._instance = next(_instances)  # same on every process of an SPMD program
         self._seq = 0
@@ -203,6 +208,7 @@ class AsyncCheckpointer:
         finally:
             self._closed = True
             self._bg.shutdown(wait=True)
+            self._warmer.shutdown(wait=True, cancel_futures=True)
             self._io.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "AsyncCheckpointer":
@@ -231,9 +237,10 @@ class AsyncCheckpointer:
         self._backpressure()
         self._raise_pending()
         pooled: list = []
+        missing: list[int] = []
         watched = snapshot_mod.Watch() if self.copy_cpu_arrays is None and not self._copying else None
         snap = snapshot_mod.take(tree, copy_cpu=self._copying, pool=self._host_pool, pooled=pooled,
-                                 viewed=watched, process_index=self._multi.process_index,
+                                 viewed=watched, missing=missing, process_index=self._multi.process_index,
                                  process_count=self._multi.process_count)
         blocking = time.perf_counter() - t0
         handle = SaveHandle(path, label or path)
@@ -242,23 +249,24 @@ class AsyncCheckpointer:
         with self._lock:
             self._handles.append(handle)
         self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key,
-                        self.timeout if timeout is None else timeout, pooled, watched)
+                        self.timeout if timeout is None else timeout, pooled, watched, missing)
         return handle
 
     def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout,
-             pooled: list, watched: snapshot_mod.Watch | None) -> None:
+             pooled: list, watched: snapshot_mod.Watch | None, missing: list[int]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.path, handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline)
+        to_warm: list[int] = []
         try:
             res = writer.write_checkpoint(snap, handle.path, metadata=metadata, overwrite=overwrite, ctx=ctx)
             # Every worker is done with the copies: the next save reuses them. (After a
             # failure or timeout an abandoned worker may still read them: they are dropped.)
             self._host_pool.put(pooled)
+            to_warm = missing  # leaves this save kept as views for want of a ready buffer
             if watched is not None and not self._copying and watched.moved_on():
-                # Fault in the copies' memory here, off the training thread.
-                self._host_pool.warm(snapshot_mod.cpu_view_sizes(snap))
+                to_warm = snapshot_mod.cpu_view_sizes(snap)
                 self._copying = True
                 logger.info("the caller let go of (donated, deleted or replaced) arrays the save of %s "
                             "held by zero-copy view: later saves copy CPU arrays at snapshot time "
@@ -274,6 +282,18 @@ class AsyncCheckpointer:
         finally:
             del snap, watched
         handle._future.set_result(None)
+        if to_warm:
+            self._warmer.submit(self._warm, to_warm)
+
+    def _warm(self, sizes: list[int]) -> None:
+        """Fault in host buffers for later snapshots' copies, off the training thread and
+        beside the next save's write (the first allocation of a state's worth can wait
+        on the kernel reclaiming page cache: 2.4 s for 1.1 GB on a 2-core VM)."""
+        try:
+            self._host_pool.warm(sizes)
+        except (MemoryError, OSError) as e:
+            logger.warning("could not prepare host buffers for later snapshots (%s: %s); "
+                           "they keep zero-copy views", type(e).__name__, e)
 
     def _prune(self) -> None:
         """Forget finished handles, except failed ones whose error is still to be raised."""

@@ -263,19 +263,58 @@ def test_copy_cpu_arrays_takes_an_owned_copy_and_frees_the_buffer_for_donation(c
         assert mgr._ckptr.copy_cpu_arrays is True
 
 
+def _warmed(ck) -> None:
+    """Wait until the checkpointer's background buffer preparation is done."""
+    ck._warmer.submit(lambda: None).result()
+
+
 def test_copy_cpu_arrays_reuses_its_host_buffers_between_saves(ckdir, monkeypatch):
+    """Copies go only into ready buffers: the first save finds none, keeps a
+    zero-copy view and has a buffer prepared in the background; later saves
+    copy into that same memory."""
     from jaxckpt import snapshot
     seen = []
-    real = snapshot.HostPool.get
-    monkeypatch.setattr(snapshot.HostPool, "get", lambda self, shape, dtype: (
+    real = snapshot.HostPool.take
+    monkeypatch.setattr(snapshot.HostPool, "take", lambda self, shape, dtype: (
         seen.append(b := real(self, shape, dtype)), b)[1])
-    tree = {"w": jnp.arange(1 << 16, dtype=jnp.float32)}
+    real_get = snapshot.HostPool.get
+    monkeypatch.setattr(snapshot.HostPool, "get", lambda *a: pytest.fail("a save allocated on the training thread")
+                        or real_get(*a))
+    step = jax.jit(lambda a: a + 1, donate_argnums=0)
+    w = jnp.arange(1 << 16, dtype=jnp.float32)
     with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
-        ck.save(ckdir / "a", tree).result()
-        ck.save(ckdir / "b", {"w": tree["w"] + 1}).result()
-    assert len(seen) == 2 and seen[0].ctypes.data == seen[1].ctypes.data  # the same memory, reused
-    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "a")["w"], np.arange(1 << 16, dtype=np.float32))
-    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.arange(1 << 16, dtype=np.float32) + 1)
+        for name in "abc":
+            h = ck.save(ckdir / name, {"w": w})
+            w = step(w)  # donated: a view keeps it alive, a copy lets the step reuse it
+            h.result()
+            _warmed(ck)
+    assert seen[0] is None  # nothing ready at the first save: a view
+    assert seen[1] is not None and seen[2] is not None and seen[1].ctypes.data == seen[2].ctypes.data
+    for i, name in enumerate("abc"):
+        np.testing.assert_array_equal(jaxckpt.restore(ckdir / name)["w"], np.arange(1 << 16, dtype=np.float32) + i)
+
+
+def test_a_copying_save_never_faults_in_fresh_memory_on_the_training_thread(ckdir):
+    """A tree that grows between saves: the new leaf stays a view for one save
+    (its buffer is prepared in the background), the others are copied."""
+    from jaxckpt import snapshot
+    small = {"a": jnp.arange(1 << 16, dtype=jnp.float32)}
+    with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
+        ck.save(ckdir / "s0", small).result()
+        _warmed(ck)
+        grown = dict(small, b=jnp.arange(1 << 17, dtype=jnp.float32))
+        missing: list[int] = []
+        snap = snapshot.take(grown, copy_cpu=True, pool=ck._host_pool, pooled=[], missing=missing)
+        (_, a), = snap.leaves[0].shards
+        (_, b), = snap.leaves[1].shards
+        assert not np.shares_memory(a, np.asarray(grown["a"])) and not snap.leaves[0].cpu_view
+        assert np.shares_memory(b, np.asarray(grown["b"])) and snap.leaves[1].cpu_view
+        assert missing == [1 << 19]
+        del snap
+        ck.save(ckdir / "s1", grown).result()
+        _warmed(ck)
+        assert sorted(ck._host_pool._free) == [1 << 18, 1 << 19]
+    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "s1")["b"], np.arange(1 << 17, dtype=np.float32))
 
 
 def test_copies_of_small_cpu_leaves_share_one_pooled_buffer(ckdir, monkeypatch):
@@ -378,6 +417,7 @@ def test_pooled_copies_go_to_disk_without_the_staging_copy(ckdir, monkeypatch):
     tree = {"w": jnp.arange(3 << 18, dtype=jnp.float32) * 3, "b": jnp.arange(7, dtype=jnp.int8)}
     with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
         ck.save(ckdir / "warm", tree).result()
+        _warmed(ck)
         monkeypatch.setattr(writer.np, "copyto", spy)
         ck.save(ckdir / "c", tree).result()
     monkeypatch.undo()
@@ -412,7 +452,8 @@ def test_default_switches_to_copies_once_a_save_sees_its_arrays_donated(ckdir, s
             h.result()
         assert ck._copying is True
         assert "let go of (donated, deleted or replaced) arrays the save of" in caplog.text
-        # the copies' memory was faulted in by that save, off the training thread
+        # the copies' memory was faulted in after that save, off the training thread
+        _warmed(ck)
         assert {n: len(bufs) for n, bufs in ck._host_pool._free.items()} == {(1 << 19) * 4: 1, 64: 1}  # "b": an arena
         warmed_buffer = ck._host_pool._free[(1 << 19) * 4][0]
         import unittest.mock as mock
