@@ -281,9 +281,9 @@ class AsyncCheckpointer:
             return
         finally:
             del snap, watched
-        handle._future.set_result(None)
-        if to_warm:
+        if to_warm:  # queued before the handle resolves: whoever waits on it can then wait on this too
             self._warmer.submit(self._warm, to_warm)
+        handle._future.set_result(None)
 
     def _warm(self, sizes: list[int]) -> None:
         """Fault in host buffers for later snapshots' copies, off the training thread and
