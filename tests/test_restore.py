@@ -303,6 +303,28 @@ def test_reshard_other_mesh_and_single_device(saved_xy):
     check_sharded(got, host, one)
 
 
+def test_sharded_and_single_device_leaves_are_placed_in_one_call(saved_xy, mesh, monkeypatch):
+    """Every device's slice of a sharded leaf goes through placement.put with the
+    single-device leaves (fast path, windows on accelerators), in one call."""
+    from jaxckpt import placement
+    path, host = saved_xy
+    calls = []
+    real = placement.put
+    monkeypatch.setattr(placement, "put", lambda arrays, shardings: calls.append(
+        [s.device_set for s in shardings]) or real(arrays, shardings))
+    sharded = NamedSharding(mesh, P("y", "x"))
+    one = SingleDeviceSharding(jax.devices()[3])
+    target = {"a": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=sharded),
+              "b": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=one)}
+    source = {"a": jax.device_put(host, sharded), "b": jax.device_put(host, one)}
+    jaxckpt.save(path.parent / "two", source)
+    got = jaxckpt.restore(path.parent / "two", target)
+    assert len(calls) == 1 and len(calls[0]) == 8 + 1
+    assert sorted(d.id for ds in calls[0][:8] for d in ds) == sorted(d.id for d in jax.devices())
+    check_sharded(got["a"], host, sharded)
+    check_sharded(got["b"], host, one)
+
+
 def test_reshard_to_numpy(saved_xy):
     path, host = saved_xy
     got = jaxckpt.restore(path, {"w": np.zeros((8, 16), np.float32)})["w"]
