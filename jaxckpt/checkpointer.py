@@ -264,6 +264,7 @@ class AsyncCheckpointer:
             # Every worker is done with the copies: the next save reuses them. (After a
             # failure or timeout an abandoned worker may still read them: they are dropped.)
             self._host_pool.put(pooled)
+            self._host_pool.end_save()
             to_warm = missing  # leaves this save kept as views for want of a ready buffer
             if watched is not None and not self._copying and watched.moved_on():
                 to_warm = snapshot_mod.cpu_view_sizes(snap)

@@ -123,28 +123,43 @@ def _page_aligned(n: int) -> np.ndarray:
 class HostPool:
     """Host buffers for CPU snapshot copies, reused from one save to the next:
     fresh memory costs a page fault per 4 KiB (slow on VMs), reused memory
-    copies at memcpy speed. Holds about one state's worth per save in flight."""
+    copies at memcpy speed. Holds about one state's worth per save in flight;
+    buffers of a size no save has asked for in its last ``KEEP_SAVES`` saves
+    (the tree changed) are let go (``end_save``)."""
+
+    KEEP_SAVES = 4
 
     def __init__(self) -> None:
         self._free: dict[int, list[np.ndarray]] = {}
+        self._asked: dict[int, int] = {}  # size -> number of the save that last asked for it
+        self._saves = 0
         self._lock = threading.Lock()
 
     def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        n = math.prod(shape) * np.dtype(dtype).itemsize
-        with self._lock:
-            bufs = self._free.get(n)
-            raw = bufs.pop() if bufs else None
-        if raw is None:
-            raw = _page_aligned(n)
-        return raw[:n].view(dtype).reshape(shape)
+        """A free buffer of this size, else a new one."""
+        buf = self.take(shape, dtype)
+        if buf is None:
+            n = math.prod(shape) * np.dtype(dtype).itemsize
+            buf = _page_aligned(n)[:n].view(dtype).reshape(shape)
+        return buf
 
     def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
         """A free buffer of this size, or None: never allocates."""
         n = math.prod(shape) * np.dtype(dtype).itemsize
         with self._lock:
+            self._asked[n] = self._saves
             bufs = self._free.get(n)
             raw = bufs.pop() if bufs else None
         return None if raw is None else raw[:n].view(dtype).reshape(shape)
+
+    def end_save(self) -> None:
+        """Count a finished save; drop free buffers of sizes no recent save asked for."""
+        with self._lock:
+            self._saves += 1
+            for n in [n for n in {*self._asked, *self._free}
+                      if self._saves - self._asked.get(n, -self.KEEP_SAVES - 1) > self.KEEP_SAVES]:
+                self._asked.pop(n, None)
+                self._free.pop(n, None)
 
     def warm(self, sizes: list[int]) -> None:
         """Make sure a free buffer is ready for each of these byte sizes
@@ -154,6 +169,8 @@ class HostPool:
         free count: a second call for the same sizes allocates nothing."""
         need = collections.Counter(sizes)
         with self._lock:
+            for n in need:  # asked for now, by the save that is to use them
+                self._asked[n] = self._saves
             todo = [n for n, k in need.items() for _ in range(k - len(self._free.get(n, ())))]
         for n in todo:
             raw = _page_aligned(n)

@@ -317,6 +317,25 @@ def test_a_copying_save_never_faults_in_fresh_memory_on_the_training_thread(ckdi
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "s1")["b"], np.arange(1 << 17, dtype=np.float32))
 
 
+def test_pooled_buffers_of_a_tree_that_changed_are_let_go(ckdir):
+    """Host memory stays bounded: once saves stop asking for a size (the tree
+    changed), its buffers are dropped after KEEP_SAVES saves."""
+    from jaxckpt import snapshot
+    old = {"w": jnp.ones(1 << 16, jnp.float32)}  # 256 KiB
+    new = {"v": jnp.ones(3 << 15, jnp.float32)}  # 384 KiB
+    with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
+        for i in range(2):
+            ck.save(ckdir / f"old{i}", old).result()
+            _warmed(ck)
+        assert sorted(ck._host_pool._free) == [1 << 18]
+        for i in range(snapshot.HostPool.KEEP_SAVES + 1):
+            ck.save(ckdir / f"new{i}", new).result()
+            _warmed(ck)
+            assert (1 << 18 in ck._host_pool._free) == (i < snapshot.HostPool.KEEP_SAVES - 1)
+        assert sorted(ck._host_pool._free) == [3 << 17]
+    np.testing.assert_array_equal(jaxckpt.restore(ckdir / "new4")["v"], np.ones(3 << 15, np.float32))
+
+
 def test_copies_of_small_cpu_leaves_share_one_pooled_buffer(ckdir, monkeypatch):
     """Small leaves are copied into one arena (not a buffer, a mapping, each:
     a 10,000-leaf tree would otherwise map 10,000 regions), each at a 64-byte
