@@ -5,8 +5,8 @@
 # (used through the device tool as: bash benchmarks/device_run.sh 480)
 # Installs jaxckpt without dependencies, records the card, checks bit-exact
 # round trips after donation (gpu_smoke), asks where the time goes
-# (gpu_probe on W1 and W2: pinned-host vs copy_to_host_async snapshots over
-# three saves in one process, restore with and without the device transfer),
+# (gpu_probe snapshot on W1 and W2: pinned-host vs copy_to_host_async snapshots
+# over three saves of fresh device arrays in one process),
 # then runs the short harness: W1 and W3 with jaxckpt async and orbax async,
 # W2 with jaxckpt async only (orbax takes ~25 s per W2 save or restore there).
 # The harness gets what is left of the budget (default 480 s); a run cut
@@ -22,8 +22,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee 
 python3 -c "import jax, orbax.checkpoint as o; print('jax', jax.__version__, 'orbax', o.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$OUT/card.txt"
 timeout 60 python3 -m benchmarks.gpu_smoke 2>&1 | tee "$OUT/gpu-smoke.txt"
 for w in W1 W2; do
-  timeout 90 python3 -m benchmarks.gpu_probe "$w" "$OUT/gpu-probe-$w.json" > "$OUT/gpu-probe-$w.log" 2>&1
-  echo "gpu_probe $w exit status: $?"; head -8 "$OUT/gpu-probe-$w.log"
+  timeout 90 python3 -m benchmarks.gpu_probe snapshot "$w" "$OUT/gpu-probe-snapshot-$w.json" > "$OUT/gpu-probe-snapshot-$w.log" 2>&1
+  echo "gpu_probe snapshot $w exit status: $?"; head -8 "$OUT/gpu-probe-snapshot-$w.log"
 done
 t=$(( $(left) - 75 ))
 echo "harness W1,W3 with ${t} s"
