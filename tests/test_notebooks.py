@@ -34,10 +34,6 @@ import jaxckpt
 from jaxckpt import api
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
-# A hang guard, not a speed check: cells take seconds; a cell still running
-# after two minutes is stuck (a lost kernel message, a deadlock), and failing
-# beats hanging the suite. Speed is measured in benchmarks/, never here.
-CELL_TIMEOUT_S = 120
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +65,8 @@ def execute_notebook(nb: nbformat.NotebookNode, cwd: str) -> nbformat.NotebookNo
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
         cell.metadata.pop("execution", None)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT_S, startup_timeout=60, kernel_name="python3",
+    # timeout=None: no per-cell deadline; a stuck cell is caught by pytest-timeout (pyproject.toml).
+    client = NotebookClient(nb, timeout=None, startup_timeout=60, kernel_name="python3",
                             record_timing=False, resources={"metadata": {"path": cwd}})
     client.execute()
     return nb
@@ -207,14 +204,14 @@ class Kernel:
             raise
 
     def run(self, code: str, *, interrupt_when: Callable[[str], bool] | None = None,
-            then: Callable[[], None] = lambda: None, timeout: float = CELL_TIMEOUT_S) -> tuple[dict, str]:
+            then: Callable[[], None] = lambda: None) -> tuple[dict, str]:
         """Execute a cell; return (execute_reply content, its stdout). With
         ``interrupt_when``: interrupt the kernel once it returns True (it gets
         the stdout so far), then call ``then()``."""
         msg_id = self.kc.execute(code)
         out: list[str] = []
         interrupted = False
-        deadline = time.monotonic() + timeout
+        # No deadline here: a hang is caught by pytest-timeout (pyproject.toml), nothing is timed.
         while True:
             if interrupt_when is not None and not interrupted and interrupt_when("".join(out)):
                 self.km.interrupt_kernel()
@@ -225,8 +222,6 @@ class Kernel:
             except queue.Empty:
                 if not self.km.is_alive():
                     raise AssertionError(f"the kernel died; its output: {''.join(out)!r}")
-                if time.monotonic() > deadline:
-                    raise AssertionError(f"cell did not finish within {timeout} s; output so far: {''.join(out)!r}")
                 continue
             if msg["parent_header"].get("msg_id") != msg_id:
                 continue
@@ -236,7 +231,10 @@ class Kernel:
             elif kind == "status" and content["execution_state"] == "idle":
                 break
         while True:
-            reply = self.kc.get_shell_msg(timeout=timeout)
+            try:
+                reply = self.kc.get_shell_msg(timeout=1)
+            except queue.Empty:
+                continue
             if reply["parent_header"].get("msg_id") == msg_id:
                 return reply["content"], "".join(out)
 
@@ -292,8 +290,7 @@ def test_kernel_interrupted_during_saves_survives_and_leaves_no_partial_checkpoi
         held.unlink()
 
         def release_once_cleaned() -> None:
-            deadline = time.monotonic() + 60  # a hang guard only: nothing is asserted on the time
-            while os.listdir(sync_dir) and time.monotonic() < deadline:
+            while os.listdir(sync_dir):  # a hang is caught by pytest-timeout
                 time.sleep(0.01)
             release.touch()
 
