@@ -303,16 +303,20 @@ def _single_device(sharding: Any, cache: dict[int, tuple[Any, bool]]) -> bool:
     return hit[1]
 
 
-def _boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, bool]]) -> list[Box | None]:
-    """The host boxes a target leaf needs: one per distinct addressable slice."""
+def _device_boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, bool]]
+                  ) -> list[tuple[Any, Box]] | None:
+    """For a leaf sharded over several devices: (device, box) of each addressable
+    slice; None for a leaf read whole (one device, no sharding, a key, a value)."""
     shape, _, sharding, is_key = info
     if sharding is None or is_key or rec.kind == "value" or shape is None or _single_device(sharding, cache):
-        return [None]
-    idx = sharding.addressable_devices_indices_map(shape)
-    seen: dict[Box, None] = {}
-    for index in idx.values():
-        seen[tuple((s.indices(d)[0], s.indices(d)[1]) for s, d in zip(index, shape))] = None
-    return list(seen)
+        return None
+    return [(device, tuple((sl.indices(d)[0], sl.indices(d)[1]) for sl, d in zip(index, shape)))
+            for device, index in sharding.addressable_devices_indices_map(shape).items()]
+
+
+def _boxes(device_boxes: list[tuple[Any, Box]] | None) -> list[Box | None]:
+    """The host boxes a target leaf needs: one per distinct addressable slice."""
+    return [None] if device_boxes is None else list(dict.fromkeys(box for _, box in device_boxes))
 
 
 def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
@@ -334,7 +338,8 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
             _check_key_record(r, rec)
         _check_leaf(r.path, p, rec, t, info)
     cache: dict[int, tuple[Any, bool]] = {}
-    boxes = [_boxes(info, rec, cache) for rec, info in zip(recs, infos)]
+    slices = [_device_boxes(info, rec, cache) for rec, info in zip(recs, infos)]
+    boxes = [_boxes(db) for db in slices]
     requests: list[tuple[int, Box | None]] = []
     for p, rec, bs in zip(paths, recs, boxes):
         if rec.kind != "value":
@@ -350,7 +355,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
     single: list[tuple[int, int]] = []  # (index in out, index in pieces)
     sharded: list[tuple[int, tuple[int, ...], Any, list[int]]] = []  # (index in out, shape, sharding, pieces)
     on_device: dict[Any, Any] = {}  # device -> its SingleDeviceSharding
-    for rec, t, info, bs in zip(recs, tleaves, infos, boxes):
+    for rec, t, info, bs, db in zip(recs, tleaves, infos, boxes, slices):
         if rec.kind == "value":
             out.append(convert(rec.value, t))
             continue
@@ -360,7 +365,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
             out.append(_assemble(rec, got, t))
             continue
         np_dtype = np.dtype(dtype)
-        if _single_device(sharding, cache):
+        if db is None:  # bound for one device
             (arr,) = got.values()
             single.append((len(out), len(pieces)))
             pieces.append(arr if arr.dtype == np_dtype else arr.astype(np_dtype))
@@ -368,8 +373,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
         else:
             got = {b: (a if a.dtype == np_dtype else a.astype(np_dtype)) for b, a in got.items()}
             ks = []
-            for device, index in sharding.addressable_devices_indices_map(shape).items():
-                box = tuple((sl.indices(d)[0], sl.indices(d)[1]) for sl, d in zip(index, shape))
+            for device, box in db:
                 target = on_device.get(device)
                 if target is None:
                     target = on_device[device] = jax.sharding.SingleDeviceSharding(device)

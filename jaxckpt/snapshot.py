@@ -107,17 +107,11 @@ def _python_value(v: Any) -> bool:
 
 
 def _page_aligned(n: int) -> np.ndarray:
-    """``n`` bytes of private anonymous memory: page-aligned, so the writer can
-    hand a buffer to O_DIRECT as it is, with no copy into staging memory, and
-    advised to use huge pages, from which O_DIRECT writes ran twice as fast
-    (see ``storage.aligned_buffer``)."""
-    buf = mmap.mmap(-1, max(n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if n >= (2 << 20) and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buf.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:
-            pass
-    return np.frombuffer(buf, np.uint8)
+    """At least ``n`` bytes (one page at the least) of ``storage.aligned_buffer`` memory:
+    page-aligned, so the writer can hand a buffer to O_DIRECT as it is, with no
+    copy into staging memory, and in huge pages where the kernel allows.
+    Callers slice the first ``n`` bytes; the pool keeps this whole array."""
+    return np.frombuffer(storage.aligned_buffer(n), np.uint8)
 
 
 class HostPool:
