@@ -167,18 +167,18 @@ def _host_value(rec: fmt.LeafRecord, arr: np.ndarray | None) -> Any:
 
 
 def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool,
-              progress: Any = None) -> dict[int, Any]:
+              progress: Any = None, mmap: bool = True) -> dict[int, Any]:
     arrays = [i for i in indices if r.manifest.leaves[i].kind != "value"]
     for i in arrays:
         if r.manifest.leaves[i].kind == "key":
             _check_key_record(r, r.manifest.leaves[i])
-    got = r.read([(i, None) for i in arrays], verify=verify, progress=progress)
+    got = r.read([(i, None) for i in arrays], verify=verify, progress=progress, mappable=[mmap] * len(arrays))
     host = dict(zip(arrays, got))
     return {i: _host_value(r.manifest.leaves[i], host.get(i)) for i in indices}
 
 
 def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = False, verify: bool = True,
-            progress: bool | None = None) -> Any:
+            progress: bool | None = None, mmap: bool = True) -> Any:
     """Read a checkpoint.
 
     ``target=None``: plain dict/list/tuple containers with numpy leaves.
@@ -189,12 +189,22 @@ def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = Fals
     ``verify``: check every chunk's checksum (default True).
     ``progress``: show a progress bar (None: only when interactive and the
     checkpoint holds at least 256 MiB; see ``jaxckpt.progress``).
+    ``mmap`` (default True): an array of at least 1 MiB that stays in host
+    memory or goes to a CPU device, and is stored as one shard, is a
+    copy-on-write mapping of the checkpoint file's bytes, read and verified
+    before ``restore`` returns, instead of a copy in fresh memory (many times
+    faster from the page cache; writes to it never reach the file). It stays
+    valid when the checkpoint is deleted (the disk space is freed when the
+    last such array is), and its clean pages are page cache that the kernel
+    may drop and read again under memory pressure. Do not overwrite a
+    committed checkpoint's files in place while such arrays live (jaxckpt
+    never does). ``mmap=False``: every array in fresh memory.
     """
     with reader_mod.CheckpointReader(path) as r, \
             progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
         m = r.manifest
         if target is None:
-            values = _read_all(r, list(range(len(m.leaves))), verify, bar.callback)
+            values = _read_all(r, list(range(len(m.leaves))), verify, bar.callback, mmap)
             return tree_mod.build(m.tree, [values[i] for i in range(len(m.leaves))])
         with _gc.paused():  # the target's 10^4 paths: see jaxckpt/_gc.py (collections cost up to 40 ms here)
             paths, tleaves, treedef = tree_mod.leaf_paths(target)
@@ -202,7 +212,7 @@ def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = Fals
             extra = [] if partial else sorted(set(r.by_path) - set(paths))
         if missing or extra:
             raise StructureMismatchError(_mismatch_message(r.path, missing, extra, partial))
-        out = _fill(r, paths, tleaves, verify, bar.callback)
+        out = _fill(r, paths, tleaves, verify, bar.callback, mmap)
         return treedef.unflatten(out)
 
 
@@ -324,13 +334,24 @@ def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
 
 
 def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
-          progress: Any = None) -> list[Any]:
+          progress: Any = None, mmap: bool = True) -> list[Any]:
     with _gc.paused():  # a few acyclic objects per leaf: see jaxckpt/_gc.py
-        return _fill_leaves(r, paths, tleaves, verify, progress)
+        return _fill_leaves(r, paths, tleaves, verify, progress, mmap)
+
+
+def _host_bound(t: Any, sharding: Any, cache: dict[int, bool]) -> bool:
+    """Whether a target leaf's value ends in host memory or on CPU devices
+    (where a mapped host array can be the result itself, not a staging copy)."""
+    if sharding is None:
+        return isinstance(t, (np.ndarray, np.generic)) or jax.default_backend() == "cpu"
+    hit = cache.get(id(sharding))
+    if hit is None:
+        hit = cache[id(sharding)] = all(d.platform == "cpu" for d in sharding.device_set)
+    return hit
 
 
 def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
-                 progress: Any) -> list[Any]:
+                 progress: Any, mmap: bool) -> list[Any]:
     recs = [r.manifest.leaves[r.by_path[p]] for p in paths]
     infos = [_target_info(t) for t in tleaves]
     for p, rec, t, info in zip(paths, recs, tleaves, infos):
@@ -341,10 +362,13 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
     slices = [_device_boxes(info, rec, cache) for rec, info in zip(recs, infos)]
     boxes = [_boxes(db) for db in slices]
     requests: list[tuple[int, Box | None]] = []
-    for p, rec, bs in zip(paths, recs, boxes):
+    mappable: list[bool] = []
+    on_cpu: dict[int, bool] = {}
+    for p, rec, bs, t, info in zip(paths, recs, boxes, tleaves, infos):
         if rec.kind != "value":
             requests.extend((r.by_path[p], b) for b in bs)
-    arrays = iter(r.read(requests, verify=verify, progress=progress))
+            mappable.extend([mmap and _host_bound(t, info[2], on_cpu)] * len(bs))
+    arrays = iter(r.read(requests, verify=verify, progress=progress, mappable=mappable))
     out: list[Any] = []
     # Every single-device piece (a leaf bound for one device, or one device's
     # slice of a sharded leaf) is placed in one call at the end (placement.put:
@@ -424,23 +448,25 @@ def convert(value: Any, t: Any) -> Any:
 
 
 # ------------------------------------------------------------------ flat views
-def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, progress: bool | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, progress: bool | None = None,
+                    mmap: bool = True) -> dict[str, Any]:
     """The flat view: ``{"params/Dense_0/kernel": ndarray, "step": 3, ...}`` (MindSpore's ``load_checkpoint``).
-    ``progress`` as in ``restore``."""
+    ``progress`` and ``mmap`` as in ``restore``."""
     with reader_mod.CheckpointReader(path) as r, \
             progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
-        values = _read_all(r, list(range(len(r.manifest.leaves))), verify, bar.callback)
+        values = _read_all(r, list(range(len(r.manifest.leaves))), verify, bar.callback, mmap)
         return {leaf.path: values[i] for i, leaf in enumerate(r.manifest.leaves)}
 
 
 def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
-              verify: bool = True) -> tuple[Any, LoadReport]:
+              verify: bool = True, mmap: bool = True) -> tuple[Any, LoadReport]:
     """Fill ``target`` from matching keys of ``source`` (a checkpoint path or a flat
     dict as returned by ``load_checkpoint``); MindSpore's ``load_param_into_net``.
 
     Returns ``(new_tree, LoadReport)``. ``strict=True`` raises
     ``StructureMismatchError`` when keys are missing or unexpected;
-    ``strict=False`` keeps the target's value for missing keys.
+    ``strict=False`` keeps the target's value for missing keys. ``mmap`` as in
+    ``restore``.
     """
     paths, tleaves, treedef = tree_mod.leaf_paths(target)
     if isinstance(source, Mapping):
@@ -468,7 +494,7 @@ def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, str
             out[i] = _convert_checked(where, p, source[p], tleaves[i])
     else:
         with r:
-            filled = _fill(r, [p for _, p in present], [tleaves[i] for i, _ in present], verify)
+            filled = _fill(r, [p for _, p in present], [tleaves[i] for i, _ in present], verify, mmap=mmap)
         for (i, _), v in zip(present, filled):
             out[i] = v
     return treedef.unflatten(out), report

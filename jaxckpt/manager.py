@@ -809,9 +809,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ restoring
     def restore(self, step: int | None = None, target: Any = None, *, partial: bool = False,
-                fallback: bool = False) -> Any:
+                fallback: bool = False, mmap: bool = True) -> Any:
         """Restore ``step`` (default: the latest committed), waiting first for
-        saves in flight. ``target`` and ``partial`` as in ``jaxckpt.restore``.
+        saves in flight. ``target``, ``partial`` and ``mmap`` as in ``jaxckpt.restore``.
         ``fallback=True``: if that checkpoint is damaged or gone, try older
         committed steps in turn and log which one was restored
         (``restored_step`` tells it too)."""
@@ -835,7 +835,7 @@ class CheckpointManager:
             deleted = False
             for s in candidates:
                 try:
-                    out = api.restore(self._step_path(s), target, partial=partial)
+                    out = api.restore(self._step_path(s), target, partial=partial, mmap=mmap)
                 except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                     gone = self._gone(s)
                     if gone is not None:  # deleted, not damaged

@@ -3,6 +3,12 @@
 ``CheckpointReader`` decodes and validates the manifest once, then serves
 requests for boxes (sub-arrays) of leaves. A request is planned into reads:
 
+* when the caller allows it (the result stays in host memory or goes to a CPU
+  device) and the box is exactly one saved shard of at least 1 MiB, the
+  shard's file bytes are mapped copy-on-write (``storage.map_range``) and
+  populated, and the result is a view of the mapping: no fresh memory, no
+  copy (a 4.2 GB restore from the page cache on a 2-core VM: 0.18 s instead
+  of 2.5-4.5 s). The arrays then share the page cache's pages;
 * when a whole saved shard lands contiguously in the destination (the shard is
   the whole leaf, or a slab along the first axis), its bytes are read straight
   into the final, 64-byte aligned buffer (which ``jax.device_put`` on the CPU
@@ -38,6 +44,8 @@ Box = tuple[tuple[int, int], ...]
 _SMALL_READ = 1 << 20  # reads below this size are coalesced with their neighbours
 _GAP = 64 << 10  # ... when at most this many bytes apart (alignment padding)
 _GROUP_BYTES = 8 << 20  # ... into reads of at most this size
+MAP_MIN_BYTES = 1 << 20  # shards at least this large may be mapped instead of read
+MAX_MAPS = 16384  # mappings one reader makes at most (vm.max_map_count is 65530 by default)
 
 
 def default_workers() -> int:
@@ -77,11 +85,14 @@ def _intersect(a: Box, b: Box) -> Box | None:
 
 
 class _Op:
-    """Read ``dest.nbytes`` bytes at ``offset`` of file ``file`` and check a chunk sum."""
-    __slots__ = ("file", "offset", "dest", "checksum", "leaf", "chunk")
+    """Read ``dest.nbytes`` bytes at ``offset`` of file ``file`` (or, ``mapped``,
+    populate the mapping ``dest`` of them) and check a chunk sum."""
+    __slots__ = ("file", "offset", "dest", "checksum", "leaf", "chunk", "mapped")
 
-    def __init__(self, file: int, offset: int, dest: memoryview, checksum: int | None, leaf: str, chunk: int):
+    def __init__(self, file: int, offset: int, dest: memoryview, checksum: int | None, leaf: str, chunk: int,
+                 mapped: bool = False):
         self.file, self.offset, self.dest, self.checksum, self.leaf, self.chunk = file, offset, dest, checksum, leaf, chunk
+        self.mapped = mapped
 
 
 class CheckpointReader:
@@ -99,6 +110,7 @@ class CheckpointReader:
         self.max_workers = max_workers or default_workers()
         self._fds: dict[int, int] = {}
         self._starts: dict[int, list[int]] | None = None  # shard offsets per file, built on first use
+        self._maps = 0  # mappings made (MAX_MAPS)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ files
@@ -137,10 +149,14 @@ class CheckpointReader:
 
     # ------------------------------------------------------------ planning
     def _plan_leaf(self, leaf: fmt.LeafRecord, box: Box, verify: bool,
-                   ops: list[_Op], posts: list[Callable[[], None]]) -> np.ndarray:
+                   ops: list[_Op], posts: list[Callable[[], None]], mappable: bool) -> np.ndarray:
         dtype = fmt.DTYPES[leaf.dtype]
         itemsize = dtype.itemsize
         out_shape = tuple(hi - lo for lo, hi in box)
+        if mappable:
+            mapped = self._map_shard(leaf, box, out_shape, dtype, verify, ops)
+            if mapped is not None:
+                return mapped
         out = empty_aligned(out_shape, dtype)
         if out.nbytes == 0:
             return out
@@ -177,8 +193,29 @@ class CheckpointReader:
             posts.append(functools.partial(np.copyto, dst, src))
         return out
 
+    def _map_shard(self, leaf: fmt.LeafRecord, box: Box, shape: tuple[int, ...], dtype: np.dtype,
+                   verify: bool, ops: list[_Op]) -> np.ndarray | None:
+        """The box as a view of a copy-on-write mapping of the one shard that is
+        exactly that box, with the ops that populate (and verify) it; None where
+        the box is not one shard, is small, or mapping is unavailable here."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < MAP_MIN_BYTES or self._maps >= MAX_MAPS or not storage.can_map():
+            return None
+        for s in leaf.shards:
+            # 64-byte aligned data: what XLA's CPU client adopts without a copy
+            if s.box == box and s.length == nbytes and s.offset % 64 == 0:
+                fd = self._fd_for(s.file, leaf.path)
+                try:
+                    view = storage.map_range(fd, s.offset, s.length)
+                except (OSError, ValueError):  # a file system without mmap, or no address space: read it
+                    return None
+                self._maps += 1
+                self._chunk_ops(leaf, s, 0, s.length, view, verify, ops, mapped=True)
+                return np.frombuffer(view, np.uint8).view(dtype).reshape(shape)
+        return None
+
     def _chunk_ops(self, leaf: fmt.LeafRecord, s: fmt.ShardRecord, lo: int, hi: int, dest: memoryview,
-                   verify: bool, ops: list[_Op]) -> None:
+                   verify: bool, ops: list[_Op], mapped: bool = False) -> None:
         """Reads of shard bytes [lo, hi) into dest, one op per checksum chunk."""
         chunk = self.manifest.chunk_bytes
         pos = lo
@@ -187,7 +224,7 @@ class CheckpointReader:
             ci = pos // chunk
             checks = verify and pos == ci * chunk and end == min((ci + 1) * chunk, s.length)
             ops.append(_Op(s.file, s.offset + pos, dest[pos - lo:end - lo],
-                           s.checksums[ci] if checks else None, leaf.path, ci))
+                           s.checksums[ci] if checks else None, leaf.path, ci, mapped))
             pos = end
 
     def _only_padding(self, file: int, lo: int, hi: int) -> bool:
@@ -212,6 +249,10 @@ class CheckpointReader:
         first, last = group[0], group[-1]
         fd = self._fd_for(first.file, first.leaf)
         name = os.path.join(self.path, self.manifest.files[first.file].name)
+        if first.mapped:
+            storage.populate(first.dest, f"{name} (leaf {first.leaf!r})", first.offset)
+            self._verify(first, first.dest)
+            return len(first.dest)
         if len(group) == 1:
             storage.prefault(first.dest)
             storage.pread_into(fd, first.dest, first.offset, f"{name} (leaf {first.leaf!r})")
@@ -244,11 +285,11 @@ class CheckpointReader:
         groups: list[list[_Op]] = []
         for op in ops:
             n = len(op.dest)
-            if groups and n < _SMALL_READ:
+            if groups and n < _SMALL_READ and not op.mapped:
                 g = groups[-1]
                 head, tail = g[0], g[-1]
                 end = tail.offset + len(tail.dest)
-                if (tail.file == op.file and len(tail.dest) < _SMALL_READ and 0 <= op.offset - end <= _GAP
+                if (tail.file == op.file and len(tail.dest) < _SMALL_READ and not tail.mapped and 0 <= op.offset - end <= _GAP
                         and op.offset + n - head.offset <= _GROUP_BYTES and self._only_padding(op.file, end, op.offset)):
                     g.append(op)
                     continue
@@ -256,25 +297,35 @@ class CheckpointReader:
         return groups
 
     def read(self, requests: Iterable[tuple[int, Box | None]], verify: bool = True,
-             progress: Callable[[int], None] | None = None) -> list[np.ndarray]:
+             progress: Callable[[int], None] | None = None,
+             mappable: Iterable[bool] | None = None) -> list[np.ndarray]:
         """Read boxes of leaves (``None`` = the whole leaf) in parallel; returns
-        host arrays in the saved dtype, in request order."""
+        host arrays in the saved dtype, in request order.
+
+        ``mappable`` (one flag per request; default none): the result of that
+        request may be a copy-on-write view of the file's pages (see the module
+        docstring), which suits results kept in host memory or on a CPU device;
+        leave it False where the host copy is only staged for an accelerator."""
         with _gc.paused():  # one array and a few records per leaf, no cycles: see jaxckpt/_gc.py
-            return self._read(requests, verify, progress)
+            return self._read(requests, verify, progress, mappable)
 
     def _read(self, requests: Iterable[tuple[int, Box | None]], verify: bool,
-              progress: Callable[[int], None] | None) -> list[np.ndarray]:
+              progress: Callable[[int], None] | None, mappable: Iterable[bool] | None) -> list[np.ndarray]:
         ops: list[_Op] = []
         posts: list[Callable[[], None]] = []
         outs = []
-        for li, box in requests:
+        requests = list(requests)
+        flags = [False] * len(requests) if mappable is None else list(mappable)
+        if len(flags) != len(requests):
+            raise ValueError(f"read: {len(requests)} requests but {len(flags)} mappable flags")
+        for (li, box), may_map in zip(requests, flags):
             leaf = self.manifest.leaves[li]
             if box is None:
                 box = tuple((0, d) for d in leaf.shape)
             for s in leaf.shards:  # real file sizes before allocating: a manifest must not claim more than is on disk
                 if s.length:
                     self._fd_for(s.file, leaf.path)
-            outs.append(self._plan_leaf(leaf, box, verify, ops, posts))
+            outs.append(self._plan_leaf(leaf, box, verify, ops, posts, may_map))
         ops.sort(key=lambda o: (o.file, o.offset))
         groups = self._groups(ops)
         if len(groups) <= 2 or self.max_workers <= 1:

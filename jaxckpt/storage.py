@@ -202,13 +202,13 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 
 
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+_MADV_POPULATE_READ = 22  # Linux >= 5.14
 _madvise = None
 
 
-def prefault(buf: memoryview) -> None:
-    """Ask the kernel to back ``buf``'s pages now, in one call (Linux
-    MADV_POPULATE_WRITE), instead of one page fault per 4 KiB during the read
-    that fills it. Best effort: elsewhere the read faults pages in as usual."""
+def _libc_madvise():
     global _madvise
     if _madvise is None:
         try:
@@ -217,15 +217,77 @@ def prefault(buf: memoryview) -> None:
             _madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         except (OSError, AttributeError):
             _madvise = False
-    if not _madvise or len(buf) < (1 << 20):
-        return
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf)) if not buf.readonly else 0
-    if not addr:
-        return
+    return _madvise
+
+
+def _page_range(buf: memoryview) -> tuple[int, int]:
+    """(start, length) of the whole pages under a writable buffer."""
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
     page = mmap.PAGESIZE
     start = addr // page * page
-    end = -(-(addr + len(buf)) // page) * page
-    _madvise(start, end - start, _MADV_POPULATE_WRITE)  # an error (old kernel) just means: fault as usual
+    return start, -(-(addr + len(buf)) // page) * page - start
+
+
+def prefault(buf: memoryview) -> None:
+    """Ask the kernel to back ``buf``'s pages now, in one call (Linux
+    MADV_POPULATE_WRITE), instead of one page fault per 4 KiB during the read
+    that fills it. Best effort: elsewhere the read faults pages in as usual."""
+    madvise = _libc_madvise()
+    if not madvise or len(buf) < (1 << 20) or buf.readonly:
+        return
+    start, length = _page_range(buf)
+    madvise(start, length, _MADV_POPULATE_WRITE)  # an error (old kernel) just means: fault as usual
+
+
+# ------------------------------------------------------------------- mapping
+_can_populate_read: bool | None = None
+
+
+def can_map() -> bool:
+    """Whether ``map_range`` + ``populate`` work here: Linux >= 5.14
+    (MADV_POPULATE_READ), probed once on an anonymous page."""
+    global _can_populate_read
+    if _can_populate_read is None:
+        madvise = _libc_madvise()
+        ok = False
+        if madvise and hasattr(mmap, "MAP_PRIVATE"):
+            probe = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            start, length = _page_range(memoryview(probe))
+            ok = madvise(start, length, _MADV_POPULATE_READ) == 0
+        _can_populate_read = ok
+    return _can_populate_read
+
+
+def map_range(fd: int, offset: int, length: int) -> memoryview:
+    """A private, copy-on-write mapping of ``length`` file bytes at ``offset``
+    (the mapping starts at the page below ``offset``; the view skips to it).
+
+    Reads see the page cache's pages themselves: no fresh memory, no copy.
+    Writes to the view copy the page first and never reach the file. The
+    mapping lives as long as any view of it; it stays valid when the file is
+    unlinked (rotation, overwrite), not when the file is truncated in place
+    (jaxckpt never does that to a committed file). Nothing is read until
+    ``populate``."""
+    page = mmap.ALLOCATIONGRANULARITY
+    base = offset // page * page
+    m = mmap.mmap(fd, offset + length - base, flags=mmap.MAP_PRIVATE,
+                  prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=base)
+    return memoryview(m)[offset - base:offset - base + length]
+
+
+def populate(view: memoryview, path: str, offset: int) -> None:
+    """Read the file bytes under a ``map_range`` view now (Linux
+    MADV_POPULATE_READ: the pages are read into the page cache if they are
+    not there and mapped, copy-on-write, without a fault per page), so that
+    an I/O error is raised here, naming ``path``, rather than killing the
+    process with SIGBUS on first touch later."""
+    start, length = _page_range(view)
+    if _libc_madvise()(start, length, _MADV_POPULATE_READ) != 0:
+        err = ctypes.get_errno()
+        if err == errno.EFAULT:  # beyond the end of the file: it shrank after it was opened
+            raise CorruptCheckpointError(f"{path}: truncated: {len(view)} bytes at offset {offset} are "
+                                         f"no longer in the file")
+        raise OSError(err, f"reading {len(view)} bytes at offset {offset}: {os.strerror(err)}", path)
 
 
 def preadv_into(fd: int, bufs: list[memoryview], offset: int, path: str) -> None:
