@@ -18,8 +18,10 @@ snapshot: three consecutive `AsyncCheckpointer` saves per device -> host
 restore: saves the workload with jaxckpt (and with orbax), then restores it
     in fresh processes from the page cache, as a resuming job does once:
     jaxckpt with host -> device transfers in windows of 256 MiB / 64 MiB /
-    all at once (`placement.ACCEL_WINDOW_BYTES`), and orbax. Each restore is
-    checked bit for bit against the workload's digests.
+    all at once (`placement.ACCEL_WINDOW_BYTES`), with 256 MiB windows from
+    copy-on-write mappings of the file instead of fresh host memory
+    (`api.MAP_FOR_ACCELERATORS`), and orbax. Each restore is checked bit for
+    bit against the workload's digests.
 
 Prints a summary and writes JSON (default
 `benchmarks/results/<timestamp>-gpu-probe-<probe>-<workload>.json`).
@@ -38,7 +40,9 @@ from pathlib import Path
 
 MIB = 1 << 20
 SNAPSHOT_PATHS = {"pinned": 0, "copy_to_host_async": 1 << 62, "hybrid_1MiB": MIB}
-RESTORE_WINDOWS = {"window 256 MiB": 256 * MIB, "window 64 MiB": 64 * MIB, "all at once": 0}
+# label -> (placement.ACCEL_WINDOW_BYTES, api.MAP_FOR_ACCELERATORS)
+RESTORE_CONFIGS = {"window 256 MiB": (256 * MIB, False), "window 256 MiB, mapped": (256 * MIB, True),
+                   "window 64 MiB": (64 * MIB, False), "all at once": (0, False)}
 
 
 def _fresh(state):
@@ -110,13 +114,13 @@ def probe_restore(name: str, quick: bool, device) -> dict:
             r = _child(["_save", name, str(root / method), method, *q])
             print(f"saved with {method}: {r}", flush=True)
         for rnd in range(2):
-            for label, window in RESTORE_WINDOWS.items():
+            for label, (window, mapped) in RESTORE_CONFIGS.items():
                 r = _child(["_restore", name, str(root / "jaxckpt-sync"), "jaxckpt-sync", str(window),
-                            str(digests), *q])
+                            str(digests), str(int(mapped)), *q])
                 r |= {"method": "jaxckpt", "config": label, "round": rnd}
                 out["runs"].append(r)
                 print(json.dumps(r), flush=True)
-            r = _child(["_restore", name, str(root / "orbax-async"), "orbax-async", "0", str(digests), *q])
+            r = _child(["_restore", name, str(root / "orbax-async"), "orbax-async", "0", str(digests), "0", *q])
             r |= {"method": "orbax", "config": "CheckpointManager", "round": rnd}
             out["runs"].append(r)
             print(json.dumps(r), flush=True)
@@ -140,14 +144,16 @@ def _save_step(name: str, root: str, method: str, quick: bool) -> dict:
     return {"save_s": time.perf_counter() - t0}
 
 
-def _restore_step(name: str, root: str, method: str, window: int, digests: str, quick: bool) -> dict:
+def _restore_step(name: str, root: str, method: str, window: int, digests: str, mapped: bool,
+                  quick: bool) -> dict:
     import jax
 
-    from jaxckpt import placement
+    from jaxckpt import api, placement
 
     from . import measure, methods, workloads
 
     placement.ACCEL_WINDOW_BYTES = window
+    api.MAP_FOR_ACCELERATORS = mapped
     workload = workloads.get(name, quick)
     abstract = workloads.abstract_state(workload)
     m = methods.get(method)(Path(root))
@@ -168,7 +174,7 @@ def main(argv: list[str]) -> int:
         print(json.dumps(_save_step(args[1], args[2], args[3], quick)))
         return 0
     if args and args[0] == "_restore":
-        print(json.dumps(_restore_step(args[1], args[2], args[3], int(args[4]), args[5], quick)))
+        print(json.dumps(_restore_step(args[1], args[2], args[3], int(args[4]), args[5], args[6] == "1", quick)))
         return 0
     if len(args) < 2 or args[0] not in ("snapshot", "restore"):
         print(__doc__)

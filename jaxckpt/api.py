@@ -339,9 +339,18 @@ def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], 
         return _fill_leaves(r, paths, tleaves, verify, progress, mmap)
 
 
+# Whether host arrays bound for an accelerator may be file mappings too (the
+# source of the host -> device copy, dropped once it is done) rather than reads
+# into fresh memory. Off until measured on a GPU: `python -m benchmarks.gpu_probe
+# restore W3` compares both.
+MAP_FOR_ACCELERATORS = False
+
+
 def _host_bound(t: Any, sharding: Any, cache: dict[int, bool]) -> bool:
     """Whether a target leaf's value ends in host memory or on CPU devices
     (where a mapped host array can be the result itself, not a staging copy)."""
+    if MAP_FOR_ACCELERATORS:
+        return True
     if sharding is None:
         return isinstance(t, (np.ndarray, np.generic)) or jax.default_backend() == "cpu"
     hit = cache.get(id(sharding))
