@@ -359,6 +359,14 @@ def _decode_manifest(data: bytes, where: str) -> Manifest:
 
 
 def _decode_leaf(c: _Checker, i: int, r: Any, files: list[FileRecord], chunk_bytes: int) -> LeafRecord:
+    # Fast path for the common, well-formed leaf (plain dict, exact types); any
+    # doubt goes through the checker, which accepts or raises the located error.
+    if type(r) is dict:
+        path, kind, dtype, raw_shape = r.get("path"), r.get("kind"), r.get("dtype"), r.get("shape")
+        if (type(path) is str and kind in ("array", "scalar") and type(dtype) is str and type(raw_shape) is list
+                and len(raw_shape) <= MAX_NDIM and all(type(d) is int and 0 <= d <= MAX_ARRAY_BYTES for d in raw_shape)
+                and dtype in DTYPES):
+            return _decode_array_leaf(c, r, path, kind, dtype, tuple(raw_shape), files, chunk_bytes)
     path = c.get(r, "path", str, f"leaves[{i}]")
     ctx = f"leaf {path!r}"
     kind = c.get(r, "kind", str, ctx)
@@ -381,6 +389,14 @@ def _decode_leaf(c: _Checker, i: int, r: Any, files: list[FileRecord], chunk_byt
     if len(raw_shape) > MAX_NDIM:
         raise c.fail(f"{ctx}: {len(raw_shape)} dimensions, above the cap of {MAX_NDIM}")
     shape = tuple(c.nonneg(d, f"{ctx} shape", MAX_ARRAY_BYTES) for d in raw_shape)
+    return _decode_array_leaf(c, r, path, kind, dtype, shape, files, chunk_bytes)
+
+
+def _decode_array_leaf(c: _Checker, r: dict, path: str, kind: str, dtype: str, shape: tuple[int, ...],
+                       files: list[FileRecord], chunk_bytes: int) -> LeafRecord:
+    """The rest of an array/scalar/key leaf, once path, kind, dtype (allow-listed)
+    and shape (dimensions checked) are known good."""
+    ctx = f"leaf {path!r}"
     itemsize = DTYPES[dtype].itemsize
     count = 1
     for d in shape:  # overflow-safe: stop as soon as the product exceeds the cap

@@ -86,13 +86,16 @@ def _intersect(a: Box, b: Box) -> Box | None:
 
 class _Op:
     """Read ``dest.nbytes`` bytes at ``offset`` of file ``file`` (or, ``mapped``,
-    populate the mapping ``dest`` of them) and check a chunk sum."""
-    __slots__ = ("file", "offset", "dest", "checksum", "leaf", "chunk", "mapped")
+    populate the mapping ``dest`` of them) and check a chunk sum. An op with
+    ``parts`` reads a run of small shards into one buffer and checks each
+    part (an op of its own, never run alone) instead."""
+    __slots__ = ("file", "offset", "dest", "checksum", "leaf", "chunk", "mapped", "parts")
 
     def __init__(self, file: int, offset: int, dest: memoryview, checksum: int | None, leaf: str, chunk: int,
                  mapped: bool = False):
         self.file, self.offset, self.dest, self.checksum, self.leaf, self.chunk = file, offset, dest, checksum, leaf, chunk
         self.mapped = mapped
+        self.parts: list[_Op] | None = None
 
 
 class CheckpointReader:
@@ -253,6 +256,15 @@ class CheckpointReader:
             storage.populate(first.dest, f"{name} (leaf {first.leaf!r})", first.offset)
             self._verify(first, first.dest)
             return len(first.dest)
+        if first.parts is not None:
+            parts = first.parts
+            storage.prefault(first.dest)
+            which = (f"leaf {parts[0].leaf!r}" if parts[0].leaf == parts[-1].leaf
+                     else f"leaves {parts[0].leaf!r} .. {parts[-1].leaf!r}")
+            storage.pread_into(fd, first.dest, first.offset, f"{name} ({which})")
+            for op in parts:
+                self._verify(op, op.dest)
+            return sum(len(op.dest) for op in parts)
         if len(group) == 1:
             storage.prefault(first.dest)
             storage.pread_into(fd, first.dest, first.offset, f"{name} (leaf {first.leaf!r})")
@@ -271,25 +283,69 @@ class CheckpointReader:
             self._verify(op, op.dest)
         return sum(len(op.dest) for op in group)
 
-    def _groups(self, ops: list[_Op]) -> list[list[_Op]]:
-        """Coalesce small reads that are close in a file (10,000 leaves of a few
-        KiB become a handful of reads instead of 10,000 syscalls and futures).
-        A gap is bridged only when it holds padding, never another shard's
-        bytes: a partial restore reads nothing of the leaves it leaves out."""
+    def _index_starts(self) -> None:
         if self._starts is None:
             starts: dict[int, list[int]] = {}
             for leaf in self.manifest.leaves:
                 for sh in leaf.shards:
                     starts.setdefault(sh.file, []).append(sh.offset)
             self._starts = {f: sorted(v) for f, v in starts.items()}
+
+    def _plan_small(self, small: list[tuple[int, fmt.LeafRecord, fmt.ShardRecord]], outs: list,
+                    verify: bool, ops: list[_Op]) -> None:
+        """Small whole-shard requests (many-leaf trees: 10,000 leaves of a few
+        KiB) are read in runs of neighbouring shards, each run with one read
+        into one buffer; every result is a view of its run's buffer (64-byte
+        aligned where the shard's offset is, as jaxckpt's writer places them),
+        instead of a buffer, a read and a scatter entry per leaf. A run spans
+        only padding between its shards, never another leaf's bytes."""
+        if not small:
+            return
+        self._index_starts()
+        small.sort(key=lambda t: (t[2].file, t[2].offset))
+        run: list[tuple[int, fmt.LeafRecord, fmt.ShardRecord]] = []
+
+        def flush() -> None:
+            lo = run[0][2].offset
+            hi = run[-1][2].offset + run[-1][2].length
+            buf = empty_aligned((hi - lo,), np.uint8)
+            op = _Op(run[0][2].file, lo, memoryview(buf), None, run[0][1].path, 0)
+            parts: list[_Op] = []
+            for idx, leaf, sh in run:
+                rel = sh.offset - lo
+                data = buf[rel:rel + sh.length]
+                outs[idx] = data.view(fmt.DTYPES[leaf.dtype]).reshape(sh.shape)
+                self._chunk_ops(leaf, sh, 0, sh.length, memoryview(data), verify, parts)
+            op.parts = parts
+            ops.append(op)
+            run.clear()
+
+        for item in small:
+            sh = item[2]
+            if run:
+                last = run[-1][2]
+                end = last.offset + last.length
+                if not (sh.file == last.file and 0 <= sh.offset - end <= _GAP
+                        and sh.offset + sh.length - run[0][2].offset <= _GROUP_BYTES
+                        and self._only_padding(sh.file, end, sh.offset)):
+                    flush()
+            run.append(item)
+        flush()
+
+    def _groups(self, ops: list[_Op]) -> list[list[_Op]]:
+        """Coalesce small reads that are close in a file (10,000 leaves of a few
+        KiB become a handful of reads instead of 10,000 syscalls and futures).
+        A gap is bridged only when it holds padding, never another shard's
+        bytes: a partial restore reads nothing of the leaves it leaves out."""
+        self._index_starts()
         groups: list[list[_Op]] = []
         for op in ops:
             n = len(op.dest)
-            if groups and n < _SMALL_READ and not op.mapped:
+            if groups and n < _SMALL_READ and not op.mapped and op.parts is None:
                 g = groups[-1]
                 head, tail = g[0], g[-1]
                 end = tail.offset + len(tail.dest)
-                if (tail.file == op.file and len(tail.dest) < _SMALL_READ and not tail.mapped and 0 <= op.offset - end <= _GAP
+                if (tail.file == op.file and len(tail.dest) < _SMALL_READ and not tail.mapped and tail.parts is None and 0 <= op.offset - end <= _GAP
                         and op.offset + n - head.offset <= _GROUP_BYTES and self._only_padding(op.file, end, op.offset)):
                     g.append(op)
                     continue
@@ -318,6 +374,7 @@ class CheckpointReader:
         flags = [False] * len(requests) if mappable is None else list(mappable)
         if len(flags) != len(requests):
             raise ValueError(f"read: {len(requests)} requests but {len(flags)} mappable flags")
+        small: list[tuple[int, fmt.LeafRecord, fmt.ShardRecord]] = []  # (index in outs, leaf, its one shard)
         for (li, box), may_map in zip(requests, flags):
             leaf = self.manifest.leaves[li]
             if box is None:
@@ -325,7 +382,13 @@ class CheckpointReader:
             for s in leaf.shards:  # real file sizes before allocating: a manifest must not claim more than is on disk
                 if s.length:
                     self._fd_for(s.file, leaf.path)
+            shards = leaf.shards
+            if len(shards) == 1 and 0 < shards[0].length < _SMALL_READ and shards[0].box == box:
+                small.append((len(outs), leaf, shards[0]))
+                outs.append(None)
+                continue
             outs.append(self._plan_leaf(leaf, box, verify, ops, posts, may_map))
+        self._plan_small(small, outs, verify, ops)
         ops.sort(key=lambda o: (o.file, o.offset))
         groups = self._groups(ops)
         if len(groups) <= 2 or self.max_workers <= 1:
