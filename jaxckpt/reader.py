@@ -16,8 +16,10 @@ requests for boxes (sub-arrays) of leaves. A request is planned into reads:
 * otherwise only the rows of the shard that intersect the box are read (rounded
   out to checksum chunks when verifying) into a temporary buffer, then copied.
 
-Reads are cut into checksum chunks and run in parallel; each chunk is verified
-in the thread that read it. Open files are checked to be regular files and at
+Small whole leaves (under 1 MiB) are read in runs of neighbouring shards, one
+read into one buffer per run (each result a view of it); other reads are cut
+into checksum chunks. Reads run in parallel; each chunk is verified in the
+thread that read it. Open files are checked to be regular files and at
 least as large as the manifest says.
 """
 
@@ -298,7 +300,8 @@ class CheckpointReader:
         into one buffer; every result is a view of its run's buffer (64-byte
         aligned where the shard's offset is, as jaxckpt's writer places them),
         instead of a buffer, a read and a scatter entry per leaf. A run spans
-        only padding between its shards, never another leaf's bytes."""
+        only padding between its shards, never another leaf's bytes; a result
+        keeps its run's buffer (at most 8 MiB) alive."""
         if not small:
             return
         self._index_starts()
