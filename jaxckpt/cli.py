@@ -170,8 +170,8 @@ def verify_checkpoint(path: str, *, progress: bool | None = None, batch_bytes: i
                         counted += n
                         bar.update(n)
 
-                    if requests:
-                        r.read(requests, verify=True, progress=step)
+                    if requests:  # mapped where possible: the page cache's pages are hashed, not copies of them
+                        r.read(requests, verify=True, progress=step, mappable=[True] * len(requests))
                     bar.update(nbytes - counted, leaves=finished)
             return VerifyResult(path, True, len(m.leaves), m.total_bytes)
     except (CheckpointError, OSError) as e:

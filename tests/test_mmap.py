@@ -320,3 +320,23 @@ def test_only_host_and_cpu_bound_leaves_are_mappable(monkeypatch):
     assert not api._host_bound(None, mixed, cache)
     monkeypatch.setattr(api, "MAP_FOR_ACCELERATORS", True)
     assert api._host_bound(None, gpu, {})
+
+
+@pytestmark_map
+def test_cli_verify_hashes_mapped_pages_and_finds_a_flipped_bit(ckdir):
+    from jaxckpt import cli
+
+    t = tree()
+    jaxckpt.save(ckdir / "c", t)
+    ok = cli.verify_checkpoint(str(ckdir / "c"), progress=False)
+    assert ok.ok and ok.leaves == len(t)
+    m = reader.CheckpointReader(ckdir / "c").manifest
+    (rec,) = [leaf for leaf in m.leaves if leaf.path == "big_bf16"]
+    name = os.path.join(ckdir / "c", m.files[rec.shards[0].file].name)
+    with open(name, "r+b") as f:
+        f.seek(rec.shards[0].offset + 777)
+        b = f.read(1)
+        f.seek(rec.shards[0].offset + 777)
+        f.write(bytes([b[0] ^ 1]))
+    bad = cli.verify_checkpoint(str(ckdir / "c"), progress=False)
+    assert not bad.ok and "checksum mismatch in leaf 'big_bf16', chunk 0" in bad.error and name in bad.error
