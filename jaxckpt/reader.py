@@ -255,7 +255,9 @@ class CheckpointReader:
         fd = self._fd_for(first.file, first.leaf)
         name = os.path.join(self.path, self.manifest.files[first.file].name)
         if first.mapped:
-            storage.populate(first.dest, f"{name} (leaf {first.leaf!r})", first.offset)
+            where = f"{name} (leaf {first.leaf!r})"
+            if not storage.populate(first.dest, where, first.offset):
+                storage.pread_into(fd, first.dest, first.offset, where)  # copy-on-write: private pages
             self._verify(first, first.dest)
             return len(first.dest)
         if first.parts is not None:

@@ -275,19 +275,24 @@ def map_range(fd: int, offset: int, length: int) -> memoryview:
     return memoryview(m)[offset - base:offset - base + length]
 
 
-def populate(view: memoryview, path: str, offset: int) -> None:
+def populate(view: memoryview, path: str, offset: int) -> bool:
     """Read the file bytes under a ``map_range`` view now (Linux
     MADV_POPULATE_READ: the pages are read into the page cache if they are
     not there and mapped, copy-on-write, without a fault per page), so that
     an I/O error is raised here, naming ``path``, rather than killing the
-    process with SIGBUS on first touch later."""
+    process with SIGBUS on first touch later. False where the kernel refuses
+    this for the file's mapping (EINVAL: some special file systems); the
+    caller then reads the bytes into the (writable, private) view instead."""
     start, length = _page_range(view)
     if _libc_madvise()(start, length, _MADV_POPULATE_READ) != 0:
         err = ctypes.get_errno()
+        if err == errno.EINVAL:
+            return False
         if err == errno.EFAULT:  # beyond the end of the file: it shrank after it was opened
             raise CorruptCheckpointError(f"{path}: truncated: {len(view)} bytes at offset {offset} are "
                                          f"no longer in the file")
         raise OSError(err, f"reading {len(view)} bytes at offset {offset}: {os.strerror(err)}", path)
+    return True
 
 
 def preadv_into(fd: int, bufs: list[memoryview], offset: int, path: str) -> None:

@@ -340,3 +340,31 @@ def test_cli_verify_hashes_mapped_pages_and_finds_a_flipped_bit(ckdir):
         f.write(bytes([b[0] ^ 1]))
     bad = cli.verify_checkpoint(str(ckdir / "c"), progress=False)
     assert not bad.ok and "checksum mismatch in leaf 'big_bf16', chunk 0" in bad.error and name in bad.error
+
+
+@pytestmark_map
+def test_a_mapping_the_kernel_will_not_populate_is_read_into(ckdir, monkeypatch):
+    """EINVAL from MADV_POPULATE_READ (a file system whose mappings it does not
+    support): the bytes are read into the private mapping instead."""
+    import ctypes
+    import errno
+
+    t = tree()
+    jaxckpt.save(ckdir / "c", t)
+    before = data_digest(ckdir / "c")
+    real = storage._libc_madvise()
+    refused = []
+
+    def refusing(addr, length, advice):
+        if advice == storage._MADV_POPULATE_READ:
+            refused.append(length)
+            ctypes.set_errno(errno.EINVAL)
+            return -1
+        return real(addr, length, advice)
+
+    monkeypatch.setattr(storage, "_libc_madvise", lambda: refusing)
+    got = jaxckpt.restore(ckdir / "c")
+    assert refused  # the mapped path was taken, and refused
+    for k in ("big", "big_bf16", "huge", "small"):
+        assert got[k].tobytes() == t[k].tobytes()
+    assert data_digest(ckdir / "c") == before
