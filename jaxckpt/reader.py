@@ -90,14 +90,14 @@ class _Op:
     """Read ``dest.nbytes`` bytes at ``offset`` of file ``file`` (or, ``mapped``,
     populate the mapping ``dest`` of them) and check a chunk sum. An op with
     ``parts`` reads a run of small shards into one buffer and checks each
-    part (an op of its own, never run alone) instead."""
+    part instead: (start, end) in ``dest``, checksum or None, leaf, chunk."""
     __slots__ = ("file", "offset", "dest", "checksum", "leaf", "chunk", "mapped", "parts")
 
     def __init__(self, file: int, offset: int, dest: memoryview, checksum: int | None, leaf: str, chunk: int,
                  mapped: bool = False):
         self.file, self.offset, self.dest, self.checksum, self.leaf, self.chunk = file, offset, dest, checksum, leaf, chunk
         self.mapped = mapped
-        self.parts: list[_Op] | None = None
+        self.parts: list[tuple[int, int, int | None, str, int]] | None = None
 
 
 class CheckpointReader:
@@ -240,12 +240,15 @@ class CheckpointReader:
     # ------------------------------------------------------------ executing
     def _verify(self, op: _Op, data) -> None:
         if op.checksum is not None:
-            found = fmt.checksum(data)
-            if found != op.checksum:
-                name = os.path.join(self.path, self.manifest.files[op.file].name)
-                raise CorruptCheckpointError(
-                    f"{name}: checksum mismatch in leaf {op.leaf!r}, chunk {op.chunk} (bytes at offset {op.offset}): "
-                    f"expected xxh3 {op.checksum:#018x}, found {found:#018x}")
+            self._check(op.file, op.offset, data, op.checksum, op.leaf, op.chunk)
+
+    def _check(self, file: int, offset: int, data, checksum: int, leaf: str, chunk: int) -> None:
+        found = fmt.checksum(data)
+        if found != checksum:
+            name = os.path.join(self.path, self.manifest.files[file].name)
+            raise CorruptCheckpointError(
+                f"{name}: checksum mismatch in leaf {leaf!r}, chunk {chunk} (bytes at offset {offset}): "
+                f"expected xxh3 {checksum:#018x}, found {found:#018x}")
 
     def _run(self, group: list[_Op]) -> int:
         """Read one group of ops; returns the bytes read. A group of several
@@ -261,14 +264,16 @@ class CheckpointReader:
             self._verify(first, first.dest)
             return len(first.dest)
         if first.parts is not None:
-            parts = first.parts
-            storage.prefault(first.dest)
-            which = (f"leaf {parts[0].leaf!r}" if parts[0].leaf == parts[-1].leaf
-                     else f"leaves {parts[0].leaf!r} .. {parts[-1].leaf!r}")
-            storage.pread_into(fd, first.dest, first.offset, f"{name} ({which})")
-            for op in parts:
-                self._verify(op, op.dest)
-            return sum(len(op.dest) for op in parts)
+            parts, dest, base = first.parts, first.dest, first.offset
+            storage.prefault(dest)
+            which = (f"leaf {parts[0][3]!r}" if parts[0][3] == parts[-1][3]
+                     else f"leaves {parts[0][3]!r} .. {parts[-1][3]!r}")
+            storage.pread_into(fd, dest, base, f"{name} ({which})")
+            checksum = fmt.checksum
+            for lo, hi, want, leaf, chunk in parts:
+                if want is not None and checksum(dest[lo:hi]) != want:
+                    self._check(first.file, base + lo, dest[lo:hi], want, leaf, chunk)  # raises
+            return sum(hi - lo for lo, hi, *_ in parts)
         if len(group) == 1:
             storage.prefault(first.dest)
             storage.pread_into(fd, first.dest, first.offset, f"{name} (leaf {first.leaf!r})")
@@ -307,6 +312,7 @@ class CheckpointReader:
         if not small:
             return
         self._index_starts()
+        chunk = self.manifest.chunk_bytes
         small.sort(key=lambda t: (t[2].file, t[2].offset))
         run: list[tuple[int, fmt.LeafRecord, fmt.ShardRecord]] = []
 
@@ -315,12 +321,18 @@ class CheckpointReader:
             hi = run[-1][2].offset + run[-1][2].length
             buf = empty_aligned((hi - lo,), np.uint8)
             op = _Op(run[0][2].file, lo, memoryview(buf), None, run[0][1].path, 0)
-            parts: list[_Op] = []
+            parts: list[tuple[int, int, int | None, str, int]] = []
+            dtypes = fmt.DTYPES
             for idx, leaf, sh in run:
                 rel = sh.offset - lo
-                data = buf[rel:rel + sh.length]
-                outs[idx] = data.view(fmt.DTYPES[leaf.dtype]).reshape(sh.shape)
-                self._chunk_ops(leaf, sh, 0, sh.length, memoryview(data), verify, parts)
+                outs[idx] = np.ndarray(sh.shape, dtypes[leaf.dtype], buffer=buf, offset=rel)
+                n = sh.length
+                if n <= chunk:
+                    parts.append((rel, rel + n, sh.checksums[0] if verify else None, leaf.path, 0))
+                else:  # a chunk size below 1 MiB (possible in a foreign or hand-made manifest)
+                    for ci, start in enumerate(range(0, n, chunk)):
+                        parts.append((rel + start, rel + min(n, start + chunk),
+                                      sh.checksums[ci] if verify else None, leaf.path, ci))
             op.parts = parts
             ops.append(op)
             run.clear()
