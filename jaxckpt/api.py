@@ -392,18 +392,18 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
         if rec.kind == "value":
             out.append(convert(rec.value, t))
             continue
-        got = {_full(b, rec): next(arrays) for b in bs}
         shape, dtype, sharding, is_key = info
         if sharding is None or is_key or shape is None:
-            out.append(_assemble(rec, got, t))
+            out.append(_assemble(rec, {_full(b, rec): next(arrays) for b in bs}, t))
             continue
-        np_dtype = np.dtype(dtype)
+        np_dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
         if db is None:  # bound for one device
-            (arr,) = got.values()
+            arr = next(arrays)
             single.append((len(out), len(pieces)))
             pieces.append(arr if arr.dtype == np_dtype else arr.astype(np_dtype))
             piece_shardings.append(sharding)
         else:
+            got = {_full(b, rec): next(arrays) for b in bs}
             got = {b: (a if a.dtype == np_dtype else a.astype(np_dtype)) for b, a in got.items()}
             ks = []
             for device, box in db:
