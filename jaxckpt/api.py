@@ -346,16 +346,19 @@ def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], 
 MAP_FOR_ACCELERATORS = False
 
 
-def _host_bound(t: Any, sharding: Any, cache: dict[int, bool]) -> bool:
+def _host_bound(t: Any, sharding: Any, cache: dict[int | None, bool]) -> bool:
     """Whether a target leaf's value ends in host memory or on CPU devices
-    (where a mapped host array can be the result itself, not a staging copy)."""
+    (where a mapped host array can be the result itself, not a staging copy).
+    ``cache``: by sharding identity; None for the default device."""
     if MAP_FOR_ACCELERATORS:
         return True
-    if sharding is None:
-        return isinstance(t, (np.ndarray, np.generic)) or jax.default_backend() == "cpu"
-    hit = cache.get(id(sharding))
+    if sharding is None and isinstance(t, (np.ndarray, np.generic)):
+        return True
+    key = None if sharding is None else id(sharding)
+    hit = cache.get(key)
     if hit is None:
-        hit = cache[id(sharding)] = all(d.platform == "cpu" for d in sharding.device_set)
+        devices = [jax.devices()[0]] if sharding is None else sharding.device_set
+        hit = cache[key] = all(d.platform == "cpu" for d in devices)
     return hit
 
 
@@ -372,7 +375,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
     boxes = [_boxes(db) for db in slices]
     requests: list[tuple[int, Box | None]] = []
     mappable: list[bool] = []
-    on_cpu: dict[int, bool] = {}
+    on_cpu: dict[int | None, bool] = {}
     for p, rec, bs, t, info in zip(paths, recs, boxes, tleaves, infos):
         if rec.kind != "value":
             requests.extend((r.by_path[p], b) for b in bs)
@@ -403,8 +406,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
             pieces.append(arr if arr.dtype == np_dtype else arr.astype(np_dtype))
             piece_shardings.append(sharding)
         else:
-            got = {_full(b, rec): next(arrays) for b in bs}
-            got = {b: (a if a.dtype == np_dtype else a.astype(np_dtype)) for b, a in got.items()}
+            got = {_full(b, rec): (a if (a := next(arrays)).dtype == np_dtype else a.astype(np_dtype)) for b in bs}
             ks = []
             for device, box in db:
                 target = on_device.get(device)

@@ -99,6 +99,11 @@ class _Op:
         self.mapped = mapped
         self.parts: list[tuple[int, int, int | None, str, int]] | None = None
 
+    @property
+    def joinable(self) -> bool:
+        """A plain read into its own buffer (a mapping or a run is read alone)."""
+        return not self.mapped and self.parts is None
+
 
 class CheckpointReader:
     def __init__(self, path: str | os.PathLike, max_workers: int | None = None):
@@ -232,6 +237,13 @@ class CheckpointReader:
                            s.checksums[ci] if checks else None, leaf.path, ci, mapped))
             pos = end
 
+    def _joins(self, file: int, head: int, end: int, next_file: int, start: int, stop: int) -> bool:
+        """Whether bytes [start, stop) of ``next_file`` can join a read of
+        [head, end) of ``file``: same file, a gap of padding only (at most
+        _GAP bytes, no shard starts in it), at most _GROUP_BYTES in all."""
+        return (next_file == file and 0 <= start - end <= _GAP and stop - head <= _GROUP_BYTES
+                and self._only_padding(file, end, start))
+
     def _only_padding(self, file: int, lo: int, hi: int) -> bool:
         """No shard starts in [lo, hi) of ``file`` (shards never overlap, so none lies there)."""
         starts = self._starts[file]
@@ -341,10 +353,8 @@ class CheckpointReader:
             sh = item[2]
             if run:
                 last = run[-1][2]
-                end = last.offset + last.length
-                if not (sh.file == last.file and 0 <= sh.offset - end <= _GAP
-                        and sh.offset + sh.length - run[0][2].offset <= _GROUP_BYTES
-                        and self._only_padding(sh.file, end, sh.offset)):
+                if not self._joins(last.file, run[0][2].offset, last.offset + last.length,
+                                   sh.file, sh.offset, sh.offset + sh.length):
                     flush()
             run.append(item)
         flush()
@@ -358,12 +368,12 @@ class CheckpointReader:
         groups: list[list[_Op]] = []
         for op in ops:
             n = len(op.dest)
-            if groups and n < _SMALL_READ and not op.mapped and op.parts is None:
+            if groups and n < _SMALL_READ and op.joinable:
                 g = groups[-1]
                 head, tail = g[0], g[-1]
-                end = tail.offset + len(tail.dest)
-                if (tail.file == op.file and len(tail.dest) < _SMALL_READ and not tail.mapped and tail.parts is None and 0 <= op.offset - end <= _GAP
-                        and op.offset + n - head.offset <= _GROUP_BYTES and self._only_padding(op.file, end, op.offset)):
+                if (len(tail.dest) < _SMALL_READ and tail.joinable
+                        and self._joins(tail.file, head.offset, tail.offset + len(tail.dest), op.file, op.offset,
+                                        op.offset + n)):
                     g.append(op)
                     continue
             groups.append([op])

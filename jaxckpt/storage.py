@@ -201,10 +201,8 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
         done += n
 
 
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
-
-
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
 _madvise = None
 
 
