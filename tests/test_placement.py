@@ -43,7 +43,10 @@ def _same(a: jax.Array, b: jax.Array) -> None:
 def test_fast_path_is_active_on_the_pinned_jax(fresh_fast_path):
     # If a JAX upgrade removes the internal transfer, restores still work
     # (next test) but lose ~35 us per leaf: this test says so.
+    from jax._src.lib import xla_client
+
     assert placement.fast_path_active()
+    assert placement._fast[1] is xla_client.batched_device_put  # the runtime's, not pxla's wrapper
 
 
 def test_put_equals_device_put(fresh_fast_path):
