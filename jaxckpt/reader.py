@@ -86,6 +86,14 @@ def _intersect(a: Box, b: Box) -> Box | None:
     return None if any(lo >= hi for lo, hi in out) else out
 
 
+# A small whole-shard request: (index in the results, leaf, its one shard, may be a mapping).
+_Small = tuple[int, fmt.LeafRecord, fmt.ShardRecord, bool]
+
+
+def _file_offset(item: _Small) -> tuple[int, int]:
+    return item[2].file, item[2].offset
+
+
 class _Op:
     """Read ``dest.nbytes`` bytes at ``offset`` of file ``file`` (or, ``mapped``,
     populate the mapping ``dest`` of them) and check a chunk sum. An op with
@@ -262,6 +270,18 @@ class CheckpointReader:
                 f"{name}: checksum mismatch in leaf {leaf!r}, chunk {chunk} (bytes at offset {offset}): "
                 f"expected xxh3 {checksum:#018x}, found {found:#018x}")
 
+    @staticmethod
+    def _fill_op(fd: int, op: _Op, where: str) -> None:
+        """Bring one op's bytes into its destination: populate a mapping (or,
+        where the kernel refuses, read into its private pages), else read into
+        the fresh buffer after backing its pages in one call."""
+        if op.mapped:
+            if not storage.populate(op.dest, where, op.offset):
+                storage.pread_into(fd, op.dest, op.offset, where)  # copy-on-write: private pages
+        else:
+            storage.prefault(op.dest)
+            storage.pread_into(fd, op.dest, op.offset, where)
+
     def _run(self, group: list[_Op]) -> int:
         """Read one group of ops; returns the bytes read. A group of several
         ops (small neighbours in one file) is read with one scatter read
@@ -269,26 +289,18 @@ class CheckpointReader:
         first, last = group[0], group[-1]
         fd = self._fd_for(first.file, first.leaf)
         name = os.path.join(self.path, self.manifest.files[first.file].name)
-        if first.mapped:
-            where = f"{name} (leaf {first.leaf!r})"
-            if not storage.populate(first.dest, where, first.offset):
-                storage.pread_into(fd, first.dest, first.offset, where)  # copy-on-write: private pages
-            self._verify(first, first.dest)
-            return len(first.dest)
-        if first.parts is not None:
+        if first.parts is not None:  # a run of small shards, read (or populated) at once, checked part by part
             parts, dest, base = first.parts, first.dest, first.offset
-            storage.prefault(dest)
             which = (f"leaf {parts[0][3]!r}" if parts[0][3] == parts[-1][3]
                      else f"leaves {parts[0][3]!r} .. {parts[-1][3]!r}")
-            storage.pread_into(fd, dest, base, f"{name} ({which})")
+            self._fill_op(fd, first, f"{name} ({which})")
             checksum = fmt.checksum
             for lo, hi, want, leaf, chunk in parts:
                 if want is not None and checksum(dest[lo:hi]) != want:
                     self._check(first.file, base + lo, dest[lo:hi], want, leaf, chunk)  # raises
             return sum(hi - lo for lo, hi, *_ in parts)
         if len(group) == 1:
-            storage.prefault(first.dest)
-            storage.pread_into(fd, first.dest, first.offset, f"{name} (leaf {first.leaf!r})")
+            self._fill_op(fd, first, f"{name} (leaf {first.leaf!r})")
             self._verify(first, first.dest)
             return len(first.dest)
         scratch = memoryview(bytearray(_GAP))
@@ -312,52 +324,64 @@ class CheckpointReader:
                     starts.setdefault(sh.file, []).append(sh.offset)
             self._starts = {f: sorted(v) for f, v in starts.items()}
 
-    def _plan_small(self, small: list[tuple[int, fmt.LeafRecord, fmt.ShardRecord]], outs: list,
-                    verify: bool, ops: list[_Op]) -> None:
+    def _plan_small(self, small: list[_Small], outs: list, verify: bool, ops: list[_Op], mappable: bool) -> None:
         """Small whole-shard requests (many-leaf trees: 10,000 leaves of a few
         KiB) are read in runs of neighbouring shards, each run with one read
         into one buffer; every result is a view of its run's buffer (64-byte
         aligned where the shard's offset is, as jaxckpt's writer places them),
         instead of a buffer, a read and a scatter entry per leaf. A run spans
         only padding between its shards, never another leaf's bytes; a result
-        keeps its run's buffer (at most 8 MiB) alive."""
+        keeps its run's buffer (at most 8 MiB) alive. Where the results may be
+        mappings (``mappable``) and a run holds at least MAP_MIN_BYTES, its
+        buffer is a copy-on-write mapping of the file, as for large shards."""
         if not small:
             return
         self._index_starts()
-        chunk = self.manifest.chunk_bytes
-        small.sort(key=lambda t: (t[2].file, t[2].offset))
-        run: list[tuple[int, fmt.LeafRecord, fmt.ShardRecord]] = []
+        small.sort(key=_file_offset)
+        joins = self._joins
+        first = small[0][2]
+        begin, file, head, end = 0, first.file, first.offset, first.offset + first.length
+        for k in range(1, len(small)):
+            sh = small[k][2]
+            if not joins(file, head, end, sh.file, sh.offset, sh.offset + sh.length):
+                self._small_run(small[begin:k], head, end, outs, verify, ops, mappable)
+                begin, file, head = k, sh.file, sh.offset
+            end = sh.offset + sh.length
+        self._small_run(small[begin:], head, end, outs, verify, ops, mappable)
 
-        def flush() -> None:
-            lo = run[0][2].offset
-            hi = run[-1][2].offset + run[-1][2].length
+    def _small_run(self, run: list[_Small], lo: int, hi: int, outs: list, verify: bool, ops: list[_Op],
+                   mappable: bool) -> None:
+        """One op that reads file bytes [lo, hi) holding ``run``'s shards, and each result as a view of them."""
+        file, leaf0 = run[0][2].file, run[0][1].path
+        view = None
+        if mappable and hi - lo >= MAP_MIN_BYTES and self._maps < MAX_MAPS and storage.can_map():
+            try:
+                view = storage.map_range(self._fd_for(file, leaf0), lo, hi - lo)
+                self._maps += 1
+            except (OSError, ValueError):  # a file system without mmap, or no address space: read it
+                view = None
+        if view is None:
             buf = empty_aligned((hi - lo,), np.uint8)
-            op = _Op(run[0][2].file, lo, memoryview(buf), None, run[0][1].path, 0)
-            parts: list[tuple[int, int, int | None, str, int]] = []
-            dtypes = fmt.DTYPES
-            for idx, leaf, sh in run:
-                rel = sh.offset - lo
-                outs[idx] = np.ndarray(sh.shape, dtypes[leaf.dtype], buffer=buf, offset=rel)
-                n = sh.length
-                if n <= chunk:
-                    parts.append((rel, rel + n, sh.checksums[0] if verify else None, leaf.path, 0))
-                else:  # a chunk size below 1 MiB (possible in a foreign or hand-made manifest)
-                    for ci, start in enumerate(range(0, n, chunk)):
-                        parts.append((rel + start, rel + min(n, start + chunk),
-                                      sh.checksums[ci] if verify else None, leaf.path, ci))
-            op.parts = parts
-            ops.append(op)
-            run.clear()
-
-        for item in small:
-            sh = item[2]
-            if run:
-                last = run[-1][2]
-                if not self._joins(last.file, run[0][2].offset, last.offset + last.length,
-                                   sh.file, sh.offset, sh.offset + sh.length):
-                    flush()
-            run.append(item)
-        flush()
+            op = _Op(file, lo, memoryview(buf), None, leaf0, 0)
+        else:
+            buf = np.frombuffer(view, np.uint8)
+            op = _Op(file, lo, view, None, leaf0, 0, mapped=True)
+        chunk = self.manifest.chunk_bytes
+        parts: list[tuple[int, int, int | None, str, int]] = []
+        dtypes = fmt.DTYPES
+        ndarray = np.ndarray
+        for idx, leaf, sh, _ in run:
+            rel = sh.offset - lo
+            outs[idx] = ndarray(sh.shape, dtypes[leaf.dtype], buffer=buf, offset=rel)
+            n = sh.length
+            if n <= chunk:
+                parts.append((rel, rel + n, sh.checksums[0] if verify else None, leaf.path, 0))
+            else:  # a chunk size below 1 MiB (possible in a foreign or hand-made manifest)
+                for ci, start in enumerate(range(0, n, chunk)):
+                    parts.append((rel + start, rel + min(n, start + chunk),
+                                  sh.checksums[ci] if verify else None, leaf.path, ci))
+        op.parts = parts
+        ops.append(op)
 
     def _groups(self, ops: list[_Op]) -> list[list[_Op]]:
         """Coalesce small reads that are close in a file (10,000 leaves of a few
@@ -401,21 +425,26 @@ class CheckpointReader:
         flags = [False] * len(requests) if mappable is None else list(mappable)
         if len(flags) != len(requests):
             raise ValueError(f"read: {len(requests)} requests but {len(flags)} mappable flags")
-        small: list[tuple[int, fmt.LeafRecord, fmt.ShardRecord]] = []  # (index in outs, leaf, its one shard)
+        small: list[_Small] = []
+        leaves, fds = self.manifest.leaves, self._fds
         for (li, box), may_map in zip(requests, flags):
-            leaf = self.manifest.leaves[li]
+            leaf = leaves[li]
+            shards = leaf.shards
+            for s in shards:  # real file sizes before allocating: a manifest must not claim more than is on disk
+                if s.length and s.file not in fds:
+                    self._fd_for(s.file, leaf.path)
+            if len(shards) == 1:
+                s = shards[0]
+                # box None: the whole leaf, which one shard of nonzero length is (the manifest's shards tile it)
+                if 0 < s.length < _SMALL_READ and (box is None or s.box == box):
+                    small.append((len(outs), leaf, s, may_map))
+                    outs.append(None)
+                    continue
             if box is None:
                 box = tuple((0, d) for d in leaf.shape)
-            for s in leaf.shards:  # real file sizes before allocating: a manifest must not claim more than is on disk
-                if s.length:
-                    self._fd_for(s.file, leaf.path)
-            shards = leaf.shards
-            if len(shards) == 1 and 0 < shards[0].length < _SMALL_READ and shards[0].box == box:
-                small.append((len(outs), leaf, shards[0]))
-                outs.append(None)
-                continue
             outs.append(self._plan_leaf(leaf, box, verify, ops, posts, may_map))
-        self._plan_small(small, outs, verify, ops)
+        self._plan_small([t for t in small if t[3]], outs, verify, ops, mappable=True)
+        self._plan_small([t for t in small if not t[3]], outs, verify, ops, mappable=False)
         ops.sort(key=lambda o: (o.file, o.offset))
         groups = self._groups(ops)
         if len(groups) <= 2 or self.max_workers <= 1:

@@ -247,13 +247,66 @@ def test_mappable_flags_must_match_requests(ckdir):
             r.read([(0, None)], mappable=[True, True])
 
 
-def test_small_shards_are_read_not_mapped(ckdir, monkeypatch):
-    """Below MAP_MIN_BYTES a leaf is read (coalesced with its neighbours), never mapped."""
+def test_a_lone_small_shard_is_read_not_mapped(ckdir, monkeypatch):
+    """Small shards whose run of neighbours holds less than MAP_MIN_BYTES are read, never mapped."""
     monkeypatch.setattr(storage, "map_range", lambda *a: pytest.fail(f"mapped {a}"))
-    t = {"a": np.arange(reader.MAP_MIN_BYTES // 4 - 1, dtype=np.float32), "b": np.ones(10, np.int8)}
+    t = {"a": np.arange(reader.MAP_MIN_BYTES // 8, dtype=np.float32), "b": np.ones(10, np.int8)}
     jaxckpt.save(ckdir / "c", t)
     got = jaxckpt.restore(ckdir / "c")
     assert got["a"].tobytes() == t["a"].tobytes() and got["b"].tobytes() == t["b"].tobytes()
+
+
+def many_small():
+    rng = np.random.default_rng(1)
+    return {f"l{i:03d}": rng.standard_normal(1000 + 37 * i, dtype=np.float32) for i in range(300)}  # ~1.4 MiB
+
+
+@pytestmark_map
+def test_a_run_of_small_shards_is_one_mapping_and_each_leaf_a_view_of_it(ckdir):
+    """Neighbouring small shards (a 10,000-leaf tree) are read in runs; a run of
+    at least MAP_MIN_BYTES whose results stay on the host is one copy-on-write
+    mapping of the file and every leaf a view of it: no fresh memory, no copy."""
+    t = many_small()
+    jaxckpt.save(ckdir / "c", t)
+    before = data_digest(ckdir / "c")
+    got = jaxckpt.restore(ckdir / "c")
+    maps = file_mappings(ckdir / "c")
+    assert len(maps) == 1  # one run, one mapping
+    for k, v in t.items():
+        assert got[k].tobytes() == v.tobytes(), k
+        assert in_mapping(got[k].ctypes.data, maps), k
+        assert got[k].ctypes.data % 64 == 0, k  # the writer's alignment survives: XLA can adopt it
+    got["l007"][:] = 0  # copy-on-write
+    assert data_digest(ckdir / "c") == before
+    assert jaxckpt.restore(ckdir / "c")["l007"].tobytes() == t["l007"].tobytes()
+    dev = SingleDeviceSharding(jax.devices()[0])
+    target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev) for k, v in t.items()}
+    placed = jaxckpt.restore(ckdir / "c", target=target)
+    maps = file_mappings(ckdir / "c")
+    assert all(in_mapping(placed[k].unsafe_buffer_pointer(), maps) for k in t)  # adopted, not copied
+    del got, placed
+    copied = jaxckpt.restore(ckdir / "c", mmap=False)
+    assert all(not in_mapping(copied[k].ctypes.data, file_mappings(ckdir / "c")) for k in t)
+    assert all(copied[k].tobytes() == v.tobytes() for k, v in t.items())
+
+
+@pytestmark_map
+@pytest.mark.parametrize("mmap", [True, False])
+def test_corrupt_small_leaf_in_a_run_names_leaf_and_file(ckdir, mmap):
+    t = many_small()
+    jaxckpt.save(ckdir / "c", t)
+    m = reader.CheckpointReader(ckdir / "c").manifest
+    (rec,) = [leaf for leaf in m.leaves if leaf.path == "l123"]
+    shard = rec.shards[0]
+    name = os.path.join(ckdir / "c", m.files[shard.file].name)
+    with open(name, "r+b") as f:
+        f.seek(shard.offset + 100)
+        b = f.read(1)
+        f.seek(shard.offset + 100)
+        f.write(bytes([b[0] ^ 4]))
+    with pytest.raises(CorruptCheckpointError) as e:
+        jaxckpt.restore(ckdir / "c", mmap=mmap)
+    assert f"{name}: checksum mismatch in leaf 'l123', chunk 0 (bytes at offset {shard.offset})" in str(e.value)
 
 
 @pytestmark_map

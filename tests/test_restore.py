@@ -55,14 +55,20 @@ def assert_reads_only(reads: list[tuple[int, int]], m: fmt.Manifest, wanted: set
 
 
 def spy_scatter_reads(monkeypatch, reads: list[tuple[int, int]]) -> None:
-    """Record coalesced scatter reads as one (offset, length) each."""
+    """Record coalesced scatter reads, and populated mappings, as one (offset, length) each."""
     real = storage.preadv_into
+    real_populate = storage.populate
 
     def spy(fd, bufs, off, p):
         reads.append((off, sum(len(b) for b in bufs)))
         real(fd, bufs, off, p)
 
+    def spy_populate(view, p, off):
+        reads.append((off, len(view)))
+        return real_populate(view, p, off)
+
     monkeypatch.setattr(storage, "preadv_into", spy)
+    monkeypatch.setattr(storage, "populate", spy_populate)
 
 
 def read_manifest(path) -> fmt.Manifest:
