@@ -468,3 +468,59 @@ def test_manifest_claiming_2_47_bytes_costs_little_memory(ckdir):
     assert lines[2] == f"MISMATCH {ckdir / 'c'}: leaf 'a': shape mismatch: the target expects (0,), the checkpoint has ({2**47},)"
     growth_kb = int(lines[3].split()[1])
     assert growth_kb < 200 * 1024, growth_kb
+
+
+def _general_leaf(r, monkeypatch, n_files=2, chunk=4096):
+    """What the general leaf decoder makes of ``r``: a record or the located error message."""
+    with monkeypatch.context() as m:
+        m.setattr(fmt, "_whole_leaf", lambda *a: None)
+        try:
+            return fmt._decode_leaf(fmt._Checker("M"), 0, r, [fmt.FileRecord("f", 1 << 40)] * n_files, chunk)
+        except fmt.CorruptCheckpointError as e:
+            return str(e)
+
+
+def test_the_one_shard_fast_path_accepts_only_what_the_general_decoder_accepts(monkeypatch):
+    """``format._whole_leaf`` (the decoder's fast path for a leaf stored as one
+    shard) must give the general path's record or step aside (None), never
+    accept a leaf the general path refuses: checked on a well-formed leaf and
+    on every single-field mutation of it from a list of hostile values."""
+    good = {"path": "p/q", "kind": "array", "dtype": "float32", "shape": [3, 1500],
+            "shards": [{"box": [[0, 3], [0, 1500]], "file": 1, "offset": 64, "length": 18000, "xxh3": [1, 2, 3, 4, 5]}]}
+    assert fmt._whole_leaf(good, 2, 4096) == _general_leaf(good, monkeypatch)  # the fast path takes it
+    assert isinstance(fmt._whole_leaf(good, 2, 4096), fmt.LeafRecord)
+    hostile = [None, True, False, 0, 1, -1, 2, 3, 5, 64, 1500, 1501, 18000, 17999, 2 ** 56, 2 ** 56 + 1, 2 ** 64,
+               2 ** 64 - 1, 1.0, 0.0, "0", "", "float32", "bool", "x", "scalar", "key", "value", [], [0], [0, 3],
+               [True, 3], [0.0, 3], [0, 3.0], [[0, 3]], [[0, 3], [0, 1500]], [[0, 3], [1, 1500]], [[0, 2], [0, 1500]],
+               [1, 2, 3, 4], [1, 2, 3, 4, 5, 6], [1, 2, 3, 4, -5], [1, 2, 3, 4, 2 ** 64], [3, 1500], [3, 0],
+               [3, True], [3.0, 1500], {"a": 1}]
+
+    def places(r):
+        yield from ((r, k) for k in ("path", "kind", "dtype", "shape", "shards"))
+        s = r["shards"][0]
+        yield from ((s, k) for k in ("box", "file", "offset", "length", "xxh3"))
+        yield from ((r["shape"], i) for i in range(2))
+        yield from ((s["box"], i) for i in range(2))
+        yield from ((s["box"][0], i) for i in range(2))
+        yield from ((s["xxh3"], i) for i in (0, 4))
+
+    checked = 0
+    for n in range(len(list(places(copy.deepcopy(good))))):
+        for value in hostile + ["<delete>"]:
+            r = copy.deepcopy(good)
+            container, key = list(places(r))[n]
+            if value == "<delete>":
+                if not isinstance(container, dict):
+                    continue
+                del container[key]
+            else:
+                container[key] = copy.deepcopy(value)
+            fast = fmt._whole_leaf(r, 2, 4096)
+            if fast is not None:
+                assert fast == _general_leaf(r, monkeypatch), (n, value)
+                assert [type(d) for d in fast.shape] == [int] * len(fast.shape)  # never a bool for an int
+            checked += 1
+    assert checked > 600
+    scalar = {"path": "s", "kind": "scalar", "dtype": "int64", "shape": [],
+              "shards": [{"box": [], "file": 0, "offset": 0, "length": 8, "xxh3": [7]}]}
+    assert fmt._whole_leaf(scalar, 1, 4096) == _general_leaf(scalar, monkeypatch, n_files=1)
