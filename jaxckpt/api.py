@@ -324,6 +324,9 @@ def _device_boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, 
             for device, index in sharding.addressable_devices_indices_map(shape).items()]
 
 
+_WHOLE: tuple[None] = (None,)  # the boxes of a leaf read whole
+
+
 def _boxes(device_boxes: list[tuple[Any, Box]] | None) -> list[Box | None]:
     """The host boxes a target leaf needs: one per distinct addressable slice."""
     return [None] if device_boxes is None else list(dict.fromkeys(box for _, box in device_boxes))
@@ -364,22 +367,33 @@ def _host_bound(t: Any, sharding: Any, cache: dict[int | None, bool]) -> bool:
 
 def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
                  progress: Any, mmap: bool) -> list[Any]:
-    recs = [r.manifest.leaves[r.by_path[p]] for p in paths]
-    infos = [_target_info(t) for t in tleaves]
-    for p, rec, t, info in zip(paths, recs, tleaves, infos):
-        if rec.kind == "key":
-            _check_key_record(r, rec)
-        _check_leaf(r.path, p, rec, t, info)
+    # One pass checks every leaf against its target (before anything is read)
+    # and plans its reads: one request for a leaf read whole, one per distinct
+    # addressable slice of a sharded one.
+    leaves, by_path = r.manifest.leaves, r.by_path
+    recs, infos, slices, boxes = [], [], [], []
     cache: dict[int, tuple[Any, bool]] = {}
-    slices = [_device_boxes(info, rec, cache) for rec, info in zip(recs, infos)]
-    boxes = [_boxes(db) for db in slices]
     requests: list[tuple[int, Box | None]] = []
     mappable: list[bool] = []
     on_cpu: dict[int | None, bool] = {}
-    for p, rec, bs, t, info in zip(paths, recs, boxes, tleaves, infos):
+    for p, t in zip(paths, tleaves):
+        li = by_path[p]
+        rec = leaves[li]
+        info = _target_info(t)
+        if rec.kind == "key":
+            _check_key_record(r, rec)
+        _check_leaf(r.path, p, rec, t, info)
+        db = _device_boxes(info, rec, cache)
+        bs = _WHOLE if db is None else _boxes(db)
+        recs.append(rec)
+        infos.append(info)
+        slices.append(db)
+        boxes.append(bs)
         if rec.kind != "value":
-            requests.extend((r.by_path[p], b) for b in bs)
-            mappable.extend([mmap and _host_bound(t, info[2], on_cpu)] * len(bs))
+            may_map = mmap and _host_bound(t, info[2], on_cpu)
+            for b in bs:
+                requests.append((li, b))
+                mappable.append(may_map)
     arrays = iter(r.read(requests, verify=verify, progress=progress, mappable=mappable))
     out: list[Any] = []
     # Every single-device piece (a leaf bound for one device, or one device's
