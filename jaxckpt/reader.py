@@ -17,8 +17,9 @@ requests for boxes (sub-arrays) of leaves. A request is planned into reads:
   out to checksum chunks when verifying) into a temporary buffer, then copied.
 
 Small whole leaves (under 1 MiB) are read in runs of neighbouring shards, one
-read into one buffer per run (each result a view of it); other reads are cut
-into checksum chunks. Reads run in parallel; each chunk is verified in the
+read into one buffer per run (each result a view of it; a run of at least 1
+MiB whose results may be mappings is one mapping of the file, as above);
+other reads are cut into checksum chunks. Reads run in parallel; each chunk is verified in the
 thread that read it. Open files are checked to be regular files and at
 least as large as the manifest says.
 """
