@@ -152,20 +152,14 @@ def _encode_value(v: Any) -> Any:
 
 
 def build_body(manifest: Manifest) -> dict:
-    def shard(s: ShardRecord) -> dict:
-        return {"box": [list(b) for b in s.box], "file": s.file, "offset": s.offset,
-                "length": s.length, "xxh3": list(s.checksums)}
-
     def leaf(rec: LeafRecord) -> dict:
-        out: dict[str, Any] = {"path": rec.path, "kind": rec.kind}
         if rec.kind == "value":
-            out["value"] = _encode_value(rec.value)
-        else:
-            out["dtype"] = rec.dtype
-            out["shape"] = list(rec.shape)
-            out["shards"] = [shard(s) for s in rec.shards]
-            if rec.impl is not None:
-                out["impl"] = rec.impl
+            return {"path": rec.path, "kind": "value", "value": _encode_value(rec.value)}
+        out = {"path": rec.path, "kind": rec.kind, "dtype": rec.dtype, "shape": list(rec.shape),
+               "shards": [{"box": [list(b) for b in s.box], "file": s.file, "offset": s.offset, "length": s.length,
+                           "xxh3": list(s.checksums)} for s in rec.shards]}
+        if rec.impl is not None:
+            out["impl"] = rec.impl
         return out
 
     return {
@@ -188,23 +182,52 @@ def encode_manifest(manifest: Manifest) -> bytes:
     )
 
 
+def _utf8_over(text: str, cap: int) -> int | None:
+    """The UTF-8 size of ``text`` if it is above ``cap`` bytes, else None (encodes only long strings)."""
+    if len(text) * 4 <= cap:
+        return None
+    n = len(text.encode("utf-8", "surrogatepass"))
+    return n if n > cap else None
+
+
 def check_writable(manifest: Manifest, encoded: bytes, where: str) -> None:
     """The caps a correct writer can still exceed (sizes of what the user
     stored). Cheaper than a full :func:`decode_manifest`, which a writer needs
-    only when the shard records come from elsewhere (other processes)."""
+    only when the shard records come from elsewhere (other processes).
+
+    What the user controls in the body: key paths, value leaves, PRNG
+    implementation names (checked here against the string cap), the tree
+    (keys, names, sizes, nesting) and the metadata (decoded here on their
+    own with the reader's limits); checksum lists grow with a leaf's size.
+    Everything else in the body is the writer's own bounded output."""
     c = _Checker(where)
     if len(encoded) > MAX_MANIFEST_BYTES:
         raise c.fail(f"manifest is {len(encoded)} bytes, above the cap of {MAX_MANIFEST_BYTES}")
     if len(manifest.leaves) > MAX_LEAVES:
         raise c.fail(f"{len(manifest.leaves)} leaves, above the cap of {MAX_LEAVES}")
+    max_list = 2 * MAX_LEAVES  # the reader's msgpack array/map length cap
     for leaf in manifest.leaves:
-        if len(leaf.shards) > MAX_SHARDS_PER_LEAF or len(leaf.shards) * max(len(leaf.shape), 1) > MAX_BOX_ENTRIES:
-            raise c.fail(f"leaf {leaf.path!r}: {len(leaf.shards)} shards of {len(leaf.shape)} dimensions, above the "
+        path = leaf.path
+        n = _utf8_over(path, MAX_STR)
+        if n is not None:
+            raise c.fail(f"leaf {path[:80]!r}...: its key path is {n} bytes of UTF-8, above the cap of {MAX_STR}")
+        if leaf.kind == "value":
+            if isinstance(leaf.value, str) and (n := _utf8_over(leaf.value, MAX_STR)) is not None:
+                raise c.fail(f"leaf {path!r}: a str of {n} bytes of UTF-8, above the cap of {MAX_STR}")
+            continue
+        if leaf.impl is not None and (n := _utf8_over(leaf.impl, MAX_STR)) is not None:
+            raise c.fail(f"leaf {path!r}: a PRNG implementation name of {n} bytes, above the cap of {MAX_STR}")
+        shards = leaf.shards
+        if len(shards) > MAX_SHARDS_PER_LEAF or len(shards) * max(len(leaf.shape), 1) > MAX_BOX_ENTRIES:
+            raise c.fail(f"leaf {path!r}: {len(shards)} shards of {len(leaf.shape)} dimensions, above the "
                          f"caps of {MAX_SHARDS_PER_LEAF} shards and {MAX_BOX_ENTRIES} box entries")
         if len(leaf.shape) > MAX_NDIM:
-            raise c.fail(f"leaf {leaf.path!r}: {len(leaf.shape)} dimensions, above the cap of {MAX_NDIM}")
-    try:
-        _unpack(msgpack.unpackb(encoded, raw=False)["body"], len(encoded))  # string and nesting caps
+            raise c.fail(f"leaf {path!r}: {len(leaf.shape)} dimensions, above the cap of {MAX_NDIM}")
+        for s in shards:
+            if len(s.checksums) > max_list:
+                raise c.fail(f"leaf {path!r}: {len(s.checksums)} checksums in one shard, above the cap of {max_list}")
+    try:  # string, container and nesting caps on what the user shaped
+        _unpack(msgpack.packb([manifest.tree, manifest.metadata, manifest.library], use_bin_type=True), len(encoded))
     except Exception as e:
         raise c.fail(f"manifest body would not decode ({type(e).__name__}: {e})") from None
     _check_tree(c, manifest.tree, len(manifest.leaves))

@@ -533,6 +533,34 @@ def test_metadata_not_storable_is_refused(ckdir):
     assert not os.path.exists(ckdir / "c")
 
 
+def test_what_the_reader_would_refuse_is_never_written(ckdir, monkeypatch):
+    """The reader caps every string at MAX_STR bytes of UTF-8 and every list
+    or map at 2 x MAX_LEAVES entries; a save whose manifest would break one
+    is refused, names what is too large, and leaves nothing behind. At the
+    caps exactly, the checkpoint is written and reads back."""
+    cap = fmt.MAX_STR
+    a = np.arange(3, dtype=np.float32)
+    refused = {
+        "key path": ({"k" * (cap + 1): a}, None, "its key path is 1048577 bytes of UTF-8, above the cap of 1048576"),
+        "key path, 2-byte chars": ({"\u00e9" * (cap // 2 + 1): a}, None, "its key path is 1048578 bytes of UTF-8"),
+        "value leaf": ({"s": "v" * (cap + 1)}, None, "leaf 's': a str of 1048577 bytes of UTF-8"),
+        "metadata str": ({"a": a}, {"note": "m" * (cap + 1)}, "manifest body would not decode"),
+        "metadata list": ({"a": a}, {"xs": list(range(2 * 1000 + 1))}, "manifest body would not decode"),
+    }
+    monkeypatch.setattr(fmt, "MAX_LEAVES", 1000)  # the list cap is 2 x MAX_LEAVES, for reader and writer alike
+    for what, (tree, meta, message) in refused.items():
+        with pytest.raises(jaxckpt.UnsupportedValueError) as e:
+            jaxckpt.save(ckdir / "c", tree, metadata=meta)
+        assert "refusing to write a checkpoint that cannot be read back" in str(e.value), what
+        assert message in str(e.value), (what, str(e.value)[:300])
+        assert os.listdir(ckdir) == [], what
+    at_caps = {"k" * cap: a, "s": "v" * cap}
+    jaxckpt.save(ckdir / "c", at_caps, metadata={"note": "m" * cap, "xs": list(range(2 * 1000))})
+    got = jaxckpt.restore(ckdir / "c")
+    assert got["s"] == "v" * cap and got["k" * cap].tobytes() == a.tobytes()
+    assert jaxckpt.inspect(ckdir / "c").metadata["xs"] == list(range(2000))
+
+
 def test_unsupported_leaf_names_its_path(ckdir):
     with pytest.raises(jaxckpt.UnsupportedValueError, match=r"leaf 'a/1': object is not storable"):
         jaxckpt.save(ckdir / "c", {"a": [1, object()]})
