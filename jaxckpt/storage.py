@@ -203,6 +203,7 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 
 _MADV_POPULATE_READ = 22  # Linux >= 5.14
 _MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+_MADV_WILLNEED = 3
 _madvise = None
 
 
@@ -280,9 +281,21 @@ def populate(view: memoryview, path: str, offset: int) -> bool:
     an I/O error is raised here, naming ``path``, rather than killing the
     process with SIGBUS on first touch later. False where the kernel refuses
     this for the file's mapping (EINVAL: some special file systems); the
-    caller then reads the bytes into the (writable, private) view instead."""
+    caller then reads the bytes into the (writable, private) view instead.
+
+    The range's reads are first queued all at once (MADV_WILLNEED): populating
+    alone faults the pages in one read-around window at a time, each waited
+    for, and each reaching back into the neighbouring chunk that another
+    thread populates. Restores after dropping the page cache on the 2-core
+    VM, interleaved with restores without the hint: 1.12 GB in 0.12-0.16 s
+    vs 0.70-1.12 s (6 repeats) and 4.2 GB in 0.45-0.48 s vs 3.1-3.4 s (3
+    repeats) while its disk served cold reads slowly; alike (0.12-0.15 s vs
+    0.13-0.20 s, 8 repeats) while it served them fast; from the page cache
+    no different (4.2 GB 0.41-0.44 s vs 0.39-0.48 s)."""
     start, length = _page_range(view)
-    if _libc_madvise()(start, length, _MADV_POPULATE_READ) != 0:
+    madvise = _libc_madvise()
+    madvise(start, length, _MADV_WILLNEED)  # a hint: an error here changes nothing below
+    if madvise(start, length, _MADV_POPULATE_READ) != 0:
         err = ctypes.get_errno()
         if err == errno.EINVAL:
             return False

@@ -9,6 +9,7 @@ import gc
 import hashlib
 import os
 import shutil
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -423,3 +424,29 @@ def test_a_mapping_the_kernel_will_not_populate_is_read_into(ckdir, monkeypatch)
     maps = file_mappings(ckdir / "c")
     assert in_mapping(got["l005"].ctypes.data, maps) and in_mapping(got["big"].ctypes.data, maps)
     assert data_digest(ckdir / "c") == before
+
+
+@pytestmark_map
+def test_populate_queues_the_whole_range_before_faulting_it_in(ckdir, monkeypatch):
+    """Each mapped range is first handed to the kernel's readahead in one call
+    (MADV_WILLNEED), then populated: same range, that order, nothing else."""
+    t = {**tree(), **many_small()}
+    jaxckpt.save(ckdir / "c", t)
+    real = storage._libc_madvise()
+    calls = []
+
+    def recording(addr, length, advice):
+        calls.append((threading.get_ident(), advice, addr, length))
+        return real(addr, length, advice)
+
+    monkeypatch.setattr(storage, "_libc_madvise", lambda: recording)
+    got = jaxckpt.restore(ckdir / "c")
+    assert all(got[k].tobytes() == v.tobytes() for k, v in t.items() if k != "step")
+    populated = sorted((a, n) for _, advice, a, n in calls if advice == storage._MADV_POPULATE_READ)
+    hinted = sorted((a, n) for _, advice, a, n in calls if advice == storage._MADV_WILLNEED)
+    assert len(populated) >= 4 and hinted == populated  # 2 + 1 + 2 chunks of large leaves, 1 run
+    for thread in {c[0] for c in calls}:  # in each reader thread: hint, then populate, range by range
+        mine = [c[1:] for c in calls if c[0] == thread]
+        for i, (advice, a, n) in enumerate(mine):
+            if advice == storage._MADV_POPULATE_READ:
+                assert mine[i - 1] == (storage._MADV_WILLNEED, a, n)
