@@ -69,6 +69,10 @@ def _children(node: Any) -> list[tuple[Any, Any]]:
 
 
 def describe(treedef: Any) -> tuple[Any, list[str]]:
+    return _describe(treedef, fast=True)
+
+
+def _describe(treedef: Any, fast: bool) -> tuple[Any, list[str]]:
     """The manifest's tree description and the leaf key paths, from a treedef.
 
     Containers are rebuilt with integer placeholders (``treedef.unflatten``),
@@ -79,11 +83,23 @@ def describe(treedef: Any) -> tuple[Any, list[str]]:
     paths: list[str] = [""] * treedef.num_leaves
 
     def walk(node: Any, prefix: str) -> Any:
-        if type(node) is int:
+        t = type(node)
+        if t is int:
             paths[node] = prefix
             return node
         if node is None:
             return {"t": "none"}
+        # Plain dicts, lists and tuples (most of a training state, and all of a
+        # 10,000-leaf one) are read directly: the skeleton's dicts hold their
+        # keys in JAX's flattening order, the one ``_children`` would give.
+        if fast and t is dict:
+            keys = list(node)
+            sep = f"{prefix}{SEP}" if prefix else ""
+            children = [walk(node[k], sep + (k if type(k) is str else str(k))) for k in keys]
+            return {"t": "dict", "k": [k if isinstance(k, (str, int)) else str(k) for k in keys], "c": children}
+        if fast and (t is list or t is tuple):
+            sep = f"{prefix}{SEP}" if prefix else ""
+            return {"t": t.__name__, "c": [walk(x, sep + str(i)) for i, x in enumerate(node)]}
         kids = _children(node)
         join = (lambda k: f"{prefix}{SEP}{k}") if prefix else (lambda k: k)
         children = [walk(x, join(key_str(e))) for e, x in kids]
