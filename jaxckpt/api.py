@@ -200,16 +200,24 @@ def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = Fals
     committed checkpoint's files in place while such arrays live (jaxckpt
     never does). ``mmap=False``: every array in fresh memory.
     """
+    # One pause of the cyclic collector for the whole restore (see jaxckpt/_gc.py):
+    # pausing stage by stage let each stage's survivors (a 10,000-leaf
+    # manifest, then the host arrays) be traversed by a collection in the next.
+    with _gc.paused():
+        return _restore(path, target, partial, verify, progress, mmap)
+
+
+def _restore(path: str | os.PathLike, target: Any, partial: bool, verify: bool, progress: bool | None,
+             mmap: bool) -> Any:
     with reader_mod.CheckpointReader(path) as r, \
             progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
         m = r.manifest
         if target is None:
             values = _read_all(r, list(range(len(m.leaves))), verify, bar.callback, mmap)
             return tree_mod.build(m.tree, [values[i] for i in range(len(m.leaves))])
-        with _gc.paused():  # the target's 10^4 paths: see jaxckpt/_gc.py (collections cost up to 40 ms here)
-            paths, tleaves, treedef = tree_mod.leaf_paths(target)
-            missing = [p for p in paths if p not in r.by_path]
-            extra = [] if partial else sorted(set(r.by_path) - set(paths))
+        paths, tleaves, treedef = tree_mod.leaf_paths(target)
+        missing = [p for p in paths if p not in r.by_path]
+        extra = [] if partial else sorted(set(r.by_path) - set(paths))
         if missing or extra:
             raise StructureMismatchError(_mismatch_message(r.path, missing, extra, partial))
         out = _fill(r, paths, tleaves, verify, bar.callback, mmap)

@@ -533,3 +533,42 @@ def test_background_threads_run_at_the_lowest_priority():
         bg = ck._bg.submit(nice).result()
     assert io == bg == checkpointer.BACKGROUND_NICE == 19
     assert nice() == before  # the caller's thread keeps its priority
+
+
+def test_the_cyclic_collector_is_paused_for_whole_many_leaf_saves_and_restores_and_always_resumes(ckdir, monkeypatch):
+    """A save of a tree of many leaves runs with the collector paused from its
+    first stage to its commit (one collection afterwards instead of one per
+    stage), a restore likewise; after success or failure it runs again."""
+    import gc
+
+    from jaxckpt import writer
+
+    seen = []
+    real_commit = writer._commit
+    monkeypatch.setattr(writer, "_commit", lambda *a, **k: (seen.append(gc.isenabled()), real_commit(*a, **k)))
+    many = {f"l{i}": np.full(3, i, np.float32) for i in range(writer._PAUSE_WHOLE_SAVE_LEAVES)}
+    few = {"a": np.zeros(3)}
+    assert gc.isenabled()
+    with jaxckpt.AsyncCheckpointer() as ck:
+        ck.save(ckdir / "many", many).result()
+        ck.save(ckdir / "few", few).result()
+    assert seen == [False, True]  # paused at the commit of the many-leaf save only
+    assert gc.isenabled()
+    from jaxckpt import api, reader
+
+    paused = []
+    for owner, name in ((reader.CheckpointReader, "read"), (api.progress_mod, "for_restore"), (api, "_fill")):
+        real = getattr(owner, name)
+        monkeypatch.setattr(owner, name, lambda *a, real=real, **k: (paused.append(gc.isenabled()), real(*a, **k))[1])
+    got = jaxckpt.restore(ckdir / "many", target=many)
+    assert paused == [False, False, False] and gc.isenabled() and got["l7"].tobytes() == many["l7"].tobytes()
+    # failures resume it too
+    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    with jaxckpt.AsyncCheckpointer() as ck:
+        h = ck.save(ckdir / "bad", many)
+        with pytest.raises(OSError, match="I/O error"):
+            h.result()
+    assert gc.isenabled() and not os.path.exists(ckdir / "bad")
+    with pytest.raises(jaxckpt.StructureMismatchError):
+        jaxckpt.restore(ckdir / "many", target={"nope": np.zeros(3)})
+    assert gc.isenabled()

@@ -561,6 +561,48 @@ def test_what_the_reader_would_refuse_is_never_written(ckdir, monkeypatch):
     assert jaxckpt.inspect(ckdir / "c").metadata["xs"] == list(range(2000))
 
 
+def test_tree_description_fast_path_matches_the_general_walk():
+    """``tree.describe`` reads plain dicts, lists and tuples directly instead of
+    asking JAX for each node's children: same description, same key paths,
+    for every kind of container and key."""
+    import collections
+    import enum
+
+    from jaxckpt import tree as tree_mod
+
+    class Color(enum.IntEnum):
+        RED = 1
+
+    class Pair(NamedTuple):
+        x: Any
+        y: Any
+
+    @flax.struct.dataclass
+    class Box:
+        w: Any
+        meta: Any
+
+    a = np.zeros(2)
+    trees = [
+        {"b": a, "a": {"z": a, "y": [a, (a, None, {})]}, "c": []},
+        {3: a, 1: a, 2: {10: a, 9: a}},
+        {(1, 2): a, (0, 5): a},
+        {Color.RED: a, 0: a},
+        [Pair(a, {"k": a}), Box(w={"q": a, "p": a}, meta=(a,))],
+        collections.OrderedDict([("z", a), ("a", a)]),
+        collections.defaultdict(list, {"m": a, "l": [a]}),
+        flax.core.FrozenDict({"params": {"w": a, "b": a}}),
+        nnx.State({"layer": {"kernel": nnx.Param(a), "bias": nnx.Param(a)}}),
+        (a,),
+        a,
+        {},
+    ]
+    for t in trees:
+        _, treedef = jax.tree.flatten(t)
+        assert tree_mod.describe(treedef) == tree_mod._describe(treedef, fast=False), t
+        assert tree_mod.describe(treedef)[1] == tree_mod.leaf_paths(t)[0], t
+
+
 def test_unsupported_leaf_names_its_path(ckdir):
     with pytest.raises(jaxckpt.UnsupportedValueError, match=r"leaf 'a/1': object is not storable"):
         jaxckpt.save(ckdir / "c", {"a": [1, object()]})
