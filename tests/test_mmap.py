@@ -69,6 +69,20 @@ def data_digest(path) -> str:
     return h.hexdigest()
 
 
+def flip_bits(path, leaf: str, at: int, mask: int) -> tuple[str, fmt.ShardRecord]:
+    """XOR the byte ``at`` bytes into ``leaf``'s first shard with ``mask``; returns (data file, shard)."""
+    m = reader.CheckpointReader(path).manifest
+    (rec,) = [x for x in m.leaves if x.path == leaf]
+    shard = rec.shards[0]
+    name = os.path.join(path, m.files[shard.file].name)
+    with open(name, "r+b") as f:
+        f.seek(shard.offset + at)
+        b = f.read(1)
+        f.seek(shard.offset + at)
+        f.write(bytes([b[0] ^ mask]))
+    return name, shard
+
+
 def tree():
     rng = np.random.default_rng(0)
     return {
@@ -202,16 +216,8 @@ def test_dtype_cast_from_a_mapped_leaf(ckdir):
 def test_corrupt_large_leaf_names_leaf_chunk_and_file(ckdir, mmap):
     t = tree()
     jaxckpt.save(ckdir / "c", t)
-    m = reader.CheckpointReader(ckdir / "c").manifest
-    (rec,) = [leaf for leaf in m.leaves if leaf.path == "huge"]
-    shard = rec.shards[0]
-    name = os.path.join(ckdir / "c", m.files[shard.file].name)
-    at = shard.offset + m.chunk_bytes + 12345  # in the second chunk
-    with open(name, "r+b") as f:
-        f.seek(at)
-        b = f.read(1)
-        f.seek(at)
-        f.write(bytes([b[0] ^ 0x10]))
+    name, shard = flip_bits(ckdir / "c", "huge", fmt.CHUNK_BYTES + 12345, 0x10)  # in the second chunk
+    at = shard.offset + fmt.CHUNK_BYTES + 12345
     with pytest.raises(CorruptCheckpointError) as e:
         jaxckpt.restore(ckdir / "c", mmap=mmap)
     msg = str(e.value)
@@ -296,15 +302,7 @@ def test_a_run_of_small_shards_is_one_mapping_and_each_leaf_a_view_of_it(ckdir):
 def test_corrupt_small_leaf_in_a_run_names_leaf_and_file(ckdir, mmap):
     t = many_small()
     jaxckpt.save(ckdir / "c", t)
-    m = reader.CheckpointReader(ckdir / "c").manifest
-    (rec,) = [leaf for leaf in m.leaves if leaf.path == "l123"]
-    shard = rec.shards[0]
-    name = os.path.join(ckdir / "c", m.files[shard.file].name)
-    with open(name, "r+b") as f:
-        f.seek(shard.offset + 100)
-        b = f.read(1)
-        f.seek(shard.offset + 100)
-        f.write(bytes([b[0] ^ 4]))
+    name, shard = flip_bits(ckdir / "c", "l123", 100, 4)
     with pytest.raises(CorruptCheckpointError) as e:
         jaxckpt.restore(ckdir / "c", mmap=mmap)
     assert f"{name}: checksum mismatch in leaf 'l123', chunk 0 (bytes at offset {shard.offset})" in str(e.value)
@@ -384,14 +382,7 @@ def test_cli_verify_hashes_mapped_pages_and_finds_a_flipped_bit(ckdir):
     jaxckpt.save(ckdir / "c", t)
     ok = cli.verify_checkpoint(str(ckdir / "c"), progress=False)
     assert ok.ok and ok.leaves == len(t)
-    m = reader.CheckpointReader(ckdir / "c").manifest
-    (rec,) = [leaf for leaf in m.leaves if leaf.path == "big_bf16"]
-    name = os.path.join(ckdir / "c", m.files[rec.shards[0].file].name)
-    with open(name, "r+b") as f:
-        f.seek(rec.shards[0].offset + 777)
-        b = f.read(1)
-        f.seek(rec.shards[0].offset + 777)
-        f.write(bytes([b[0] ^ 1]))
+    name, _ = flip_bits(ckdir / "c", "big_bf16", 777, 1)
     bad = cli.verify_checkpoint(str(ckdir / "c"), progress=False)
     assert not bad.ok and "checksum mismatch in leaf 'big_bf16', chunk 0" in bad.error and name in bad.error
 
