@@ -335,9 +335,9 @@ def _device_boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, 
 _WHOLE: tuple[None] = (None,)  # the boxes of a leaf read whole
 
 
-def _boxes(device_boxes: list[tuple[Any, Box]] | None) -> list[Box | None]:
-    """The host boxes a target leaf needs: one per distinct addressable slice."""
-    return [None] if device_boxes is None else list(dict.fromkeys(box for _, box in device_boxes))
+def _boxes(device_boxes: list[tuple[Any, Box]] | None) -> tuple[Box | None, ...]:
+    """The host boxes a target leaf needs: the whole leaf (None) or one per distinct addressable slice."""
+    return _WHOLE if device_boxes is None else tuple(dict.fromkeys(box for _, box in device_boxes))
 
 
 def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
@@ -392,7 +392,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
             _check_key_record(r, rec)
         _check_leaf(r.path, p, rec, t, info)
         db = _device_boxes(info, rec, cache)
-        bs = _WHOLE if db is None else _boxes(db)
+        bs = _boxes(db)
         recs.append(rec)
         infos.append(info)
         slices.append(db)

@@ -12,10 +12,10 @@ device once, and hands each array to the runtime transfer that
 through ``pxla.batched_device_put``): 8-10 us per array.
 
 Neither function is public API. The transfer is looked up once (the
-runtime's where it exists, else pxla's); if neither exists, it rejects a call, or returns something other than what ``jax.device_put``
-would (checked on the first array of every call: type, shape, dtype,
-sharding, committed), ``put`` logs that once and falls back to
-``jax.device_put`` for good. Only plain numpy arrays whose
+runtime's where it exists, else pxla's); if it is missing, rejects a call,
+or returns something other than what ``jax.device_put`` would (checked on
+the first array of every call: type, shape, dtype, sharding, committed),
+``put`` logs that once and falls back to ``jax.device_put`` for good. Only plain numpy arrays whose
 dtype JAX keeps as is (no float64 -> float32 narrowing with x64 off) bound
 for a ``SingleDeviceSharding`` take the fast path; anything else goes to
 ``jax.device_put`` in one batched call. ``tests/test_placement.py`` checks
@@ -64,7 +64,7 @@ def _fast_path() -> tuple[Any, Any] | None:
         direct = getattr(xla_client, "batched_device_put", None)
         transfer = direct if callable(direct) else getattr(pxla, "batched_device_put", None)
         if not (callable(transfer) and hasattr(core, "ShapedArray")):
-            _disable(AttributeError("jax._src.interpreters.pxla.batched_device_put is gone"))
+            _disable(AttributeError("no batched_device_put in jax._src.lib.xla_client or pxla"))
             return None
         _fast = (core.ShapedArray, transfer)
     return _fast or None

@@ -218,20 +218,30 @@ class CheckpointReader:
         exactly that box, with the ops that populate (and verify) it; None where
         the box is not one shard, is small, or mapping is unavailable here."""
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes < MAP_MIN_BYTES or self._maps >= MAX_MAPS or not storage.can_map():
+        if nbytes < MAP_MIN_BYTES:
             return None
         for s in leaf.shards:
             # 64-byte aligned data: what XLA's CPU client adopts without a copy
             if s.box == box and s.length == nbytes and s.offset % 64 == 0:
-                fd = self._fd_for(s.file, leaf.path)
-                try:
-                    view = storage.map_range(fd, s.offset, s.length)
-                except (OSError, ValueError):  # a file system without mmap, or no address space: read it
+                view = self._try_map(s.file, leaf.path, s.offset, s.length)
+                if view is None:
                     return None
-                self._maps += 1
                 self._chunk_ops(leaf, s, 0, s.length, view, verify, ops, mapped=True)
                 return np.frombuffer(view, np.uint8).view(dtype).reshape(shape)
         return None
+
+    def _try_map(self, file: int, leaf: str, offset: int, length: int) -> memoryview | None:
+        """A copy-on-write mapping of file bytes [offset, offset + length)
+        (``storage.map_range``), or None where mapping is unavailable here or
+        this reader has made MAX_MAPS already: the caller reads instead."""
+        if self._maps >= MAX_MAPS or not storage.can_map():
+            return None
+        try:
+            view = storage.map_range(self._fd_for(file, leaf), offset, length)
+        except (OSError, ValueError):  # a file system without mmap, or no address space
+            return None
+        self._maps += 1
+        return view
 
     def _chunk_ops(self, leaf: fmt.LeafRecord, s: fmt.ShardRecord, lo: int, hi: int, dest: memoryview,
                    verify: bool, ops: list[_Op], mapped: bool = False) -> None:
@@ -354,13 +364,7 @@ class CheckpointReader:
                    mappable: bool) -> None:
         """One op that reads file bytes [lo, hi) holding ``run``'s shards, and each result as a view of them."""
         file, leaf0 = run[0][2].file, run[0][1].path
-        view = None
-        if mappable and hi - lo >= MAP_MIN_BYTES and self._maps < MAX_MAPS and storage.can_map():
-            try:
-                view = storage.map_range(self._fd_for(file, leaf0), lo, hi - lo)
-                self._maps += 1
-            except (OSError, ValueError):  # a file system without mmap, or no address space: read it
-                view = None
+        view = self._try_map(file, leaf0, lo, hi - lo) if mappable and hi - lo >= MAP_MIN_BYTES else None
         if view is None:
             buf = empty_aligned((hi - lo,), np.uint8)
             op = _Op(file, lo, memoryview(buf), None, leaf0, 0)
