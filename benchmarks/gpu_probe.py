@@ -8,7 +8,7 @@ which of jaxckpt's own choices is faster on the default device.
 
 snapshot: three consecutive `AsyncCheckpointer` saves per device -> host
     path, in one process, paths alternating over two rounds: every shard
-    through pinned host memory (`PINNED_MIN_BYTES = 0`), every shard with
+    through pinned host memory (`config.Tuning.pinned_min_bytes = 0`), every shard with
     `copy_to_host_async` (no pinned memory), and shards under 1 MiB with
     `copy_to_host_async`, larger ones pinned. Each save is of FRESH device
     arrays (a device-side copy of the state, made outside the timing): a
@@ -18,9 +18,9 @@ snapshot: three consecutive `AsyncCheckpointer` saves per device -> host
 restore: saves the workload with jaxckpt (and with orbax), then restores it
     in fresh processes from the page cache, as a resuming job does once:
     jaxckpt with host -> device transfers in windows of 256 MiB / 64 MiB /
-    all at once (`placement.ACCEL_WINDOW_BYTES`), with 256 MiB windows from
+    all at once (`config.Tuning.accel_window_bytes`), with 256 MiB windows from
     copy-on-write mappings of the file instead of fresh host memory
-    (`api.MAP_FOR_ACCELERATORS`), and orbax. Each restore is checked bit for
+    (`config.Tuning.map_for_accelerators`), and orbax. Each restore is checked bit for
     bit against the workload's digests.
 
 Prints a summary and writes JSON (default
@@ -40,7 +40,7 @@ from pathlib import Path
 
 MIB = 1 << 20
 SNAPSHOT_PATHS = {"pinned": 0, "copy_to_host_async": 1 << 62, "hybrid_1MiB": MIB}
-# label -> (placement.ACCEL_WINDOW_BYTES, api.MAP_FOR_ACCELERATORS)
+# label -> (config.Tuning.accel_window_bytes, config.Tuning.map_for_accelerators)
 RESTORE_CONFIGS = {"window 256 MiB": (256 * MIB, False), "window 256 MiB, mapped": (256 * MIB, True),
                    "window 64 MiB": (64 * MIB, False), "all at once": (0, False)}
 
@@ -58,7 +58,7 @@ def probe_snapshot(workload, device) -> dict:
     import jax
 
     import jaxckpt
-    from jaxckpt import snapshot
+    from jaxckpt import config
 
     from . import workloads
 
@@ -69,7 +69,7 @@ def probe_snapshot(workload, device) -> dict:
         for rnd in range(2):  # alternate so that no path always goes first
             order = list(SNAPSHOT_PATHS) if rnd == 0 else list(reversed(SNAPSHOT_PATHS))
             for name in order:
-                snapshot.PINNED_MIN_BYTES = SNAPSHOT_PATHS[name]
+                config.configure(pinned_min_bytes=SNAPSHOT_PATHS[name])
                 runs = []
                 with jaxckpt.AsyncCheckpointer() as ck:
                     for i in range(3):
@@ -86,7 +86,7 @@ def probe_snapshot(workload, device) -> dict:
                 print(f"save {name:20s} blocking " + " / ".join(f"{r['blocking_s']:.3f}" for r in runs)
                       + " s; total " + " / ".join(f"{r['total_s']:.3f}" for r in runs) + " s", flush=True)
     finally:
-        snapshot.PINNED_MIN_BYTES = 0
+        config.configure(pinned_min_bytes=0)
         shutil.rmtree(root, ignore_errors=True)
     return out
 
@@ -148,12 +148,11 @@ def _restore_step(name: str, root: str, method: str, window: int, digests: str, 
                   quick: bool) -> dict:
     import jax
 
-    from jaxckpt import api, placement
+    from jaxckpt import config
 
     from . import measure, methods, workloads
 
-    placement.ACCEL_WINDOW_BYTES = window
-    api.MAP_FOR_ACCELERATORS = mapped
+    config.configure(accel_window_bytes=window, map_for_accelerators=mapped)
     workload = workloads.get(name, quick)
     abstract = workloads.abstract_state(workload)
     m = methods.get(method)(Path(root))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxckpt
-from jaxckpt import snapshot
+from jaxckpt import arrayinfo, snapshot
 
 
 def main() -> int:
@@ -51,7 +51,7 @@ def main() -> int:
         same = g.tobytes() == v.tobytes() and p.tobytes() == v.tobytes()
         ok &= same
         print(f"{k:5s} {'bit-exact' if same else 'DIFFERENT'}")
-    path = ("pinned_host" if pinned else "copy_to_host_async") if snapshot.on_accelerator(dev) else "CPU view"
+    path = ("pinned_host" if pinned else "copy_to_host_async") if arrayinfo.on_accelerator(dev) else "CPU view"
     print(f"device {dev.device_kind}; snapshot via {path}; "
           f"blocking {blocking * 1e3:.1f} ms for {sum(v.nbytes for v in want.values()) / 2**20:.1f} MiB")
     return 0 if ok else 1

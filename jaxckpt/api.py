@@ -12,22 +12,22 @@ import functools
 import html
 import os
 import pprint
-import time
 from typing import Any, Mapping
 
 import jax
 import numpy as np
 
-from jaxckpt import _gc
+from jaxckpt import arrayinfo
+from jaxckpt import gcpause
 from jaxckpt import checkpointer
+from jaxckpt import config
+from jaxckpt import display
 from jaxckpt import format as fmt
 from jaxckpt import placement
 from jaxckpt import progress as progress_mod
 from jaxckpt import reader as reader_mod
 from jaxckpt import tree as tree_mod
 from jaxckpt.errors import CorruptCheckpointError, StructureMismatchError
-
-Box = tuple[tuple[int, int], ...]
 
 
 # ------------------------------------------------------------------ save
@@ -64,9 +64,9 @@ class CheckpointInfo:
 
     def __repr__(self) -> str:
         lines = [f"CheckpointInfo({self.path!r}, format v{self.format_version}, {len(self.leaves)} leaves, "
-                 f"{_human(self.total_bytes)}, written by {self.library})"]
+                 f"{display.format_bytes(self.total_bytes)}, written by {self.library})"]
         for leaf in self.leaves[:50]:
-            desc = repr(leaf.value) if leaf.kind == "value" else f"{leaf.dtype}{list(leaf.shape)}  {_human(leaf.nbytes)}"
+            desc = repr(leaf.value) if leaf.kind == "value" else f"{leaf.dtype}{list(leaf.shape)}  {display.format_bytes(leaf.nbytes)}"
             lines.append(f"  {leaf.path}: {desc}")
         if len(self.leaves) > 50:
             lines.append(f"  ... {len(self.leaves) - 50} more")
@@ -79,21 +79,21 @@ class CheckpointInfo:
         (key path, shape, dtype, size; at most ``HTML_MAX_ROWS`` rows)."""
         head = (f"<b>CheckpointInfo</b> <code>{html.escape(self.path)}</code><br>"
                 f"format v{self.format_version} &middot; {len(self.leaves)} leaves &middot; "
-                f"{_human(self.total_bytes)} &middot; written by {html.escape(self.library)} &middot; "
-                f"created {html.escape(_when(self.created))}")
+                f"{display.format_bytes(self.total_bytes)} &middot; written by {html.escape(self.library)} &middot; "
+                f"created {html.escape(display.local_time(self.created))}")
         if self.metadata is not None:
             head += ("<br>metadata: <pre style=\"margin: 0; white-space: pre-wrap\">"
-                     f"{html.escape(_shorten(pprint.pformat(self.metadata, width=100), 4000))}</pre>")
+                     f"{html.escape(display.shorten(pprint.pformat(self.metadata, width=100), 4000))}</pre>")
         rows = []
         for leaf in self.leaves[:HTML_MAX_ROWS]:
             if leaf.kind == "value":
-                shape, dtype, size = "", f"Python {type(leaf.value).__name__}", f"= {_shorten(repr(leaf.value), 80)}"
+                shape, dtype, size = "", f"Python {type(leaf.value).__name__}", f"= {display.shorten(repr(leaf.value), 80)}"
             else:
-                shape, size = str(tuple(leaf.shape)), _human(leaf.nbytes)
+                shape, size = str(tuple(leaf.shape)), display.format_bytes(leaf.nbytes)
                 dtype = f"{leaf.dtype} (PRNG key data)" if leaf.kind == "key" else str(leaf.dtype)
             rows.append((leaf.path, shape, dtype, size))
         more = len(self.leaves) - HTML_MAX_ROWS
-        return head + _html_table(("key path", "shape", "dtype", "size"), rows,
+        return head + display.html_table(("key path", "shape", "dtype", "size"), rows,
                                   f"... {more} more leaves" if more > 0 else None)
 
 
@@ -105,45 +105,6 @@ class LoadReport:
 
 
 HTML_MAX_ROWS = 200  # a notebook table of a million leaves would stall the browser
-
-
-def _html_table(header: tuple[str, ...] | None, rows: list[tuple[str, ...]], footer: str | None = None) -> str:
-    """An HTML table of plain-text cells (each escaped here); ``header=None``:
-    the first cell of each row is its heading (a key/value table)."""
-    left = 'style="text-align: left"'
-    out = ["<table>"]
-    if header is not None:
-        out.append("<tr>" + "".join(f"<th {left}>{html.escape(h)}</th>" for h in header) + "</tr>")
-    for row in rows:
-        cells = [f"<td {left}>{html.escape(c)}</td>" for c in row]
-        if header is None:
-            cells[0] = f"<th {left}>{html.escape(row[0])}</th>"
-        out.append("<tr>" + "".join(cells) + "</tr>")
-    if footer is not None:
-        width = len(header) if header is not None else max((len(r) for r in rows), default=1)
-        out.append(f'<tr><td colspan="{width}" {left}>{html.escape(footer)}</td></tr>')
-    out.append("</table>")
-    return "\n".join(out)
-
-
-def _shorten(text: str, n: int) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."
-
-
-def _when(timestamp: float) -> str:
-    """Local time of a Unix timestamp read from disk; the raw number if it is not a valid time."""
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
-    except (OverflowError, OSError, ValueError):
-        return repr(timestamp)
-
-
-def _human(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def inspect(path: str | os.PathLike) -> CheckpointInfo:
@@ -200,10 +161,10 @@ def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = Fals
     committed checkpoint's files in place while such arrays live (jaxckpt
     never does). ``mmap=False``: every array in fresh memory.
     """
-    # One pause of the cyclic collector for the whole restore (see jaxckpt/_gc.py):
+    # One pause of the cyclic collector for the whole restore (see jaxckpt/gcpause.py):
     # pausing stage by stage let each stage's survivors (a 10,000-leaf
     # manifest, then the host arrays) be traversed by a collection in the next.
-    with _gc.paused():
+    with gcpause.paused():
         return _restore(path, target, partial, verify, progress, mmap)
 
 
@@ -242,15 +203,10 @@ def _list(xs: list[str], n: int = 10) -> str:
 def _target_info(t: Any) -> tuple[tuple[int, ...] | None, Any, Any, bool]:
     """(shape, dtype, sharding or None, is_key) of a target leaf; shape None for Python scalars."""
     if isinstance(t, (jax.Array, jax.ShapeDtypeStruct)):
-        return tuple(t.shape), t.dtype, getattr(t, "sharding", None), _is_key_dtype(t.dtype)
+        return tuple(t.shape), t.dtype, getattr(t, "sharding", None), arrayinfo.is_key_dtype(t.dtype)
     if isinstance(t, (np.ndarray, np.generic)):
         return tuple(np.shape(t)), t.dtype, None, False
     return None, None, None, False
-
-
-@functools.lru_cache(maxsize=256)
-def _is_key_dtype(dtype: Any) -> bool:
-    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
 @functools.lru_cache(maxsize=64)
@@ -271,7 +227,7 @@ def _check_key_record(r: reader_mod.CheckpointReader, rec: fmt.LeafRecord) -> No
         raise CorruptCheckpointError(f"{where}: leaf {rec.path!r}: unknown PRNG implementation {rec.impl!r}")
     trailing, dtype = layout
     n = len(trailing)
-    if fmt.DTYPES[rec.dtype] != dtype or len(rec.shape) < n or tuple(rec.shape[len(rec.shape) - n:]) != trailing:
+    if arrayinfo.DTYPES[rec.dtype] != dtype or len(rec.shape) < n or tuple(rec.shape[len(rec.shape) - n:]) != trailing:
         raise CorruptCheckpointError(
             f"{where}: leaf {rec.path!r}: {rec.impl} key data must be {dtype}[..., {', '.join(map(str, trailing))}], "
             f"found {rec.dtype}{list(rec.shape)}")
@@ -312,56 +268,51 @@ def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any, info: tuple)
                                      f"the checkpoint has {tuple(found)}")
 
 
-def _single_device(sharding: Any, cache: dict[int, tuple[Any, bool]]) -> bool:
-    """Whether ``sharding`` places the whole array on one device (cached by identity:
-    a target's leaves usually share a handful of sharding objects)."""
+def _device_boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, bool]]
+                  ) -> list[tuple[Any, arrayinfo.Box]] | None:
+    """For a leaf sharded over several devices: (device, box) of each addressable
+    slice; None for a leaf read whole (one device, no sharding, a key, a value).
+    ``cache``: whether a sharding is single-device, by identity (a target's
+    leaves usually share a handful of sharding objects)."""
+    shape, _, sharding, is_key = info
+    if sharding is None or is_key or rec.kind == "value" or shape is None:
+        return None
     hit = cache.get(id(sharding))
     if hit is None:
-        hit = cache[id(sharding)] = (sharding, len(sharding.device_set) == 1)
-    return hit[1]
-
-
-def _device_boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, bool]]
-                  ) -> list[tuple[Any, Box]] | None:
-    """For a leaf sharded over several devices: (device, box) of each addressable
-    slice; None for a leaf read whole (one device, no sharding, a key, a value)."""
-    shape, _, sharding, is_key = info
-    if sharding is None or is_key or rec.kind == "value" or shape is None or _single_device(sharding, cache):
+        hit = cache[id(sharding)] = (sharding, arrayinfo.single_device(sharding) is not None)
+    if hit[1]:
         return None
-    return [(device, tuple((sl.indices(d)[0], sl.indices(d)[1]) for sl, d in zip(index, shape)))
+    return [(device, arrayinfo.index_box(index, shape))
             for device, index in sharding.addressable_devices_indices_map(shape).items()]
 
 
 _WHOLE: tuple[None] = (None,)  # the boxes of a leaf read whole
 
 
-def _boxes(device_boxes: list[tuple[Any, Box]] | None) -> tuple[Box | None, ...]:
+def _boxes(device_boxes: list[tuple[Any, arrayinfo.Box]] | None) -> tuple[arrayinfo.Box | None, ...]:
     """The host boxes a target leaf needs: the whole leaf (None) or one per distinct addressable slice."""
     return _WHOLE if device_boxes is None else tuple(dict.fromkeys(box for _, box in device_boxes))
 
 
-def _full(box: Box | None, rec: fmt.LeafRecord) -> Box:
-    return box if box is not None else tuple((0, d) for d in rec.shape)
+def _full(box: arrayinfo.Box | None, rec: fmt.LeafRecord) -> arrayinfo.Box:
+    return box if box is not None else arrayinfo.full_box(rec.shape)
 
 
 def _fill(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list[Any], verify: bool,
           progress: Any = None, mmap: bool = True) -> list[Any]:
-    with _gc.paused():  # a few acyclic objects per leaf: see jaxckpt/_gc.py
+    with gcpause.paused():  # a few acyclic objects per leaf: see jaxckpt/gcpause.py
         return _fill_leaves(r, paths, tleaves, verify, progress, mmap)
-
-
-# Whether host arrays bound for an accelerator may be file mappings too (the
-# source of the host -> device copy, dropped once it is done) rather than reads
-# into fresh memory. Off until measured on a GPU: `python -m benchmarks.gpu_probe
-# restore W3` compares both.
-MAP_FOR_ACCELERATORS = False
 
 
 def _host_bound(t: Any, sharding: Any, cache: dict[int | None, bool]) -> bool:
     """Whether a target leaf's value ends in host memory or on CPU devices
     (where a mapped host array can be the result itself, not a staging copy).
-    ``cache``: by sharding identity; None for the default device."""
-    if MAP_FOR_ACCELERATORS:
+    ``cache``: by sharding identity; None for the default device. With
+    ``config.Tuning.map_for_accelerators`` (off until measured on a GPU: ``python
+    -m benchmarks.gpu_probe restore W3`` compares both) host arrays bound for an
+    accelerator may be mappings too: the source of the host -> device copy,
+    dropped once it is done."""
+    if config.current().map_for_accelerators:
         return True
     if sharding is None and isinstance(t, (np.ndarray, np.generic)):
         return True
@@ -369,7 +320,7 @@ def _host_bound(t: Any, sharding: Any, cache: dict[int | None, bool]) -> bool:
     hit = cache.get(key)
     if hit is None:
         devices = [jax.devices()[0]] if sharding is None else sharding.device_set
-        hit = cache[key] = all(d.platform == "cpu" for d in devices)
+        hit = cache[key] = not any(arrayinfo.on_accelerator(d) for d in devices)
     return hit
 
 
@@ -381,7 +332,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
     leaves, by_path = r.manifest.leaves, r.by_path
     recs, infos, slices, boxes = [], [], [], []
     cache: dict[int, tuple[Any, bool]] = {}
-    requests: list[tuple[int, Box | None]] = []
+    requests: list[tuple[int, arrayinfo.Box | None]] = []
     mappable: list[bool] = []
     on_cpu: dict[int | None, bool] = {}
     for p, t in zip(paths, tleaves):
@@ -448,7 +399,7 @@ def _fill_leaves(r: reader_mod.CheckpointReader, paths: list[str], tleaves: list
     return out
 
 
-def _assemble(rec: fmt.LeafRecord, regions: dict[Box, np.ndarray], t: Any) -> Any:
+def _assemble(rec: fmt.LeafRecord, regions: dict[arrayinfo.Box, np.ndarray], t: Any) -> Any:
     """A leaf that is not placed by pieces: a PRNG key array, or a target without a sharding."""
     _, _, sharding, is_key = _target_info(t)
     (data,) = regions.values()
@@ -536,7 +487,7 @@ def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, str
 def _convert_checked(where: str, path: str, value: Any, t: Any) -> Any:
     shape, _, _, is_key = _target_info(t)
     if is_key:
-        if not (isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)):
+        if not arrayinfo.is_key_array(value):
             raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects a PRNG key array, "
                                          f"found {type(value).__name__}")
         return jax.device_put(value, t.sharding) if getattr(t, "sharding", None) is not None else value

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from jaxckpt import format as fmt
 from jaxckpt import multihost
@@ -97,6 +97,16 @@ class SaveHandle:
 
     def done(self) -> bool:
         return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the save to end (committed or failed) without raising its
+        error (that stays for ``result()`` or the checkpointer to raise, once);
+        returns ``done()``."""
+        try:
+            self._future.exception(timeout)
+        except TimeoutError:
+            pass
+        return self.done()
 
     def result(self, timeout: float | None = None) -> None:
         """Wait for the save; return None once committed, or raise its error."""
@@ -189,16 +199,59 @@ class AsyncCheckpointer:
         self._closed = False
 
     # ------------------------------------------------------------ public
-    def save(self, path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False) -> SaveHandle:
-        """Snapshot ``tree`` to host memory and return; the write runs in the background."""
-        return self._save(path, tree, metadata=metadata, overwrite=overwrite, label=None)
+    def save(self, path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
+             label: str | None = None, on_commit: Callable[[SaveHandle], None] | None = None,
+             timeout: float | None = None) -> SaveHandle:
+        """Snapshot ``tree`` to host memory and return; the write runs in the background.
+
+        ``label``: how messages name this save (default: the path; the manager
+        says "step 42"). ``on_commit(handle)``: called on the background thread
+        right after the commit, before the handle resolves (``handle.stats`` is
+        set); an error it raises fails the save's handle, though the
+        checkpoint stays committed. ``timeout``: seconds for this save,
+        overriding the checkpointer's."""
+        if self._closed:
+            raise CheckpointError("this AsyncCheckpointer is closed")
+        t0 = time.perf_counter()
+        self.check_for_errors()
+        path = validate_request(path, metadata, overwrite)
+        self._backpressure()
+        self.check_for_errors()
+        pooled: list = []
+        missing: list[int] = []
+        watched = snapshot_mod.Watch() if self.copy_cpu_arrays is None and not self._copying else None
+        snap = snapshot_mod.take(tree, copy_cpu=self._copying, pool=self._host_pool, pooled=pooled,
+                                 viewed=watched, missing=missing, process_index=self._multi.process_index,
+                                 process_count=self._multi.process_count)
+        blocking = time.perf_counter() - t0
+        handle = SaveHandle(path, label or path)
+        self._seq += 1
+        key = f"jaxckpt/{self._instance}/{self._seq}/{os.path.basename(path)}"
+        with self._lock:
+            self._handles.append(handle)
+        self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key,
+                        self.timeout if timeout is None else timeout, pooled, watched, missing)
+        return handle
 
     def wait_until_finished(self) -> None:
         """Block until every save finished; raise a not-yet-reported background error."""
         for h in list(self._handles):
-            h._future.exception()  # waits
+            h.wait()
         self._prune()
-        self._raise_pending()
+        self.check_for_errors()
+
+    def check_for_errors(self) -> None:
+        """Raise the error of a finished background save that was not reported
+        yet (each error is raised once, here, by ``save``, ``wait_until_finished``,
+        ``close`` or its handle's ``result``)."""
+        with self._lock:
+            handles = list(self._handles)
+        for h in handles:
+            exc = h._take_error()
+            if exc is not None:
+                self._prune()
+                raise exc
+        self._prune()
 
     def close(self) -> None:
         if self._closed:
@@ -218,40 +271,7 @@ class AsyncCheckpointer:
         close_after(self.close, exc_type)
         return False
 
-    @property
-    def in_flight(self) -> int:
-        self._prune()
-        return len(self._handles)
-
     # ------------------------------------------------------------ internals
-    def _save(self, path, tree, *, metadata, overwrite, label: str | None,
-              on_commit=None, timeout: float | None = None) -> SaveHandle:
-        """``save`` with a label for messages (e.g. "step 42"), a callback run on
-        the background thread right after the commit, and a per-save timeout
-        overriding the checkpointer's."""
-        if self._closed:
-            raise CheckpointError("this AsyncCheckpointer is closed")
-        t0 = time.perf_counter()
-        self._raise_pending()
-        path = validate_request(path, metadata, overwrite)
-        self._backpressure()
-        self._raise_pending()
-        pooled: list = []
-        missing: list[int] = []
-        watched = snapshot_mod.Watch() if self.copy_cpu_arrays is None and not self._copying else None
-        snap = snapshot_mod.take(tree, copy_cpu=self._copying, pool=self._host_pool, pooled=pooled,
-                                 viewed=watched, missing=missing, process_index=self._multi.process_index,
-                                 process_count=self._multi.process_count)
-        blocking = time.perf_counter() - t0
-        handle = SaveHandle(path, label or path)
-        self._seq += 1
-        key = f"jaxckpt/{self._instance}/{self._seq}/{os.path.basename(path)}"
-        with self._lock:
-            self._handles.append(handle)
-        self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key,
-                        self.timeout if timeout is None else timeout, pooled, watched, missing)
-        return handle
-
     def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout,
              pooled: list, watched: snapshot_mod.Watch | None, missing: list[int]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - t0)
@@ -308,17 +328,7 @@ class AsyncCheckpointer:
                 pending = [h for h in self._handles if not h.done()]
             if len(pending) < self.max_in_flight:
                 return
-            pending[0]._future.exception()  # wait for the oldest
-
-    def _raise_pending(self) -> None:
-        with self._lock:
-            handles = list(self._handles)
-        for h in handles:
-            exc = h._take_error()
-            if exc is not None:
-                self._prune()
-                raise exc
-        self._prune()
+            pending[0].wait()  # the oldest
 
 
 def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import sys
 from typing import Any, Iterator, Sequence
 
 import jaxckpt
+from jaxckpt import display
 from jaxckpt import format as fmt
 from jaxckpt import progress as progress_mod
 from jaxckpt.errors import CheckpointError
@@ -196,7 +196,7 @@ def _cmd_verify(args: argparse.Namespace, out: Any, err: Any) -> int:
         if res.ok:
             if not args.quiet:
                 leaves = f"{res.leaves} leaf" if res.leaves == 1 else f"{res.leaves} leaves"
-                print(f"OK  {p}  ({leaves}, {progress_mod.format_bytes(res.nbytes)})", file=out, flush=True)
+                print(f"OK  {p}  ({leaves}, {display.format_bytes(res.nbytes)})", file=out, flush=True)
         elif res.gone and not is_single:
             gone += 1
             if not args.quiet:
@@ -212,10 +212,6 @@ def _cmd_verify(args: argparse.Namespace, out: Any, err: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- ls
-def _local_iso(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts).isoformat(timespec="seconds")
-
-
 def _format_value(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
@@ -271,10 +267,10 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
                 rows.append([str(step), "?", "?", "?", "?", "UNREADABLE"])
                 records.append({"step": step, "error": _message(e)})
                 continue
-            rows.append([str(step), "-" if meta.epoch is None else str(meta.epoch), _local_iso(meta.timestamp),
-                         progress_mod.format_bytes(meta.nbytes), _format_metrics(meta.metrics), meta.reason or "-"])
+            rows.append([str(step), "-" if meta.epoch is None else str(meta.epoch), display.local_time(meta.timestamp, sep="T"),
+                         display.format_bytes(meta.nbytes), _format_metrics(meta.metrics), meta.reason or "-"])
             records.append({"step": meta.step, "epoch": meta.epoch, "timestamp": meta.timestamp,
-                            "time": _local_iso(meta.timestamp), "nbytes": meta.nbytes, "metrics": meta.metrics,
+                            "time": display.local_time(meta.timestamp, sep="T"), "nbytes": meta.nbytes, "metrics": meta.metrics,
                             "reason": meta.reason, "metadata": meta.metadata, "path": meta.path,
                             "jax_version": meta.jax_version, "jaxckpt_version": meta.jaxckpt_version})
     if args.json:
@@ -295,7 +291,7 @@ def _leaf_row(leaf: jaxckpt.LeafInfo) -> list[str]:
         value = repr(leaf.value)
         return [leaf.path, "-", type(leaf.value).__name__, value if len(value) <= 40 else value[:37] + "..."]
     dtype = f"key<{leaf.dtype}>" if leaf.kind == "key" else str(leaf.dtype)
-    return [leaf.path, str(tuple(leaf.shape)), dtype, progress_mod.format_bytes(leaf.nbytes)]
+    return [leaf.path, str(tuple(leaf.shape)), dtype, display.format_bytes(leaf.nbytes)]
 
 
 def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
@@ -318,8 +314,8 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
         print(json.dumps(_jsonable(doc), indent=2), file=out)
         return EXIT_OK
     print(info.path, file=out)
-    print(f"  format v{info.format_version}, written by {info.library}, created {_local_iso(info.created)}", file=out)
-    print(f"  {len(info.leaves)} leaves, {progress_mod.format_bytes(info.total_bytes)}", file=out)
+    print(f"  format v{info.format_version}, written by {info.library}, created {display.local_time(info.created, sep='T')}", file=out)
+    print(f"  {len(info.leaves)} leaves, {display.format_bytes(info.total_bytes)}", file=out)
     print(file=out)
     if info.leaves:
         _table([["KEY PATH", "SHAPE", "DTYPE", "SIZE"]] + [_leaf_row(x) for x in info.leaves], out)

@@ -21,12 +21,12 @@ import math
 import re
 from typing import Any, NamedTuple
 
-import ml_dtypes
 import msgpack
 import numpy as np
 import xxhash
 
-from jaxckpt import _gc
+from jaxckpt import gcpause
+from jaxckpt.arrayinfo import DTYPES, ITEMSIZE
 from jaxckpt.errors import CorruptCheckpointError
 
 FORMAT_NAME = "jaxckpt"
@@ -52,34 +52,6 @@ MAX_STR = 1 << 20
 MAX_PAIRWISE_SHARDS = 256  # shards of one leaf that do not form a grid (see _check_cover)
 
 _FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
-
-
-def _dtype_table() -> dict[str, np.dtype]:
-    names = [
-        "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
-        "float16", "float32", "float64", "complex64", "complex128",
-    ]
-    table = {n: np.dtype(n) for n in names}
-    ml_names = [
-        "bfloat16", "int4", "uint4", "int2", "uint2",
-        "float8_e3m4", "float8_e4m3", "float8_e4m3fn", "float8_e4m3fnuz", "float8_e4m3b11fnuz",
-        "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu", "float6_e2m3fn", "float6_e3m2fn",
-        "float4_e2m1fn",
-    ]
-    for n in ml_names:
-        t = getattr(ml_dtypes, n, None)
-        if t is not None:
-            table[n] = np.dtype(t)
-    return table
-
-
-DTYPES: dict[str, np.dtype] = _dtype_table()
-DTYPE_NAMES: dict[np.dtype, str] = {v: k for k, v in DTYPES.items()}
-
-
-def dtype_name(dtype: np.dtype) -> str | None:
-    """The format's name for a (native or little-endian) dtype, or None if unsupported."""
-    return DTYPE_NAMES.get(np.dtype(dtype).newbyteorder("="))
 
 
 def checksum(buf) -> int:
@@ -310,7 +282,7 @@ def _type_names(t: type | tuple) -> str:
 
 
 def decode_manifest(data: bytes, where: str) -> Manifest:
-    with _gc.paused():  # 10^5 acyclic objects for a 10^4-leaf manifest: see jaxckpt/_gc.py
+    with gcpause.paused():  # 10^5 acyclic objects for a 10^4-leaf manifest: see jaxckpt/gcpause.py
         return _decode_manifest(data, where)
 
 
@@ -381,7 +353,6 @@ def _decode_manifest(data: bytes, where: str) -> Manifest:
                     b.get("metadata"))
 
 
-_ITEMSIZE: dict[str, int] = {name: dt.itemsize for name, dt in DTYPES.items()}
 _U64 = 1 << 64
 
 
@@ -398,7 +369,7 @@ def _whole_leaf(r: dict, n_files: int, chunk_bytes: int) -> LeafRecord | None:
             and type(raw_shape) is list and type(raw_shards) is list and len(raw_shards) == 1
             and len(raw_shape) <= MAX_NDIM):
         return None
-    itemsize = _ITEMSIZE.get(dtype)
+    itemsize = ITEMSIZE.get(dtype)
     s = raw_shards[0]
     if itemsize is None or type(s) is not dict or (kind == "scalar" and raw_shape):
         return None

@@ -31,7 +31,6 @@ written by a manager: only such checkpoints are ever rotated away.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import datetime
 import functools
@@ -52,6 +51,7 @@ import jax
 
 from jaxckpt import api
 from jaxckpt import checkpointer as ckpt_mod
+from jaxckpt import display
 from jaxckpt import format as fmt
 from jaxckpt import multihost
 from jaxckpt import reader as reader_mod
@@ -64,7 +64,6 @@ logger = logging.getLogger("jaxckpt")
 
 RECORD_KEY = "jaxckpt_manager"  # its presence in a manifest's metadata marks a manager's checkpoint
 RECORD_VERSION = 1
-REASONS = ("interval", "forced", "exception", "preemption")
 _MAX_STEP = (1 << 63) - 1
 _MAX_RELISTS = 100  # restore(): re-listings after the latest step was deleted under a follower
 EXCEPTION_SAVE_TIMEOUT_S = 60.0  # multi-process exception saves: see _exception_save
@@ -94,11 +93,11 @@ class StepMetadata:
     nbytes: int
 
     def __repr__(self) -> str:
-        when = api._when(self.timestamp)
+        when = display.local_time(self.timestamp)
         parts = [f"step={self.step}"]
         if self.epoch is not None:
             parts.append(f"epoch={self.epoch}")
-        parts += [f"reason={self.reason!r}", f"saved {when}", api._human(self.nbytes)]
+        parts += [f"reason={self.reason!r}", f"saved {when}", display.format_bytes(self.nbytes)]
         if self.metrics:
             parts.append(f"metrics={self.metrics!r}")
         if self.metadata is not None:
@@ -113,16 +112,16 @@ class StepMetadata:
         if self.epoch is not None:
             rows.append(("epoch", str(self.epoch)))
         rows.append(("reason", self.reason if self.reason is not None else "(not written by a CheckpointManager)"))
-        rows += [("saved", api._when(self.timestamp)), ("size", api._human(self.nbytes))]
+        rows += [("saved", display.local_time(self.timestamp)), ("size", display.format_bytes(self.nbytes))]
         for name, value in (self.metrics or {}).items():
             shown = format(value, ".6g") if isinstance(value, float) else repr(value)
-            rows.append((f"metrics[{name!r}]", api._shorten(shown, 200)))
+            rows.append((f"metrics[{name!r}]", display.shorten(shown, 200)))
         if self.metadata is not None:
-            rows.append(("metadata", api._shorten(repr(self.metadata), 1000)))
+            rows.append(("metadata", display.shorten(repr(self.metadata), 1000)))
         if self.jax_version or self.jaxckpt_version:
             rows.append(("versions", f"jax {self.jax_version}, jaxckpt {self.jaxckpt_version}"))
         rows.append(("path", self.path))
-        return "<b>StepMetadata</b>\n" + api._html_table(None, rows)
+        return "<b>StepMetadata</b>\n" + display.html_table(None, rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -373,10 +372,6 @@ def _metadata_from(raw: Any, step: int, path: str, created: float, nbytes: int) 
                         field("reason", (str,), optional=False), field("metrics", (dict,)), raw.get("user"),
                         field("jax_version", (str,)), field("jaxckpt_version", (str,)), path, nbytes)
     return meta, True
-
-
-def _rate(gbps: float) -> str:
-    return f"{gbps:.2f} GB/s" if gbps >= 1 else f"{gbps * 1000:.1f} MB/s"
 
 
 def _deleted_leaves(state: Any) -> tuple[int, int]:
@@ -703,7 +698,7 @@ class CheckpointManager:
         path = self._path(name)
         if self.async_save or wait:
             on_commit = functools.partial(self._on_commit, step, name, record, replaced)
-            handle = self._ckptr._save(path, state, metadata=record, overwrite=overwrite, label=f"step {step}",
+            handle = self._ckptr.save(path, state, metadata=record, overwrite=overwrite, label=f"step {step}",
                                        on_commit=on_commit, timeout=timeout)
             self._last_save_time = now
             with self._lock:
@@ -728,7 +723,7 @@ class CheckpointManager:
             if not overwrite:
                 raise CheckpointExistsError(f"{self._path(name)}: step {step} is being saved already "
                                             "(pass overwrite=True to replace it)")
-            concurrent.futures.wait([handle._future])
+            handle.wait()
         with self._lock:
             existing = self._committed.get(step)
         if existing is not None and not overwrite:
@@ -756,8 +751,8 @@ class CheckpointManager:
             self._high = max(self._high, step)
             self._last_stats = info
         logger.info("saved step %d (%s) to %s: blocked %.3f s, committed after %.3f s, %s, %s",
-                    step, info.reason, path, info.blocking_s, info.total_s, api._human(info.bytes),
-                    _rate(info.throughput_gbps))
+                    step, info.reason, path, info.blocking_s, info.total_s, display.format_bytes(info.bytes),
+                    display.format_rate(info.throughput_gbps))
         if replaced is not None and replaced != name:  # overwritten under a new name (another epoch)
             self._delete(step, replaced)
         self._rotate()
@@ -882,8 +877,9 @@ class CheckpointManager:
     def _wait_all(self) -> None:
         """Wait for saves in flight without consuming their errors."""
         with self._lock:
-            futures = [h._future for h in self._pending.values()]
-        concurrent.futures.wait(futures)
+            handles = list(self._pending.values())
+        for h in handles:
+            h.wait()
 
     def _raise_background_error(self) -> None:
         """Raise, once, the error of a background save that failed."""
@@ -894,7 +890,7 @@ class CheckpointManager:
             if done:
                 self._high = max([*self._committed, *self._pending, -1])
         if done:
-            self._ckptr._raise_pending()
+            self._ckptr.check_for_errors()
 
     def wait_until_finished(self) -> None:
         """Block until every save committed (or failed: its error is raised here, once)."""

@@ -32,17 +32,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxckpt import arrayinfo
+from jaxckpt import config
+
 logger = logging.getLogger("jaxckpt")
 
-# Host -> accelerator transfers are issued in windows of about this many bytes;
-# a window is waited for before the one after it is issued (two in flight).
-# Fresh-process restores of W3 (4.2 GB, 392 leaves) on an H200 host took
+# Host -> accelerator transfers are issued in windows of about
+# ``config.Tuning.accel_window_bytes``; a window is waited for before the one
+# after it is issued (two in flight). Fresh-process restores of W3 (4.2 GB, 392 leaves) on an H200 host took
 # 2.90 / 3.11 s with 256 MiB windows, 3.16 / 3.02 s with 64 MiB and 4.34 /
 # 3.80 s with every leaf in flight at once, at 8.3-8.9 GB of peak extra RSS
 # instead of 10.0-12.2 GB (``python -m benchmarks.gpu_probe restore W3``;
 # why more bytes in flight cost time, likely the runtime staging pageable
 # memory, was not established). 0: no windows.
-ACCEL_WINDOW_BYTES = 256 << 20
 
 _fast: tuple[Any, Any] | None | bool = None  # (ShapedArray, batched_device_put); False once disabled
 
@@ -85,8 +87,9 @@ def fast_path_active() -> bool:
 def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Array]:
     """``jax.device_put(arrays, shardings)`` for host arrays bound for single devices.
 
-    Transfers to an accelerator go in windows of about ``ACCEL_WINDOW_BYTES``
-    with at most two windows in flight (see ``ACCEL_WINDOW_BYTES``)."""
+    Transfers to an accelerator go in windows of about
+    ``config.current().accel_window_bytes`` with at most two windows in flight
+    (see the comment on the windows above)."""
     if len(arrays) != len(shardings):
         raise ValueError(f"put: {len(arrays)} arrays but {len(shardings)} shardings")
     windows = _windows(arrays, shardings)
@@ -102,22 +105,19 @@ def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Arra
     return out
 
 
-def _on_accelerator(sharding: Any) -> bool:
-    return any(d.platform != "cpu" for d in sharding.device_set)
-
-
 def _windows(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[tuple[int, int]]:
-    """Index ranges of about ``ACCEL_WINDOW_BYTES`` each, or one range for all
+    """Index ranges of about ``accel_window_bytes`` each, or one range for all
     when no array goes to an accelerator (on the CPU backend a transfer adopts
     the host buffer: nothing is staged, nothing is in flight)."""
     n = len(arrays)
-    if ACCEL_WINDOW_BYTES <= 0 or n < 2:
+    window = config.current().accel_window_bytes
+    if window <= 0 or n < 2:
         return [(0, n)]
     seen: dict[int, bool] = {}  # by sharding identity: a tree's leaves share a few
     for s in shardings:
         hit = seen.get(id(s))
         if hit is None:
-            hit = seen[id(s)] = _on_accelerator(s)
+            hit = seen[id(s)] = any(arrayinfo.on_accelerator(d) for d in s.device_set)
         if hit:
             break
     else:
@@ -125,7 +125,7 @@ def _windows(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[tup
     windows, start, acc = [], 0, 0
     for i, a in enumerate(arrays):
         acc += a.nbytes
-        if acc >= ACCEL_WINDOW_BYTES:
+        if acc >= window:
             windows.append((start, i + 1))
             start, acc = i + 1, 0
     if start < n:
@@ -191,8 +191,7 @@ def _check_like_device_put(x: Any, a: np.ndarray, sharding: Any) -> None:
 
 
 def _single_device(sharding: Any) -> Any:
-    """The device of a plain ``SingleDeviceSharding``, else False."""
+    """The device of a plain ``SingleDeviceSharding`` (what the direct transfer takes), else False."""
     if type(sharding) is not jax.sharding.SingleDeviceSharding:
         return False
-    (dev,) = sharding.device_set
-    return dev
+    return arrayinfo.single_device(sharding)

@@ -28,23 +28,16 @@ import threading
 import time
 from typing import Any, Callable, TextIO
 
+from jaxckpt import display
+
 ENV_VAR = "JAXCKPT_PROGRESS"
 # Restores smaller than this finish too fast for a bar to be worth its line.
 AUTO_MIN_BYTES = 256 << 20
 _OFF = frozenset({"0", "false", "no", "off"})
 _ON = frozenset({"1", "true", "yes", "on"})
 _BAR_WIDTH = 20
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 Mode = str  # "terminal" | "notebook"
-
-
-def format_bytes(n: float) -> str:
-    """``56 B``, ``256.0 KiB``, ``1.2 GiB``."""
-    n, i = float(n), 0
-    while n >= 1024 and i < len(_UNITS) - 1:
-        n, i = n / 1024, i + 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {_UNITS[i]}"
 
 
 def in_ipython_kernel() -> bool:
@@ -191,11 +184,11 @@ class ProgressBar:
             filled = _BAR_WIDTH * done // total
             pct = f"{100 * done // total:3d}%"
             parts.append(("[" + "#" * filled + "-" * (_BAR_WIDTH - filled) + "] " + pct) if bar else pct.strip())
-        parts.append(f"{format_bytes(done)}/{format_bytes(total)}")
+        parts.append(f"{display.format_bytes(done)}/{display.format_bytes(total)}")
         if self.total_leaves:
             parts.append(f"{min(self.leaves_done, self.total_leaves)}/{self.total_leaves} leaves")
         if elapsed > 0 and done:
-            parts.append(f"{format_bytes(done / elapsed)}/s")
+            parts.append(f"{display.format_bytes(done / elapsed)}/s")
         if final:
             parts.append(f"done in {elapsed:.1f} s" if ok else "failed")
         return "  ".join(parts)

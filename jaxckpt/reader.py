@@ -37,12 +37,13 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from jaxckpt import _gc
+from jaxckpt import arrayinfo
+from jaxckpt import gcpause
 from jaxckpt import format as fmt
 from jaxckpt import storage
+from jaxckpt.arrayinfo import Box
 from jaxckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
 
-Box = tuple[tuple[int, int], ...]
 
 _SMALL_READ = 1 << 20  # reads below this size are coalesced with their neighbours
 _GAP = 64 << 10  # ... when at most this many bytes apart (alignment padding)
@@ -169,7 +170,7 @@ class CheckpointReader:
     # ------------------------------------------------------------ planning
     def _plan_leaf(self, leaf: fmt.LeafRecord, box: Box, verify: bool,
                    ops: list[_Op], posts: list[Callable[[], None]], mappable: bool) -> np.ndarray:
-        dtype = fmt.DTYPES[leaf.dtype]
+        dtype = arrayinfo.DTYPES[leaf.dtype]
         itemsize = dtype.itemsize
         out_shape = tuple(hi - lo for lo, hi in box)
         if mappable:
@@ -373,7 +374,7 @@ class CheckpointReader:
             op = _Op(file, lo, view, None, leaf0, 0, mapped=True)
         chunk = self.manifest.chunk_bytes
         parts: list[tuple[int, int, int | None, str, int]] = []
-        dtypes = fmt.DTYPES
+        dtypes = arrayinfo.DTYPES
         ndarray = np.ndarray
         for idx, leaf, sh, _ in run:
             rel = sh.offset - lo
@@ -418,7 +419,7 @@ class CheckpointReader:
         request may be a copy-on-write view of the file's pages (see the module
         docstring), which suits results kept in host memory or on a CPU device;
         leave it False where the host copy is only staged for an accelerator."""
-        with _gc.paused():  # one array and a few records per leaf, no cycles: see jaxckpt/_gc.py
+        with gcpause.paused():  # one array and a few records per leaf, no cycles: see jaxckpt/gcpause.py
             return self._read(requests, verify, progress, mappable)
 
     def _read(self, requests: Iterable[tuple[int, Box | None]], verify: bool,

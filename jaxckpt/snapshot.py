@@ -47,13 +47,14 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from jaxckpt import _gc
+from jaxckpt import arrayinfo
+from jaxckpt import config
+from jaxckpt import gcpause
 from jaxckpt import format as fmt
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
 from jaxckpt.errors import UnsupportedValueError
 
-Box = tuple[tuple[int, int], ...]
 logger = logging.getLogger("jaxckpt")
 
 
@@ -63,7 +64,7 @@ class HostLeaf(NamedTuple):
     kind: str  # "array" | "scalar" | "key" | "value"
     dtype: str | None = None  # format dtype name
     shape: tuple[int, ...] = ()
-    shards: tuple[tuple[Box, np.ndarray], ...] = ()  # C-contiguous, little-endian host buffers
+    shards: tuple[tuple[arrayinfo.Box, np.ndarray], ...] = ()  # C-contiguous, little-endian host buffers
     value: Any = None
     impl: str | None = None
     cpu_view: bool = False  # shards are zero-copy views of CPU jax buffers
@@ -77,14 +78,6 @@ class Snapshot:
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for leaf in self.leaves for _, a in leaf.shards)
-
-
-def _full_box(shape: tuple[int, ...]) -> Box:
-    return tuple([(0, d) for d in shape])
-
-
-def _box(index: tuple, shape: tuple[int, ...]) -> Box:
-    return tuple((s.indices(d)[0], s.indices(d)[1]) for s, d in zip(index, shape))
 
 
 def _little_endian(a: np.ndarray, copy: bool) -> np.ndarray:
@@ -195,12 +188,12 @@ def take(tree: Any, *, copy_numpy: bool = True, copy_cpu: bool = False, process_
     appended to ``missing``, for the caller to ``pool.warm`` off the training
     thread. Copying into fresh memory faults in every page on the training
     thread: a first 1.1 GB copy blocked a save for 2.5 s on a 2-core VM."""
-    with _gc.paused():  # see jaxckpt/_gc.py: half the time on 10k-leaf trees
+    with gcpause.paused():  # see jaxckpt/gcpause.py: half the time on 10k-leaf trees
         snap = _take(tree, copy_numpy, process_index, process_count, None if copy_cpu else viewed)
         if viewed is not None and not copy_cpu:  # counted once _take's own references are gone
             viewed.start()
     if copy_cpu:
-        with _gc.paused():  # a view and a tuple or two per leaf
+        with gcpause.paused():  # a view and a tuple or two per leaf
             snap = _copy_into(snap, pool if pool is not None else HostPool(), pooled if pooled is not None else [],
                               missing)
     return snap
@@ -310,18 +303,12 @@ def _copy_into(snap: Snapshot, pool: HostPool, pooled: list, missing: list[int] 
     return Snapshot(snap.treedef, tuple(leaves))
 
 
-def on_accelerator(device: Any) -> bool:
-    """Whether arrays on ``device`` need a device->host transfer (tests patch this)."""
-    return device.platform != "cpu"
-
-
-# Shards smaller than this skip the pinned-host path and use copy_to_host_async.
-# On an H200 host (W1, 1.1 GB, fresh device arrays per save) later saves
+# Shards smaller than ``config.Tuning.pinned_min_bytes`` skip the pinned-host
+# path and use copy_to_host_async (default 0: none). On an H200 host (W1, 1.1 GB, fresh device arrays per save) later saves
 # blocked for 0.03 s with every shard pinned, 0.03-0.04 s with shards under
 # 1 MiB on copy_to_host_async and 0.22-0.25 s with every shard on it; the first
 # pinned save of a process, which allocates the pinned memory, blocked for
 # 1.1-3.5 s (``python -m benchmarks.gpu_probe snapshot W1``).
-PINNED_MIN_BYTES = 0
 
 _NO_PINNED = object()
 _pinned: dict[Any, Any] = {}  # device -> its pinned_host SingleDeviceSharding, or _NO_PINNED
@@ -349,9 +336,10 @@ def _start_transfers(arrays: list[jax.Array]) -> dict[int, jax.Array]:
     sources missing from it had ``copy_to_host_async`` started instead."""
     direct: list[jax.Array] = []
     targets: list[Any] = []
+    min_bytes = config.current().pinned_min_bytes
     for d in arrays:
         s = _pinned_sharding(next(iter(d.sharding.device_set)))
-        if s is _NO_PINNED or d.nbytes < PINNED_MIN_BYTES:
+        if s is _NO_PINNED or d.nbytes < min_bytes:
             d.copy_to_host_async()
         else:
             direct.append(d)
@@ -378,17 +366,17 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
     # Per-leaf work is kept to a few microseconds: shardings are usually shared
     # objects (or equal ones), so what we learn about one is cached for this call.
     shard_info: dict[Any, tuple[Any, str, bool, bool]] = {}
-    pending: list[tuple[int, str, str | None, tuple[int, ...], list[tuple[Box, jax.Array]]]] = []
+    pending: list[tuple[int, str, str | None, tuple[int, ...], list[tuple[arrayinfo.Box, jax.Array]]]] = []
     accel: list[jax.Array] = []
     out: list[HostLeaf | None] = [None] * len(leaves)
     for i, x in enumerate(leaves):
         if isinstance(x, jax.Array):
             impl = None
-            name = fmt.DTYPE_NAMES.get(x.dtype)
-            if name is None and tree_mod.is_key_array(x):
+            name = arrayinfo.DTYPE_NAMES.get(x.dtype)
+            if name is None and arrayinfo.is_key_array(x):
                 impl = str(jax.random.key_impl(x))
                 x = jax.random.key_data(x)
-                name = fmt.DTYPE_NAMES.get(x.dtype)
+                name = arrayinfo.DTYPE_NAMES.get(x.dtype)
             if name is None:
                 raise _unsupported(tree, i, f"dtype {x.dtype} is not supported by the format")
             sharding = x.sharding
@@ -402,14 +390,14 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
                     mode = "whole"
                 else:
                     mode = "shards"
-                info = shard_info[sharding] = (sharding, mode, on_accelerator(next(iter(devices))),
+                info = shard_info[sharding] = (sharding, mode, arrayinfo.on_accelerator(next(iter(devices))),
                                                    len(devices) > 1)
             shape = x.shape
             if info[1] == "whole":
                 # a replicated accelerator array: one device's copy is transferred
-                parts = [(_full_box(shape), x.addressable_shards[0].data if info[2] and info[3] else x)]
+                parts = [(arrayinfo.full_box(shape), x.addressable_shards[0].data if info[2] and info[3] else x)]
             elif info[1] == "shards":
-                parts = [(_box(s.index, shape), s.data) for s in x.addressable_shards if s.replica_id == 0]
+                parts = [(arrayinfo.index_box(s.index, shape), s.data) for s in x.addressable_shards if s.replica_id == 0]
             else:
                 parts = []
             if info[2]:
@@ -419,13 +407,13 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
             pending.append((i, name, impl, shape, parts, not info[2]))
         elif isinstance(x, (np.ndarray, np.generic)):
             a = np.asarray(x)
-            name = fmt.dtype_name(a.dtype)
+            name = arrayinfo.dtype_name(a.dtype)
             if name is None:
                 raise _unsupported(tree, i, f"dtype {a.dtype} is not supported by the format")
             kind = "scalar" if isinstance(x, np.generic) else "array"
             if local_owner:
                 a = _little_endian(a, copy_numpy)
-                out[i] = HostLeaf(kind, name, a.shape, ((_full_box(a.shape), a),))
+                out[i] = HostLeaf(kind, name, a.shape, ((arrayinfo.full_box(a.shape), a),))
             else:
                 out[i] = HostLeaf(kind, name, a.shape, ())
         elif _python_value(x):

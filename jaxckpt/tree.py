@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import jax
 from jax import tree_util
 
 from jaxckpt.errors import CorruptCheckpointError
@@ -154,6 +153,3 @@ def build(tree: Any, leaves: list[Any]) -> Any:
         raise CorruptCheckpointError("manifest tree is malformed")
     return result[0]
 
-
-def is_key_array(x: Any) -> bool:
-    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)

@@ -32,7 +32,7 @@ from typing import Any, Callable, NamedTuple
 import msgpack
 import numpy as np
 
-from jaxckpt import _gc
+from jaxckpt import gcpause
 from jaxckpt import format as fmt
 from jaxckpt import multihost
 from jaxckpt import storage
@@ -306,7 +306,7 @@ def _own_shards(snap: Snapshot, layout: Layout, sums: list[list[list[int]]]) -> 
     """This process's shard records: (leaf, box, offset, length, checksums)."""
     # Zero-byte shards are left out: an empty array has no shards, and a
     # checkpoint holding only empty arrays lists no data file to point at.
-    with _gc.paused():
+    with gcpause.paused():
         return [(li, box, layout.shard_offsets[li][si], arr.nbytes, tuple(sums[li][si]))
                 for li, leaf in enumerate(snap.leaves) for si, (box, arr) in enumerate(leaf.shards) if arr.nbytes]
 
@@ -326,7 +326,7 @@ def _manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], shards
     other processes the full decoder checks that they tile every array; else
     the cheaper ``check_writable`` checks the caps on what the user stored.
     """
-    with _gc.paused():  # ~5 objects per leaf, acyclic: see jaxckpt/_gc.py
+    with gcpause.paused():  # ~5 objects per leaf, acyclic: see jaxckpt/gcpause.py
         manifest = _build_manifest(snap, metadata, files, shards)
         data = fmt.encode_manifest(manifest)
         try:
@@ -382,7 +382,7 @@ class Context:
 def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: bool = True
                ) -> tuple[Layout, list[list[list[int]]]]:
     """(every process) Write this process's shards into ``tmp/file_name``."""
-    with _gc.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/_gc.py
+    with gcpause.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/gcpause.py
         layout = plan(snap, fmt.CHUNK_BYTES)
         sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
     if layout.size == 0:
@@ -446,12 +446,12 @@ def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: boo
     ctx.job.tmp = tmp
     try:
         # Trees of many leaves: one pause of the cyclic collector for the whole
-        # save (see jaxckpt/_gc.py). Paused stage by stage, each stage's
+        # save (see jaxckpt/gcpause.py). Paused stage by stage, each stage's
         # survivors (a unit per shard, then records and dicts per leaf) were
         # traversed by the collection that the next stage's first allocations
         # set off: 40-130 ms of a 10,000-leaf save. The pause is process-wide,
         # so it is kept to such trees, whose saves are short.
-        with _gc.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
+        with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
             name = data_file_name(0)
             layout, sums = write_data(snap, tmp, name, ctx)
             files = [fmt.FileRecord(name, layout.size)] if layout.size else []

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt
+from jaxckpt import arrayinfo
 from jaxckpt import cli
 from jaxckpt import format as fmt
 from jaxckpt import progress
@@ -216,7 +217,7 @@ def big(ckdir):
 def box_bytes(manifest: fmt.Manifest, i: int, box) -> int:
     leaf = manifest.leaves[i]
     shape = leaf.shape if box is None else tuple(b - a for a, b in box)
-    return int(np.prod(shape, dtype=np.int64)) * fmt.DTYPES[leaf.dtype].itemsize
+    return int(np.prod(shape, dtype=np.int64)) * arrayinfo.DTYPES[leaf.dtype].itemsize
 
 
 def test_verify_reads_in_bounded_batches_covering_every_byte(big, monkeypatch):

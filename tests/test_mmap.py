@@ -370,8 +370,9 @@ def test_only_host_and_cpu_bound_leaves_are_mappable(monkeypatch):
     assert api._host_bound(None, cpu, cache)
     assert not api._host_bound(None, gpu, cache)
     assert not api._host_bound(None, mixed, cache)
-    monkeypatch.setattr(api, "MAP_FOR_ACCELERATORS", True)
-    assert api._host_bound(None, gpu, {})
+    from jaxckpt import config
+    with config.tuned(map_for_accelerators=True):
+        assert api._host_bound(None, gpu, {})
 
 
 @pytestmark_map

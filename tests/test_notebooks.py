@@ -31,7 +31,7 @@ from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
 import jaxckpt
-from jaxckpt import api
+from jaxckpt import api, display
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 
@@ -359,7 +359,7 @@ def test_checkpoint_info_html_is_a_table_of_leaves_with_everything_escaped(ckdir
     header = markup[:markup.index("<table>")]
     assert f"<code>{info.path}</code>" in header
     assert "format v1 &middot; 5 leaves &middot; 42 B &middot; written by jaxckpt 0.1.0" in header
-    assert f"created {api._when(info.created)}" in header
+    assert f"created {display.local_time(info.created)}" in header
     assert "{&#x27;lr&#x27;: 0.1, &#x27;run&#x27;: &#x27;&lt;img src=x onerror=alert(1)&gt;&#x27;}" in header
     # the text repr is unchanged
     assert repr(info).splitlines()[:2] == [
@@ -387,7 +387,7 @@ def test_step_metadata_html_is_a_small_escaped_table(ckdir):
         meta = mgr.metadata(3)
     markup = meta._repr_html_()
     assert _Tables(markup).rows == [
-        ["step", "3"], ["epoch", "1"], ["reason", "interval"], ["saved", api._when(meta.timestamp)], ["size", "16 B"],
+        ["step", "3"], ["epoch", "1"], ["reason", "interval"], ["saved", display.local_time(meta.timestamp)], ["size", "16 B"],
         ["metrics['loss']", "0.25"], ["metrics['tag']", "'<i>'"], ["metadata", "{'<b>': 1}"],
         ["versions", f"jax {jax.__version__}, jaxckpt {jaxckpt.__version__}"], ["path", str(ckdir / "3_1")]]
     assert markup.startswith("<b>StepMetadata</b>\n<table>") and markup.count("<b>") == 1 and "<i>" not in markup

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import jaxckpt
-from jaxckpt import placement
+from jaxckpt import arrayinfo, config, placement
 
 
 @pytest.fixture
@@ -130,24 +130,24 @@ def test_a_changed_meaning_is_caught_too(fresh_fast_path, monkeypatch, caplog):
 
 
 def test_transfers_to_an_accelerator_go_in_windows_with_two_in_flight(fresh_fast_path, monkeypatch):
-    """Windows of ~ACCEL_WINDOW_BYTES, the one before last waited for before the
+    """Windows of ~accel_window_bytes, the one before last waited for before the
     next is issued; results identical to jax.device_put, in order. (The CPU
     backend plays the accelerator here; on it ``put`` never windows.)"""
     arrays = _host_arrays() * 3
     shardings = [SingleDeviceSharding(jax.devices()[i % 2]) for i in range(len(arrays))]
     assert placement._windows(arrays, shardings) == [(0, len(arrays))]  # CPU: one window
-    monkeypatch.setattr(placement, "_on_accelerator", lambda s: True)
-    monkeypatch.setattr(placement, "ACCEL_WINDOW_BYTES", 1000)
-    windows = placement._windows(arrays, shardings)
-    assert windows[0][0] == 0 and windows[-1][1] == len(arrays) and len(windows) > 3
-    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
-    for lo, hi in windows[:-1]:
-        assert sum(a.nbytes for a in arrays[lo:hi]) >= 1000
-        assert sum(a.nbytes for a in arrays[lo:hi - 1]) < 1000
-    waited: list[int] = []
-    real_wait = jax.block_until_ready
-    monkeypatch.setattr(placement.jax, "block_until_ready", lambda xs: waited.append(len(xs)) or real_wait(xs))
-    got = placement.put(arrays, shardings)
-    assert waited == [0] + [hi - lo for lo, hi in windows[:-1]]
-    for a, b in zip(got, jax.device_put(arrays, shardings)):
-        _same(a, b)
+    monkeypatch.setattr(arrayinfo, "on_accelerator", lambda d: True)
+    with config.tuned(accel_window_bytes=1000):
+        windows = placement._windows(arrays, shardings)
+        assert windows[0][0] == 0 and windows[-1][1] == len(arrays) and len(windows) > 3
+        assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+        for lo, hi in windows[:-1]:
+            assert sum(a.nbytes for a in arrays[lo:hi]) >= 1000
+            assert sum(a.nbytes for a in arrays[lo:hi - 1]) < 1000
+        waited: list[int] = []
+        real_wait = jax.block_until_ready
+        monkeypatch.setattr(placement.jax, "block_until_ready", lambda xs: waited.append(len(xs)) or real_wait(xs))
+        got = placement.put(arrays, shardings)
+        assert waited == [0] + [hi - lo for lo, hi in windows[:-1]]
+        for a, b in zip(got, jax.device_put(arrays, shardings)):
+            _same(a, b)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import progress
+from jaxckpt import display, progress
 
 from helpers import FakeClock
 
@@ -230,7 +230,7 @@ def test_exception_in_the_with_block_draws_failed():
                                      (5 << 20, "5.0 MiB"), (3 << 30, "3.0 GiB"), (2 << 40, "2.0 TiB"),
                                      (5 << 50, "5120.0 TiB")])
 def test_format_bytes(n, text):
-    assert progress.format_bytes(n) == text
+    assert display.format_bytes(n) == text
 
 
 # ------------------------------------------------------------------ notebooks

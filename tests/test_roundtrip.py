@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt
+from jaxckpt import arrayinfo
 from jaxckpt import format as fmt
 
 
@@ -158,7 +159,7 @@ SHAPES = st.one_of(
 
 
 def make_array(dtype_name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    dtype = fmt.DTYPES[dtype_name]
+    dtype = arrayinfo.DTYPES[dtype_name]
     rng = np.random.default_rng(seed)
     n = math.prod(shape)
     if dtype_name in RANGED_DTYPES:

@@ -10,12 +10,12 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxckpt
-from jaxckpt import snapshot
+from jaxckpt import arrayinfo, snapshot
 
 
 @pytest.fixture
 def as_accelerator(monkeypatch):
-    monkeypatch.setattr(snapshot, "on_accelerator", lambda device: True)
+    monkeypatch.setattr(arrayinfo, "on_accelerator", lambda device: True)
 
 
 def _tree():

@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxckpt import format as fmt
+from jaxckpt import arrayinfo
 
 
 class Pair(NamedTuple):
@@ -35,7 +35,7 @@ def build() -> dict:
     """The tree; needs 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)."""
     rng = np.random.default_rng(20261203)
     by_dtype = {}
-    for name, dt in sorted(fmt.DTYPES.items()):
+    for name, dt in sorted(arrayinfo.DTYPES.items()):
         if dt.itemsize == 1 and name not in ("bool", "int8", "uint8") and "float8" not in name:
             continue  # sub-byte ml_dtypes (int4, float4...) hold a byte per element: stored below via jax
         by_dtype[name] = _bits(rng, (3, 5), dt)

@@ -1,0 +1,76 @@
+"""Tuning knobs, in one documented place.
+
+Each knob was set by a measurement (the figures are at the code that uses it)
+and is exposed so that benchmarks can compare settings on new hardware
+without patching module globals::
+
+    from jaxckpt import config
+    with config.tuned(accel_window_bytes=64 << 20):
+        jaxckpt.restore(path, target)
+
+``config.current()`` is read when an operation starts (a snapshot, a
+restore), so a change takes effect from the next operation on. Not part of
+the stable API: the knobs may change with the code that uses them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from typing import Iterator
+
+
+@dataclasses.dataclass(frozen=True)
+class Tuning:
+    """``pinned_min_bytes``: device shards smaller than this skip the
+    pinned-host snapshot path and use ``copy_to_host_async`` (0: every shard
+    is pinned; see ``jaxckpt/snapshot.py``).
+    ``map_for_accelerators``: whether a restore's host arrays bound for an
+    accelerator may be copy-on-write mappings of the file, like those that
+    stay on the host (off until measured on a GPU: ``python -m
+    benchmarks.gpu_probe restore W3`` compares both).
+    ``accel_window_bytes``: host-to-accelerator transfers of a restore go in
+    windows of about this many bytes, two in flight (0: no windows; see
+    ``jaxckpt/placement.py``)."""
+    pinned_min_bytes: int = 0
+    map_for_accelerators: bool = False
+    accel_window_bytes: int = 256 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("pinned_min_bytes", "accel_window_bytes"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if not isinstance(self.map_for_accelerators, bool):
+            raise ValueError(f"map_for_accelerators must be a bool, got {self.map_for_accelerators!r}")
+
+
+_current = Tuning()
+_lock = threading.Lock()
+
+
+def current() -> Tuning:
+    """The settings in force."""
+    return _current
+
+
+def configure(**changes) -> Tuning:
+    """Change some settings for the rest of the process; returns the previous ones."""
+    global _current
+    with _lock:
+        previous = _current
+        _current = dataclasses.replace(previous, **changes)
+    return previous
+
+
+@contextlib.contextmanager
+def tuned(**changes) -> Iterator[Tuning]:
+    """Settings changed for the duration of a ``with`` block (process-wide)."""
+    global _current
+    previous = configure(**changes)
+    try:
+        yield _current
+    finally:
+        with _lock:
+            _current = previous

@@ -1,0 +1,58 @@
+"""How jaxckpt shows things to people: byte counts, times, shortened text,
+HTML tables for notebooks. Pure functions over plain values; every module that
+prints or renders uses these, so a size or a time reads the same everywhere.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
+
+
+def format_bytes(n: float) -> str:
+    """``56 B``, ``256.0 KiB``, ``1.2 GiB``."""
+    n, i = float(n), 0
+    while n >= 1024 and i < len(_UNITS) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:.0f} B" if i == 0 else f"{n:.1f} {_UNITS[i]}"
+
+
+def format_rate(gbps: float) -> str:
+    """A throughput in GB/s: ``1.25 GB/s``, ``312.5 MB/s``."""
+    return f"{gbps:.2f} GB/s" if gbps >= 1 else f"{gbps * 1000:.1f} MB/s"
+
+
+def local_time(timestamp: float, sep: str = " ") -> str:
+    """Local time of a Unix timestamp, to the second (``2026-12-03 08:19:49``;
+    ``sep="T"``: ISO 8601). A timestamp read from disk may be anything: one
+    that is not a valid time is shown as the raw number."""
+    try:
+        return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=sep, timespec="seconds")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return repr(timestamp)
+
+
+def shorten(text: str, n: int) -> str:
+    """``text`` cut to at most ``n`` characters, ending in ``...`` when cut."""
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+def html_table(header: tuple[str, ...] | None, rows: list[tuple[str, ...]], footer: str | None = None) -> str:
+    """An HTML table of plain-text cells (each escaped here); ``header=None``:
+    the first cell of each row is its heading (a key/value table)."""
+    left = 'style="text-align: left"'
+    out = ["<table>"]
+    if header is not None:
+        out.append("<tr>" + "".join(f"<th {left}>{html.escape(h)}</th>" for h in header) + "</tr>")
+    for row in rows:
+        cells = [f"<td {left}>{html.escape(c)}</td>" for c in row]
+        if header is None:
+            cells[0] = f"<th {left}>{html.escape(row[0])}</th>"
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    if footer is not None:
+        width = len(header) if header is not None else max((len(r) for r in rows), default=1)
+        out.append(f'<tr><td colspan="{width}" {left}>{html.escape(footer)}</td></tr>')
+    out.append("</table>")
+    return "\n".join(out)
