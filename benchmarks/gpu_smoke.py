@@ -30,7 +30,7 @@ def main() -> int:
         "host": np.arange(7.0),
     }
     want = {k: np.array(jax.random.key_data(v) if k == "key" else v) for k, v in tree.items()}
-    pinned = snapshot._pinned_sharding(dev) is not snapshot._NO_PINNED
+    pinned = snapshot.has_pinned_host(dev)
     with tempfile.TemporaryDirectory() as d, jaxckpt.AsyncCheckpointer() as ck:
         t0 = time.perf_counter()
         h = ck.save(f"{d}/c", tree)

@@ -1,8 +1,10 @@
 """AsyncCheckpointer: block for the snapshot only, persist in the background.
 
-Call order: ``save()`` (training thread: validate, backpressure, snapshot) ->
-returns a ``SaveHandle`` -> a coordinator thread runs ``writer.write_checkpoint``
-(hash, write, fsync, commit) on the I/O pool. A background failure is logged
+Call order: ``save()`` (training thread: validate, backpressure, snapshot,
+CPU copies as ``hostcopy.CpuCopies`` decides) -> returns a ``SaveHandle`` -> a
+coordinator thread runs ``writer.write_checkpoint`` (hash, write, fsync,
+commit) on the I/O pool, then hands the save back to the copy policy
+(``CpuCopies.committed``, ``prepare``). A background failure is logged
 at once and raised exactly once: by ``SaveHandle.result()`` if the caller asks
 that handle, otherwise by the next ``save()``, ``wait_until_finished()`` or
 ``close()`` (orbax's ``check_for_errors`` discipline).
@@ -21,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from jaxckpt import format as fmt
+from jaxckpt import hostcopy
 from jaxckpt import multihost
 from jaxckpt import snapshot as snapshot_mod
 from jaxckpt import writer
@@ -150,6 +153,20 @@ def validate_request(path: str | os.PathLike, metadata: Any, overwrite: bool) ->
     return path
 
 
+@dataclasses.dataclass(frozen=True)
+class _Save:
+    """One background save, as ``save()`` hands it to the save thread."""
+    handle: SaveHandle  # its path and label, and where its outcome goes
+    copied: hostcopy.Copied  # the snapshot to write and what the copy policy gets back
+    metadata: Any
+    overwrite: bool
+    t0: float  # perf_counter() when save() was called
+    blocking: float  # seconds save() blocked the caller
+    on_commit: Callable[[SaveHandle], None] | None
+    key: str  # coordination key, equal on every process
+    timeout: float | None
+
+
 class AsyncCheckpointer:
     """Saves pytrees in the background; see the module docstring for the contract.
 
@@ -163,7 +180,7 @@ class AsyncCheckpointer:
     Views cost no blocking time and no memory, but a training step that
     donates its state cannot reuse viewed buffers while a save runs and
     allocates fresh memory instead, which costs more than the copy (see
-    ``jaxckpt/snapshot.py``). ``None`` (default) decides by watching: saves
+    ``jaxckpt/hostcopy.py``). ``None`` (default) decides by watching: saves
     take views until one finds, when it ends, that the caller let go of
     arrays it viewed (donated, deleted or replaced them, as a training loop
     does); from then on saves copy, into host buffers faulted in ahead on a
@@ -183,13 +200,9 @@ class AsyncCheckpointer:
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self.copy_cpu_arrays = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
-        self._copying = bool(copy_cpu_arrays)  # what the next snapshot does
-        self._host_pool = snapshot_mod.HostPool()
+        self._copies = hostcopy.CpuCopies(self.copy_cpu_arrays, thread_setup=_background_priority)
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
         self._bg = ThreadPoolExecutor(max_in_flight, thread_name_prefix="jaxckpt-save", initializer=_background_priority)
-        # Prepares host buffers for later snapshots' copies, one request at a time (so a
-        # request sees the buffers the one before it made), beside the saves.
-        self._warmer = ThreadPoolExecutor(1, thread_name_prefix="jaxckpt-warm", initializer=_background_priority)
         self._multi = multihost.coordinator()
         self._instance = next(_instances)  # same on every process of an SPMD program
         self._seq = 0
@@ -217,20 +230,16 @@ class AsyncCheckpointer:
         path = validate_request(path, metadata, overwrite)
         self._backpressure()
         self.check_for_errors()
-        pooled: list = []
-        missing: list[int] = []
-        watched = snapshot_mod.Watch() if self.copy_cpu_arrays is None and not self._copying else None
-        snap = snapshot_mod.take(tree, copy_cpu=self._copying, pool=self._host_pool, pooled=pooled,
-                                 viewed=watched, missing=missing, process_index=self._multi.process_index,
-                                 process_count=self._multi.process_count)
+        copied = self._copies.take(tree, process_index=self._multi.process_index,
+                                   process_count=self._multi.process_count)
         blocking = time.perf_counter() - t0
         handle = SaveHandle(path, label or path)
         self._seq += 1
         key = f"jaxckpt/{self._instance}/{self._seq}/{os.path.basename(path)}"
         with self._lock:
             self._handles.append(handle)
-        self._bg.submit(self._run, handle, snap, metadata, overwrite, t0, blocking, on_commit, key,
-                        self.timeout if timeout is None else timeout, pooled, watched, missing)
+        self._bg.submit(self._run, _Save(handle, copied, metadata, overwrite, t0, blocking, on_commit, key,
+                                         self.timeout if timeout is None else timeout))
         return handle
 
     def wait_until_finished(self) -> None:
@@ -261,7 +270,7 @@ class AsyncCheckpointer:
         finally:
             self._closed = True
             self._bg.shutdown(wait=True)
-            self._warmer.shutdown(wait=True, cancel_futures=True)
+            self._copies.close()
             self._io.shutdown(wait=False, cancel_futures=True)
 
     def __enter__(self) -> "AsyncCheckpointer":
@@ -272,49 +281,32 @@ class AsyncCheckpointer:
         return False
 
     # ------------------------------------------------------------ internals
-    def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout,
-             pooled: list, watched: snapshot_mod.Watch | None, missing: list[int]) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - t0)
+    def _run(self, save: _Save) -> None:
+        """(save thread) Write and commit one save, hand its copies back, resolve its handle."""
+        handle, snap, t0, key = save.handle, save.copied.snapshot, save.t0, save.key
+        metadata, overwrite = save.metadata, save.overwrite
+        deadline = None if save.timeout is None else time.monotonic() + save.timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.path, handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline)
-        to_warm: list[int] = []
         try:
             res = writer.write_checkpoint(snap, handle.path, metadata=metadata, overwrite=overwrite, ctx=ctx)
-            # Every worker is done with the copies: the next save reuses them. (After a
-            # failure or timeout an abandoned worker may still read them: they are dropped.)
-            self._host_pool.put(pooled)
-            self._host_pool.end_save()
-            to_warm = missing  # leaves this save kept as views for want of a ready buffer
-            if watched is not None and not self._copying and watched.moved_on():
-                to_warm = snapshot_mod.cpu_view_sizes(snap)
-                self._copying = True
-                logger.info("the caller let go of (donated, deleted or replaced) arrays the save of %s "
-                            "held by zero-copy view: later saves copy CPU arrays at snapshot time "
-                            "(set copy_cpu_arrays to choose)", handle.label)
+            # Only now: after a failure or timeout an abandoned worker may still read the
+            # copies, so they are not handed back (the pool drops them).
+            to_prepare = self._copies.committed(save.copied, handle.label)
             total = time.perf_counter() - t0
-            handle._stats = SaveStats(blocking, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
-            if on_commit is not None:
-                on_commit(handle)
+            handle._stats = SaveStats(save.blocking, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
+            if save.on_commit is not None:
+                save.on_commit(handle)
         except BaseException as e:
             logger.error("background save of %s failed: %s: %s", handle.label, type(e).__name__, e)
             handle._future.set_exception(e)
             return
         finally:
-            del snap, watched
-        if to_warm:  # queued before the handle resolves: whoever waits on it can then wait on this too
-            self._warmer.submit(self._warm, to_warm)
+            del snap, save
+        # queued before the handle resolves: whoever waits on it can then wait on this too
+        self._copies.prepare(to_prepare)
         handle._future.set_result(None)
-
-    def _warm(self, sizes: list[int]) -> None:
-        """Fault in host buffers for later snapshots' copies, off the training thread and
-        beside the next save's write (the first allocation of a state's worth can wait
-        on the kernel reclaiming page cache: 2.4 s for 1.1 GB on a 2-core VM)."""
-        try:
-            self._host_pool.warm(sizes)
-        except (MemoryError, OSError) as e:
-            logger.warning("could not prepare host buffers for later snapshots (%s: %s); "
-                           "they keep zero-copy views", type(e).__name__, e)
 
     def _prune(self) -> None:
         """Forget finished handles, except failed ones whose error is still to be raised."""

@@ -16,13 +16,10 @@ transfers overlap, then takes host buffers the checkpoint owns:
   jitted call with ``donate_argnums`` does not reuse it (tested in
   ``tests/test_async.py``), so no copy is needed for correctness. It has a
   cost, though: until the background write ends, a training step that
-  donates its state cannot reuse those buffers and allocates fresh ones. With
-  a 360 MiB state and 15 ms steps this doubled the step time during saves on
-  a 2-core VM (+115%), where a copy at snapshot time cost +13%;
-  ``copy_cpu=True`` (``AsyncCheckpointer(copy_cpu_arrays=True)``) takes the
-  copy, into pooled host buffers (small leaves share one); the checkpointer
-  passes ``missing`` so that only ready buffers are used and a leaf without
-  one stays a view for that save (see ``take``).
+  donates its state cannot reuse those buffers and allocates fresh ones.
+  Whether a background save replaces the views by copies, and into which
+  memory, is ``jaxckpt/hostcopy.py``'s policy; the leaves holding views are
+  marked (``HostLeaf.cpu_view``).
 * ``numpy.ndarray``: the caller may write into it after the save returns, so
   it is copied (``copy_numpy=False`` for synchronous saves skips that).
 
@@ -34,15 +31,9 @@ records the leaf's dtype and shape, so all snapshots describe the same tree.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-import math
-import mmap
-import sys
-import threading
-from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -50,8 +41,6 @@ import numpy as np
 from jaxckpt import arrayinfo
 from jaxckpt import config
 from jaxckpt import gcpause
-from jaxckpt import format as fmt
-from jaxckpt import storage
 from jaxckpt import tree as tree_mod
 from jaxckpt.errors import UnsupportedValueError
 
@@ -72,12 +61,29 @@ class HostLeaf(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
+    """A tree in host memory: its leaves in flattening order and its treedef."""
     treedef: Any
     leaves: tuple[HostLeaf, ...]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for leaf in self.leaves for _, a in leaf.shards)
+
+class ViewWatch(Protocol):
+    """What ``take`` tells about the CPU jax arrays it holds by zero-copy view
+    (``hostcopy.Watch``): each is appended to ``arrays``, then ``start()`` is
+    called once, after ``take``'s own references to them are gone."""
+    arrays: list[jax.Array]
+
+    def start(self) -> None: ...
+
+
+def take(tree: Any, *, copy_numpy: bool = True, process_index: int = 0, process_count: int = 1,
+         watch: ViewWatch | None = None) -> Snapshot:
+    """Copy ``tree``'s leaves to host memory the snapshot owns, CPU jax arrays
+    by zero-copy view (see the module doc). ``watch``: told about those views."""
+    with gcpause.paused():  # see jaxckpt/gcpause.py: half the time on 10k-leaf trees
+        snap = _take(tree, copy_numpy, process_index, process_count, watch)
+        if watch is not None:  # counted once _take's own references are gone
+            watch.start()
+    return snap
 
 
 def _little_endian(a: np.ndarray, copy: bool) -> np.ndarray:
@@ -97,210 +103,6 @@ def _python_value(v: Any) -> bool:
     if isinstance(v, (bool, float, complex, str)):
         return True
     return isinstance(v, int) and -(1 << 63) <= v < (1 << 64)
-
-
-def _page_aligned(n: int) -> np.ndarray:
-    """At least ``n`` bytes (one page at the least) of ``storage.aligned_buffer`` memory:
-    page-aligned, so the writer can hand a buffer to O_DIRECT as it is, with no
-    copy into staging memory, and in huge pages where the kernel allows.
-    Callers slice the first ``n`` bytes; the pool keeps this whole array."""
-    return np.frombuffer(storage.aligned_buffer(n), np.uint8)
-
-
-class HostPool:
-    """Host buffers for CPU snapshot copies, reused from one save to the next:
-    fresh memory costs a page fault per 4 KiB (slow on VMs), reused memory
-    copies at memcpy speed. Holds about one state's worth per save in flight;
-    buffers of a size no save has asked for in its last ``KEEP_SAVES`` saves
-    (the tree changed) are let go (``end_save``)."""
-
-    KEEP_SAVES = 4
-
-    def __init__(self) -> None:
-        self._free: dict[int, list[np.ndarray]] = {}
-        self._asked: dict[int, int] = {}  # size -> number of the save that last asked for it
-        self._saves = 0
-        self._lock = threading.Lock()
-
-    def get(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        """A free buffer of this size, else a new one."""
-        buf = self.take(shape, dtype)
-        if buf is None:
-            n = math.prod(shape) * np.dtype(dtype).itemsize
-            buf = _page_aligned(n)[:n].view(dtype).reshape(shape)
-        return buf
-
-    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-        """A free buffer of this size, or None: never allocates."""
-        n = math.prod(shape) * np.dtype(dtype).itemsize
-        with self._lock:
-            self._asked[n] = self._saves
-            bufs = self._free.get(n)
-            raw = bufs.pop() if bufs else None
-        return None if raw is None else raw[:n].view(dtype).reshape(shape)
-
-    def end_save(self) -> None:
-        """Count a finished save; drop free buffers of sizes no recent save asked for."""
-        with self._lock:
-            self._saves += 1
-            for n in [n for n in {*self._asked, *self._free}
-                      if self._saves - self._asked.get(n, -self.KEEP_SAVES - 1) > self.KEEP_SAVES]:
-                self._asked.pop(n, None)
-                self._free.pop(n, None)
-
-    def warm(self, sizes: list[int]) -> None:
-        """Make sure a free buffer is ready for each of these byte sizes
-        (repeats counted), allocating and faulting in the pages of the ones
-        that are not (called on a background thread), so that copies into the
-        pool run at memcpy speed instead of page-fault speed. Buffers already
-        free count: a second call for the same sizes allocates nothing."""
-        need = collections.Counter(sizes)
-        with self._lock:
-            for n in need:  # asked for now, by the save that is to use them
-                self._asked[n] = self._saves
-            todo = [n for n, k in need.items() for _ in range(k - len(self._free.get(n, ())))]
-        for n in todo:
-            raw = _page_aligned(n)
-            storage.prefault(memoryview(raw))  # one call populates every page (Linux), where supported
-            raw[::mmap.PAGESIZE] = 0  # else one write per page faults it in
-            with self._lock:
-                self._free.setdefault(n, []).append(raw)
-
-    def put(self, arrays: list[np.ndarray]) -> None:
-        with self._lock:
-            for a in arrays:
-                raw = a.base if a.base is not None else a
-                while raw.base is not None and isinstance(raw.base, np.ndarray):
-                    raw = raw.base
-                self._free.setdefault(a.nbytes, []).append(raw)
-
-
-def take(tree: Any, *, copy_numpy: bool = True, copy_cpu: bool = False, process_index: int = 0,
-         process_count: int = 1, pool: HostPool | None = None, pooled: list | None = None,
-         viewed: Watch | None = None, missing: list[int] | None = None) -> Snapshot:
-    """Copy ``tree``'s leaves to host memory the snapshot owns (see module doc).
-
-    ``viewed``: when given (and ``copy_cpu`` is false), a ``Watch`` told about
-    the CPU jax arrays the snapshot holds by zero-copy view.
-    ``missing``: when given, CPU copies go only into buffers ``pool`` has
-    ready; a leaf without one stays a zero-copy view (safe: the runtime keeps
-    a viewed buffer, see the module doc) and the byte size it needed is
-    appended to ``missing``, for the caller to ``pool.warm`` off the training
-    thread. Copying into fresh memory faults in every page on the training
-    thread: a first 1.1 GB copy blocked a save for 2.5 s on a 2-core VM."""
-    with gcpause.paused():  # see jaxckpt/gcpause.py: half the time on 10k-leaf trees
-        snap = _take(tree, copy_numpy, process_index, process_count, None if copy_cpu else viewed)
-        if viewed is not None and not copy_cpu:  # counted once _take's own references are gone
-            viewed.start()
-    if copy_cpu:
-        with gcpause.paused():  # a view and a tuple or two per leaf
-            snap = _copy_into(snap, pool if pool is not None else HostPool(), pooled if pooled is not None else [],
-                              missing)
-    return snap
-
-
-class Watch:
-    """Tells whether the caller let go of the arrays a snapshot views: donated
-    or deleted them, or dropped its references (a loop that went on to the
-    next state). A view then holds memory the loop would have reused; with
-    donation a step cannot reuse its buffers and allocates fresh ones.
-    Uses CPython reference counts, taken by the same code at both times."""
-
-    def __init__(self) -> None:
-        self.arrays: list[jax.Array] = []  # the CPU arrays the snapshot views
-        self._counts: list[int] = []
-
-    def _now(self) -> list[int]:
-        counts = []
-        for a in self.arrays:
-            counts.append(sys.getrefcount(a))
-        return counts
-
-    def start(self) -> None:
-        self._counts = self._now()
-
-    def moved_on(self) -> bool:
-        if any(a.is_deleted() for a in self.arrays):
-            return True
-        return any(now < then for now, then in zip(self._now(), self._counts))
-
-
-def _cpu_views(snap: Snapshot) -> Iterator[np.ndarray]:
-    """The host arrays of ``snap`` that are views of CPU jax buffers (not the
-    pinned-host copies of accelerator arrays, which are views too). Marked
-    when taken: a view's ``base`` does not always lead back to its array
-    (bfloat16 views hold a capsule)."""
-    for leaf in snap.leaves:
-        if leaf.cpu_view:
-            for _, a in leaf.shards:
-                yield a
-
-
-# CPU views smaller than this are copied into one shared pooled buffer (an
-# arena, each at a 64-byte aligned offset) instead of a pooled buffer each:
-# a 10,000-leaf tree then costs one buffer, not 10,000 mappings and lookups.
-ARENA_LEAF_BYTES = 64 << 10
-_ARENA_ALIGN = 64
-
-
-def _arena_offsets(views: list[np.ndarray]) -> tuple[dict[int, int], int]:
-    """Offsets in the arena of the small ``views`` (by ``id``), and its size."""
-    offsets: dict[int, int] = {}
-    end = 0
-    for a in views:
-        if 0 < a.nbytes < ARENA_LEAF_BYTES:
-            offsets[id(a)] = end
-            end += -(-a.nbytes // _ARENA_ALIGN) * _ARENA_ALIGN
-    return offsets, end
-
-
-def cpu_view_sizes(snap: Snapshot) -> list[int]:
-    """Bytes of each pooled buffer a copying snapshot of the same tree asks for."""
-    views = list(_cpu_views(snap))
-    _, arena = _arena_offsets(views)
-    return [a.nbytes for a in views if a.nbytes >= ARENA_LEAF_BYTES] + ([arena] if arena else [])
-
-
-def _copy_into(snap: Snapshot, pool: HostPool, pooled: list, missing: list[int] | None = None) -> Snapshot:
-    """Replace views of CPU jax buffers by copies in pooled buffers (only ready
-    ones when ``missing`` is given; see ``take``)."""
-    offsets, arena_bytes = _arena_offsets(list(_cpu_views(snap)))
-
-    def buffer(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
-        if missing is None:
-            buf = pool.get(shape, dtype)
-        else:
-            buf = pool.take(shape, dtype)
-            if buf is None:
-                missing.append(math.prod(shape) * np.dtype(dtype).itemsize)
-                return None
-        pooled.append(buf)
-        return buf
-
-    arena = buffer((arena_bytes,), np.dtype(np.uint8)) if arena_bytes else None
-    leaves = []
-    for leaf in snap.leaves:
-        if not leaf.cpu_view:
-            leaves.append(leaf)
-            continue
-        shards = []
-        viewed = False
-        for box, a in leaf.shards:
-            off = offsets.get(id(a))
-            if not a.nbytes:
-                buf = np.empty(a.shape, a.dtype)
-            elif off is None:
-                buf = buffer(a.shape, a.dtype)
-            else:
-                buf = None if arena is None else arena[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
-            if buf is None:
-                shards.append((box, a))  # no ready buffer: stays a view this time
-                viewed = True
-                continue
-            np.copyto(buf, a)
-            shards.append((box, buf))
-        leaves.append(leaf._replace(shards=tuple(shards), cpu_view=viewed))
-    return Snapshot(snap.treedef, tuple(leaves))
 
 
 # Shards smaller than ``config.Tuning.pinned_min_bytes`` skip the pinned-host
@@ -324,6 +126,11 @@ def _pinned_sharding(device: Any) -> Any:
         s = _pinned[device] = (jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
                                if "pinned_host" in kinds else _NO_PINNED)
     return s
+
+
+def has_pinned_host(device: Any) -> bool:
+    """Whether snapshots of arrays on ``device`` go through its pinned host memory."""
+    return _pinned_sharding(device) is not _NO_PINNED
 
 
 def _device_put(arrays: list[jax.Array], shardings: list[Any]) -> list[jax.Array]:
@@ -357,54 +164,95 @@ def _start_transfers(arrays: list[jax.Array]) -> dict[int, jax.Array]:
     return {id(d): c for d, c in zip(direct, copies)}
 
 
-def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
-          viewed: Watch | None) -> Snapshot:
+class _Placement(NamedTuple):
+    """What a snapshot takes of the arrays of one sharding (learnt once per
+    sharding and ``take``: shardings are usually shared, or equal, objects)."""
+    part: str  # "whole": the whole array; "shards": each local shard with replica_id 0; "skip": nothing
+    accelerator: bool  # a device->host transfer (else a zero-copy view of a CPU buffer)
+    one_copy: bool  # "whole" of a replicated accelerator array: one device's copy is transferred
+
+
+def _placement(sharding: Any, others_take_local: bool) -> _Placement:
     # Process-local data (numpy arrays, arrays on this process's devices only)
     # is the same on every process of an SPMD job: the primary writes it once.
-    local_owner = process_index == 0
-    leaves, treedef = tree_mod.flatten(tree)
-    # Per-leaf work is kept to a few microseconds: shardings are usually shared
-    # objects (or equal ones), so what we learn about one is cached for this call.
-    shard_info: dict[Any, tuple[Any, str, bool, bool]] = {}
-    pending: list[tuple[int, str, str | None, tuple[int, ...], list[tuple[arrayinfo.Box, jax.Array]]]] = []
+    devices = sharding.device_set
+    local = sharding.is_fully_addressable
+    if local and others_take_local:
+        part = "skip"
+    elif local and (len(devices) == 1 or sharding.is_fully_replicated):
+        part = "whole"
+    else:
+        part = "shards"
+    accelerator = arrayinfo.on_accelerator(next(iter(devices)))
+    return _Placement(part, accelerator, accelerator and len(devices) > 1)
+
+
+# Builds a NamedTuple from a tuple of all its fields, in C: a NamedTuple's own
+# constructor is a Python function (0.3 us a call on the 2-core VM, 8x a tuple),
+# and the training thread builds two records per jax array leaf.
+_record = tuple.__new__
+
+
+class _Pending(NamedTuple):
+    """A jax array leaf, to be read into host memory once every transfer started."""
+    index: int  # in the flattened tree
+    dtype: str
+    impl: str | None  # PRNG key implementation, for a key array
+    shape: tuple[int, ...]
+    parts: list[tuple[arrayinfo.Box, jax.Array]]  # the device arrays to read, by box
+    cpu_view: bool
+
+
+class _FirstPass(NamedTuple):
+    """Every leaf looked at, nothing waited for."""
+    out: list[HostLeaf | None]  # the leaves done already (host data), None where pending
+    pending: list[_Pending]
+    accel: list[jax.Array]  # the single-device arrays to transfer
+
+
+def _key_data(tree: Any, i: int, x: jax.Array) -> tuple[jax.Array, str, str]:
+    """(data, its dtype name, key implementation) of a jax array whose dtype
+    the format has no name for: a PRNG key array, else an error."""
+    if arrayinfo.is_key_array(x):
+        impl = str(jax.random.key_impl(x))
+        x = jax.random.key_data(x)
+        name = arrayinfo.DTYPE_NAMES.get(x.dtype)
+        if name is not None:
+            return x, name, impl
+    raise _unsupported(tree, i, f"dtype {x.dtype} is not supported by the format")
+
+
+def _first_pass(tree: Any, leaves: list[Any], copy_numpy: bool, local_owner: bool, others_take_local: bool,
+                watch: ViewWatch | None) -> _FirstPass:
+    # Per-leaf work is kept to a few microseconds: what a sharding means is cached.
+    placements: dict[Any, _Placement] = {}
+    names = arrayinfo.DTYPE_NAMES
+    pending: list[_Pending] = []
     accel: list[jax.Array] = []
+    viewed = None if watch is None else watch.arrays.append
     out: list[HostLeaf | None] = [None] * len(leaves)
     for i, x in enumerate(leaves):
         if isinstance(x, jax.Array):
             impl = None
-            name = arrayinfo.DTYPE_NAMES.get(x.dtype)
-            if name is None and arrayinfo.is_key_array(x):
-                impl = str(jax.random.key_impl(x))
-                x = jax.random.key_data(x)
-                name = arrayinfo.DTYPE_NAMES.get(x.dtype)
+            name = names.get(x.dtype)
             if name is None:
-                raise _unsupported(tree, i, f"dtype {x.dtype} is not supported by the format")
+                x, name, impl = _key_data(tree, i, x)
             sharding = x.sharding
-            info = shard_info.get(sharding)
-            if info is None:
-                devices = sharding.device_set
-                local = sharding.is_fully_addressable
-                if local and process_count > 1 and not local_owner:
-                    mode = "skip"
-                elif local and (len(devices) == 1 or sharding.is_fully_replicated):
-                    mode = "whole"
-                else:
-                    mode = "shards"
-                info = shard_info[sharding] = (sharding, mode, arrayinfo.on_accelerator(next(iter(devices))),
-                                                   len(devices) > 1)
+            p = placements.get(sharding)
+            if p is None:
+                p = placements[sharding] = _placement(sharding, others_take_local)
             shape = x.shape
-            if info[1] == "whole":
-                # a replicated accelerator array: one device's copy is transferred
-                parts = [(arrayinfo.full_box(shape), x.addressable_shards[0].data if info[2] and info[3] else x)]
-            elif info[1] == "shards":
+            if p.part == "whole":
+                parts = [(arrayinfo.full_box(shape), x.addressable_shards[0].data if p.one_copy else x)]
+            elif p.part == "shards":
                 parts = [(arrayinfo.index_box(s.index, shape), s.data) for s in x.addressable_shards if s.replica_id == 0]
             else:
                 parts = []
-            if info[2]:
+            if p.accelerator:
                 accel.extend(d for _, d in parts)
             elif viewed is not None:
-                viewed.arrays.append(x)
-            pending.append((i, name, impl, shape, parts, not info[2]))
+                viewed(x)
+            pending.append(_record(_Pending, (i, name, impl, shape, parts, not p.accelerator)))
         elif isinstance(x, (np.ndarray, np.generic)):
             a = np.asarray(x)
             name = arrayinfo.dtype_name(a.dtype)
@@ -421,7 +269,15 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
         else:
             raise _unsupported(tree, i, f"{type(x).__name__} is not storable (use arrays, "
                                "Python int/float/bool/complex/str, or None)")
+    return _FirstPass(out, pending, accel)
 
+
+def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
+          watch: ViewWatch | None) -> Snapshot:
+    leaves, treedef = tree_mod.flatten(tree)
+    local_owner = process_index == 0
+    out, pending, accel = _first_pass(tree, leaves, copy_numpy, local_owner, process_count > 1 and not local_owner,
+                                      watch)
     # Start every transfer before waiting on any.
     copies = _start_transfers(accel)
     for i, name, impl, shape, parts, cpu in pending:
@@ -430,5 +286,5 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
             host = ((box, np.asarray(copies.get(id(d), d) if copies else d)),)
         else:
             host = tuple((box, np.asarray(copies.get(id(d), d))) for box, d in parts)
-        out[i] = HostLeaf("key" if impl else "array", name, shape, host, None, impl, cpu)
+        out[i] = _record(HostLeaf, ("key" if impl else "array", name, shape, host, None, impl, cpu))
     return Snapshot(treedef, tuple(out))

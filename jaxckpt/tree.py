@@ -67,11 +67,21 @@ def _children(node: Any) -> list[tuple[Any, Any]]:
     return [(p[0], x) for p, x in with_path]
 
 
+def _container(node: Any, kids: list[tuple[Any, Any]], children: list[Any]) -> dict:
+    """The description of a node read through JAX (its key entries ``kids``)."""
+    if isinstance(node, dict):
+        return {"t": "dict", "k": [_key_value(e) for e, _ in kids], "c": children}
+    if type(node) is list:
+        return {"t": "list", "c": children}
+    if type(node) is tuple:
+        return {"t": "tuple", "c": children}
+    keys = [_key_value(e) for e, _ in kids]
+    if isinstance(node, tuple) and hasattr(node, "_fields"):
+        return {"t": "namedtuple", "n": _type_name(type(node)), "k": keys, "c": children}
+    return {"t": "custom", "n": _type_name(type(node)), "k": keys, "c": children}
+
+
 def describe(treedef: Any) -> tuple[Any, list[str]]:
-    return _describe(treedef, fast=True)
-
-
-def _describe(treedef: Any, fast: bool) -> tuple[Any, list[str]]:
     """The manifest's tree description and the leaf key paths, from a treedef.
 
     Containers are rebuilt with integer placeholders (``treedef.unflatten``),
@@ -91,27 +101,18 @@ def _describe(treedef: Any, fast: bool) -> tuple[Any, list[str]]:
         # Plain dicts, lists and tuples (most of a training state, and all of a
         # 10,000-leaf one) are read directly: the skeleton's dicts hold their
         # keys in JAX's flattening order, the one ``_children`` would give.
-        if fast and t is dict:
+        if t is dict:
             keys = list(node)
             sep = f"{prefix}{SEP}" if prefix else ""
             children = [walk(node[k], sep + (k if type(k) is str else str(k))) for k in keys]
             return {"t": "dict", "k": [k if isinstance(k, (str, int)) else str(k) for k in keys], "c": children}
-        if fast and (t is list or t is tuple):
+        if t is list or t is tuple:
             sep = f"{prefix}{SEP}" if prefix else ""
             return {"t": t.__name__, "c": [walk(x, sep + str(i)) for i, x in enumerate(node)]}
+        # Every other node: its children and keys as JAX flattens it.
         kids = _children(node)
         join = (lambda k: f"{prefix}{SEP}{k}") if prefix else (lambda k: k)
-        children = [walk(x, join(key_str(e))) for e, x in kids]
-        if isinstance(node, dict):
-            return {"t": "dict", "k": [_key_value(e) for e, _ in kids], "c": children}
-        if type(node) is list:
-            return {"t": "list", "c": children}
-        if type(node) is tuple:
-            return {"t": "tuple", "c": children}
-        keys = [_key_value(e) for e, _ in kids]
-        if isinstance(node, tuple) and hasattr(node, "_fields"):
-            return {"t": "namedtuple", "n": _type_name(type(node)), "k": keys, "c": children}
-        return {"t": "custom", "n": _type_name(type(node)), "k": keys, "c": children}
+        return _container(node, kids, [walk(x, join(key_str(e))) for e, x in kids])
 
     return walk(skeleton, ""), paths
 

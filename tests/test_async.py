@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import storage, writer
+from jaxckpt import hostcopy, memory, snapshot, storage, writer
 
 
 def _entries(directory):
@@ -60,7 +60,6 @@ def test_save_returns_before_write_and_holds_values_at_call_time(ckdir, slow_wri
 def test_cpu_snapshot_is_zero_copy_and_survives_donation(ckdir):
     # On the CPU backend the snapshot holds a view of the jax buffer instead of
     # a copy; while it is alive XLA must neither free nor reuse that memory.
-    from jaxckpt import snapshot
     x = jnp.arange(1 << 20, dtype=jnp.float32) + 1
     snap = snapshot.take({"x": x})
     (_, host), = snap.leaves[0].shards
@@ -246,10 +245,16 @@ def test_buffered_fallback_when_o_direct_is_unavailable(ckdir, monkeypatch):
         np.testing.assert_array_equal(got[k], tree[k])
 
 
+def _copied(tree) -> hostcopy.Copied:
+    """A snapshot of ``tree`` with its CPU arrays copied, into a pool prepared for it."""
+    pool = hostcopy.HostPool()
+    pool.warm(hostcopy.cpu_view_sizes(snapshot.take(tree)))
+    return hostcopy.copy_views(snapshot.take(tree), pool)
+
+
 def test_copy_cpu_arrays_takes_an_owned_copy_and_frees_the_buffer_for_donation(ckdir):
-    from jaxckpt import snapshot
     x = jnp.arange(1 << 16, dtype=jnp.float32) + 1
-    snap = snapshot.take({"x": x}, copy_cpu=True)
+    snap = _copied({"x": x}).snapshot
     (_, host), = snap.leaves[0].shards
     assert host.ctypes.data != x.unsafe_buffer_pointer() and not np.shares_memory(host, np.asarray(x))
     np.testing.assert_array_equal(host, np.arange(1 << 16, dtype=np.float32) + 1)
@@ -265,21 +270,22 @@ def test_copy_cpu_arrays_takes_an_owned_copy_and_frees_the_buffer_for_donation(c
 
 def _warmed(ck) -> None:
     """Wait until the checkpointer's background buffer preparation is done."""
-    ck._warmer.submit(lambda: None).result()
+    ck._copies.wait_prepared()
 
 
 def test_copy_cpu_arrays_reuses_its_host_buffers_between_saves(ckdir, monkeypatch):
     """Copies go only into ready buffers: the first save finds none, keeps a
     zero-copy view and has a buffer prepared in the background; later saves
     copy into that same memory."""
-    from jaxckpt import snapshot
     seen = []
-    real = snapshot.HostPool.take
-    monkeypatch.setattr(snapshot.HostPool, "take", lambda self, shape, dtype: (
+    real = hostcopy.HostPool.take
+    monkeypatch.setattr(hostcopy.HostPool, "take", lambda self, shape, dtype: (
         seen.append(b := real(self, shape, dtype)), b)[1])
-    real_get = snapshot.HostPool.get
-    monkeypatch.setattr(snapshot.HostPool, "get", lambda *a: pytest.fail("a save allocated on the training thread")
-                        or real_get(*a))
+    training = threading.current_thread()
+    real_alloc = hostcopy._page_aligned
+    monkeypatch.setattr(hostcopy, "_page_aligned", lambda n: (
+        threading.current_thread() is not training or pytest.fail("a save allocated on the training thread"))
+        and real_alloc(n))
     step = jax.jit(lambda a: a + 1, donate_argnums=0)
     w = jnp.arange(1 << 16, dtype=jnp.float32)
     with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
@@ -297,42 +303,40 @@ def test_copy_cpu_arrays_reuses_its_host_buffers_between_saves(ckdir, monkeypatc
 def test_a_copying_save_never_faults_in_fresh_memory_on_the_training_thread(ckdir):
     """A tree that grows between saves: the new leaf stays a view for one save
     (its buffer is prepared in the background), the others are copied."""
-    from jaxckpt import snapshot
     small = {"a": jnp.arange(1 << 16, dtype=jnp.float32)}
     with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
         ck.save(ckdir / "s0", small).result()
         _warmed(ck)
         grown = dict(small, b=jnp.arange(1 << 17, dtype=jnp.float32))
-        missing: list[int] = []
-        snap = snapshot.take(grown, copy_cpu=True, pool=ck._host_pool, pooled=[], missing=missing)
+        copied = ck._copies.take(grown)
+        snap = copied.snapshot
         (_, a), = snap.leaves[0].shards
         (_, b), = snap.leaves[1].shards
         assert not np.shares_memory(a, np.asarray(grown["a"])) and not snap.leaves[0].cpu_view
         assert np.shares_memory(b, np.asarray(grown["b"])) and snap.leaves[1].cpu_view
-        assert missing == [1 << 19]
-        del snap
+        assert copied.missing == (1 << 19,)
+        del snap, copied
         ck.save(ckdir / "s1", grown).result()
         _warmed(ck)
-        assert sorted(ck._host_pool._free) == [1 << 18, 1 << 19]
+        assert sorted(ck._copies.pool._free) == [1 << 18, 1 << 19]
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "s1")["b"], np.arange(1 << 17, dtype=np.float32))
 
 
 def test_pooled_buffers_of_a_tree_that_changed_are_let_go(ckdir):
     """Host memory stays bounded: once saves stop asking for a size (the tree
     changed), its buffers are dropped after KEEP_SAVES saves."""
-    from jaxckpt import snapshot
     old = {"w": jnp.ones(1 << 16, jnp.float32)}  # 256 KiB
     new = {"v": jnp.ones(3 << 15, jnp.float32)}  # 384 KiB
     with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
         for i in range(2):
             ck.save(ckdir / f"old{i}", old).result()
             _warmed(ck)
-        assert sorted(ck._host_pool._free) == [1 << 18]
-        for i in range(snapshot.HostPool.KEEP_SAVES + 1):
+        assert sorted(ck._copies.pool._free) == [1 << 18]
+        for i in range(hostcopy.HostPool.KEEP_SAVES + 1):
             ck.save(ckdir / f"new{i}", new).result()
             _warmed(ck)
-            assert (1 << 18 in ck._host_pool._free) == (i < snapshot.HostPool.KEEP_SAVES - 1)
-        assert sorted(ck._host_pool._free) == [3 << 17]
+            assert (1 << 18 in ck._copies.pool._free) == (i < hostcopy.HostPool.KEEP_SAVES - 1)
+        assert sorted(ck._copies.pool._free) == [3 << 17]
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "new4")["v"], np.ones(3 << 15, np.float32))
 
 
@@ -340,10 +344,9 @@ def test_copies_of_small_cpu_leaves_share_one_pooled_buffer(ckdir, monkeypatch):
     """Small leaves are copied into one arena (not a buffer, a mapping, each:
     a 10,000-leaf tree would otherwise map 10,000 regions), each at a 64-byte
     aligned offset; large ones get their own. Values stay bit-exact."""
-    from jaxckpt import snapshot
     seen = []
-    real = snapshot.HostPool.get
-    monkeypatch.setattr(snapshot.HostPool, "get", lambda self, shape, dtype: (
+    real = hostcopy.HostPool.take
+    monkeypatch.setattr(hostcopy.HostPool, "take", lambda self, shape, dtype: (
         seen.append((shape, b := real(self, shape, dtype))), b)[1])
     rng = np.random.default_rng(0)
     tree = {f"s{i}": jnp.asarray(rng.integers(-100, 100, n).astype(dt))
@@ -352,10 +355,11 @@ def test_copies_of_small_cpu_leaves_share_one_pooled_buffer(ckdir, monkeypatch):
     tree["scalar"] = jnp.float32(2.5)
     tree["big"] = jnp.arange(1 << 15, dtype=jnp.float32)  # 128 KiB: a buffer of its own
     expected = {k: np.asarray(v).copy() for k, v in tree.items()}
-    snap = snapshot.take(tree, copy_cpu=True, pool=snapshot.HostPool())
+    snap = _copied(tree).snapshot
     small = sum(-(-np.asarray(v).nbytes // 64) * 64 for k, v in tree.items() if k != "big")
     assert sorted(shape for shape, _ in seen) == sorted([(small,), (1 << 15,)])
-    assert snapshot.cpu_view_sizes(snapshot.take(tree)) == [1 << 17, small]
+    assert all(b is not None for _, b in seen)  # the prepared buffers
+    assert hostcopy.cpu_view_sizes(snapshot.take(tree)) == [1 << 17, small]
     arena = next(b for shape, b in seen if shape == (small,))
     for (k, v), leaf in zip(sorted(tree.items()), snap.leaves):
         (_, host), = leaf.shards
@@ -392,7 +396,6 @@ def _aligned(nbytes, seed, shift=0):
 def test_direct_writes_from_aligned_sources_match_the_buffered_layout(tmp_path, sizes):
     """Page-aligned sources skip the staging copy; the file must be byte-for-byte
     what the buffered path writes for the same plan (gaps zero-filled)."""
-    from jaxckpt import snapshot
     arrays = []
     for i, n in enumerate(sizes):
         n, shift = n if isinstance(n, tuple) else (n, 0)
@@ -451,9 +454,8 @@ def test_pooled_copies_go_to_disk_without_the_staging_copy(ckdir, monkeypatch):
 def test_default_switches_to_copies_once_a_save_sees_its_arrays_donated(ckdir, slow_writes, caplog):
     """copy_cpu_arrays=None: zero-copy views until a save finds, at its end, that
     arrays it viewed were donated meanwhile; later snapshots copy."""
-    from jaxckpt import snapshot
     copies = []
-    real = snapshot._copy_into
+    real = hostcopy.copy_views
     step = jax.jit(lambda s: {k: v * 2 for k, v in s.items()}, donate_argnums=0)
     state = {"w": jnp.ones(1 << 19, jnp.float32), "b": jnp.ones(3, jnp.float32)}
     with jaxckpt.AsyncCheckpointer() as ck:
@@ -461,7 +463,7 @@ def test_default_switches_to_copies_once_a_save_sees_its_arrays_donated(ckdir, s
         slow_writes.set()
         for i in range(3):  # a loop that does not donate: views throughout
             ck.save(ckdir / f"nodonate{i}", state).result()
-        assert ck._copying is False
+        assert ck._copies.copying is False
         slow_writes.clear()
         h = ck.save(ckdir / "a", state)
         state = step(state)  # donates the viewed buffers while the save is held
@@ -469,17 +471,17 @@ def test_default_switches_to_copies_once_a_save_sees_its_arrays_donated(ckdir, s
         slow_writes.set()
         with caplog.at_level("INFO", logger="jaxckpt"):
             h.result()
-        assert ck._copying is True
+        assert ck._copies.copying is True
         assert "let go of (donated, deleted or replaced) arrays the save of" in caplog.text
         # the copies' memory was faulted in after that save, off the training thread
         _warmed(ck)
-        assert {n: len(bufs) for n, bufs in ck._host_pool._free.items()} == {(1 << 19) * 4: 1, 64: 1}  # "b": an arena
-        warmed_buffer = ck._host_pool._free[(1 << 19) * 4][0]
+        assert {n: len(bufs) for n, bufs in ck._copies.pool._free.items()} == {(1 << 19) * 4: 1, 64: 1}  # "b": an arena
+        warmed_buffer = ck._copies.pool._free[(1 << 19) * 4][0]
         import unittest.mock as mock
-        with mock.patch.object(snapshot, "_copy_into", lambda *a: copies.append(1) or real(*a)):
+        with mock.patch.object(hostcopy, "copy_views", lambda *a: copies.append(1) or real(*a)):
             ck.save(ckdir / "b", state).result()
     assert copies == [1]
-    assert any(b is warmed_buffer for bufs in ck._host_pool._free.values() for b in bufs)  # reused, not a new one
+    assert any(b is warmed_buffer for bufs in ck._copies.pool._free.values() for b in bufs)  # reused, not a new one
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "a")["w"], np.ones(1 << 19, np.float32))
     np.testing.assert_array_equal(jaxckpt.restore(ckdir / "b")["w"], np.full(1 << 19, 2, np.float32))
 
@@ -493,7 +495,7 @@ def test_an_explicit_copy_choice_is_never_changed(ckdir, choice):
             h = ck.save(ckdir / f"s{i}", state)
             state = step(state)
             h.result()
-            assert ck._copying is choice
+            assert ck._copies.copying is choice
     for i in range(3):
         np.testing.assert_array_equal(jaxckpt.restore(ckdir / f"s{i}")["w"], np.full(1 << 19, i, np.float32))
 
@@ -501,8 +503,7 @@ def test_an_explicit_copy_choice_is_never_changed(ckdir, choice):
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
 def test_staging_and_pool_buffers_are_private_memory():
     """Shared anonymous memory (mmap's default) is shmem, which never gets huge
-    pages; O_DIRECT from huge pages ran twice as fast here (storage.aligned_buffer)."""
-    from jaxckpt import snapshot
+    pages; O_DIRECT from huge pages ran twice as fast here (memory.aligned_buffer)."""
 
     def perms(addr):
         with open("/proc/self/maps") as f:
@@ -513,8 +514,8 @@ def test_staging_and_pool_buffers_are_private_memory():
                     return mode
         raise AssertionError(f"address {addr:#x} not mapped")
 
-    a = np.frombuffer(storage.aligned_buffer(4 << 20), np.uint8)
-    b = snapshot._page_aligned(4 << 20)
+    a = np.frombuffer(memory.aligned_buffer(4 << 20), np.uint8)
+    b = hostcopy._page_aligned(4 << 20)
     for buf in (a, b):
         assert buf.ctypes.data % 4096 == 0
         assert perms(buf.ctypes.data) == "rw-p"
@@ -528,10 +529,14 @@ def test_background_threads_run_at_the_lowest_priority():
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
     before = nice()
+    warm = []
     with jaxckpt.AsyncCheckpointer() as ck:
         io = ck._io.submit(nice).result()
         bg = ck._bg.submit(nice).result()
-    assert io == bg == checkpointer.BACKGROUND_NICE == 19
+        ck._copies.pool.warm = lambda sizes: warm.append(nice())  # the buffer preparation thread
+        ck._copies.prepare([4096])
+        ck._copies.wait_prepared()
+    assert io == bg == warm[0] == checkpointer.BACKGROUND_NICE == 19
     assert nice() == before  # the caller's thread keeps its priority
 
 

@@ -95,6 +95,7 @@ def test_devices_without_pinned_host_memory_use_copy_to_host_async(as_accelerato
     tree = _tree()
     want = _expected(tree)
     monkeypatch.setattr(snapshot, "_pinned_sharding", lambda device: snapshot._NO_PINNED)
+    assert not snapshot.has_pinned_host(jax.devices()[0])
     called = []
     monkeypatch.setattr(snapshot, "_device_put", lambda *a, **k: called.append(1))
     snap = snapshot.take(tree)
