@@ -14,6 +14,7 @@ from jaxckpt.errors import (
     CorruptCheckpointError,
     SaveTimeoutError,
     StructureMismatchError,
+    UnsupportedLocationError,
     UnsupportedValueError,
 )
 from jaxckpt.manager import CheckpointManager, StepMetadata
@@ -37,6 +38,7 @@ __all__ = [
     "SaveTimeoutError",
     "StepMetadata",
     "StructureMismatchError",
+    "UnsupportedLocationError",
     "UnsupportedValueError",
     "__version__",
     "inspect",

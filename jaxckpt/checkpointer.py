@@ -20,9 +20,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from jaxckpt import config
 from jaxckpt import format as fmt
 from jaxckpt import multihost
 from jaxckpt import snapshot as snapshot_mod
+from jaxckpt import storage
 from jaxckpt import writer
 from jaxckpt.errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
 
@@ -65,12 +67,6 @@ def close_after(close, exc_type: type | None) -> None:
         close()
     except Exception as err:
         logger.error("background save error while handling %s: %s", exc_type.__name__, err)
-
-
-def default_workers() -> int:
-    # Disk-bound work: a few threads keep the queue full even on 2 cores, and
-    # hashing/copying release the GIL.
-    return min(16, max(4, os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,18 +132,19 @@ class SaveHandle:
         return f"SaveHandle({self.path!r}, {state})"
 
 
-def validate_request(path: str | os.PathLike, metadata: Any, overwrite: bool) -> str:
-    """Checks done on the calling thread so that mistakes raise where they are made."""
-    path = os.path.abspath(os.fspath(path))
-    if "\x00" in path:  # else only the background write would fail
-        raise ValueError(f"{path!r}: embedded null byte in the checkpoint path")
+def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, overwrite: bool) -> str:
+    """Checks done on the calling thread so that mistakes raise where they are made
+    (else only the background write would fail). Returns the location as a string."""
+    loc = storage.Location.parse(path)
+    if "\x00" in loc.path:
+        raise ValueError(f"{str(loc)!r}: embedded null byte in the checkpoint path")
     try:
         fmt.check_metadata(metadata)
     except TypeError as e:
-        raise UnsupportedValueError(f"{path}: {e}") from None
-    if not overwrite and os.path.lexists(path):
-        raise CheckpointExistsError(f"{path}: a checkpoint already exists (pass overwrite=True to replace it)")
-    return path
+        raise UnsupportedValueError(f"{loc}: {e}") from None
+    if not overwrite and storage.backend(loc).exists(loc):
+        raise CheckpointExistsError(f"{loc}: a checkpoint already exists (pass overwrite=True to replace it)")
+    return str(loc)
 
 
 class AsyncCheckpointer:
@@ -179,7 +176,7 @@ class AsyncCheckpointer:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.max_workers = max_workers or default_workers()
+        self.max_workers = max_workers or config.write_workers()
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self.copy_cpu_arrays = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
@@ -275,7 +272,7 @@ class AsyncCheckpointer:
     def _run(self, handle: SaveHandle, snap, metadata, overwrite, t0, blocking, on_commit, key, timeout,
              pooled: list, watched: snapshot_mod.Watch | None, missing: list[int]) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout - (time.perf_counter() - t0)
-        job = writer.Job(handle.path, handle.label)
+        job = writer.Job(handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline)
         to_warm: list[int] = []
@@ -338,9 +335,9 @@ def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overw
     multi = multihost.coordinator()
     snap = snapshot_mod.take(tree, copy_numpy=False, process_index=multi.process_index,
                              process_count=multi.process_count)
-    n = max_workers or default_workers()
+    n = max_workers or config.write_workers()
     key = f"jaxckpt/sync/{next(_sync_saves)}/{os.path.basename(path)}"
     with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
-        ctx = writer.Context(pool, n, writer.StagingPool(), writer.Job(path, label or path),
+        ctx = writer.Context(pool, n, writer.StagingPool(), writer.Job(label or path),
                              writer.waiter(None, label or path), multi, key)
         return writer.write_checkpoint(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)

@@ -16,7 +16,7 @@ policy; if a save is due, build the step record and snapshot the state) ->
 the ``AsyncCheckpointer`` writes and commits in the background -> right after
 the commit, on that background thread, ``_committed()`` records the step,
 logs the save and applies the retention rules (only a newer commit ever
-deletes anything, and deletion is crash-safe: ``storage.remove_checkpoint``).
+deletes anything, and deletion is crash-safe: ``storage.Backend.remove``).
 
 Decisions are pure: ``SavePolicy.due`` (when to save) and
 ``KeepPolicy.keep`` (what to keep) read no files, so a multi-process job can
@@ -420,10 +420,10 @@ class _SigtermWatch:
             self._installed = False
 
 
-def _release(directory: str, token: str, watch: _SigtermWatch) -> None:
+def _release(backend: storage.Backend, root: storage.Location, token: str, watch: _SigtermWatch) -> None:
     """Give up the directory lock; the SIGTERM handler turns inert (no reference to the manager here)."""
     watch._active = False
-    storage.release_lock(directory, token)
+    backend.release_lock(root, token)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -485,7 +485,9 @@ class CheckpointManager:
                  step_format: str | None = None, step_prefix: str | None = None, save_timeout: float | None = None,
                  copy_cpu_arrays: bool | None = None,
                  _clock: Callable[[], float] = time.time):
-        self.directory = os.path.abspath(os.fspath(directory))
+        self._root = storage.Location.parse(directory)
+        self._backend = storage.backend(self._root)
+        self.directory = str(self._root)
         self._policy = SavePolicy.build(save_interval_steps, save_interval_seconds, save_on_steps)
         self._keep = KeepPolicy.build(max_to_keep, keep_time_interval, keep_period, best_metric, best_mode)
         self._naming = StepNaming.build(step_format, step_prefix)
@@ -523,18 +525,18 @@ class CheckpointManager:
         self._save_on_preemption = bool(save_on_preemption)
 
     def _open_for_writing(self, save_timeout: float | None) -> None:
-        storage.ensure_dir(self.directory)
+        self._backend.ensure_root(self._root)
         if not self._multi.is_primary:  # the primary holds the lock and cleans up for the whole job
             self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout, copy_cpu_arrays=self._copy_cpu)
             return
-        token, stale = storage.acquire_lock(self.directory)
+        token, stale = self._backend.acquire_lock(self._root)
         # Released by close(), or when the manager is garbage-collected / the interpreter exits unclosed.
-        self._release = weakref.finalize(self, _release, self.directory, token, self._watch)
+        self._release = weakref.finalize(self, _release, self._backend, self._root, token, self._watch)
         if stale is not None:
             logger.warning("%s: took over the lock of a writer that is gone (host %r, pid %s)",
                            self.directory, stale.get("host"), stale.get("pid"))
         try:
-            for path in storage.clean_stale(self.directory, lambda n: self._naming.parse(n) is not None):
+            for path in self._backend.clean_stale(self._root, self._naming.parse):
                 logger.info("removed the leftover of an interrupted save or deletion: %s", path)
             self._ckptr = ckpt_mod.AsyncCheckpointer(timeout=save_timeout, copy_cpu_arrays=self._copy_cpu)
         except BaseException:
@@ -546,11 +548,8 @@ class CheckpointManager:
         """Re-read the directory: the committed steps and their metadata (a
         read-only evaluator calls this to see what a writer committed since)."""
         found: dict[int, tuple[int, str]] = {}
-        for entry in storage.list_entries(self.directory):
-            parsed = self._naming.parse(entry)
-            if parsed is None or not storage.is_committed(os.path.join(self.directory, entry)):
-                continue
-            step, epoch = parsed
+        for entry in self._backend.list_committed(self._root, self._naming.parse):
+            step, epoch = self._naming.parse(entry)
             rank = (epoch if epoch is not None else -1, entry)  # two names for one step: the larger epoch wins
             if step not in found or rank > found[step]:
                 found[step] = rank
@@ -570,7 +569,7 @@ class CheckpointManager:
             return sorted(self._committed)
 
     def _path(self, name: str) -> str:
-        return os.path.join(self.directory, name)
+        return str(self._root.join(name))
 
     def _step_path(self, step: int) -> str:
         with self._lock:
@@ -791,12 +790,12 @@ class CheckpointManager:
         if not self._multi.is_primary:
             return
         try:
-            storage.remove_checkpoint(path)
+            self._backend.remove(self._root.join(name))
         except FileNotFoundError:
             return
         except OSError as e:
             logger.error("could not delete %s (step %d): %s", path, step, e)
-            if storage.is_committed(path):  # still there (else renamed away, left for the next start to clean)
+            if self._backend.is_committed(self._root.join(name)):  # still there (else renamed away, left for the next start to clean)
                 with self._lock:
                     self._committed.setdefault(step, name)
             return
@@ -861,7 +860,7 @@ class CheckpointManager:
         error saying so; None if it is still there (a read error is damage)."""
         with self._lock:
             name = self._committed.get(step)
-        if name is None or os.path.lexists(self._path(name)):
+        if name is None or self._backend.exists(self._root.join(name)):
             return None
         self.reload()  # the directory changed under us: see what is there now
         return CheckpointNotFoundError(f"{self.directory}: step {step} was deleted (by the writer's retention rules) "

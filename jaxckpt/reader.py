@@ -5,7 +5,7 @@ requests for boxes (sub-arrays) of leaves. A request is planned into reads:
 
 * when the caller allows it (the result stays in host memory or goes to a CPU
   device) and the box is exactly one saved shard of at least 1 MiB, the
-  shard's file bytes are mapped copy-on-write (``storage.map_range``) and
+  shard's file bytes are mapped copy-on-write (``memory.map_range``) and
   populated, and the result is a view of the mapping: no fresh memory, no
   copy (a 4.2 GB restore from the page cache on a 2-core VM: 0.18 s instead
   of 2.5-4.5 s). The arrays then share the page cache's pages;
@@ -39,10 +39,12 @@ import numpy as np
 
 from jaxckpt import arrayinfo
 from jaxckpt import gcpause
+from jaxckpt import config
 from jaxckpt import format as fmt
+from jaxckpt import memory
 from jaxckpt import storage
 from jaxckpt.arrayinfo import Box
-from jaxckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from jaxckpt.errors import CorruptCheckpointError
 
 
 _SMALL_READ = 1 << 20  # reads below this size are coalesced with their neighbours
@@ -50,13 +52,6 @@ _GAP = 64 << 10  # ... when at most this many bytes apart (alignment padding)
 _GROUP_BYTES = 8 << 20  # ... into reads of at most this size
 MAP_MIN_BYTES = 1 << 20  # shards at least this large may be mapped instead of read
 MAX_MAPS = 16384  # mappings one reader makes at most (vm.max_map_count is 65530 by default)
-
-
-def default_workers() -> int:
-    # Reads wait on the disk (and on page faults of fresh buffers): more requests
-    # in flight than cores measured faster on cold reads (8 vs 4: 0.47 s vs 0.54 s
-    # for 0.86 GB on 2 cores).
-    return min(16, max(8, 2 * (os.cpu_count() or 1)))
 
 
 _PREFAULT_BYTES = 4 << 20
@@ -67,7 +62,7 @@ def empty_aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
     Buffers of 4 MiB or more are anonymous mappings whose pages each reader
     thread populates in one call just before reading into them
-    (``storage.prefault``) instead of one page fault per 4 KiB inside the
+    (``memory.prefault``) instead of one page fault per 4 KiB inside the
     parallel reads, which contend on the process's memory map. On a 2-core VM
     this took a first restore of 0.86 GB from 2.0-3.1 s to about 0.5 s.
     """
@@ -116,50 +111,49 @@ class _Op:
 
 
 class CheckpointReader:
-    def __init__(self, path: str | os.PathLike, max_workers: int | None = None):
-        self.path = os.fspath(path)
-        storage.recover(self.path)
-        if not os.path.isdir(self.path):
-            raise CheckpointNotFoundError(f"{self.path}: no checkpoint here (not a directory)")
-        mpath = os.path.join(self.path, fmt.MANIFEST_NAME)
-        if not os.path.lexists(mpath):
-            raise CheckpointNotFoundError(f"{self.path}: not a committed checkpoint ({fmt.MANIFEST_NAME} is missing)")
-        data = storage.read_small(self.path, fmt.MANIFEST_NAME, fmt.MAX_MANIFEST_BYTES)
-        self.manifest = fmt.decode_manifest(data, mpath)
+    """A committed checkpoint opened for reading: its manifest, decoded and
+    validated, and its data files, opened when first read (through the
+    storage backend of its location)."""
+
+    def __init__(self, path: str | os.PathLike | storage.Location, max_workers: int | None = None):
+        self.location = storage.Location.parse(path)
+        self.path = str(self.location)
+        self._source = storage.backend(self.location).open(self.location)
+        data = self._source.read_manifest(fmt.MAX_MANIFEST_BYTES)
+        self.manifest = fmt.decode_manifest(data, self._source.describe(fmt.MANIFEST_NAME))
         self.by_path = {leaf.path: i for i, leaf in enumerate(self.manifest.leaves)}
-        self.max_workers = max_workers or default_workers()
-        self._fds: dict[int, int] = {}
+        self.max_workers = max_workers or config.read_workers()
+        self._files: dict[int, storage.DataSource] = {}
         self._starts: dict[int, list[int]] | None = None  # shard offsets per file, built on first use
         self._maps = 0  # mappings made (MAX_MAPS)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------ files
-    def _fd(self, file: int) -> int:
+    def _file(self, file: int) -> storage.DataSource:
+        """Data file ``file`` of the manifest, opened once (checked to hold at least the recorded size)."""
         with self._lock:
-            fd = self._fds.get(file)
-            if fd is None:
+            f = self._files.get(file)
+            if f is None:
                 rec = self.manifest.files[file]
-                p = os.path.join(self.path, rec.name)
-                fd = storage.open_regular(p)
-                size = os.fstat(fd).st_size
-                if size < rec.size:
-                    os.close(fd)
-                    raise CorruptCheckpointError(f"{p}: truncated: the manifest records {rec.size} bytes, found {size}")
-                self._fds[file] = fd
-            return fd
+                f = self._files[file] = self._source.open_data(rec.name, rec.size)
+            return f
 
-    def _fd_for(self, file: int, leaf: str) -> int:
-        """``_fd`` for reading ``leaf``: a missing or short file error names the leaf too."""
+    def _file_for(self, file: int, leaf: str) -> storage.DataSource:
+        """``_file`` for reading ``leaf``: a missing or short file error names the leaf too."""
         try:
-            return self._fd(file)
+            return self._file(file)
         except CorruptCheckpointError as e:
             raise CorruptCheckpointError(f"{e} (while reading leaf {leaf!r})") from None
 
+    def _name(self, file: int) -> str:
+        return self._source.describe(self.manifest.files[file].name)
+
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for f in self._files.values():
+                f.close()
+            self._files.clear()
+            self._source.close()
 
     def __enter__(self) -> "CheckpointReader":
         return self
@@ -233,15 +227,13 @@ class CheckpointReader:
 
     def _try_map(self, file: int, leaf: str, offset: int, length: int) -> memoryview | None:
         """A copy-on-write mapping of file bytes [offset, offset + length)
-        (``storage.map_range``), or None where mapping is unavailable here or
+        (``storage.DataSource.map``), or None where mapping is unavailable here or
         this reader has made MAX_MAPS already: the caller reads instead."""
-        if self._maps >= MAX_MAPS or not storage.can_map():
+        if self._maps >= MAX_MAPS:
             return None
-        try:
-            view = storage.map_range(self._fd_for(file, leaf), offset, length)
-        except (OSError, ValueError):  # a file system without mmap, or no address space
-            return None
-        self._maps += 1
+        view = self._file_for(file, leaf).map(offset, length)
+        if view is not None:
+            self._maps += 1
         return view
 
     def _chunk_ops(self, leaf: fmt.LeafRecord, s: fmt.ShardRecord, lo: int, hi: int, dest: memoryview,
@@ -277,42 +269,41 @@ class CheckpointReader:
     def _check(self, file: int, offset: int, data, checksum: int, leaf: str, chunk: int) -> None:
         found = fmt.checksum(data)
         if found != checksum:
-            name = os.path.join(self.path, self.manifest.files[file].name)
             raise CorruptCheckpointError(
-                f"{name}: checksum mismatch in leaf {leaf!r}, chunk {chunk} (bytes at offset {offset}): "
+                f"{self._name(file)}: checksum mismatch in leaf {leaf!r}, chunk {chunk} (bytes at offset {offset}): "
                 f"expected xxh3 {checksum:#018x}, found {found:#018x}")
 
     @staticmethod
-    def _fill_op(fd: int, op: _Op, where: str) -> None:
+    def _fill_op(f: storage.DataSource, op: _Op, where: str) -> None:
         """Bring one op's bytes into its destination: populate a mapping (or,
         where the kernel refuses, read into its private pages), else read into
         the fresh buffer after backing its pages in one call."""
         if op.mapped:
-            if not storage.populate(op.dest, where, op.offset):
-                storage.pread_into(fd, op.dest, op.offset, where)  # copy-on-write: private pages
+            if not memory.populate(op.dest, where, op.offset):
+                f.read_into(op.dest, op.offset, where)  # copy-on-write: private pages
         else:
-            storage.prefault(op.dest)
-            storage.pread_into(fd, op.dest, op.offset, where)
+            memory.prefault(op.dest)
+            f.read_into(op.dest, op.offset, where)
 
     def _run(self, group: list[_Op]) -> int:
         """Read one group of ops; returns the bytes read. A group of several
         ops (small neighbours in one file) is read with one scatter read
         straight into the destinations; padding between them goes to scratch."""
         first, last = group[0], group[-1]
-        fd = self._fd_for(first.file, first.leaf)
-        name = os.path.join(self.path, self.manifest.files[first.file].name)
+        f = self._file_for(first.file, first.leaf)
+        name = self._name(first.file)
         if first.parts is not None:  # a run of small shards, read (or populated) at once, checked part by part
             parts, dest, base = first.parts, first.dest, first.offset
             which = (f"leaf {parts[0][3]!r}" if parts[0][3] == parts[-1][3]
                      else f"leaves {parts[0][3]!r} .. {parts[-1][3]!r}")
-            self._fill_op(fd, first, f"{name} ({which})")
+            self._fill_op(f, first, f"{name} ({which})")
             checksum = fmt.checksum
             for lo, hi, want, leaf, chunk in parts:
                 if want is not None and checksum(dest[lo:hi]) != want:
                     self._check(first.file, base + lo, dest[lo:hi], want, leaf, chunk)  # raises
             return sum(hi - lo for lo, hi, *_ in parts)
         if len(group) == 1:
-            self._fill_op(fd, first, f"{name} (leaf {first.leaf!r})")
+            self._fill_op(f, first, f"{name} (leaf {first.leaf!r})")
             self._verify(first, first.dest)
             return len(first.dest)
         scratch = memoryview(bytearray(_GAP))
@@ -323,7 +314,7 @@ class CheckpointReader:
                 bufs.append(scratch[:op.offset - pos])
             bufs.append(op.dest)
             pos = op.offset + len(op.dest)
-        storage.preadv_into(fd, bufs, first.offset, f"{name} (leaves {first.leaf!r} .. {last.leaf!r})")
+        f.readv_into(bufs, first.offset, f"{name} (leaves {first.leaf!r} .. {last.leaf!r})")
         for op in group:
             self._verify(op, op.dest)
         return sum(len(op.dest) for op in group)
@@ -432,13 +423,13 @@ class CheckpointReader:
         if len(flags) != len(requests):
             raise ValueError(f"read: {len(requests)} requests but {len(flags)} mappable flags")
         small: list[_Small] = []
-        leaves, fds = self.manifest.leaves, self._fds
+        leaves, files = self.manifest.leaves, self._files
         for (li, box), may_map in zip(requests, flags):
             leaf = leaves[li]
             shards = leaf.shards
             for s in shards:  # real file sizes before allocating: a manifest must not claim more than is on disk
-                if s.length and s.file not in fds:
-                    self._fd_for(s.file, leaf.path)
+                if s.length and s.file not in files:
+                    self._file_for(s.file, leaf.path)
             if len(shards) == 1:
                 s = shards[0]
                 # box None: the whole leaf, which one shard of nonzero length is (the manifest's shards tile it)

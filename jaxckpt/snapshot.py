@@ -51,7 +51,7 @@ from jaxckpt import arrayinfo
 from jaxckpt import config
 from jaxckpt import gcpause
 from jaxckpt import format as fmt
-from jaxckpt import storage
+from jaxckpt import memory
 from jaxckpt import tree as tree_mod
 from jaxckpt.errors import UnsupportedValueError
 
@@ -100,11 +100,11 @@ def _python_value(v: Any) -> bool:
 
 
 def _page_aligned(n: int) -> np.ndarray:
-    """At least ``n`` bytes (one page at the least) of ``storage.aligned_buffer`` memory:
+    """At least ``n`` bytes (one page at the least) of ``memory.aligned_buffer`` memory:
     page-aligned, so the writer can hand a buffer to O_DIRECT as it is, with no
     copy into staging memory, and in huge pages where the kernel allows.
     Callers slice the first ``n`` bytes; the pool keeps this whole array."""
-    return np.frombuffer(storage.aligned_buffer(n), np.uint8)
+    return np.frombuffer(memory.aligned_buffer(n), np.uint8)
 
 
 class HostPool:
@@ -161,7 +161,7 @@ class HostPool:
             todo = [n for n, k in need.items() for _ in range(k - len(self._free.get(n, ())))]
         for n in todo:
             raw = _page_aligned(n)
-            storage.prefault(memoryview(raw))  # one call populates every page (Linux), where supported
+            memory.prefault(memoryview(raw))  # one call populates every page (Linux), where supported
             raw[::mmap.PAGESIZE] = 0  # else one write per page faults it in
             with self._lock:
                 self._free.setdefault(n, []).append(raw)

@@ -11,8 +11,9 @@ What to write (``plan``) is kept apart from how it is written (``_write_run``):
 * each worker hashes its units (xxh3 releases the GIL) and writes its run with
   positioned writes: through a reused page-aligned staging buffer with O_DIRECT
   where the filesystem allows, else with buffered gather writes.
-* then: truncate + fsync the data file, write + fsync the manifest, commit
-  (``storage.commit``: fsync dir, rename, fsync parent).
+* then: finish the data file (durable), write the manifest (durable), commit
+  (``storage.Staging.commit``; on POSIX: fsync dir, rename, fsync parent).
+  The steps and which process runs each are numbered in ``jaxckpt/storage.py``.
 
 Nothing here touches jax: the snapshot already holds host buffers.
 """
@@ -22,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxckpt import gcpause
 from jaxckpt import format as fmt
+from jaxckpt import memory
 from jaxckpt import multihost
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
@@ -85,7 +86,7 @@ def plan(snap: Snapshot, chunk_bytes: int) -> Layout:
         offs = []
         for si, (_, arr) in enumerate(leaf.shards):
             n = arr.nbytes
-            pos = _align(pos, storage.ALIGN if n >= _SMALL else 64)
+            pos = _align(pos, memory.ALIGN if n >= _SMALL else 64)
             offs.append(pos)
             if n:
                 raw = arr.reshape(-1).view(np.uint8)
@@ -129,7 +130,7 @@ def split_runs(units: tuple[Unit, ...], n: int) -> list[tuple[Unit, ...]]:
     runs: list[tuple[Unit, ...]] = []
     start, acc = 0, 0
     for i, u in enumerate(units):
-        if acc >= target and len(runs) < n - 1 and u.offset % storage.ALIGN == 0:
+        if acc >= target and len(runs) < n - 1 and u.offset % memory.ALIGN == 0:
             runs.append(units[start:i])
             start, acc = i, 0
         acc += u.src.nbytes
@@ -163,7 +164,7 @@ class StagingPool:
         with self._lock:
             if self._free:
                 return self._free.pop()
-        return np.frombuffer(storage.aligned_buffer(STAGING_BYTES), dtype=np.uint8)
+        return np.frombuffer(memory.aligned_buffer(STAGING_BYTES), dtype=np.uint8)
 
     def put(self, buf: np.ndarray) -> None:
         with self._lock:
@@ -171,7 +172,7 @@ class StagingPool:
                 self._free.append(buf)
 
 
-def _write_run(f: storage.DataFile, run: tuple[Unit, ...], sums: list[list[list[int]]],
+def _write_run(f: storage.DataSink, run: tuple[Unit, ...], sums: list[list[list[int]]],
                staging: StagingPool, abort: _Abort) -> None:
     for i, u in enumerate(run):
         if not i & 15:
@@ -183,8 +184,8 @@ def _write_run(f: storage.DataFile, run: tuple[Unit, ...], sums: list[list[list[
         _write_buffered(f, run, abort)
 
 
-def _write_buffered(f: storage.DataFile, run: tuple[Unit, ...], abort: _Abort) -> None:
-    zeros = bytes(storage.ALIGN)
+def _write_buffered(f: storage.DataSink, run: tuple[Unit, ...], abort: _Abort) -> None:
+    zeros = bytes(memory.ALIGN)
     batch: list = []
     batch_start = batch_end = run[0].offset
     for i, u in enumerate(run):
@@ -206,14 +207,14 @@ def _write_buffered(f: storage.DataFile, run: tuple[Unit, ...], abort: _Abort) -
 def _direct_ok(src: np.ndarray, offset: int) -> bool:
     """Whether ``src`` can go to ``offset`` with O_DIRECT straight from its own
     memory: page-aligned address and file offset, at least one whole block."""
-    return (offset % storage.ALIGN == 0 and src.nbytes >= storage.ALIGN
-            and src.ctypes.data % storage.ALIGN == 0)
+    return (offset % memory.ALIGN == 0 and src.nbytes >= memory.ALIGN
+            and src.ctypes.data % memory.ALIGN == 0)
 
 
-_ZEROS = memoryview(bytes(storage.ALIGN))
+_ZEROS = memoryview(bytes(memory.ALIGN))
 
 
-def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool, abort: _Abort) -> None:
+def _write_direct(f: storage.DataSink, run: tuple[Unit, ...], pool: StagingPool, abort: _Abort) -> None:
     buf = pool.get()
     size = buf.nbytes
     mv = memoryview(buf)
@@ -233,7 +234,7 @@ def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool,
             src, offset = u.src, u.offset
             rel = offset - base
             n = src.nbytes
-            if n < _SMALL and rel + n <= size and 0 <= rel - fill <= storage.ALIGN:
+            if n < _SMALL and rel + n <= size and 0 <= rel - fill <= memory.ALIGN:
                 # The common case for small leaves, kept to a few memoryview
                 # operations: 10,000 leaves of 1-16 KiB spent most of their
                 # save time in the general path's numpy slicing below.
@@ -243,10 +244,10 @@ def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool,
                 continue
             if _direct_ok(src, offset):
                 if fill:  # write what is staged, up to this unit's (aligned) start if it is in buf
-                    flush(rel if rel <= size else _align(fill, storage.ALIGN))
+                    flush(rel if rel <= size else _align(fill, memory.ALIGN))
                     fill = 0
                 # page-aligned source memory: no staging copy for the whole blocks
-                n -= n % storage.ALIGN
+                n -= n % memory.ALIGN
                 f.pwrite(memoryview(src[:n]), offset, direct=True)
                 base = offset = offset + n
                 src = src[n:]
@@ -263,7 +264,7 @@ def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool,
                 offset += n
                 src = src[n:]
         if fill:
-            flush(_align(fill, storage.ALIGN))
+            flush(_align(fill, memory.ALIGN))
     finally:
         pool.put(buf)
 
@@ -277,17 +278,15 @@ class WriteResult:
 class Job:
     """One save in the background: its abort flag and commit guard.
 
-    The commit and a timeout race; ``try_commit`` and ``try_abort`` settle it
+    The commit and a timeout race; ``begin_commit`` and ``try_abort`` settle it
     under a lock so that a save that timed out can never commit afterwards.
     """
 
-    def __init__(self, path: str, label: str) -> None:
-        self.path = path
+    def __init__(self, label: str) -> None:
         self.label = label
         self.abort = _Abort()
         self._lock = threading.Lock()
         self._committing = False
-        self.tmp: str | None = None
 
     def try_abort(self) -> bool:
         with self._lock:
@@ -379,15 +378,15 @@ class Context:
     deadline: float | None = None
 
 
-def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: bool = True
+def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Context, direct: bool = True
                ) -> tuple[Layout, list[list[list[int]]]]:
-    """(every process) Write this process's shards into ``tmp/file_name``."""
+    """(every process) Write this process's shards into the data file ``file_name`` of ``staging``."""
     with gcpause.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/gcpause.py
         layout = plan(snap, fmt.CHUNK_BYTES)
         sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
     if layout.size == 0:
         return layout, sums
-    f = storage.DataFile(tmp, file_name, direct=direct)
+    f = staging.create(file_name, direct=direct)
     futures: list[Future] = []
     try:
         runs = split_runs(layout.units, _parallelism(layout, ctx.n_workers))
@@ -401,7 +400,7 @@ def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: b
     return layout, sums
 
 
-def _close_when_done(f: storage.DataFile, futures: list[Future]) -> None:
+def _close_when_done(f: storage.DataSink, futures: list[Future]) -> None:
     """Close ``f`` once no worker can write through it any more. A save that
     timed out gives up while a worker may still be inside a write: closing
     the descriptors then would let that write land in whatever file reuses
@@ -424,26 +423,27 @@ def _close_when_done(f: storage.DataFile, futures: list[Future]) -> None:
         fut.add_done_callback(one_done)
 
 
-def _commit(tmp: str, path: str, manifest: bytes, overwrite: bool, ctx: Context) -> None:
-    """(primary) Write the manifest durably, then make the checkpoint visible."""
-    ctx.wait([ctx.pool.submit(storage.write_file, tmp, fmt.MANIFEST_NAME, manifest)])
-    os.unlink(os.path.join(tmp, storage.OWNER_FILE))  # the manifest now marks it as ours
+def _commit(staging: storage.Staging, manifest: bytes, overwrite: bool, ctx: Context) -> None:
+    """(primary) Write the manifest durably (on the pool: bounded by the save's
+    deadline), then make the checkpoint visible, unless the save timed out."""
+    ctx.wait([ctx.pool.submit(staging.write_manifest, manifest)])
     ctx.job.begin_commit()
-    storage.commit(tmp, path, overwrite)
+    staging.commit(overwrite)
 
 
 _PAUSE_WHOLE_SAVE_LEAVES = 2048
 
 
-def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, ctx: Context) -> WriteResult:
+def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: Any, overwrite: bool,
+                     ctx: Context) -> WriteResult:
     """The whole save: data, manifest, commit. Cleans up on failure.
 
     (all processes) call it with the same ``ctx.key``; see ``_write_multi``.
     """
+    loc = storage.Location.parse(path)
     if ctx.coord.process_count > 1:
-        return _write_multi(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)
-    tmp = storage.make_temp_dir(path)
-    ctx.job.tmp = tmp
+        return _write_multi(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)
+    staging = storage.backend(loc).begin_save(loc)
     try:
         # Trees of many leaves: one pause of the cyclic collector for the whole
         # save (see jaxckpt/gcpause.py). Paused stage by stage, each stage's
@@ -453,23 +453,24 @@ def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: boo
         # so it is kept to such trees, whose saves are short.
         with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
             name = data_file_name(0)
-            layout, sums = write_data(snap, tmp, name, ctx)
+            layout, sums = write_data(snap, staging, name, ctx)
             files = [fmt.FileRecord(name, layout.size)] if layout.size else []
-            manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], path)
+            manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], str(loc))
             size = layout.size
             del layout, sums  # a unit per shard: gone before the collector runs again
-            _commit(tmp, path, manifest, overwrite, ctx)
+            _commit(staging, manifest, overwrite, ctx)
             return WriteResult(size, len(files) + 1)
     except BaseException:
-        ctx.job.try_abort()  # stop workers still writing into tmp
-        storage.remove_tree(tmp)
+        ctx.job.try_abort()  # stop workers still writing into the staging area
+        staging.abandon()
         raise
 
 
-def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, ctx: Context) -> WriteResult:
-    """Multi-process save over a shared filesystem.
+def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwrite: bool,
+                 ctx: Context) -> WriteResult:
+    """Multi-process save (the steps of ``jaxckpt/storage.py``, over the coordination service).
 
-    1. (primary) create the temporary directory, publish its name.
+    1. (primary) begin the save, publish its staging token.
     2. (all) write own shards into ``data-<process>.bin``; publish a report
        (shard records, or the error).
     3. (primary) gather every report (failing fast on an error report, a dead
@@ -479,27 +480,27 @@ def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, c
     """
     coord, key, label = ctx.coord, ctx.key, ctx.job.label
     me = coord.process_index
+    backend = storage.backend(loc)
+    staging = None
     if coord.is_primary:
-        ident = hashlib.sha256(key.encode()).hexdigest()[:16]
-        storage.remove_tree(storage.aux_name(path, storage.TMP_MARK, ident))  # a stale one from a crashed run
-        tmp = storage.make_temp_dir(path, ident)
-        ctx.job.tmp = tmp
-        coord.set(f"{key}/tmp", tmp.encode())
+        staging = backend.begin_save(loc, hashlib.sha256(key.encode()).hexdigest()[:16])
+        coord.set(f"{key}/tmp", staging.token.encode())
     else:
-        tmp = coord.get(f"{key}/tmp", ctx.deadline, f"process 0 to start the save of {label}", from_process=0).decode()
+        token = coord.get(f"{key}/tmp", ctx.deadline, f"process 0 to start the save of {label}", from_process=0).decode()
     name = data_file_name(me)
     try:
-        if not os.path.isdir(tmp):
-            raise CheckpointError(
-                f"{coord.tag()} cannot see {tmp}, created by process 0: the checkpoint directory must be on a "
-                "filesystem that all processes share")
-        layout, sums = write_data(snap, tmp, name, ctx)
+        if staging is None:
+            try:
+                staging = backend.join_save(loc, token)
+            except CheckpointError as e:
+                raise CheckpointError(f"{coord.tag()} {e}") from None
+        layout, sums = write_data(snap, staging, name, ctx)
         report = {"ok": True, "file": name, "size": layout.size, "shards": _own_shards(snap, layout, sums)}
     except BaseException as e:
         ctx.job.try_abort()
         coord.set(f"{key}/report/{me}", msgpack.packb({"ok": False, "error": f"{type(e).__name__}: {e}"}))
         if coord.is_primary:
-            _fail_multi(tmp, key, coord, f"process 0 failed: {type(e).__name__}: {e}")
+            _fail_multi(staging, key, coord, f"process 0 failed: {type(e).__name__}: {e}")
         raise
     coord.set(f"{key}/report/{me}", msgpack.packb(report))
     if not coord.is_primary:
@@ -517,32 +518,21 @@ def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, c
             if not r["ok"]:
                 raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
             if r["size"]:
-                _check_visible(tmp, r["file"], r["size"], p)
+                staging.check_visible(r["file"], r["size"], p)
                 shards.extend((len(files), s if p == 0 else _from_report(s)) for s in r["shards"])
                 files.append(fmt.FileRecord(r["file"], r["size"]))
-        manifest = _manifest(snap, metadata, files, shards, path, full_check=True)
-        _commit(tmp, path, manifest, overwrite, ctx)
+        manifest = _manifest(snap, metadata, files, shards, str(loc), full_check=True)
+        _commit(staging, manifest, overwrite, ctx)
     except BaseException as e:
-        _fail_multi(tmp, key, coord, f"{type(e).__name__}: {e}")
+        _fail_multi(staging, key, coord, f"{type(e).__name__}: {e}")
         raise
     coord.set(f"{key}/outcome", msgpack.packb({"ok": True}))
     return WriteResult(sum(f.size for f in files), len(files) + 1)
 
 
-def _check_visible(tmp: str, name: str, size: int, process: int) -> None:
-    try:
-        found = os.stat(os.path.join(tmp, name)).st_size
-    except FileNotFoundError:
-        found = None
-    if found != size:
-        raise CheckpointError(
-            f"process 0 cannot see {os.path.join(tmp, name)} as written by process {process} "
-            f"({size} bytes; found {'nothing' if found is None else f'{found} bytes'}): the checkpoint "
-            "directory must be on a filesystem that all processes share")
-
-
-def _fail_multi(tmp: str, key: str, coord: multihost.Coordinator, why: str) -> None:
-    storage.remove_tree(tmp)
+def _fail_multi(staging: storage.Staging | None, key: str, coord: multihost.Coordinator, why: str) -> None:
+    if staging is not None:
+        staging.abandon()
     try:
         coord.set(f"{key}/outcome", msgpack.packb({"ok": False, "error": why}))
     except Exception as e:  # the service may be gone too; the others' deadlines still bound their wait

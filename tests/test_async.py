@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import storage, writer
+from jaxckpt import memory, posixfs, writer
 
 
 def _entries(directory):
@@ -22,14 +22,14 @@ def _entries(directory):
 def slow_writes(monkeypatch):
     """Hold every data-file write until the test releases it."""
     gate = threading.Event()
-    original = storage.DataFile.pwrite
+    original = posixfs.DataFile.pwrite
 
     def pwrite(self, view, offset, direct=False):
         gate.wait(30)
         return original(self, view, offset, direct)
 
-    monkeypatch.setattr(storage.DataFile, "pwrite", pwrite)
-    monkeypatch.setattr(storage.DataFile, "pwritev", lambda self, views, off: pwrite(
+    monkeypatch.setattr(posixfs.DataFile, "pwrite", pwrite)
+    monkeypatch.setattr(posixfs.DataFile, "pwritev", lambda self, views, off: pwrite(
         self, memoryview(b"".join(bytes(v) for v in views)), off))
     yield gate
     gate.set()
@@ -79,8 +79,8 @@ def test_background_error_is_raised_exactly_once_on_next_save(ckdir, monkeypatch
     tree = {"a": jnp.ones(1000)}
     ck = jaxckpt.AsyncCheckpointer()
     with monkeypatch.context() as m:
-        m.setattr(storage.DataFile, "pwrite", fail)
-        m.setattr(storage.DataFile, "pwritev", fail)
+        m.setattr(posixfs.DataFile, "pwrite", fail)
+        m.setattr(posixfs.DataFile, "pwritev", fail)
         h = ck.save(ckdir / "bad", tree)
         assert h.wait(timeout=30)  # waits without consuming the error
     assert "background save of" in caplog.text and "No space left" in caplog.text  # logged at once
@@ -237,7 +237,7 @@ def test_closed_checkpointer_refuses_saves(ckdir):
 
 
 def test_buffered_fallback_when_o_direct_is_unavailable(ckdir, monkeypatch):
-    monkeypatch.setattr(storage, "_O_DIRECT", 0)
+    monkeypatch.setattr(posixfs, "O_DIRECT", 0)
     tree = {f"x{i}": np.random.default_rng(i).random(n).astype(np.float32) for i, n in enumerate([1, 17, 5000, 300000])}
     with jaxckpt.AsyncCheckpointer() as ck:
         ck.save(ckdir / "c", tree).result()
@@ -408,7 +408,7 @@ def test_direct_writes_from_aligned_sources_match_the_buffered_layout(tmp_path, 
     assert direct_sources, "the plan must contain page-aligned units for this test to mean anything"
     files = {}
     for direct in (True, False):
-        f = storage.DataFile(str(tmp_path), f"d{int(direct)}.bin", direct=direct)
+        f = posixfs.DataFile(str(tmp_path), f"d{int(direct)}.bin", direct=direct)
         if direct and not f.direct:
             pytest.skip("O_DIRECT is not supported on this file system")
         for run in writer.split_runs(layout.units, 3):
@@ -440,7 +440,7 @@ def test_pooled_copies_go_to_disk_without_the_staging_copy(ckdir, monkeypatch):
         monkeypatch.setattr(writer.np, "copyto", spy)
         ck.save(ckdir / "c", tree).result()
     monkeypatch.undo()
-    if not storage.DataFile(str(ckdir), "probe", direct=True).direct:
+    if not posixfs.DataFile(str(ckdir), "probe", direct=True).direct:
         pytest.skip("O_DIRECT is not supported on this file system")
     assert sum(copied) < 64 << 10, f"the writer staged {sum(copied)} bytes of a 3 MiB pooled leaf"
     got = jaxckpt.restore(ckdir / "c")
@@ -501,7 +501,7 @@ def test_an_explicit_copy_choice_is_never_changed(ckdir, choice):
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux /proc")
 def test_staging_and_pool_buffers_are_private_memory():
     """Shared anonymous memory (mmap's default) is shmem, which never gets huge
-    pages; O_DIRECT from huge pages ran twice as fast here (storage.aligned_buffer)."""
+    pages; O_DIRECT from huge pages ran twice as fast here (memory.aligned_buffer)."""
     from jaxckpt import snapshot
 
     def perms(addr):
@@ -513,7 +513,7 @@ def test_staging_and_pool_buffers_are_private_memory():
                     return mode
         raise AssertionError(f"address {addr:#x} not mapped")
 
-    a = np.frombuffer(storage.aligned_buffer(4 << 20), np.uint8)
+    a = np.frombuffer(memory.aligned_buffer(4 << 20), np.uint8)
     b = snapshot._page_aligned(4 << 20)
     for buf in (a, b):
         assert buf.ctypes.data % 4096 == 0
