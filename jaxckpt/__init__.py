@@ -3,7 +3,6 @@
 The public face. Everything not listed in ``__all__`` is internal and may change.
 """
 
-from jaxckpt import writer as _writer
 from jaxckpt.api import CheckpointInfo, LeafInfo, LoadReport, inspect, load_checkpoint, load_into, restore, save
 from jaxckpt.checkpointer import AsyncCheckpointer, SaveHandle, SaveStats
 from jaxckpt.errors import (
@@ -19,8 +18,7 @@ from jaxckpt.errors import (
 )
 from jaxckpt.manager import CheckpointManager, StepMetadata
 
-__version__ = "0.1.0"
-_writer.set_library_version(__version__)
+from jaxckpt.version import VERSION as __version__
 
 __all__ = [
     "AsyncCheckpointer",

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from jaxckpt import config
 from jaxckpt import format as fmt
+from jaxckpt import layout
 from jaxckpt import multihost
 from jaxckpt import snapshot as snapshot_mod
 from jaxckpt import storage
@@ -132,16 +133,19 @@ class SaveHandle:
         return f"SaveHandle({self.path!r}, {state})"
 
 
-def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, overwrite: bool) -> str:
+def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, overwrite: bool,
+                     metadata_checked: bool = False) -> str:
     """Checks done on the calling thread so that mistakes raise where they are made
-    (else only the background write would fail). Returns the location as a string."""
+    (else only the background write would fail). Returns the location as a string.
+    ``metadata_checked``: the caller checked ``metadata`` already (see ``AsyncCheckpointer.save``)."""
     loc = storage.Location.parse(path)
     if "\x00" in loc.path:
         raise ValueError(f"{str(loc)!r}: embedded null byte in the checkpoint path")
-    try:
-        fmt.check_metadata(metadata)
-    except TypeError as e:
-        raise UnsupportedValueError(f"{loc}: {e}") from None
+    if not metadata_checked:
+        try:
+            fmt.check_metadata(metadata)
+        except TypeError as e:
+            raise UnsupportedValueError(f"{loc}: {e}") from None
     if not overwrite and storage.backend(loc).exists(loc):
         raise CheckpointExistsError(f"{loc}: a checkpoint already exists (pass overwrite=True to replace it)")
     return str(loc)
@@ -190,7 +194,7 @@ class AsyncCheckpointer:
         self._multi = multihost.coordinator()
         self._instance = next(_instances)  # same on every process of an SPMD program
         self._seq = 0
-        self._staging = writer.StagingPool()
+        self._staging = layout.StagingPool()
         self._handles: deque[SaveHandle] = deque()
         self._lock = threading.Lock()
         self._closed = False
@@ -198,7 +202,7 @@ class AsyncCheckpointer:
     # ------------------------------------------------------------ public
     def save(self, path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
              label: str | None = None, on_commit: Callable[[SaveHandle], None] | None = None,
-             timeout: float | None = None) -> SaveHandle:
+             timeout: float | None = None, metadata_checked: bool = False) -> SaveHandle:
         """Snapshot ``tree`` to host memory and return; the write runs in the background.
 
         ``label``: how messages name this save (default: the path; the manager
@@ -206,12 +210,15 @@ class AsyncCheckpointer:
         right after the commit, before the handle resolves (``handle.stats`` is
         set); an error it raises fails the save's handle, though the
         checkpoint stays committed. ``timeout``: seconds for this save,
-        overriding the checkpointer's."""
+        overriding the checkpointer's. ``metadata_checked=True``: the caller
+        has already checked ``metadata`` with ``format.check_metadata`` (the
+        manager does, to name the bad value in its own words), so it is not
+        encoded once more here; the write still encodes it."""
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
         self.check_for_errors()
-        path = validate_request(path, metadata, overwrite)
+        path = validate_request(path, metadata, overwrite, metadata_checked)
         self._backpressure()
         self.check_for_errors()
         pooled: list = []
@@ -329,15 +336,17 @@ class AsyncCheckpointer:
 
 
 def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
-              max_workers: int | None = None, label: str | None = None) -> writer.WriteResult:
-    """Synchronous save: the caller waits, so numpy inputs are not copied."""
-    path = validate_request(path, metadata, overwrite)
+              max_workers: int | None = None, label: str | None = None,
+              metadata_checked: bool = False) -> writer.WriteResult:
+    """Synchronous save: the caller waits, so numpy inputs are not copied.
+    ``metadata_checked`` as in ``AsyncCheckpointer.save``."""
+    path = validate_request(path, metadata, overwrite, metadata_checked)
     multi = multihost.coordinator()
     snap = snapshot_mod.take(tree, copy_numpy=False, process_index=multi.process_index,
                              process_count=multi.process_count)
     n = max_workers or config.write_workers()
     key = f"jaxckpt/sync/{next(_sync_saves)}/{os.path.basename(path)}"
     with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
-        ctx = writer.Context(pool, n, writer.StagingPool(), writer.Job(label or path),
+        ctx = writer.Context(pool, n, layout.StagingPool(), writer.Job(label or path),
                              writer.waiter(None, label or path), multi, key)
         return writer.write_checkpoint(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import format as fmt
-from jaxckpt import reader, libc, memory
+from jaxckpt import libc, memory, reader, readplan
 from jaxckpt.errors import CorruptCheckpointError
 
 
@@ -257,7 +257,7 @@ def test_mappable_flags_must_match_requests(ckdir):
 def test_a_lone_small_shard_is_read_not_mapped(ckdir, monkeypatch):
     """Small shards whose run of neighbours holds less than MAP_MIN_BYTES are read, never mapped."""
     monkeypatch.setattr(memory, "map_range", lambda *a: pytest.fail(f"mapped {a}"))
-    t = {"a": np.arange(reader.MAP_MIN_BYTES // 8, dtype=np.float32), "b": np.ones(10, np.int8)}
+    t = {"a": np.arange(readplan.MAP_MIN_BYTES // 8, dtype=np.float32), "b": np.ones(10, np.int8)}
     jaxckpt.save(ckdir / "c", t)
     got = jaxckpt.restore(ckdir / "c")
     assert got["a"].tobytes() == t["a"].tobytes() and got["b"].tobytes() == t["b"].tobytes()
@@ -317,13 +317,17 @@ def test_only_a_whole_aligned_shard_is_mapped(ckdir):
     with reader.CheckpointReader(ckdir / "c") as r:
         rec = r.manifest.leaves[0]
         whole = ((0, MiB),)
-        ops: list = []
-        got = r._map_shard(rec, whole, (MiB,), np.dtype(np.float32), True, ops)
-        assert got is not None and len(ops) == 1 and ops[0].mapped and ops[0].checksum is not None
-        assert r._map_shard(rec, ((0, MiB // 2),), (MiB // 2,), np.dtype(np.float32), True, []) is None  # part
+
+        def plan() -> readplan.Plan:
+            return readplan.Plan(r.manifest, readplan.shard_starts(r.manifest), True, r._try_map)
+
+        p = plan()
+        got = p._map_shard(rec, whole, (MiB,), np.dtype(np.float32))
+        assert got is not None and len(p.ops) == 1 and p.ops[0].mapped and p.ops[0].checksum is not None
+        assert plan()._map_shard(rec, ((0, MiB // 2),), (MiB // 2,), np.dtype(np.float32)) is None  # part
         odd = rec._replace(shards=(rec.shards[0]._replace(offset=rec.shards[0].offset + 4),))
-        assert r._map_shard(odd, whole, (MiB,), np.dtype(np.float32), True, []) is None
-        r._run([ops[0]])
+        assert plan()._map_shard(odd, whole, (MiB,), np.dtype(np.float32)) is None
+        r._run([p.ops[0]])
         assert got.tobytes() == t["a"].tobytes()
 
 
@@ -362,17 +366,17 @@ class _Sharding:
 
 
 def test_only_host_and_cpu_bound_leaves_are_mappable(monkeypatch):
-    from jaxckpt import api
+    from jaxckpt import targets
 
     cache: dict = {}  # by id(): the shardings must stay alive, as a target's do
     cpu, gpu, mixed = _Sharding("cpu", "cpu"), _Sharding("gpu"), _Sharding("cpu", "tpu")
-    assert api._host_bound(np.zeros(3), None, cache)
-    assert api._host_bound(None, cpu, cache)
-    assert not api._host_bound(None, gpu, cache)
-    assert not api._host_bound(None, mixed, cache)
+    assert targets.host_bound(np.zeros(3), None, cache)
+    assert targets.host_bound(None, cpu, cache)
+    assert not targets.host_bound(None, gpu, cache)
+    assert not targets.host_bound(None, mixed, cache)
     from jaxckpt import config
     with config.tuned(map_for_accelerators=True):
-        assert api._host_bound(None, gpu, {})
+        assert targets.host_bound(None, gpu, {})
 
 
 @pytestmark_map
