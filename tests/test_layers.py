@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"storage", "posix", "posixdirs", "posixfs", "lock"},  # bytes <-> files (objects), the commit
     {"layout", "writer", "readplan", "reader", "placement"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
-    {"policies", "steps", "preemption", "manager"},    # when to save, what to keep
+    {"policies", "steps", "saving", "preemption", "manager"},  # when to save, what to keep
     {"__init__"},                                      # the public face
     {"cli", "__main__"},                               # the command line, over the public face
 ]

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import lock, posixdirs, posixfs
-from jaxckpt.manager import KeepPolicy, RetentionInfo, StepNaming
+from jaxckpt.policies import KeepPolicy, RetentionInfo, SavePolicy, StepNaming
 
 
 class Clock:
@@ -189,6 +189,24 @@ def test_invalid_options_are_refused(ckdir, kwargs, error, message):
     assert not os.path.exists(ckdir / lock.LOCK_NAME)
 
 
+def test_policy_objects_stand_for_the_keywords(ckdir):
+    with jaxckpt.CheckpointManager(ckdir, save_policy=SavePolicy(interval_steps=3),
+                                   keep_policy=KeepPolicy(max_to_keep=2)) as mgr:
+        assert run_steps(mgr, range(1, 11)) == [3, 6, 9]
+        assert mgr.all_steps() == [6, 9]
+    for kwargs, error, message in [
+        ({"save_policy": SavePolicy(interval_steps=3), "save_interval_steps": 3}, ValueError,
+         "pass save_policy= or save_interval_steps/save_interval_seconds/save_on_steps, not both"),
+        ({"keep_policy": KeepPolicy(max_to_keep=2), "best_mode": "max"}, ValueError,
+         "pass keep_policy= or max_to_keep/keep_time_interval/keep_period/best_metric/best_mode, not both"),
+        ({"save_policy": SavePolicy(interval_steps=0)}, ValueError, "save_interval_steps must be >= 1, got 0"),
+        ({"keep_policy": {"max_to_keep": 2}}, TypeError, "keep_policy must be a KeepPolicy, got dict"),
+    ]:
+        with pytest.raises(error) as e:
+            jaxckpt.CheckpointManager(ckdir, **kwargs)
+        assert str(e.value) == message
+
+
 @pytest.mark.parametrize("step, error, message", [
     (-1, ValueError, "step must be in [0, 2**63), got -1"),
     (True, TypeError, "step must be an int, got bool"),
@@ -220,6 +238,29 @@ def test_unstorable_metadata_and_metrics_raise_on_the_calling_thread(ckdir):
         assert str(e.value) == (f"{ckdir}: step 1: metrics['acc']: set is not storable; "
                                 "use str/int/float/bool/None/bytes and lists/dicts of them")
         assert mgr.all_steps() == [] and names(ckdir) == []
+
+
+def test_each_value_is_checked_once_per_save(ckdir, monkeypatch):
+    real = jaxckpt.format.check_metadata
+    checked = []
+    monkeypatch.setattr(jaxckpt.format, "check_metadata", lambda v: checked.append(v) or real(v))
+    for async_save in (True, False):
+        with jaxckpt.CheckpointManager(ckdir / str(async_save), async_save=async_save) as mgr:
+            checked.clear()
+            mgr.save(1, state_at(1), metrics={"loss": np.float32(0.5)}, metadata={"lr": 0.1})
+            # The user's metadata and the metrics, once each; never the step record around them.
+            assert checked == [{"lr": 0.1}, {"loss": 0.5}]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_save_that_cannot_start_gives_its_step_back(ckdir, async_save):
+    with jaxckpt.CheckpointManager(ckdir, save_interval_steps=2, async_save=async_save) as mgr:
+        with pytest.raises(jaxckpt.UnsupportedValueError):
+            mgr.save(2, {"bad": object()})
+        assert mgr.should_save(2)  # not claimed any more: the policy may save it again
+        assert mgr.save(2, state_at(2))
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [2]
 
 
 # ----------------------------------------------------------------------------- retention rules (pure)
