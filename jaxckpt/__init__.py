@@ -16,8 +16,8 @@ from jaxckpt.errors import (
     UnsupportedLocationError,
     UnsupportedValueError,
 )
-from jaxckpt.manager import CheckpointManager, StepMetadata
-
+from jaxckpt.manager import CheckpointManager
+from jaxckpt.policies import KeepPolicy, SavePolicy, StepMetadata
 from jaxckpt.version import VERSION as __version__
 
 __all__ = [
@@ -29,9 +29,11 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "KeepPolicy",
     "LeafInfo",
     "LoadReport",
     "SaveHandle",
+    "SavePolicy",
     "SaveStats",
     "SaveTimeoutError",
     "StepMetadata",
