@@ -3,7 +3,6 @@
 The public face. Everything not listed in ``__all__`` is internal and may change.
 """
 
-from jaxckpt import writer as _writer
 from jaxckpt.api import CheckpointInfo, LeafInfo, LoadReport, inspect, load_checkpoint, load_into, restore, save
 from jaxckpt.checkpointer import AsyncCheckpointer, SaveHandle, SaveStats
 from jaxckpt.errors import (
@@ -14,12 +13,12 @@ from jaxckpt.errors import (
     CorruptCheckpointError,
     SaveTimeoutError,
     StructureMismatchError,
+    UnsupportedLocationError,
     UnsupportedValueError,
 )
-from jaxckpt.manager import CheckpointManager, StepMetadata
-
-__version__ = "0.1.0"
-_writer.set_library_version(__version__)
+from jaxckpt.manager import CheckpointManager
+from jaxckpt.policies import KeepPolicy, SavePolicy, StepMetadata
+from jaxckpt.version import VERSION as __version__
 
 __all__ = [
     "AsyncCheckpointer",
@@ -30,13 +29,16 @@ __all__ = [
     "CheckpointManager",
     "CheckpointNotFoundError",
     "CorruptCheckpointError",
+    "KeepPolicy",
     "LeafInfo",
     "LoadReport",
     "SaveHandle",
+    "SavePolicy",
     "SaveStats",
     "SaveTimeoutError",
     "StepMetadata",
     "StructureMismatchError",
+    "UnsupportedLocationError",
     "UnsupportedValueError",
     "__version__",
     "inspect",

@@ -22,10 +22,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from jaxckpt import config
 from jaxckpt import format as fmt
 from jaxckpt import hostcopy
+from jaxckpt import layout
 from jaxckpt import multihost
 from jaxckpt import snapshot as snapshot_mod
+from jaxckpt import storage
 from jaxckpt import writer
 from jaxckpt.errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
 
@@ -68,12 +71,6 @@ def close_after(close, exc_type: type | None) -> None:
         close()
     except Exception as err:
         logger.error("background save error while handling %s: %s", exc_type.__name__, err)
-
-
-def default_workers() -> int:
-    # Disk-bound work: a few threads keep the queue full even on 2 cores, and
-    # hashing/copying release the GIL.
-    return min(16, max(4, os.cpu_count() or 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,18 +136,22 @@ class SaveHandle:
         return f"SaveHandle({self.path!r}, {state})"
 
 
-def validate_request(path: str | os.PathLike, metadata: Any, overwrite: bool) -> str:
-    """Checks done on the calling thread so that mistakes raise where they are made."""
-    path = os.path.abspath(os.fspath(path))
-    if "\x00" in path:  # else only the background write would fail
-        raise ValueError(f"{path!r}: embedded null byte in the checkpoint path")
-    try:
-        fmt.check_metadata(metadata)
-    except TypeError as e:
-        raise UnsupportedValueError(f"{path}: {e}") from None
-    if not overwrite and os.path.lexists(path):
-        raise CheckpointExistsError(f"{path}: a checkpoint already exists (pass overwrite=True to replace it)")
-    return path
+def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, overwrite: bool,
+                     metadata_checked: bool = False) -> str:
+    """Checks done on the calling thread so that mistakes raise where they are made
+    (else only the background write would fail). Returns the location as a string.
+    ``metadata_checked``: the caller checked ``metadata`` already (see ``AsyncCheckpointer.save``)."""
+    loc = storage.Location.parse(path)
+    if "\x00" in loc.path:
+        raise ValueError(f"{str(loc)!r}: embedded null byte in the checkpoint path")
+    if not metadata_checked:
+        try:
+            fmt.check_metadata(metadata)
+        except TypeError as e:
+            raise UnsupportedValueError(f"{loc}: {e}") from None
+    if not overwrite and storage.backend(loc).exists(loc):
+        raise CheckpointExistsError(f"{loc}: a checkpoint already exists (pass overwrite=True to replace it)")
+    return str(loc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,7 +197,7 @@ class AsyncCheckpointer:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if max_workers is not None and max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.max_workers = max_workers or default_workers()
+        self.max_workers = max_workers or config.write_workers()
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self.copy_cpu_arrays = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
@@ -206,7 +207,7 @@ class AsyncCheckpointer:
         self._multi = multihost.coordinator()
         self._instance = next(_instances)  # same on every process of an SPMD program
         self._seq = 0
-        self._staging = writer.StagingPool()
+        self._staging = layout.StagingPool()
         self._handles: deque[SaveHandle] = deque()
         self._lock = threading.Lock()
         self._closed = False
@@ -214,7 +215,7 @@ class AsyncCheckpointer:
     # ------------------------------------------------------------ public
     def save(self, path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
              label: str | None = None, on_commit: Callable[[SaveHandle], None] | None = None,
-             timeout: float | None = None) -> SaveHandle:
+             timeout: float | None = None, metadata_checked: bool = False) -> SaveHandle:
         """Snapshot ``tree`` to host memory and return; the write runs in the background.
 
         ``label``: how messages name this save (default: the path; the manager
@@ -222,12 +223,15 @@ class AsyncCheckpointer:
         right after the commit, before the handle resolves (``handle.stats`` is
         set); an error it raises fails the save's handle, though the
         checkpoint stays committed. ``timeout``: seconds for this save,
-        overriding the checkpointer's."""
+        overriding the checkpointer's. ``metadata_checked=True``: the caller
+        has already checked ``metadata`` with ``format.check_metadata`` (the
+        manager does, to name the bad value in its own words), so it is not
+        encoded once more here; the write still encodes it."""
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
         self.check_for_errors()
-        path = validate_request(path, metadata, overwrite)
+        path = validate_request(path, metadata, overwrite, metadata_checked)
         self._backpressure()
         self.check_for_errors()
         copied = self._copies.take(tree, process_index=self._multi.process_index,
@@ -286,7 +290,7 @@ class AsyncCheckpointer:
         handle, snap, t0, key = save.handle, save.copied.snapshot, save.t0, save.key
         metadata, overwrite = save.metadata, save.overwrite
         deadline = None if save.timeout is None else time.monotonic() + save.timeout - (time.perf_counter() - t0)
-        job = writer.Job(handle.path, handle.label)
+        job = writer.Job(handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline)
         try:
@@ -324,15 +328,17 @@ class AsyncCheckpointer:
 
 
 def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
-              max_workers: int | None = None, label: str | None = None) -> writer.WriteResult:
-    """Synchronous save: the caller waits, so numpy inputs are not copied."""
-    path = validate_request(path, metadata, overwrite)
+              max_workers: int | None = None, label: str | None = None,
+              metadata_checked: bool = False) -> writer.WriteResult:
+    """Synchronous save: the caller waits, so numpy inputs are not copied.
+    ``metadata_checked`` as in ``AsyncCheckpointer.save``."""
+    path = validate_request(path, metadata, overwrite, metadata_checked)
     multi = multihost.coordinator()
     snap = snapshot_mod.take(tree, copy_numpy=False, process_index=multi.process_index,
                              process_count=multi.process_count)
-    n = max_workers or default_workers()
+    n = max_workers or config.write_workers()
     key = f"jaxckpt/sync/{next(_sync_saves)}/{os.path.basename(path)}"
     with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
-        ctx = writer.Context(pool, n, writer.StagingPool(), writer.Job(path, label or path),
+        ctx = writer.Context(pool, n, layout.StagingPool(), writer.Job(label or path),
                              writer.waiter(None, label or path), multi, key)
         return writer.write_checkpoint(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)

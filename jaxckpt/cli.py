@@ -19,7 +19,6 @@ import json
 import math
 import os
 import pprint
-import stat
 import sys
 from typing import Any, Iterator, Sequence
 
@@ -27,6 +26,7 @@ import jaxckpt
 from jaxckpt import display
 from jaxckpt import format as fmt
 from jaxckpt import progress as progress_mod
+from jaxckpt import storage
 from jaxckpt.errors import CheckpointError
 from jaxckpt.reader import CheckpointReader
 
@@ -44,13 +44,10 @@ class UsageError(Exception):
 
 # ----------------------------------------------------------------------------- finding checkpoints
 def is_checkpoint(path: str, follow: bool = False) -> bool:
-    """A real directory holding a regular ``manifest.msgpack`` (docs/FORMAT.md §2);
-    ``follow``: ``path`` itself may be a symbolic link (one the user named)."""
-    try:
-        st = os.stat(path) if follow else os.lstat(path)
-        return stat.S_ISDIR(st.st_mode) and stat.S_ISREG(os.lstat(os.path.join(path, fmt.MANIFEST_NAME)).st_mode)
-    except OSError:
-        return False
+    """A committed checkpoint (docs/FORMAT.md, commit protocol); ``follow``:
+    ``path`` itself may be a symbolic link (one the user named)."""
+    loc = storage.Location.parse(path)
+    return storage.backend(loc).is_committed(loc, follow)
 
 
 def _looks_damaged(path: str) -> bool:
@@ -80,11 +77,19 @@ def _natural_key(name: str) -> tuple:
     return tuple(out)
 
 
+def _check_location(path: str) -> str:
+    """``path`` as given, once it is known to be one this version can read (a URL of
+    another scheme raises ``UnsupportedLocationError``; it never becomes a local path)."""
+    storage.Location.parse(path)
+    return path
+
+
 def find_checkpoints(path: str) -> tuple[bool, list[str]]:
     """``(is_single, paths)``: ``path`` itself when it is a checkpoint (or a
     checkpoint that lost its manifest), else its checkpoint subdirectories in
     step order. Hidden entries (temporary, deleted, set-aside directories) are
     never checkpoints."""
+    path = _check_location(path)
     if not os.path.isdir(path):
         raise UsageError(f"{path}: no such directory" if not os.path.lexists(path) else f"{path}: not a directory")
     if is_checkpoint(path, follow=True) or _looks_damaged(path):
@@ -246,7 +251,7 @@ def _table(rows: list[list[str]], out: Any) -> None:
 
 
 def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
-    d = args.dir
+    d = _check_location(args.dir)
     if not os.path.isdir(d):
         raise UsageError(f"{d}: no such directory" if not os.path.lexists(d) else f"{d}: not a directory")
     if is_checkpoint(d, follow=True):
@@ -295,7 +300,7 @@ def _leaf_row(leaf: jaxckpt.LeafInfo) -> list[str]:
 
 
 def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
-    p = args.path
+    p = _check_location(args.path)
     if not os.path.isdir(p):
         raise UsageError(f"{p}: no such directory" if not os.path.lexists(p) else f"{p}: not a directory")
     if not is_checkpoint(p, follow=True):

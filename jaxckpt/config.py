@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import threading
 from typing import Iterator
 
@@ -74,3 +75,17 @@ def tuned(**changes) -> Iterator[Tuning]:
     finally:
         with _lock:
             _current = previous
+
+
+def write_workers() -> int:
+    """I/O threads of a save (``AsyncCheckpointer(max_workers=None)``): 4..16 by
+    core count. Writes wait on the disk: a few threads keep its queue full even
+    on 2 cores, and hashing and copying release the GIL."""
+    return min(16, max(4, os.cpu_count() or 1))
+
+
+def read_workers() -> int:
+    """Read threads of a restore: 8..16 by core count. Reads wait on the disk
+    (and on page faults of fresh buffers): more requests in flight than cores
+    measured faster on cold reads (8 vs 4: 0.47 s vs 0.54 s for 0.86 GB on 2 cores)."""
+    return min(16, max(8, 2 * (os.cpu_count() or 1)))

@@ -24,14 +24,15 @@ def format_rate(gbps: float) -> str:
     return f"{gbps:.2f} GB/s" if gbps >= 1 else f"{gbps * 1000:.1f} MB/s"
 
 
-def local_time(timestamp: float, sep: str = " ") -> str:
+def local_time(timestamp: float, sep: str = " ", invalid: str | None = None) -> str:
     """Local time of a Unix timestamp, to the second (``2026-12-03 08:19:49``;
-    ``sep="T"``: ISO 8601). A timestamp read from disk may be anything: one
-    that is not a valid time is shown as the raw number."""
+    ``sep="T"``: ISO 8601). A timestamp read from disk may be anything (NaN,
+    a year past 9999): one that is not a valid time is shown as ``invalid``,
+    by default the raw number."""
     try:
         return datetime.datetime.fromtimestamp(timestamp).isoformat(sep=sep, timespec="seconds")
     except (OverflowError, OSError, ValueError, TypeError):
-        return repr(timestamp)
+        return repr(timestamp) if invalid is None else invalid
 
 
 def shorten(text: str, n: int) -> str:

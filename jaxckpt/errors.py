@@ -41,3 +41,9 @@ class SaveTimeoutError(CheckpointError, TimeoutError):
 
 class UnsupportedValueError(CheckpointError, TypeError):
     """A leaf (or metadata value) cannot be stored in the format."""
+
+
+class UnsupportedLocationError(CheckpointError, ValueError):
+    """A checkpoint location this version cannot store to or read from (an
+    unknown URL scheme, or object storage where no backend is available). A
+    URL is never taken for a local path."""

@@ -117,6 +117,14 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
         done += n
 
 
+def list_entries(directory: str) -> list[str]:
+    """The names in ``directory``; none when it does not exist."""
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
 def read_record(directory: str, name: str, cap: int = RECORD_CAP) -> Any:
     """A small msgpack record file decoded, or None when it is missing,
     unreadable, larger than ``cap`` or not msgpack (the callers treat all of

@@ -1,20 +1,16 @@
-"""Writer: a host snapshot -> a committed checkpoint directory, on a thread pool.
+"""Writer: a host snapshot -> a committed checkpoint, on a thread pool.
 
-What to write (``plan``) is kept apart from how it is written (``_write_run``):
+1. (every process) ``write_data``: lay out this process's shards in one data
+   file and write it in parallel runs (``jaxckpt/layout.py``: what goes where,
+   how a run is written), then finish it (durable).
+2. (process 0) build the manifest from every process's shard records, refuse
+   one our own reader would reject, write it (durable).
+3. (process 0) commit (``storage.Staging.commit``; on POSIX: fsync dir,
+   rename, fsync parent), unless the save timed out meanwhile (``Job``).
 
-* ``plan`` lays every unique shard out in ONE data file per process: shards of
-  64 KiB or more start on a 4096-byte boundary (O_DIRECT, page-aligned reads),
-  smaller ones on 64 bytes. Shards are cut into ``CHUNK_BYTES`` units, each with
-  its own checksum, and the units are split into contiguous runs of nearly
-  equal size, one per worker, cut only at 4096-aligned offsets (the way torch
-  DCP spreads work by size, deterministically).
-* each worker hashes its units (xxh3 releases the GIL) and writes its run with
-  positioned writes: through a reused page-aligned staging buffer with O_DIRECT
-  where the filesystem allows, else with buffered gather writes.
-* then: truncate + fsync the data file, write + fsync the manifest, commit
-  (``storage.commit``: fsync dir, rename, fsync parent).
-
-Nothing here touches jax: the snapshot already holds host buffers.
+The storage steps and which process and thread runs each are numbered in
+``jaxckpt/storage.py``. Nothing here touches jax: the snapshot already holds
+host buffers.
 """
 
 from __future__ import annotations
@@ -22,251 +18,23 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import msgpack
-import numpy as np
 
 from jaxckpt import gcpause
 from jaxckpt import format as fmt
+from jaxckpt import layout as layout_mod
 from jaxckpt import multihost
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
+from jaxckpt import version
 from jaxckpt.errors import CheckpointError, CorruptCheckpointError, SaveTimeoutError, UnsupportedValueError
 from jaxckpt.snapshot import Snapshot
-
-_SMALL = 64 << 10
-STAGING_BYTES = 8 << 20
-_version = "unknown"
-
-
-def set_library_version(v: str) -> None:
-    global _version
-    _version = v
-
-
-def data_file_name(process_index: int) -> str:
-    return f"data-{process_index:05d}.bin"
-
-
-def _align(x: int, a: int) -> int:
-    return -(-x // a) * a
-
-
-class Unit(NamedTuple):
-    """A contiguous piece of one shard: bytes ``src`` go to ``offset`` in the file.
-    (A tuple: plans of 10,000-leaf trees build one per leaf.)"""
-    offset: int
-    src: np.ndarray  # uint8, contiguous
-    leaf: int
-    shard: int
-    chunk: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    units: tuple[Unit, ...]
-    shard_offsets: tuple[tuple[int, ...], ...]  # per leaf, per shard
-    size: int  # data file size
-
-
-def plan(snap: Snapshot, chunk_bytes: int) -> Layout:
-    units: list[Unit] = []
-    offsets: list[tuple[int, ...]] = []
-    pos = 0
-    for li, leaf in enumerate(snap.leaves):
-        if not li & 31:
-            _let_others_run()
-        offs = []
-        for si, (_, arr) in enumerate(leaf.shards):
-            n = arr.nbytes
-            pos = _align(pos, storage.ALIGN if n >= _SMALL else 64)
-            offs.append(pos)
-            if n:
-                raw = arr.reshape(-1).view(np.uint8)
-                if n <= chunk_bytes:
-                    units.append(Unit(pos, raw, li, si, 0))
-                else:
-                    for ci, a in enumerate(range(0, n, chunk_bytes)):
-                        units.append(Unit(pos + a, raw[a:a + chunk_bytes], li, si, ci))
-            pos += n
-        offsets.append(tuple(offs))
-    return Layout(tuple(units), tuple(offsets), pos)
-
-
-def _let_others_run() -> None:
-    """Release the GIL for a moment. Background loops over many small items
-    call this every few items: a training loop's next dispatch otherwise
-    waits up to the interpreter's 5 ms switch interval for the GIL each time
-    (measured: a niced pure-Python thread slowed a 11 ms jitted step by 62%,
-    the same thread sleeping 0 s every ~50 us by 9%)."""
-    time.sleep(0)
-
-
-_PYTHON_BOUND_UNIT = 256 << 10
-
-
-def _parallelism(layout: Layout, workers: int) -> int:
-    """How many runs to write in parallel. Small units (many small leaves) are
-    bound by Python work under the GIL, which more threads only contend for
-    (a 10,000-leaf save took as long with one run as with four), and a
-    training loop's dispatch waits behind every one of them."""
-    if not layout.units or layout.size < len(layout.units) * _PYTHON_BOUND_UNIT:
-        return min(2, workers)  # two: one run's Python work overlaps the other's disk writes
-    return workers
-
-
-def split_runs(units: tuple[Unit, ...], n: int) -> list[tuple[Unit, ...]]:
-    """Contiguous runs of nearly equal bytes, cut only where a unit starts on an
-    aligned offset (so each run can be written with O_DIRECT independently)."""
-    total = sum(u.src.nbytes for u in units)
-    target = max(total / max(n, 1), 1)
-    runs: list[tuple[Unit, ...]] = []
-    start, acc = 0, 0
-    for i, u in enumerate(units):
-        if acc >= target and len(runs) < n - 1 and u.offset % storage.ALIGN == 0:
-            runs.append(units[start:i])
-            start, acc = i, 0
-        acc += u.src.nbytes
-    if start < len(units):
-        runs.append(units[start:])
-    return runs
-
-
-class Cancelled(CheckpointError):
-    """Raised inside workers of a save that was abandoned (timeout or failure)."""
-
-
-class _Abort:
-    def __init__(self) -> None:
-        self.flag = False
-
-    def check(self) -> None:
-        if self.flag:
-            raise Cancelled("save abandoned")
-
-
-class StagingPool:
-    """Page-aligned staging buffers, reused between saves (fresh pages cost a
-    page fault each: reuse makes the copy run at memcpy speed)."""
-
-    def __init__(self) -> None:
-        self._free: list[np.ndarray] = []
-        self._lock = threading.Lock()
-
-    def get(self) -> np.ndarray:
-        with self._lock:
-            if self._free:
-                return self._free.pop()
-        return np.frombuffer(storage.aligned_buffer(STAGING_BYTES), dtype=np.uint8)
-
-    def put(self, buf: np.ndarray) -> None:
-        with self._lock:
-            if len(self._free) < 32:
-                self._free.append(buf)
-
-
-def _write_run(f: storage.DataFile, run: tuple[Unit, ...], sums: list[list[list[int]]],
-               staging: StagingPool, abort: _Abort) -> None:
-    for i, u in enumerate(run):
-        if not i & 15:
-            _let_others_run()
-        sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
-    if f.direct:
-        _write_direct(f, run, staging, abort)
-    else:
-        _write_buffered(f, run, abort)
-
-
-def _write_buffered(f: storage.DataFile, run: tuple[Unit, ...], abort: _Abort) -> None:
-    zeros = bytes(storage.ALIGN)
-    batch: list = []
-    batch_start = batch_end = run[0].offset
-    for i, u in enumerate(run):
-        if not i & 15:
-            abort.check()
-            _let_others_run()
-        gap = u.offset - batch_end
-        if batch and (gap > len(zeros) or batch_end - batch_start >= (64 << 20)):
-            f.pwritev(batch, batch_start)
-            batch, batch_start = [], u.offset
-        elif gap:
-            batch.append(memoryview(zeros)[:gap])
-        batch.append(u.src)
-        batch_end = u.offset + u.src.nbytes
-    if batch:
-        f.pwritev(batch, batch_start)
-
-
-def _direct_ok(src: np.ndarray, offset: int) -> bool:
-    """Whether ``src`` can go to ``offset`` with O_DIRECT straight from its own
-    memory: page-aligned address and file offset, at least one whole block."""
-    return (offset % storage.ALIGN == 0 and src.nbytes >= storage.ALIGN
-            and src.ctypes.data % storage.ALIGN == 0)
-
-
-_ZEROS = memoryview(bytes(storage.ALIGN))
-
-
-def _write_direct(f: storage.DataFile, run: tuple[Unit, ...], pool: StagingPool, abort: _Abort) -> None:
-    buf = pool.get()
-    size = buf.nbytes
-    mv = memoryview(buf)
-    base = run[0].offset  # file offset of buf[0]; aligned by construction (split_runs)
-    fill = 0  # bytes of buf holding data (or padding) to write
-
-    def flush(end: int) -> None:
-        """Write buf[:end] (``end`` a multiple of the block size) at ``base``, zero-padded after ``fill``."""
-        buf[fill:end] = 0
-        f.pwrite(mv[:end], base, direct=True)
-
-    try:
-        for i, u in enumerate(run):
-            if not i & 15:
-                abort.check()
-                _let_others_run()
-            src, offset = u.src, u.offset
-            rel = offset - base
-            n = src.nbytes
-            if n < _SMALL and rel + n <= size and 0 <= rel - fill <= storage.ALIGN:
-                # The common case for small leaves, kept to a few memoryview
-                # operations: 10,000 leaves of 1-16 KiB spent most of their
-                # save time in the general path's numpy slicing below.
-                mv[fill:rel] = _ZEROS[:rel - fill]
-                mv[rel:rel + n] = memoryview(src)
-                fill = rel + n
-                continue
-            if _direct_ok(src, offset):
-                if fill:  # write what is staged, up to this unit's (aligned) start if it is in buf
-                    flush(rel if rel <= size else _align(fill, storage.ALIGN))
-                    fill = 0
-                # page-aligned source memory: no staging copy for the whole blocks
-                n -= n % storage.ALIGN
-                f.pwrite(memoryview(src[:n]), offset, direct=True)
-                base = offset = offset + n
-                src = src[n:]
-            while src.nbytes:
-                rel = offset - base
-                if rel >= size:
-                    flush(size)
-                    base, fill = base + size, 0
-                    continue
-                n = min(src.nbytes, size - rel)
-                buf[fill:rel] = 0
-                np.copyto(buf[rel:rel + n], src[:n])
-                fill = rel + n
-                offset += n
-                src = src[n:]
-        if fill:
-            flush(_align(fill, storage.ALIGN))
-    finally:
-        pool.put(buf)
-
 
 @dataclasses.dataclass(frozen=True)
 class WriteResult:
@@ -277,17 +45,15 @@ class WriteResult:
 class Job:
     """One save in the background: its abort flag and commit guard.
 
-    The commit and a timeout race; ``try_commit`` and ``try_abort`` settle it
+    The commit and a timeout race; ``begin_commit`` and ``try_abort`` settle it
     under a lock so that a save that timed out can never commit afterwards.
     """
 
-    def __init__(self, path: str, label: str) -> None:
-        self.path = path
+    def __init__(self, label: str) -> None:
         self.label = label
-        self.abort = _Abort()
+        self.abort = layout_mod.Abort()
         self._lock = threading.Lock()
         self._committing = False
-        self.tmp: str | None = None
 
     def try_abort(self) -> bool:
         with self._lock:
@@ -302,7 +68,7 @@ class Job:
             self._committing = True
 
 
-def _own_shards(snap: Snapshot, layout: Layout, sums: list[list[list[int]]]) -> list[tuple]:
+def _own_shards(snap: Snapshot, layout: layout_mod.Layout, sums: list[list[list[int]]]) -> list[tuple]:
     """This process's shard records: (leaf, box, offset, length, checksums)."""
     # Zero-byte shards are left out: an empty array has no shards, and a
     # checkpoint holding only empty arrays lists no data file to point at.
@@ -351,14 +117,14 @@ def _build_manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], 
     records = []
     for i, (leaf, path, mine) in enumerate(zip(snap.leaves, paths, per_leaf)):
         if not i & 63:
-            _let_others_run()
+            layout_mod.let_others_run()
         if leaf.kind == "value":
             records.append(fmt.LeafRecord(path, "value", value=leaf.value))
         else:
             if len(mine) > 1:
                 mine.sort(key=lambda r: r.box)
             records.append(fmt.LeafRecord(path, leaf.kind, leaf.dtype, tuple(leaf.shape), tuple(mine), impl=leaf.impl))
-    return fmt.Manifest(fmt.FORMAT_VERSION, f"jaxckpt {_version}", time.time(), fmt.CHUNK_BYTES,
+    return fmt.Manifest(fmt.FORMAT_VERSION, f"jaxckpt {version.VERSION}", time.time(), fmt.CHUNK_BYTES,
                         tuple(files), tree_desc, tuple(records), metadata)
 
 
@@ -371,7 +137,7 @@ class Context:
     """
     pool: ThreadPoolExecutor
     n_workers: int
-    staging: StagingPool
+    staging: layout_mod.StagingPool
     job: Job
     wait: Callable[[list[Future]], None]
     coord: multihost.Coordinator = multihost.LOCAL
@@ -379,19 +145,19 @@ class Context:
     deadline: float | None = None
 
 
-def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: bool = True
-               ) -> tuple[Layout, list[list[list[int]]]]:
-    """(every process) Write this process's shards into ``tmp/file_name``."""
+def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Context, direct: bool = True
+               ) -> tuple[layout_mod.Layout, list[list[list[int]]]]:
+    """(every process) Write this process's shards into the data file ``file_name`` of ``staging``."""
     with gcpause.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/gcpause.py
-        layout = plan(snap, fmt.CHUNK_BYTES)
+        layout = layout_mod.plan(snap, fmt.CHUNK_BYTES)
         sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
     if layout.size == 0:
         return layout, sums
-    f = storage.DataFile(tmp, file_name, direct=direct)
+    f = staging.create(file_name, direct=direct)
     futures: list[Future] = []
     try:
-        runs = split_runs(layout.units, _parallelism(layout, ctx.n_workers))
-        futures = [ctx.pool.submit(_write_run, f, run, sums, ctx.staging, ctx.job.abort) for run in runs]
+        runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))
+        futures = [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, ctx.job.abort) for run in runs]
         ctx.wait(futures)
         ctx.job.abort.check()
         futures.append(ctx.pool.submit(f.finish, layout.size))
@@ -401,7 +167,7 @@ def write_data(snap: Snapshot, tmp: str, file_name: str, ctx: Context, direct: b
     return layout, sums
 
 
-def _close_when_done(f: storage.DataFile, futures: list[Future]) -> None:
+def _close_when_done(f: storage.DataSink, futures: list[Future]) -> None:
     """Close ``f`` once no worker can write through it any more. A save that
     timed out gives up while a worker may still be inside a write: closing
     the descriptors then would let that write land in whatever file reuses
@@ -424,26 +190,27 @@ def _close_when_done(f: storage.DataFile, futures: list[Future]) -> None:
         fut.add_done_callback(one_done)
 
 
-def _commit(tmp: str, path: str, manifest: bytes, overwrite: bool, ctx: Context) -> None:
-    """(primary) Write the manifest durably, then make the checkpoint visible."""
-    ctx.wait([ctx.pool.submit(storage.write_file, tmp, fmt.MANIFEST_NAME, manifest)])
-    os.unlink(os.path.join(tmp, storage.OWNER_FILE))  # the manifest now marks it as ours
+def _commit(staging: storage.Staging, manifest: bytes, overwrite: bool, ctx: Context) -> None:
+    """(primary) Write the manifest durably (on the pool: bounded by the save's
+    deadline), then make the checkpoint visible, unless the save timed out."""
+    ctx.wait([ctx.pool.submit(staging.write_manifest, manifest)])
     ctx.job.begin_commit()
-    storage.commit(tmp, path, overwrite)
+    staging.commit(overwrite)
 
 
 _PAUSE_WHOLE_SAVE_LEAVES = 2048
 
 
-def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, ctx: Context) -> WriteResult:
+def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: Any, overwrite: bool,
+                     ctx: Context) -> WriteResult:
     """The whole save: data, manifest, commit. Cleans up on failure.
 
     (all processes) call it with the same ``ctx.key``; see ``_write_multi``.
     """
+    loc = storage.Location.parse(path)
     if ctx.coord.process_count > 1:
-        return _write_multi(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)
-    tmp = storage.make_temp_dir(path)
-    ctx.job.tmp = tmp
+        return _write_multi(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)
+    staging = storage.backend(loc).begin_save(loc)
     try:
         # Trees of many leaves: one pause of the cyclic collector for the whole
         # save (see jaxckpt/gcpause.py). Paused stage by stage, each stage's
@@ -452,24 +219,25 @@ def write_checkpoint(snap: Snapshot, path: str, *, metadata: Any, overwrite: boo
         # set off: 40-130 ms of a 10,000-leaf save. The pause is process-wide,
         # so it is kept to such trees, whose saves are short.
         with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
-            name = data_file_name(0)
-            layout, sums = write_data(snap, tmp, name, ctx)
+            name = layout_mod.data_file_name(0)
+            layout, sums = write_data(snap, staging, name, ctx)
             files = [fmt.FileRecord(name, layout.size)] if layout.size else []
-            manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], path)
+            manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], str(loc))
             size = layout.size
             del layout, sums  # a unit per shard: gone before the collector runs again
-            _commit(tmp, path, manifest, overwrite, ctx)
+            _commit(staging, manifest, overwrite, ctx)
             return WriteResult(size, len(files) + 1)
     except BaseException:
-        ctx.job.try_abort()  # stop workers still writing into tmp
-        storage.remove_tree(tmp)
+        ctx.job.try_abort()  # stop workers still writing into the staging area
+        staging.abandon()
         raise
 
 
-def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, ctx: Context) -> WriteResult:
-    """Multi-process save over a shared filesystem.
+def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwrite: bool,
+                 ctx: Context) -> WriteResult:
+    """Multi-process save (the steps of ``jaxckpt/storage.py``, over the coordination service).
 
-    1. (primary) create the temporary directory, publish its name.
+    1. (primary) begin the save, publish its staging token.
     2. (all) write own shards into ``data-<process>.bin``; publish a report
        (shard records, or the error).
     3. (primary) gather every report (failing fast on an error report, a dead
@@ -478,30 +246,21 @@ def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, c
     4. (others) wait for the outcome: the save succeeds everywhere or nowhere.
     """
     coord, key, label = ctx.coord, ctx.key, ctx.job.label
-    me = coord.process_index
-    if coord.is_primary:
-        ident = hashlib.sha256(key.encode()).hexdigest()[:16]
-        storage.remove_tree(storage.aux_name(path, storage.TMP_MARK, ident))  # a stale one from a crashed run
-        tmp = storage.make_temp_dir(path, ident)
-        ctx.job.tmp = tmp
-        coord.set(f"{key}/tmp", tmp.encode())
-    else:
-        tmp = coord.get(f"{key}/tmp", ctx.deadline, f"process 0 to start the save of {label}", from_process=0).decode()
-    name = data_file_name(me)
+    staging = _begin_multi(loc, ctx)
     try:
-        if not os.path.isdir(tmp):
-            raise CheckpointError(
-                f"{coord.tag()} cannot see {tmp}, created by process 0: the checkpoint directory must be on a "
-                "filesystem that all processes share")
-        layout, sums = write_data(snap, tmp, name, ctx)
-        report = {"ok": True, "file": name, "size": layout.size, "shards": _own_shards(snap, layout, sums)}
+        if staging is None:
+            staging = _join_multi(loc, ctx)
+        layout, sums = write_data(snap, staging, layout_mod.data_file_name(coord.process_index), ctx)
+        report = {"ok": True, "file": layout_mod.data_file_name(coord.process_index), "size": layout.size,
+                  "shards": _own_shards(snap, layout, sums)}
     except BaseException as e:
         ctx.job.try_abort()
-        coord.set(f"{key}/report/{me}", msgpack.packb({"ok": False, "error": f"{type(e).__name__}: {e}"}))
+        coord.set(f"{key}/report/{coord.process_index}",
+                  msgpack.packb({"ok": False, "error": f"{type(e).__name__}: {e}"}))
         if coord.is_primary:
-            _fail_multi(tmp, key, coord, f"process 0 failed: {type(e).__name__}: {e}")
+            _fail_multi(staging, key, coord, f"process 0 failed: {type(e).__name__}: {e}")
         raise
-    coord.set(f"{key}/report/{me}", msgpack.packb(report))
+    coord.set(f"{key}/report/{coord.process_index}", msgpack.packb(report))
     if not coord.is_primary:
         outcome = msgpack.unpackb(coord.get(f"{key}/outcome", ctx.deadline, f"process 0 to commit {label}",
                                             from_process=0))
@@ -509,40 +268,57 @@ def _write_multi(snap: Snapshot, path: str, *, metadata: Any, overwrite: bool, c
             raise CheckpointError(f"{coord.tag()} save of {label} failed: {outcome['error']}")
         return WriteResult(layout.size, 1 if layout.size else 0)
     try:
-        reports = [report] + [
-            msgpack.unpackb(coord.get(f"{key}/report/{p}", ctx.deadline, f"process {p} to write its shards of {label}",
-                                      from_process=p)) for p in range(1, coord.process_count)]
-        files, shards = [], []
-        for p, r in enumerate(reports):
-            if not r["ok"]:
-                raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
-            if r["size"]:
-                _check_visible(tmp, r["file"], r["size"], p)
-                shards.extend((len(files), s if p == 0 else _from_report(s)) for s in r["shards"])
-                files.append(fmt.FileRecord(r["file"], r["size"]))
-        manifest = _manifest(snap, metadata, files, shards, path, full_check=True)
-        _commit(tmp, path, manifest, overwrite, ctx)
+        written = _commit_multi(snap, staging, report, metadata, overwrite, loc, ctx)
     except BaseException as e:
-        _fail_multi(tmp, key, coord, f"{type(e).__name__}: {e}")
+        _fail_multi(staging, key, coord, f"{type(e).__name__}: {e}")
         raise
     coord.set(f"{key}/outcome", msgpack.packb({"ok": True}))
+    return written
+
+
+def _begin_multi(loc: storage.Location, ctx: Context) -> storage.Staging | None:
+    """(primary) Begin the save under a name derived from its key and publish the token; None elsewhere."""
+    if not ctx.coord.is_primary:
+        return None
+    staging = storage.backend(loc).begin_save(loc, hashlib.sha256(ctx.key.encode()).hexdigest()[:16])
+    ctx.coord.set(f"{ctx.key}/tmp", staging.token.encode())
+    return staging
+
+
+def _join_multi(loc: storage.Location, ctx: Context) -> storage.Staging:
+    """(others) Join the save process 0 began."""
+    coord = ctx.coord
+    token = coord.get(f"{ctx.key}/tmp", ctx.deadline, f"process 0 to start the save of {ctx.job.label}",
+                      from_process=0).decode()
+    try:
+        return storage.backend(loc).join_save(loc, token)
+    except CheckpointError as e:
+        raise CheckpointError(f"{coord.tag()} {e}") from None
+
+
+def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metadata: Any, overwrite: bool,
+                  loc: storage.Location, ctx: Context) -> WriteResult:
+    """(primary) Gather every process's report, check its data is there, write the manifest, commit."""
+    coord, key, label = ctx.coord, ctx.key, ctx.job.label
+    reports = [report] + [
+        msgpack.unpackb(coord.get(f"{key}/report/{p}", ctx.deadline, f"process {p} to write its shards of {label}",
+                                  from_process=p)) for p in range(1, coord.process_count)]
+    files, shards = [], []
+    for p, r in enumerate(reports):
+        if not r["ok"]:
+            raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
+        if r["size"]:
+            staging.check_visible(r["file"], r["size"], p)
+            shards.extend((len(files), s if p == 0 else _from_report(s)) for s in r["shards"])
+            files.append(fmt.FileRecord(r["file"], r["size"]))
+    manifest = _manifest(snap, metadata, files, shards, str(loc), full_check=True)
+    _commit(staging, manifest, overwrite, ctx)
     return WriteResult(sum(f.size for f in files), len(files) + 1)
 
 
-def _check_visible(tmp: str, name: str, size: int, process: int) -> None:
-    try:
-        found = os.stat(os.path.join(tmp, name)).st_size
-    except FileNotFoundError:
-        found = None
-    if found != size:
-        raise CheckpointError(
-            f"process 0 cannot see {os.path.join(tmp, name)} as written by process {process} "
-            f"({size} bytes; found {'nothing' if found is None else f'{found} bytes'}): the checkpoint "
-            "directory must be on a filesystem that all processes share")
-
-
-def _fail_multi(tmp: str, key: str, coord: multihost.Coordinator, why: str) -> None:
-    storage.remove_tree(tmp)
+def _fail_multi(staging: storage.Staging | None, key: str, coord: multihost.Coordinator, why: str) -> None:
+    if staging is not None:
+        staging.abandon()
     try:
         coord.set(f"{key}/outcome", msgpack.packb({"ok": False, "error": why}))
     except Exception as e:  # the service may be gone too; the others' deadlines still bound their wait

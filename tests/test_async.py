@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import hostcopy, memory, snapshot, storage, writer
+from jaxckpt import hostcopy, layout, memory, posixfs, snapshot, targets, writer
 
 
 def _entries(directory):
@@ -22,14 +22,14 @@ def _entries(directory):
 def slow_writes(monkeypatch):
     """Hold every data-file write until the test releases it."""
     gate = threading.Event()
-    original = storage.DataFile.pwrite
+    original = posixfs.DataFile.pwrite
 
     def pwrite(self, view, offset, direct=False):
         gate.wait(30)
         return original(self, view, offset, direct)
 
-    monkeypatch.setattr(storage.DataFile, "pwrite", pwrite)
-    monkeypatch.setattr(storage.DataFile, "pwritev", lambda self, views, off: pwrite(
+    monkeypatch.setattr(posixfs.DataFile, "pwrite", pwrite)
+    monkeypatch.setattr(posixfs.DataFile, "pwritev", lambda self, views, off: pwrite(
         self, memoryview(b"".join(bytes(v) for v in views)), off))
     yield gate
     gate.set()
@@ -78,8 +78,8 @@ def test_background_error_is_raised_exactly_once_on_next_save(ckdir, monkeypatch
     tree = {"a": jnp.ones(1000)}
     ck = jaxckpt.AsyncCheckpointer()
     with monkeypatch.context() as m:
-        m.setattr(storage.DataFile, "pwrite", fail)
-        m.setattr(storage.DataFile, "pwritev", fail)
+        m.setattr(posixfs.DataFile, "pwrite", fail)
+        m.setattr(posixfs.DataFile, "pwritev", fail)
         h = ck.save(ckdir / "bad", tree)
         assert h.wait(timeout=30)  # waits without consuming the error
     assert "background save of" in caplog.text and "No space left" in caplog.text  # logged at once
@@ -95,7 +95,7 @@ def test_background_error_is_raised_exactly_once_on_next_save(ckdir, monkeypatch
 def test_error_reported_by_result_is_not_raised_again(ckdir, monkeypatch):
     tree = {"a": jnp.ones(10)}
     ck = jaxckpt.AsyncCheckpointer()
-    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(layout, "write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     h = ck.save(ckdir / "bad", tree)
     with pytest.raises(OSError, match="I/O error"):
         h.result(timeout=30)
@@ -106,7 +106,7 @@ def test_error_reported_by_result_is_not_raised_again(ckdir, monkeypatch):
 
 @pytest.mark.parametrize("where", ["wait_until_finished", "close", "context"])
 def test_pending_error_surfaces_on_wait_close_and_context_exit(ckdir, monkeypatch, where):
-    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(layout, "write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     tree = {"a": jnp.ones(10)}
     if where == "context":
         with pytest.raises(OSError, match="I/O error"):
@@ -122,7 +122,7 @@ def test_pending_error_surfaces_on_wait_close_and_context_exit(ckdir, monkeypatc
 
 
 def test_context_exit_keeps_the_body_exception(ckdir, monkeypatch):
-    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(layout, "write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with pytest.raises(KeyError):
         with jaxckpt.AsyncCheckpointer() as ck:
             ck.save(ckdir / "c", {"a": jnp.ones(3)})
@@ -236,7 +236,7 @@ def test_closed_checkpointer_refuses_saves(ckdir):
 
 
 def test_buffered_fallback_when_o_direct_is_unavailable(ckdir, monkeypatch):
-    monkeypatch.setattr(storage, "_O_DIRECT", 0)
+    monkeypatch.setattr(posixfs, "O_DIRECT", 0)
     tree = {f"x{i}": np.random.default_rng(i).random(n).astype(np.float32) for i, n in enumerate([1, 17, 5000, 300000])}
     with jaxckpt.AsyncCheckpointer() as ck:
         ck.save(ckdir / "c", tree).result()
@@ -406,24 +406,24 @@ def test_direct_writes_from_aligned_sources_match_the_buffered_layout(tmp_path, 
         box = ((0, a.size),)
         leaves.append(snapshot.HostLeaf("array", "uint8", a.shape, ((box, a),)))
     snap = snapshot.Snapshot(None, tuple(leaves))
-    layout = writer.plan(snap, 1 << 20)
-    direct_sources = [u for u in layout.units if writer._direct_ok(u.src, u.offset)]
+    lay = layout.plan(snap, 1 << 20)
+    direct_sources = [u for u in lay.units if layout.direct_ok(u.src, u.offset)]
     assert direct_sources, "the plan must contain page-aligned units for this test to mean anything"
     files = {}
     for direct in (True, False):
-        f = storage.DataFile(str(tmp_path), f"d{int(direct)}.bin", direct=direct)
+        f = posixfs.DataFile(str(tmp_path), f"d{int(direct)}.bin", direct=direct)
         if direct and not f.direct:
             pytest.skip("O_DIRECT is not supported on this file system")
-        for run in writer.split_runs(layout.units, 3):
+        for run in layout.split_runs(lay.units, 3):
             if direct:
-                writer._write_direct(f, run, writer.StagingPool(), writer._Abort())
+                layout.write_direct(f, run, layout.StagingPool(), layout.Abort())
             else:
-                writer._write_buffered(f, run, writer._Abort())
-        f.finish(layout.size)
+                layout.write_buffered(f, run, layout.Abort())
+        f.finish(lay.size)
         files[direct] = (tmp_path / f"d{int(direct)}.bin").read_bytes()
-    assert len(files[True]) == layout.size
+    assert len(files[True]) == lay.size
     assert files[True] == files[False]
-    for a, off in zip(arrays, layout.shard_offsets):
+    for a, off in zip(arrays, lay.shard_offsets):
         assert files[True][off[0]:off[0] + a.nbytes] == a.tobytes()
 
 
@@ -440,10 +440,10 @@ def test_pooled_copies_go_to_disk_without_the_staging_copy(ckdir, monkeypatch):
     with jaxckpt.AsyncCheckpointer(copy_cpu_arrays=True) as ck:
         ck.save(ckdir / "warm", tree).result()
         _warmed(ck)
-        monkeypatch.setattr(writer.np, "copyto", spy)
+        monkeypatch.setattr(layout.np, "copyto", spy)
         ck.save(ckdir / "c", tree).result()
     monkeypatch.undo()
-    if not storage.DataFile(str(ckdir), "probe", direct=True).direct:
+    if not posixfs.DataFile(str(ckdir), "probe", direct=True).direct:
         pytest.skip("O_DIRECT is not supported on this file system")
     assert sum(copied) < 64 << 10, f"the writer staged {sum(copied)} bytes of a 3 MiB pooled leaf"
     got = jaxckpt.restore(ckdir / "c")
@@ -562,13 +562,13 @@ def test_the_cyclic_collector_is_paused_for_whole_many_leaf_saves_and_restores_a
     from jaxckpt import api, reader
 
     paused = []
-    for owner, name in ((reader.CheckpointReader, "read"), (api.progress_mod, "for_restore"), (api, "_fill")):
+    for owner, name in ((reader.CheckpointReader, "read"), (api.progress_mod, "for_restore"), (targets, "fill")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, real=real, **k: (paused.append(gc.isenabled()), real(*a, **k))[1])
     got = jaxckpt.restore(ckdir / "many", target=many)
     assert paused == [False, False, False] and gc.isenabled() and got["l7"].tobytes() == many["l7"].tobytes()
     # failures resume it too
-    monkeypatch.setattr(writer, "_write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
+    monkeypatch.setattr(layout, "write_run", lambda *a: (_ for _ in ()).throw(OSError(errno.EIO, "I/O error")))
     with jaxckpt.AsyncCheckpointer() as ck:
         h = ck.save(ckdir / "bad", many)
         with pytest.raises(OSError, match="I/O error"):

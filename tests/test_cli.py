@@ -23,7 +23,7 @@ from jaxckpt import arrayinfo
 from jaxckpt import cli
 from jaxckpt import format as fmt
 from jaxckpt import progress
-from jaxckpt import storage
+from jaxckpt import posixdirs
 from jaxckpt.reader import CheckpointReader
 
 from helpers import FakeClock, flip_bit, read_manifest
@@ -152,7 +152,7 @@ def test_verify_sharded_key_and_bfloat16_leaves(ckdir, capsys):
 def test_verify_manager_directory(run_dir, capsys):
     (run_dir / "logs").mkdir()  # not a checkpoint: ignored
     (run_dir / "logs" / "train.txt").write_text("loss 1\n")
-    hidden = run_dir / f".10.{storage.TMP_MARK}-0123456789abcdef"  # a save in progress is never a checkpoint
+    hidden = run_dir / f".10.{posixdirs.TMP_MARK}-0123456789abcdef"  # a save in progress is never a checkpoint
     jaxckpt.save(hidden, state(11))
     os.symlink(run_dir / "1", run_dir / "99")  # a symbolic link is never a step (docs/FORMAT.md section 2)
     expected = "".join(f"OK  {run_dir / s}  (2 leaves, 264 B)\n" for s in ("1", "2", "10"))
@@ -190,7 +190,7 @@ def test_verify_step_rotated_away_while_verifying(run_dir, capsys, monkeypatch):
 
     def read(self, *args, **kwargs):
         if self.path == str(run_dir / "2"):
-            storage.remove_checkpoint(self.path)  # what a running manager's rotation does
+            posixdirs.remove_checkpoint(self.path)  # what a running manager's rotation does
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(CheckpointReader, "read", read)

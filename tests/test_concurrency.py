@@ -19,7 +19,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt import reader as reader_mod
-from jaxckpt import storage
+from jaxckpt import lock, posixdirs
 
 import torture_worker as tw
 from torture_worker import LONG, aux_entries, big_values, same, values
@@ -52,14 +52,14 @@ def test_racing_writers_exactly_one_wins(server, tmp_path):
         refused = [e[1]["error"] for e in events if e[1]["event"] == "refused"]
         assert len(winners) == 1 and len(refused) == contenders - 1, events
         for msg in refused:
-            assert msg.startswith(f"{d}/{storage.LOCK_NAME}: the directory is locked by another writer "
+            assert msg.startswith(f"{d}/{lock.LOCK_NAME}: the directory is locked by another writer "
                                   f"(host {socket.gethostname()!r}, pid {winners[0]} since "), msg
         with pytest.raises(jaxckpt.CheckpointLockedError):  # this process is refused too
             jaxckpt.CheckpointManager(d)
         open(release, "w").close()
         for pid in pids:
             assert server.reap(pid) == {"code": 0, "signal": None}
-        assert not os.path.exists(os.path.join(d, storage.LOCK_NAME))
+        assert not os.path.exists(os.path.join(d, lock.LOCK_NAME))
         with jaxckpt.CheckpointManager(d, read_only=True) as ro:
             assert ro.all_steps() == list(range(1, rnd + 1))
 
@@ -144,10 +144,10 @@ def _rotate_when_reading_data(monkeypatch, writer, steps):
     """When the follower first opens a data file, the writer saves ``steps``
     (each rotation deleting the previous): the manifest was read, the data
     is gone."""
-    real = reader_mod.CheckpointReader._fd
+    real = reader_mod.CheckpointReader._file
     state = {"armed": True}
 
-    def fd(self, file):
+    def opened(self, file):
         if state["armed"]:
             state["armed"] = False
             for s in steps:
@@ -155,7 +155,7 @@ def _rotate_when_reading_data(monkeypatch, writer, steps):
                 writer.wait_until_finished()
         return real(self, file)
 
-    monkeypatch.setattr(reader_mod.CheckpointReader, "_fd", fd)
+    monkeypatch.setattr(reader_mod.CheckpointReader, "_file", opened)
     return state
 
 
@@ -214,14 +214,14 @@ def test_damaged_step_is_not_mistaken_for_a_deleted_one(writer_and_follower):
 def held_commit(monkeypatch):
     """Hold the next commit (data and manifest written) until released."""
     gate, reached = threading.Event(), threading.Event()
-    real = storage.commit
+    real = posixdirs.commit
 
     def commit(tmp, final, overwrite):
         reached.set()
         assert gate.wait(60)
         return real(tmp, final, overwrite)
 
-    monkeypatch.setattr(storage, "commit", commit)
+    monkeypatch.setattr(posixdirs, "commit", commit)
     yield gate, reached
     gate.set()
 
@@ -280,7 +280,7 @@ def test_restore_while_the_save_in_flight_fails(tmp_path, monkeypatch):
             time.sleep(0.2)
             raise OSError(5, "Input/output error", final)
 
-        monkeypatch.setattr(storage, "commit", failing)
+        monkeypatch.setattr(posixdirs, "commit", failing)
         w.save(2, values(2))
         assert same(w.restore(), values(1)) and w.restored_step == 1
         with pytest.raises(OSError, match=r"Input/output error"):

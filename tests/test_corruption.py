@@ -114,14 +114,14 @@ def test_truncated_data_file(ckpt, cut):
 def test_data_file_truncated_while_open_is_detected(ckpt, monkeypatch):
     # the size check at open passes, then the file shrinks: the short read is caught
     from jaxckpt import reader
-    real = reader.CheckpointReader._fd
+    real = reader.CheckpointReader._file
 
-    def fd_then_truncate(self, file):
-        fd = real(self, file)
+    def open_then_truncate(self, file):
+        f = real(self, file)
         os.truncate(ckpt / DATA, 100)
-        return fd
+        return f
 
-    monkeypatch.setattr(reader.CheckpointReader, "_fd", fd_then_truncate)
+    monkeypatch.setattr(reader.CheckpointReader, "_file", open_then_truncate)
     with pytest.raises(jaxckpt.CorruptCheckpointError,
                        match=re.escape(f"{ckpt / DATA} (leaf 'params/w'): truncated: expected")):
         jaxckpt.restore(ckpt, {"params": {"w": TREE["params"]["w"]}}, partial=True)

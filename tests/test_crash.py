@@ -22,7 +22,7 @@ import msgpack
 import pytest
 
 import jaxckpt
-from jaxckpt import storage
+from jaxckpt import libc, lock, posixdirs, posixfs, procs
 
 import torture_worker as tw
 from torture_worker import LONG, aux_entries, same, values
@@ -39,7 +39,7 @@ def check_listed(directory, expect=lambda step: [values(step)]) -> list[int]:
             assert any(same(got, want) for want in expect(s)), f"step {s} restores to other values"
     for e in os.listdir(directory):
         if e.isdigit():
-            assert storage.is_committed(os.path.join(directory, e)), f"{e} is named like a step but not committed"
+            assert posixdirs.is_committed(os.path.join(directory, e)), f"{e} is named like a step but not committed"
             assert int(e) in steps
     return steps
 
@@ -78,8 +78,8 @@ def test_kill_9_torture(server, tmp_path):
         if "open" in events:
             # the restarted writer saw exactly what the test saw, and cleaned every leftover on open
             assert events["open"]["latest"] == latest
-            assert [e for e in events["open"]["entries"] if storage.parse_aux(e)] == []
-            lock_files = [e for e in events["open"]["entries"] if e.startswith(storage.LOCK_NAME + ".")]
+            assert [e for e in events["open"]["entries"] if posixdirs.parse_aux(e)] == []
+            lock_files = [e for e in events["open"]["entries"] if e.startswith(lock.LOCK_NAME + ".")]
             stats["lock_leftovers"] += len(lock_files)
         if "restored" in events:
             assert events["restored"] == {"event": "restored", "step": latest, "ok": True}
@@ -118,18 +118,18 @@ def plant_leftovers(d: str) -> None:
     """What killed writers leave: a half-written temporary directory, a
     half-deleted step, and the lock temp file of a writer killed while taking
     the lock (the scenario "open" cleans them under injected crashes)."""
-    tmp = storage.make_temp_dir(os.path.join(d, "3"))
-    storage.write_file(tmp, "data-00000.bin", b"x" * 100)
-    rec = storage.owner_record()
+    tmp = posixdirs.make_temp_dir(os.path.join(d, "3"))
+    posixfs.write_file(tmp, "data-00000.bin", b"x" * 100)
+    rec = posixdirs.owner_record()
     rec["pid"], rec["start"] = 2**22 + 7, None  # a pid above pid_max: gone
-    storage.write_file(tmp, storage.OWNER_FILE, msgpack.packb(rec))
+    posixfs.write_file(tmp, posixdirs.OWNER_FILE, msgpack.packb(rec))
     gone = os.path.join(d, ".9.jaxckpt-del-00112233aabbccdd")
     os.mkdir(gone)
-    storage.write_file(gone, "data-00000.bin", b"y" * 10)
-    storage.write_file(gone, "manifest.msgpack", b"jaxckpt manifest stub")
-    lock = storage.lock_record("0" * 32)
-    lock["pid"], lock["start"] = 2**22 + 7, None
-    storage.write_file(d, f"{storage.LOCK_NAME}.{'0' * 32}", msgpack.packb(lock))
+    posixfs.write_file(gone, "data-00000.bin", b"y" * 10)
+    posixfs.write_file(gone, "manifest.msgpack", b"jaxckpt manifest stub")
+    rec = lock.lock_record("0" * 32)
+    rec["pid"], rec["start"] = 2**22 + 7, None
+    posixfs.write_file(d, f"{lock.LOCK_NAME}.{'0' * 32}", msgpack.packb(rec))
 
 
 def dead_lock_leftovers(d: str) -> list[str]:
@@ -137,7 +137,7 @@ def dead_lock_leftovers(d: str) -> list[str]:
     unlink of our own is left, and cleaned by the next writer once we are gone."""
     out = []
     for e in os.listdir(d):
-        if e.startswith(storage.LOCK_NAME + "."):
+        if e.startswith(lock.LOCK_NAME + "."):
             with open(os.path.join(d, e), "rb") as f:
                 data = f.read()
             if not data or msgpack.unpackb(data).get("pid") != os.getpid():
@@ -258,7 +258,7 @@ def test_crash_point_exception(tmp_path, target, caplog):
                 assert 2 in steps and set(steps) <= {1, 2, 3}, steps
                 for s in steps:
                     assert any(same(mgr.restore(s), w) for w in expect(s)), s
-                assert [e for e in aux_entries(d) if storage.TMP_MARK in e] == []
+                assert [e for e in aux_entries(d) if posixdirs.TMP_MARK in e] == []
                 mgr.close()
             if not inj.fired:  # the crash point is in close(), releasing the lock: see the os._exit test
                 shutil.rmtree(d)
@@ -296,7 +296,7 @@ class PowerLossDisk:
         self.real = {n: getattr(os, n) for n in ("open", "close", "write", "pwrite", "pwritev", "ftruncate", "fsync",
                                                  "fdatasync", "mkdir", "rename", "replace", "unlink", "remove",
                                                  "rmdir", "link")}
-        self.real_exchange = storage._renameat2_exchange
+        self.real_exchange = libc.renameat2_exchange
 
     # ----------------------------------------------------------------- identity
     def _new_id(self, ino: int, kind: str) -> int:
@@ -338,7 +338,7 @@ class PowerLossDisk:
     def install(self, monkeypatch) -> None:
         for name in self.real:
             monkeypatch.setattr(os, name, getattr(self, "_" + name))
-        monkeypatch.setattr(storage, "_renameat2_exchange", self._exchange)
+        monkeypatch.setattr(libc, "renameat2_exchange", self._exchange)
 
     def _open(self, path, flags, mode=0o777, *, dir_fd=None):
         with self.lock:
@@ -528,7 +528,7 @@ class PowerLossDisk:
 
 def _after_reboot(monkeypatch):
     """Every process of before the power loss is gone."""
-    monkeypatch.setattr(storage, "process_alive", lambda host, pid, start: False)
+    monkeypatch.setattr(procs, "process_alive", lambda host, pid, start: False)
 
 
 def _check_manager_disk(d: str, newest: int | None, candidates: set[int]) -> list[int]:
@@ -594,7 +594,7 @@ def test_power_loss_during_an_overwrite_leaves_old_or_new(tmp_path, monkeypatch,
     path = str(root / "ckpt")
     jaxckpt.save(path, values(7))
     if not exchange:
-        monkeypatch.setattr(storage, "_renameat2_exchange", lambda a, b: False)
+        monkeypatch.setattr(libc, "renameat2_exchange", lambda a, b: False)
     disk = PowerLossDisk(str(root))
     disk.install(monkeypatch)
     jaxckpt.save(path, values(7, 1), overwrite=True)

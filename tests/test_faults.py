@@ -23,7 +23,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt import format as fmt
-from jaxckpt import storage
+from jaxckpt import libc, lock, posixfs
 
 import torture_worker as tw
 from torture_worker import aux_entries, same, values
@@ -37,12 +37,12 @@ DATA = "data-00000.bin"
 KINDS = {
     "write": ("os.write", "os.pwrite", "os.pwritev", "os.ftruncate"),
     "fsync": ("os.fsync",),
-    "rename": ("os.rename", "storage._renameat2_exchange"),
+    "rename": ("os.rename", "libc.renameat2_exchange"),
     "delete": ("os.unlink", "os.rmdir"),
     "create": ("os.open", "os.mkdir"),
 }
 _PATH_ARGS = {"os.open": 1, "os.mkdir": 1, "os.unlink": 1, "os.rmdir": 1, "os.rename": 2,
-              "storage._renameat2_exchange": 2}
+              "libc.renameat2_exchange": 2}
 
 
 class Fault:
@@ -52,7 +52,7 @@ class Fault:
 
     def __init__(self, target: str, index: int, code: int | None):
         owner_name, attr = target.rsplit(".", 1)
-        self.owner = {"os": os, "storage": storage}[owner_name]
+        self.owner = {"os": os, "libc": libc}[owner_name]
         self.attr, self.target, self.index, self.code = attr, target, index, code
         self.real = getattr(self.owner, attr)
         self.calls = 0
@@ -60,7 +60,7 @@ class Fault:
         self._lock = threading.Lock()
 
     def counts(self, args) -> bool:
-        if self.target == "storage._renameat2_exchange":
+        if self.target == "libc.renameat2_exchange":
             return True
         if not sys_caller().startswith(("jaxckpt", "shutil")):
             return False
@@ -119,7 +119,7 @@ def test_fault_at_every_call(base, tmp_path, monkeypatch, caplog, code, kind, di
     without a reload; nothing is rotated away by a failed save; no temporary
     directory is left."""
     if not direct:
-        monkeypatch.setattr(storage, "_O_DIRECT", 0)
+        monkeypatch.setattr(posixfs, "O_DIRECT", 0)
     caplog.set_level(logging.ERROR, logger="jaxckpt")
     outcomes = {"raised": 0, "logged": 0, "absorbed": 0}
     for scenario in ("save", "overwrite"):
@@ -217,7 +217,7 @@ def test_hung_write_times_out_and_never_commits(base, tmp_path, monkeypatch, dir
     save, it must land in step 3's abandoned file, not in a file that reused
     its descriptor number: step 4 restores bit-exactly."""
     if not direct:
-        monkeypatch.setattr(storage, "_O_DIRECT", 0)
+        monkeypatch.setattr(posixfs, "O_DIRECT", 0)
     d = str(tmp_path / "d")
     shutil.copytree(base, d)
     hang = {"armed": True, "release_on_truncate": False}
@@ -435,7 +435,7 @@ def test_real_full_filesystem(small_fs):
                             rf"data-00000\.bin'", str(e.value)), str(e.value)
         mgr.wait_until_finished()  # once
         assert mgr.all_steps() == [1] and same(mgr.restore(1), values(1))
-        assert sorted(os.listdir(run)) == [storage.LOCK_NAME, "1"]
+        assert sorted(os.listdir(run)) == [lock.LOCK_NAME, "1"]
         assert _free(small_fs) == free  # nothing of the failed save is left
         mgr.save(3, values(3))
         mgr.wait_until_finished()

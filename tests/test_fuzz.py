@@ -24,7 +24,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt import format as fmt
-from jaxckpt import storage
+from jaxckpt import lock, posixdirs, posixfs
 
 import torture_worker as tw
 from torture_worker import same, values
@@ -74,7 +74,7 @@ def test_fuzz_full_restores_stay_in_the_directory(tmp_path):
 _EXT_SCRIPT = textwrap.dedent("""
     import os, sys, msgpack
     import jaxckpt
-    from jaxckpt import format as fmt, storage
+    from jaxckpt import format as fmt, lock, posixdirs, posixfs
 
     def nested_ext(depth):
         # outside-in, linear time: the layer k levels above the nil holds 1 + 6 (k - 1) bytes
@@ -94,14 +94,14 @@ _EXT_SCRIPT = textwrap.dedent("""
             print(name, e)
     # the small files read with msgpack's defaults: the lock and the owner marker
     d = sys.argv[1]
-    storage.write_file(d, storage.LOCK_NAME, nested_ext(600))
+    posixfs.write_file(d, lock.LOCK_NAME, nested_ext(600))
     try:
-        storage.read_lock(d)
+        lock.read_lock(d)
     except jaxckpt.CheckpointLockedError as e:
         print("lock", e)
     os.mkdir(os.path.join(d, ".1.jaxckpt-tmp-00112233aabbccdd"))
-    storage.write_file(os.path.join(d, ".1.jaxckpt-tmp-00112233aabbccdd"), storage.OWNER_FILE, nested_ext(600))
-    print("owner", storage.is_ours(os.path.join(d, ".1.jaxckpt-tmp-00112233aabbccdd")))
+    posixfs.write_file(os.path.join(d, ".1.jaxckpt-tmp-00112233aabbccdd"), posixdirs.OWNER_FILE, nested_ext(600))
+    print("owner", posixdirs.is_ours(os.path.join(d, ".1.jaxckpt-tmp-00112233aabbccdd")))
 """)
 
 
@@ -114,7 +114,7 @@ def test_nested_msgpack_extensions_do_not_overflow_the_stack(tmp_path):
     assert re.fullmatch(r"whole m: not a valid msgpack manifest" + ext, lines[0]), lines
     assert re.fullmatch(r"body m: manifest body is not valid msgpack" + ext, lines[1]), lines
     assert re.fullmatch(r"metadata m: manifest body is not valid msgpack" + ext, lines[2]), lines
-    assert lines[3] == (f"lock {tmp_path / storage.LOCK_NAME}: not a valid jaxckpt lock file; if no writer uses "
+    assert lines[3] == (f"lock {tmp_path / lock.LOCK_NAME}: not a valid jaxckpt lock file; if no writer uses "
                         "this directory, delete the file")
     assert lines[4] == "owner False"
 
@@ -204,12 +204,12 @@ def test_clean_stale_never_follows_a_planted_owner_marker(tmp_path):
     a = os.path.join(d, ".3.jaxckpt-tmp-00112233aabbccdd")
     b = os.path.join(d, ".4.jaxckpt-tmp-00112233aabbccdd")
     os.mkdir(a)
-    os.symlink(target, os.path.join(a, storage.OWNER_FILE))
+    os.symlink(target, os.path.join(a, posixdirs.OWNER_FILE))
     os.mkdir(b)
-    os.mkfifo(os.path.join(b, storage.OWNER_FILE))
+    os.mkfifo(os.path.join(b, posixdirs.OWNER_FILE))
     with tw.open_manager(d):
         pass
-    assert os.path.islink(os.path.join(a, storage.OWNER_FILE)) and stat_fifo(os.path.join(b, storage.OWNER_FILE))
+    assert os.path.islink(os.path.join(a, posixdirs.OWNER_FILE)) and stat_fifo(os.path.join(b, posixdirs.OWNER_FILE))
     assert target.read_bytes() == b""
 
 
@@ -271,28 +271,28 @@ def test_hostile_lock_file(tmp_path, case):
     d = str(tmp_path / "run")
     with tw.open_manager(d) as mgr:
         mgr.save(1, values(1))
-    lock = os.path.join(d, storage.LOCK_NAME)
+    lock_path = os.path.join(d, lock.LOCK_NAME)
     outside = tmp_path / "outside"
     outside.write_bytes(b"precious")
     if case == "symlink_out":
-        os.symlink(outside, lock)
+        os.symlink(outside, lock_path)
     elif case == "symlink_dangling":
-        os.symlink(tmp_path / "nowhere", lock)
+        os.symlink(tmp_path / "nowhere", lock_path)
     elif case == "fifo":
-        os.mkfifo(lock)
+        os.mkfifo(lock_path)
     elif case == "directory":
-        os.mkdir(lock)
+        os.mkdir(lock_path)
     else:
-        with open(lock, "wb") as f:
+        with open(lock_path, "wb") as f:
             f.write(_lock_cases(tmp_path)[case])
-    before = os.lstat(lock)
+    before = os.lstat(lock_path)
     with pytest.raises(jaxckpt.CheckpointLockedError) as e:
         jaxckpt.CheckpointManager(d, save_on_preemption=False)
-    assert str(e.value).startswith(f"{lock}: ")
-    after = os.lstat(lock)
+    assert str(e.value).startswith(f"{lock_path}: ")
+    after = os.lstat(lock_path)
     assert (after.st_ino, after.st_mode, after.st_size, after.st_mtime_ns) == \
            (before.st_ino, before.st_mode, before.st_size, before.st_mtime_ns)
-    assert outside.read_bytes() == b"precious" and sorted(os.listdir(d)) == [storage.LOCK_NAME, "1"]
+    assert outside.read_bytes() == b"precious" and sorted(os.listdir(d)) == [lock.LOCK_NAME, "1"]
     with jaxckpt.CheckpointManager(d, read_only=True) as ro:
         assert same(ro.restore(), values(1))
 
@@ -303,16 +303,16 @@ def test_lock_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path)
     live process's is kept; a look-alike that is a symlink is not followed."""
     d = str(tmp_path / "run")
     os.mkdir(d)
-    dead = storage.lock_record("d" * 32)
+    dead = lock.lock_record("d" * 32)
     dead["pid"], dead["start"] = 2**22 + 7, None
-    live = storage.lock_record("a" * 32)  # this process
-    storage.write_file(d, f"{storage.LOCK_NAME}.{'d' * 32}", msgpack.packb(dead))
-    storage.write_file(d, f"{storage.LOCK_NAME}.stale-{'e' * 16}", msgpack.packb(dead))
-    storage.write_file(d, f"{storage.LOCK_NAME}.{'0' * 32}", b"")
-    storage.write_file(d, f"{storage.LOCK_NAME}.{'a' * 32}", msgpack.packb(live))
+    live = lock.lock_record("a" * 32)  # this process
+    posixfs.write_file(d, f"{lock.LOCK_NAME}.{'d' * 32}", msgpack.packb(dead))
+    posixfs.write_file(d, f"{lock.LOCK_NAME}.stale-{'e' * 16}", msgpack.packb(dead))
+    posixfs.write_file(d, f"{lock.LOCK_NAME}.{'0' * 32}", b"")
+    posixfs.write_file(d, f"{lock.LOCK_NAME}.{'a' * 32}", msgpack.packb(live))
     (tmp_path / "precious").write_bytes(msgpack.packb(dead))
-    os.symlink(tmp_path / "precious", os.path.join(d, f"{storage.LOCK_NAME}.{'b' * 32}"))
+    os.symlink(tmp_path / "precious", os.path.join(d, f"{lock.LOCK_NAME}.{'b' * 32}"))
     with tw.open_manager(d):
         pass
-    assert sorted(os.listdir(d)) == [f"{storage.LOCK_NAME}.{'a' * 32}", f"{storage.LOCK_NAME}.{'b' * 32}"]
+    assert sorted(os.listdir(d)) == [f"{lock.LOCK_NAME}.{'a' * 32}", f"{lock.LOCK_NAME}.{'b' * 32}"]
     assert (tmp_path / "precious").read_bytes() == msgpack.packb(dead)

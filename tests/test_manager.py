@@ -21,8 +21,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxckpt
-from jaxckpt import storage
-from jaxckpt.manager import KeepPolicy, RetentionInfo, StepNaming
+from jaxckpt import lock, posixdirs, posixfs
+from jaxckpt.policies import KeepPolicy, RetentionInfo, SavePolicy, StepNaming
 
 
 class Clock:
@@ -40,7 +40,7 @@ def state_at(step):
 
 
 def names(d):
-    return sorted(e for e in os.listdir(d) if e != storage.LOCK_NAME)
+    return sorted(e for e in os.listdir(d) if e != lock.LOCK_NAME)
 
 
 def run_steps(mgr, steps, clock=None, dt=0.0, **kw):
@@ -186,7 +186,25 @@ def test_invalid_options_are_refused(ckdir, kwargs, error, message):
     with pytest.raises(error) as e:
         jaxckpt.CheckpointManager(ckdir, **kwargs)
     assert str(e.value) == message
-    assert not os.path.exists(ckdir / storage.LOCK_NAME)
+    assert not os.path.exists(ckdir / lock.LOCK_NAME)
+
+
+def test_policy_objects_stand_for_the_keywords(ckdir):
+    with jaxckpt.CheckpointManager(ckdir, save_policy=SavePolicy(interval_steps=3),
+                                   keep_policy=KeepPolicy(max_to_keep=2)) as mgr:
+        assert run_steps(mgr, range(1, 11)) == [3, 6, 9]
+        assert mgr.all_steps() == [6, 9]
+    for kwargs, error, message in [
+        ({"save_policy": SavePolicy(interval_steps=3), "save_interval_steps": 3}, ValueError,
+         "pass save_policy= or save_interval_steps/save_interval_seconds/save_on_steps, not both"),
+        ({"keep_policy": KeepPolicy(max_to_keep=2), "best_mode": "max"}, ValueError,
+         "pass keep_policy= or max_to_keep/keep_time_interval/keep_period/best_metric/best_mode, not both"),
+        ({"save_policy": SavePolicy(interval_steps=0)}, ValueError, "save_interval_steps must be >= 1, got 0"),
+        ({"keep_policy": {"max_to_keep": 2}}, TypeError, "keep_policy must be a KeepPolicy, got dict"),
+    ]:
+        with pytest.raises(error) as e:
+            jaxckpt.CheckpointManager(ckdir, **kwargs)
+        assert str(e.value) == message
 
 
 @pytest.mark.parametrize("step, error, message", [
@@ -220,6 +238,29 @@ def test_unstorable_metadata_and_metrics_raise_on_the_calling_thread(ckdir):
         assert str(e.value) == (f"{ckdir}: step 1: metrics['acc']: set is not storable; "
                                 "use str/int/float/bool/None/bytes and lists/dicts of them")
         assert mgr.all_steps() == [] and names(ckdir) == []
+
+
+def test_each_value_is_checked_once_per_save(ckdir, monkeypatch):
+    real = jaxckpt.format.check_metadata
+    checked = []
+    monkeypatch.setattr(jaxckpt.format, "check_metadata", lambda v: checked.append(v) or real(v))
+    for async_save in (True, False):
+        with jaxckpt.CheckpointManager(ckdir / str(async_save), async_save=async_save) as mgr:
+            checked.clear()
+            mgr.save(1, state_at(1), metrics={"loss": np.float32(0.5)}, metadata={"lr": 0.1})
+            # The user's metadata and the metrics, once each; never the step record around them.
+            assert checked == [{"lr": 0.1}, {"loss": 0.5}]
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_a_save_that_cannot_start_gives_its_step_back(ckdir, async_save):
+    with jaxckpt.CheckpointManager(ckdir, save_interval_steps=2, async_save=async_save) as mgr:
+        with pytest.raises(jaxckpt.UnsupportedValueError):
+            mgr.save(2, {"bad": object()})
+        assert mgr.should_save(2)  # not claimed any more: the policy may save it again
+        assert mgr.save(2, state_at(2))
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [2]
 
 
 # ----------------------------------------------------------------------------- retention rules (pure)
@@ -332,12 +373,12 @@ def test_half_deleted_and_stale_temporary_directories(ckdir):
     os.rename(ckdir / "5", ckdir / ".5.jaxckpt-del-0123456789abcdef")
     # A save interrupted mid-write by a dead process (same host): removed.
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    tmp = storage.make_temp_dir(str(ckdir / "7"))
-    storage.write_file(tmp, storage.OWNER_FILE, msgpack.packb(
-        {"kind": storage.TMP_MARK, "host": socket.gethostname(), "pid": int(dead.stdout), "start": None}))
-    storage.write_file(tmp, "data-00000.bin", b"partial")
+    tmp = posixdirs.make_temp_dir(str(ckdir / "7"))
+    posixfs.write_file(tmp, posixdirs.OWNER_FILE, msgpack.packb(
+        {"kind": posixdirs.TMP_MARK, "host": socket.gethostname(), "pid": int(dead.stdout), "start": None}))
+    posixfs.write_file(tmp, "data-00000.bin", b"partial")
     # A save still running in this very process: left alone.
-    live = storage.make_temp_dir(str(ckdir / "8"))
+    live = posixdirs.make_temp_dir(str(ckdir / "8"))
     # Our name pattern without our marker: not ours, left alone.
     foreign = ckdir / ".6.jaxckpt-tmp-0123456789abcdef"
     os.mkdir(foreign)
@@ -445,7 +486,7 @@ def test_each_save_is_logged_and_recorded(ckdir, caplog):
 
 
 def test_background_failure_is_raised_once_and_nothing_is_listed(ckdir, monkeypatch):
-    real = storage.commit
+    real = posixdirs.commit
     calls = []
 
     def failing_commit(tmp, final, overwrite):
@@ -454,7 +495,7 @@ def test_background_failure_is_raised_once_and_nothing_is_listed(ckdir, monkeypa
             raise OSError(28, "No space left on device", final)
         return real(tmp, final, overwrite)
 
-    monkeypatch.setattr(storage, "commit", failing_commit)
+    monkeypatch.setattr(posixdirs, "commit", failing_commit)
     with jaxckpt.CheckpointManager(ckdir) as mgr:
         mgr.save(1, state_at(1))
         with pytest.raises(OSError) as e:
@@ -472,7 +513,7 @@ def test_background_failure_surfaces_on_a_later_save_call(ckdir, monkeypatch):
     def failing_commit(tmp, final, overwrite):
         raise OSError(5, "Input/output error", final)
 
-    monkeypatch.setattr(storage, "commit", failing_commit)
+    monkeypatch.setattr(posixdirs, "commit", failing_commit)
     mgr = jaxckpt.CheckpointManager(ckdir, save_interval_steps=10)
     try:
         mgr.save(10, state_at(10))
@@ -491,13 +532,13 @@ def test_second_writer_is_refused(ckdir):
         with pytest.raises(jaxckpt.CheckpointLockedError) as e:
             jaxckpt.CheckpointManager(ckdir)
         msg = str(e.value)
-        assert msg.startswith(f"{ckdir / storage.LOCK_NAME}: this process already writes to this directory "
+        assert msg.startswith(f"{ckdir / lock.LOCK_NAME}: this process already writes to this directory "
                               f"(host {socket.gethostname()!r}, pid {os.getpid()} since ")
         assert msg.endswith("close the other CheckpointManager first, or open this one with read_only=True")
         with jaxckpt.CheckpointManager(ckdir, read_only=True) as ro:  # readers need no lock
             assert ro.all_steps() == []
         mgr.save(1, state_at(1))
-    assert not os.path.exists(ckdir / storage.LOCK_NAME)
+    assert not os.path.exists(ckdir / lock.LOCK_NAME)
     with jaxckpt.CheckpointManager(ckdir) as again:  # released on close
         assert again.all_steps() == [1]
 
@@ -517,32 +558,32 @@ def test_writer_in_another_process_is_refused_then_stale_lock_taken_over(ckdir, 
         assert child.stdout.readline() == "ready\n"
         with pytest.raises(jaxckpt.CheckpointLockedError) as e:
             jaxckpt.CheckpointManager(ckdir)
-        assert str(e.value).startswith(f"{ckdir / storage.LOCK_NAME}: the directory is locked by another writer "
+        assert str(e.value).startswith(f"{ckdir / lock.LOCK_NAME}: the directory is locked by another writer "
                                        f"(host {socket.gethostname()!r}, pid {child.pid} since ")
     finally:
         child.communicate("go\n", timeout=60)
     assert child.returncode == 0
-    assert storage.read_lock(str(ckdir))["pid"] == child.pid  # the dead writer's lock is still there
+    assert lock.read_lock(str(ckdir))["pid"] == child.pid  # the dead writer's lock is still there
     caplog.set_level(logging.WARNING, logger="jaxckpt")
     with jaxckpt.CheckpointManager(ckdir) as mgr:
-        assert storage.read_lock(str(ckdir))["pid"] == os.getpid()
+        assert lock.read_lock(str(ckdir))["pid"] == os.getpid()
         assert mgr.all_steps() == [1]
     gone = f"took over the lock of a writer that is gone (host {socket.gethostname()!r}, pid {child.pid})"
     assert gone in caplog.text
 
 
 def test_lock_of_another_host_or_unreadable_lock_is_refused(ckdir):
-    storage.write_file(str(ckdir), storage.LOCK_NAME, msgpack.packb(
+    posixfs.write_file(str(ckdir), lock.LOCK_NAME, msgpack.packb(
         {"kind": "jaxckpt-lock", "host": "elsewhere", "pid": 1, "start": None, "token": "t", "time": 0.0}))
     with pytest.raises(jaxckpt.CheckpointLockedError) as e:
         jaxckpt.CheckpointManager(ckdir)
     assert "locked by another writer (host 'elsewhere', pid 1 since " in str(e.value)
-    os.unlink(ckdir / storage.LOCK_NAME)
-    os.symlink("/etc/passwd", ckdir / storage.LOCK_NAME)
+    os.unlink(ckdir / lock.LOCK_NAME)
+    os.symlink("/etc/passwd", ckdir / lock.LOCK_NAME)
     with pytest.raises(jaxckpt.CheckpointLockedError) as e:
         jaxckpt.CheckpointManager(ckdir)
-    assert str(e.value).startswith(f"{ckdir / storage.LOCK_NAME}: unreadable lock file (")
-    assert os.path.islink(ckdir / storage.LOCK_NAME)
+    assert str(e.value).startswith(f"{ckdir / lock.LOCK_NAME}: unreadable lock file (")
+    assert os.path.islink(ckdir / lock.LOCK_NAME)
 
 
 def test_lock_is_released_when_an_unclosed_manager_is_collected(ckdir):
@@ -551,17 +592,17 @@ def test_lock_is_released_when_an_unclosed_manager_is_collected(ckdir):
     mgr.wait_until_finished()
     del mgr
     gc.collect()
-    assert not os.path.exists(ckdir / storage.LOCK_NAME)
+    assert not os.path.exists(ckdir / lock.LOCK_NAME)
     with jaxckpt.CheckpointManager(ckdir) as again:
         assert again.all_steps() == [1]
 
 
 def test_pid_reuse_is_detected_by_start_time(ckdir):
-    me = storage.lock_record("old")
+    me = lock.lock_record("old")
     me["start"] = me["start"] - 1  # same pid, an earlier process: the holder is gone
-    storage.write_file(str(ckdir), storage.LOCK_NAME, msgpack.packb(me))
+    posixfs.write_file(str(ckdir), lock.LOCK_NAME, msgpack.packb(me))
     with jaxckpt.CheckpointManager(ckdir):
-        assert storage.read_lock(str(ckdir))["token"] != "old"
+        assert lock.read_lock(str(ckdir))["token"] != "old"
 
 
 # ----------------------------------------------------------------------------- read-only followers
@@ -569,13 +610,13 @@ def test_pid_reuse_is_detected_by_start_time(ckdir):
 def held_commits(monkeypatch):
     """Hold every commit until the test releases it."""
     gate = threading.Event()
-    real = storage.commit
+    real = posixdirs.commit
 
     def commit(tmp, final, overwrite):
         assert gate.wait(30)
         return real(tmp, final, overwrite)
 
-    monkeypatch.setattr(storage, "commit", commit)
+    monkeypatch.setattr(posixdirs, "commit", commit)
     yield gate
     gate.set()
 

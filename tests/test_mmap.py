@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import format as fmt
-from jaxckpt import reader, storage
+from jaxckpt import libc, memory, reader, readplan
 from jaxckpt.errors import CorruptCheckpointError
 
 
@@ -36,10 +36,10 @@ def _kernel_at_least(major: int, minor: int) -> bool:
 def test_mapping_available_on_linux_5_14_and_later():
     """The mapping tests below skip only where the kernel lacks MADV_POPULATE_READ."""
     if _kernel_at_least(5, 14):
-        assert storage.can_map()
+        assert memory.can_map()
 
 
-pytestmark_map = pytest.mark.skipif(not storage.can_map(), reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+pytestmark_map = pytest.mark.skipif(not memory.can_map(), reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
 
 MiB = 1 << 20
 
@@ -235,14 +235,14 @@ def test_populate_reports_a_file_truncated_under_the_mapping(tmp_path):
         f.write(os.urandom(4 * 4096))
     fd = os.open(p, os.O_RDONLY)
     try:
-        view = storage.map_range(fd, 4096 + 64, 2 * 4096)
-        storage.populate(view, p, 4096 + 64)  # fine while the bytes are there
+        view = memory.map_range(fd, 4096 + 64, 2 * 4096)
+        memory.populate(view, p, 4096 + 64)  # fine while the bytes are there
         with open(p, "rb") as f:
             assert bytes(view) == f.read()[4096 + 64:3 * 4096 + 64]
-        late = storage.map_range(fd, 2 * 4096, 2 * 4096)
+        late = memory.map_range(fd, 2 * 4096, 2 * 4096)
         os.truncate(p, 4096)
         with pytest.raises(CorruptCheckpointError, match=r"f\.bin: truncated: 8192 bytes at offset 8192 are no longer"):
-            storage.populate(late, p, 2 * 4096)
+            memory.populate(late, p, 2 * 4096)
     finally:
         os.close(fd)
 
@@ -256,8 +256,8 @@ def test_mappable_flags_must_match_requests(ckdir):
 
 def test_a_lone_small_shard_is_read_not_mapped(ckdir, monkeypatch):
     """Small shards whose run of neighbours holds less than MAP_MIN_BYTES are read, never mapped."""
-    monkeypatch.setattr(storage, "map_range", lambda *a: pytest.fail(f"mapped {a}"))
-    t = {"a": np.arange(reader.MAP_MIN_BYTES // 8, dtype=np.float32), "b": np.ones(10, np.int8)}
+    monkeypatch.setattr(memory, "map_range", lambda *a: pytest.fail(f"mapped {a}"))
+    t = {"a": np.arange(readplan.MAP_MIN_BYTES // 8, dtype=np.float32), "b": np.ones(10, np.int8)}
     jaxckpt.save(ckdir / "c", t)
     got = jaxckpt.restore(ckdir / "c")
     assert got["a"].tobytes() == t["a"].tobytes() and got["b"].tobytes() == t["b"].tobytes()
@@ -317,13 +317,17 @@ def test_only_a_whole_aligned_shard_is_mapped(ckdir):
     with reader.CheckpointReader(ckdir / "c") as r:
         rec = r.manifest.leaves[0]
         whole = ((0, MiB),)
-        ops: list = []
-        got = r._map_shard(rec, whole, (MiB,), np.dtype(np.float32), True, ops)
-        assert got is not None and len(ops) == 1 and ops[0].mapped and ops[0].checksum is not None
-        assert r._map_shard(rec, ((0, MiB // 2),), (MiB // 2,), np.dtype(np.float32), True, []) is None  # part
+
+        def plan() -> readplan.Plan:
+            return readplan.Plan(r.manifest, readplan.shard_starts(r.manifest), True, r._try_map)
+
+        p = plan()
+        got = p._map_shard(rec, whole, (MiB,), np.dtype(np.float32))
+        assert got is not None and len(p.ops) == 1 and p.ops[0].mapped and p.ops[0].checksum is not None
+        assert plan()._map_shard(rec, ((0, MiB // 2),), (MiB // 2,), np.dtype(np.float32)) is None  # part
         odd = rec._replace(shards=(rec.shards[0]._replace(offset=rec.shards[0].offset + 4),))
-        assert r._map_shard(odd, whole, (MiB,), np.dtype(np.float32), True, []) is None
-        r._run([ops[0]])
+        assert plan()._map_shard(odd, whole, (MiB,), np.dtype(np.float32)) is None
+        r._run([p.ops[0]])
         assert got.tobytes() == t["a"].tobytes()
 
 
@@ -334,15 +338,15 @@ def test_an_io_error_while_populating_names_the_file_and_leaf(ckdir, monkeypatch
 
     t = tree()
     jaxckpt.save(ckdir / "c", t)
-    real = storage._libc_madvise()
+    real = libc.madvise_fn()
 
     def failing(addr, length, advice):
-        if advice == storage._MADV_POPULATE_READ:
+        if advice == libc.MADV_POPULATE_READ:
             ctypes.set_errno(errno.EIO)
             return -1
         return real(addr, length, advice)
 
-    monkeypatch.setattr(storage, "_libc_madvise", lambda: failing)
+    monkeypatch.setattr(libc, "madvise_fn", lambda: failing)
     with pytest.raises(OSError) as e:
         jaxckpt.restore(ckdir / "c")
     assert e.value.errno == errno.EIO and not isinstance(e.value, CorruptCheckpointError)
@@ -362,17 +366,17 @@ class _Sharding:
 
 
 def test_only_host_and_cpu_bound_leaves_are_mappable(monkeypatch):
-    from jaxckpt import api
+    from jaxckpt import targets
 
     cache: dict = {}  # by id(): the shardings must stay alive, as a target's do
     cpu, gpu, mixed = _Sharding("cpu", "cpu"), _Sharding("gpu"), _Sharding("cpu", "tpu")
-    assert api._host_bound(np.zeros(3), None, cache)
-    assert api._host_bound(None, cpu, cache)
-    assert not api._host_bound(None, gpu, cache)
-    assert not api._host_bound(None, mixed, cache)
+    assert targets.host_bound(np.zeros(3), None, cache)
+    assert targets.host_bound(None, cpu, cache)
+    assert not targets.host_bound(None, gpu, cache)
+    assert not targets.host_bound(None, mixed, cache)
     from jaxckpt import config
     with config.tuned(map_for_accelerators=True):
-        assert api._host_bound(None, gpu, {})
+        assert targets.host_bound(None, gpu, {})
 
 
 @pytestmark_map
@@ -398,17 +402,17 @@ def test_a_mapping_the_kernel_will_not_populate_is_read_into(ckdir, monkeypatch)
     t = {**tree(), **many_small()}  # large shards and a run of small ones
     jaxckpt.save(ckdir / "c", t)
     before = data_digest(ckdir / "c")
-    real = storage._libc_madvise()
+    real = libc.madvise_fn()
     refused = []
 
     def refusing(addr, length, advice):
-        if advice == storage._MADV_POPULATE_READ:
+        if advice == libc.MADV_POPULATE_READ:
             refused.append(length)
             ctypes.set_errno(errno.EINVAL)
             return -1
         return real(addr, length, advice)
 
-    monkeypatch.setattr(storage, "_libc_madvise", lambda: refusing)
+    monkeypatch.setattr(libc, "madvise_fn", lambda: refusing)
     got = jaxckpt.restore(ckdir / "c")
     assert len(refused) >= 4  # the mapped path was taken, and refused (3 large leaves, 1 run)
     for k in t:
@@ -424,21 +428,21 @@ def test_populate_queues_the_whole_range_before_faulting_it_in(ckdir, monkeypatc
     (MADV_WILLNEED), then populated: same range, that order, nothing else."""
     t = {**tree(), **many_small()}
     jaxckpt.save(ckdir / "c", t)
-    real = storage._libc_madvise()
+    real = libc.madvise_fn()
     calls = []
 
     def recording(addr, length, advice):
         calls.append((threading.get_ident(), advice, addr, length))
         return real(addr, length, advice)
 
-    monkeypatch.setattr(storage, "_libc_madvise", lambda: recording)
+    monkeypatch.setattr(libc, "madvise_fn", lambda: recording)
     got = jaxckpt.restore(ckdir / "c")
     assert all(got[k].tobytes() == v.tobytes() for k, v in t.items() if k != "step")
-    populated = sorted((a, n) for _, advice, a, n in calls if advice == storage._MADV_POPULATE_READ)
-    hinted = sorted((a, n) for _, advice, a, n in calls if advice == storage._MADV_WILLNEED)
+    populated = sorted((a, n) for _, advice, a, n in calls if advice == libc.MADV_POPULATE_READ)
+    hinted = sorted((a, n) for _, advice, a, n in calls if advice == libc.MADV_WILLNEED)
     assert len(populated) >= 4 and hinted == populated  # 2 + 1 + 2 chunks of large leaves, 1 run
     for thread in {c[0] for c in calls}:  # in each reader thread: hint, then populate, range by range
         mine = [c[1:] for c in calls if c[0] == thread]
         for i, (advice, a, n) in enumerate(mine):
-            if advice == storage._MADV_POPULATE_READ:
-                assert mine[i - 1] == (storage._MADV_WILLNEED, a, n)
+            if advice == libc.MADV_POPULATE_READ:
+                assert mine[i - 1] == (libc.MADV_WILLNEED, a, n)

@@ -164,10 +164,10 @@ KERNEL_SETUP = '''
 import os, time
 import numpy as np
 import jaxckpt
-from jaxckpt import storage
+from jaxckpt import posixfs
 
 RELEASE, HELD = {release!r}, {held!r}
-_pwrite, _pwritev = storage.DataFile.pwrite, storage.DataFile.pwritev
+_pwrite, _pwritev = posixfs.DataFile.pwrite, posixfs.DataFile.pwritev
 
 def _hold():  # every data-file write says so in HELD, then waits for the test to create RELEASE
     open(HELD, "a").close()
@@ -182,7 +182,7 @@ def held_pwritev(self, views, offset):
     _hold()
     return _pwritev(self, views, offset)
 
-storage.DataFile.pwrite, storage.DataFile.pwritev = held_pwrite, held_pwritev
+posixfs.DataFile.pwrite, posixfs.DataFile.pwritev = held_pwrite, held_pwritev
 big = {{f"w{{i}}": np.arange({n}, dtype=np.uint32) * np.uint32(2654435761 + 2 * i) for i in range(4)}}
 mgr = jaxckpt.CheckpointManager({run_dir!r}, max_to_keep=2)
 print("ready")

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import format as fmt
-from jaxckpt import storage
+from jaxckpt import memory, posixfs
 
 
 # ---------------------------------------------------------------- helpers
@@ -56,8 +56,8 @@ def assert_reads_only(reads: list[tuple[int, int]], m: fmt.Manifest, wanted: set
 
 def spy_scatter_reads(monkeypatch, reads: list[tuple[int, int]]) -> None:
     """Record coalesced scatter reads, and populated mappings, as one (offset, length) each."""
-    real = storage.preadv_into
-    real_populate = storage.populate
+    real = posixfs.preadv_into
+    real_populate = memory.populate
 
     def spy(fd, bufs, off, p):
         reads.append((off, sum(len(b) for b in bufs)))
@@ -67,8 +67,8 @@ def spy_scatter_reads(monkeypatch, reads: list[tuple[int, int]]) -> None:
         reads.append((off, len(view)))
         return real_populate(view, p, off)
 
-    monkeypatch.setattr(storage, "preadv_into", spy)
-    monkeypatch.setattr(storage, "populate", spy_populate)
+    monkeypatch.setattr(posixfs, "preadv_into", spy)
+    monkeypatch.setattr(memory, "populate", spy_populate)
 
 
 def read_manifest(path) -> fmt.Manifest:
@@ -147,13 +147,13 @@ def test_partial_restore_params_only(ckdir, state, monkeypatch):
                                   "(pass partial=True to restore a subset)")
 
     reads: list[tuple[int, int]] = []
-    real = storage.pread_into
+    real = posixfs.pread_into
 
     def spy(fd, buf, offset, path):
         reads.append((offset, len(buf)))
         real(fd, buf, offset, path)
 
-    monkeypatch.setattr(storage, "pread_into", spy)
+    monkeypatch.setattr(posixfs, "pread_into", spy)
     spy_scatter_reads(monkeypatch, reads)
     got = jaxckpt.restore(ckdir / "c", target, partial=True)
     assert_same_leaves(got, {"params": state.params})
@@ -167,8 +167,8 @@ def test_partial_restore_reads_one_leaf_only(ckdir, monkeypatch):
     tree = {"a": np.arange(100_000, dtype=np.float32), "b": np.ones((300, 700), np.int16), "c": np.zeros(5, np.int8)}
     jaxckpt.save(ckdir / "c", tree)
     reads: list[tuple[int, int]] = []
-    real = storage.pread_into
-    monkeypatch.setattr(storage, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
+    real = posixfs.pread_into
+    monkeypatch.setattr(posixfs, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
     spy_scatter_reads(monkeypatch, reads)
     got = jaxckpt.restore(ckdir / "c", {"b": np.zeros((300, 700), np.int16)}, partial=True)
     np.testing.assert_array_equal(got["b"], tree["b"])
@@ -195,8 +195,8 @@ def test_many_small_leaves_are_read_in_a_few_runs(ckdir, monkeypatch):
     jaxckpt.save(ckdir / "c", tree)
     m = read_manifest(ckdir / "c")
     reads: list[tuple[int, int]] = []
-    real = storage.pread_into
-    monkeypatch.setattr(storage, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
+    real = posixfs.pread_into
+    monkeypatch.setattr(posixfs, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
     spy_scatter_reads(monkeypatch, reads)
     got = jaxckpt.restore(ckdir / "c")
     assert_same_leaves(got, tree)
@@ -390,8 +390,8 @@ def test_reshard_multi_chunk_leaf_reads_needed_ranges(ckdir, mesh, monkeypatch, 
     (s,) = read_manifest(ckdir / "c").leaves[0].shards
     assert len(s.checksums) == 3
     reads: list[tuple[int, int]] = []
-    real = storage.pread_into
-    monkeypatch.setattr(storage, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
+    real = posixfs.pread_into
+    monkeypatch.setattr(posixfs, "pread_into", lambda fd, buf, off, p: (reads.append((off, len(buf))), real(fd, buf, off, p)))
     spy_scatter_reads(monkeypatch, reads)
     sharding = NamedSharding(mesh, P("x", None))  # 4 row blocks of 10 MiB, none aligned to a chunk
     got = jaxckpt.restore(ckdir / "c", {"w": jax.ShapeDtypeStruct(host.shape, jnp.int32, sharding=sharding)}, verify=verify)["w"]

@@ -31,7 +31,7 @@ import numpy as np
 
 import jaxckpt
 import nopickle
-from jaxckpt import storage
+from jaxckpt import libc, posixdirs, posixfs
 
 LONG = os.environ.get("JAXCKPT_LONG_TESTS") == "1"  # the long variants of the crash and concurrency tests
 
@@ -81,12 +81,12 @@ def restores_as(path: str, candidates: list[dict]) -> int | None:
     return None
 
 
-AUX = (storage.TMP_MARK, storage.DEL_MARK, storage.OLD_MARK)
+AUX = (posixdirs.TMP_MARK, posixdirs.DEL_MARK, posixdirs.OLD_MARK)
 
 
 def aux_entries(directory: str) -> list[str]:
     """Leftovers of interrupted saves, overwrites and deletions."""
-    return sorted(e for e in os.listdir(directory) if storage.parse_aux(e) is not None)
+    return sorted(e for e in os.listdir(directory) if posixdirs.parse_aux(e) is not None)
 
 
 # --------------------------------------------------------------------------- crash injector
@@ -101,10 +101,11 @@ def targets() -> dict[str, tuple[Any, str]]:
     # allows it, as on the test machine; test_faults covers the buffered path)
     for name in ("open", "write", "pwrite", "ftruncate", "fsync", "rename", "unlink", "rmdir", "mkdir"):
         out[f"os.{name}"] = (os, name)
-    for name in ("commit", "fsync_dir", "remove_checkpoint", "remove_tree", "write_file", "make_temp_dir",
-                 "_renameat2_exchange"):
-        out[f"storage.{name}"] = (storage, name)
-    out["storage.DataFile.finish"] = (storage.DataFile, "finish")
+    for owner, names in ((posixdirs, ("commit", "remove_checkpoint", "remove_tree", "make_temp_dir")),
+                         (posixfs, ("fsync_dir", "write_file")), (libc, ("renameat2_exchange",))):
+        for name in names:
+            out[f"{owner.__name__.rsplit('.', 1)[1]}.{name}"] = (owner, name)
+    out["posixfs.DataFile.finish"] = (posixfs.DataFile, "finish")
     return out
 
 

@@ -1,0 +1,148 @@
+"""The POSIX backend: checkpoints as directories on a local or shared file
+system, committed by rename + fsync (``jaxckpt/posixdirs.py`` has the
+protocol, ``jaxckpt/posixfs.py`` the file primitives, ``jaxckpt/lock.py``
+the writer lock). Implements ``storage.Backend``; see its call order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+from jaxckpt import lock
+from jaxckpt import memory
+from jaxckpt import posixdirs
+from jaxckpt import posixfs
+from jaxckpt import storage
+from jaxckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from jaxckpt.format import MANIFEST_NAME
+from jaxckpt.storage import Location
+
+
+class PosixStaging(storage.Staging):
+    """A temporary sibling directory ``.<name>.jaxckpt-tmp-<id>`` of the checkpoint."""
+
+    def __init__(self, final: str, tmp: str):
+        self.final = final
+        self.tmp = tmp
+        self.token = tmp
+
+    def create(self, name: str, direct: bool = True) -> posixfs.DataFile:
+        return posixfs.DataFile(self.tmp, name, direct=direct)
+
+    def check_visible(self, name: str, size: int, process: int) -> None:
+        try:
+            found = os.stat(os.path.join(self.tmp, name)).st_size
+        except FileNotFoundError:
+            found = None
+        if found != size:
+            raise CheckpointError(
+                f"process 0 cannot see {os.path.join(self.tmp, name)} as written by process {process} "
+                f"({size} bytes; found {'nothing' if found is None else f'{found} bytes'}): the checkpoint "
+                "directory must be on a filesystem that all processes share")
+
+    def write_manifest(self, data: bytes) -> None:
+        posixdirs.write_manifest(self.tmp, data)
+
+    def commit(self, overwrite: bool) -> None:
+        posixdirs.commit(self.tmp, self.final, overwrite)
+
+    def abandon(self) -> None:
+        posixdirs.remove_tree(self.tmp)
+
+
+class PosixData(storage.DataSource):
+    """A data file opened for positioned reads (a regular file, never a link)."""
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.fd = posixfs.open_regular(path)
+        found = os.fstat(self.fd).st_size
+        if found < size:
+            os.close(self.fd)
+            raise CorruptCheckpointError(f"{path}: truncated: the manifest records {size} bytes, found {found}")
+
+    def read_into(self, buf: memoryview, offset: int, what: str) -> None:
+        posixfs.pread_into(self.fd, buf, offset, what)
+
+    def readv_into(self, bufs: list[memoryview], offset: int, what: str) -> None:
+        posixfs.preadv_into(self.fd, bufs, offset, what)
+
+    def map(self, offset: int, length: int) -> memoryview | None:
+        if not memory.can_map():
+            return None
+        try:
+            return memory.map_range(self.fd, offset, length)
+        except (OSError, ValueError):  # a file system without mmap, or no address space
+            return None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class PosixSource(storage.Source):
+    """A committed checkpoint directory."""
+
+    def __init__(self, loc: Location):
+        self.location = loc
+        path = loc.path
+        posixdirs.recover(path)
+        if not os.path.isdir(path):
+            raise CheckpointNotFoundError(f"{path}: no checkpoint here (not a directory)")
+        if not os.path.lexists(os.path.join(path, MANIFEST_NAME)):
+            raise CheckpointNotFoundError(f"{path}: not a committed checkpoint ({MANIFEST_NAME} is missing)")
+
+    def read_manifest(self, cap: int) -> bytes:
+        return posixfs.read_small(self.location.path, MANIFEST_NAME, cap)
+
+    def open_data(self, name: str, size: int) -> PosixData:
+        return PosixData(os.path.join(self.location.path, name), size)
+
+    def describe(self, name: str) -> str:
+        return os.path.join(self.location.path, name)
+
+
+class PosixBackend(storage.Backend):
+    def exists(self, loc: Location) -> bool:
+        return os.path.lexists(loc.path)
+
+    def is_committed(self, loc: Location, follow: bool = False) -> bool:
+        return posixdirs.is_committed(loc.path, follow)
+
+    def begin_save(self, loc: Location, attempt: str | None = None) -> PosixStaging:
+        if attempt is not None:  # a stale one of the same attempt, from a crashed run
+            posixdirs.remove_tree(posixdirs.aux_name(loc.path, posixdirs.TMP_MARK, attempt))
+        return PosixStaging(loc.path, posixdirs.make_temp_dir(loc.path, attempt))
+
+    def join_save(self, loc: Location, token: str) -> PosixStaging:
+        if not os.path.isdir(token):
+            raise CheckpointError(f"cannot see {token}, created by process 0: the checkpoint directory must be on a "
+                                  "filesystem that all processes share")
+        return PosixStaging(loc.path, token)
+
+    def open(self, loc: Location) -> PosixSource:
+        return PosixSource(loc)
+
+    def ensure_root(self, root: Location) -> None:
+        posixfs.ensure_dir(root.path)
+
+    def list_committed(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
+        return [e for e in posixfs.list_entries(root.path)
+                if accept(e) and posixdirs.is_committed(os.path.join(root.path, e))]
+
+    def remove(self, loc: Location) -> None:
+        posixdirs.remove_checkpoint(loc.path)
+
+    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
+        return posixdirs.clean_stale(root.path, accept)
+
+    def acquire_lock(self, root: Location) -> tuple[str, dict | None]:
+        return lock.acquire(root.path)
+
+    def release_lock(self, root: Location, token: str) -> None:
+        lock.release(root.path, token)
+
+
+BACKEND = PosixBackend()
