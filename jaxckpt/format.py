@@ -1,23 +1,13 @@
-"""On-disk format v1: the manifest <-> bytes, pure (no I/O, no jax).
-
-``docs/FORMAT.md`` is the normative description; this module is its reference
-implementation. Every number read from disk is checked against a hard cap
-before it is used, so a hostile manifest costs at most a few megabytes and a
-few milliseconds before :class:`CorruptCheckpointError` is raised.
-
-Manifest file layout (``manifest.msgpack``): one msgpack map ::
-
-    {"format": "jaxckpt", "version": 1, "body": <bin>, "xxh3": <uint64>}
-
-where ``xxh3`` is XXH3-64 (seed 0) of the ``body`` bytes and ``body`` is itself
-a msgpack map (see :func:`build_body`). The outer envelope lets a reader check
-the version and the integrity of the whole manifest before decoding it.
-"""
+"""On-disk format v1: the manifest <-> bytes, pure (no I/O, no jax). ``docs/FORMAT.md``
+is the normative description, this module its reference implementation: the decoder
+checks each reader rule once, tagged with its number (``# R12``), and every number read
+from disk against a cap before using it (``docs/RATIONALE.md`` says why)."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 import re
 from typing import Any, NamedTuple
 
@@ -26,32 +16,29 @@ import numpy as np
 import xxhash
 
 from jaxckpt import gcpause
-from jaxckpt.arrayinfo import DTYPES, ITEMSIZE
+from jaxckpt.arrayinfo import ITEMSIZE
 from jaxckpt.errors import CorruptCheckpointError
 
 FORMAT_NAME = "jaxckpt"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.msgpack"
 HASH_NAME = "xxh3-64"
+CHUNK_BYTES = 16 << 20  # checksummed chunks of a shard: 256 sums for 4 GiB; a restore verifies what it reads
 
-# Checksums cover each shard in chunks of this many bytes (the last chunk may be
-# shorter). 16 MiB keeps manifests small (256 entries for 4 GiB) while letting a
-# resharding restore verify only the chunks it reads.
-CHUNK_BYTES = 16 << 20
-
-# Hard caps on everything read from disk.
-MAX_MANIFEST_BYTES = 64 << 20  # ~500k leaves; decoded, a manifest costs ~50x its size in memory
-MAX_LEAVES = 4_000_000
-MAX_NDIM = 64
-MAX_SHARDS_PER_LEAF = 1 << 17  # a leaf split over every chip of a large pod
-MAX_BOX_ENTRIES = 1 << 18  # shards x ndim of one leaf: bounds the decoded boxes' memory
-MAX_FILES = 65536
-MAX_TREE_DEPTH = 256
-MAX_ARRAY_BYTES = 1 << 48  # 256 TiB: far above any real leaf, far below int64 overflow
-MAX_STR = 1 << 20
-MAX_PAIRWISE_SHARDS = 256  # shards of one leaf that do not form a grid (see _check_cover)
-
-_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
+# Hard caps on everything read from disk, with the rule of docs/FORMAT.md that states each.
+MAX_MANIFEST_BYTES = 64 << 20  # R1: ~500k leaves; decoded, a manifest costs ~50x its size in memory
+MAX_STR = 1 << 20  # R2: bytes of UTF-8 in one msgpack str; an array or map holds at most 2 * MAX_LEAVES entries
+MIN_CHUNK_BYTES, MAX_CHUNK_BYTES = 4096, 1 << 40  # R8: a tiny chunk would need a huge checksum list
+MAX_FILES, MAX_LEAVES = 65536, 4_000_000  # R9
+MAX_SHARDS_PER_LEAF = 1 << 17  # R9: a leaf split over every chip of a large pod
+MAX_BOX_ENTRIES = 1 << 18  # R9: shards x ndim of one leaf: bounds the decoded boxes' memory
+MAX_NDIM = 64  # R11: numpy's own limit
+MAX_ARRAY_BYTES = 1 << 48  # R11, R12: 256 TiB: far above any real leaf, far below int64 overflow
+MAX_U64 = (1 << 64) - 1  # R16: a checksum
+MAX_PAIRWISE_SHARDS = 256  # R17: shards of one leaf that do not form a grid (see _check_cover)
+MAX_OFFSET = 1 << 56  # R18: a shard's offset, a data file's size
+MAX_TREE_DEPTH = 256  # R23
+_FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")  # R21
 
 
 def checksum(buf) -> int:
@@ -70,8 +57,7 @@ class FileRecord:
     size: int
 
 
-# Shard and leaf records are NamedTuples, not frozen dataclasses: a manifest of
-# a 10,000-leaf tree builds 20,000 of them per save and per restore.
+# NamedTuples, not frozen dataclasses: a 10,000-leaf tree builds 20,000 per save and per restore.
 class ShardRecord(NamedTuple):
     box: tuple[tuple[int, int], ...]  # per dimension [start, stop) in the global array
     file: int  # index into Manifest.files
@@ -95,9 +81,7 @@ class LeafRecord(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        if self.kind == "value":
-            return 0
-        return math.prod(self.shape) * DTYPES[self.dtype].itemsize
+        return 0 if self.kind == "value" else math.prod(self.shape) * ITEMSIZE[self.dtype]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,41 +101,25 @@ class Manifest:
 
 
 # --------------------------------------------------------------------- encode
-def _encode_value(v: Any) -> Any:
-    if isinstance(v, complex):
-        return {"complex": [v.real, v.imag]}
-    return v
-
-
 def build_body(manifest: Manifest) -> dict:
     def leaf(rec: LeafRecord) -> dict:
         if rec.kind == "value":
-            return {"path": rec.path, "kind": "value", "value": _encode_value(rec.value)}
+            v = {"complex": [rec.value.real, rec.value.imag]} if isinstance(rec.value, complex) else rec.value
+            return {"path": rec.path, "kind": "value", "value": v}
         out = {"path": rec.path, "kind": rec.kind, "dtype": rec.dtype, "shape": list(rec.shape),
                "shards": [{"box": [list(b) for b in s.box], "file": s.file, "offset": s.offset, "length": s.length,
                            "xxh3": list(s.checksums)} for s in rec.shards]}
-        if rec.impl is not None:
-            out["impl"] = rec.impl
-        return out
+        return out if rec.impl is None else {**out, "impl": rec.impl}
 
-    return {
-        "library": manifest.library,
-        "created": manifest.created,
-        "hash": HASH_NAME,
-        "chunk_bytes": manifest.chunk_bytes,
-        "files": [{"name": f.name, "size": f.size} for f in manifest.files],
-        "tree": manifest.tree,
-        "leaves": [leaf(r) for r in manifest.leaves],
-        "metadata": manifest.metadata,
-    }
+    return {"library": manifest.library, "created": manifest.created, "hash": HASH_NAME,
+            "chunk_bytes": manifest.chunk_bytes, "files": [{"name": f.name, "size": f.size} for f in manifest.files],
+            "tree": manifest.tree, "leaves": [leaf(r) for r in manifest.leaves], "metadata": manifest.metadata}
 
 
 def encode_manifest(manifest: Manifest) -> bytes:
     body = msgpack.packb(build_body(manifest), use_bin_type=True)
-    return msgpack.packb(
-        {"format": FORMAT_NAME, "version": FORMAT_VERSION, "body": body, "xxh3": checksum(body)},
-        use_bin_type=True,
-    )
+    return msgpack.packb({"format": FORMAT_NAME, "version": FORMAT_VERSION, "body": body, "xxh3": checksum(body)},
+                         use_bin_type=True)  # "format" first: docs/FORMAT.md, the envelope
 
 
 def _utf8_over(text: str, cap: int) -> int | None:
@@ -163,45 +131,30 @@ def _utf8_over(text: str, cap: int) -> int | None:
 
 
 def check_writable(manifest: Manifest, encoded: bytes, where: str) -> None:
-    """The caps a correct writer can still exceed (sizes of what the user
-    stored). Cheaper than a full :func:`decode_manifest`, which a writer needs
-    only when the shard records come from elsewhere (other processes).
-
-    What the user controls in the body: key paths, value leaves, PRNG
-    implementation names (checked here against the string cap), the tree
-    (keys, names, sizes, nesting) and the metadata (decoded here on their
-    own with the reader's limits); checksum lists grow with a leaf's size.
-    Everything else in the body is the writer's own bounded output."""
+    """The reader's caps that a correct writer can exceed (key paths, values, PRNG names, tree,
+    metadata, checksum lists); cheaper than :func:`decode_manifest`, needed for other processes' shards."""
     c = _Checker(where)
     if len(encoded) > MAX_MANIFEST_BYTES:
         raise c.fail(f"manifest is {len(encoded)} bytes, above the cap of {MAX_MANIFEST_BYTES}")
     if len(manifest.leaves) > MAX_LEAVES:
         raise c.fail(f"{len(manifest.leaves)} leaves, above the cap of {MAX_LEAVES}")
-    max_list = 2 * MAX_LEAVES  # the reader's msgpack array/map length cap
     for leaf in manifest.leaves:
-        path = leaf.path
-        n = _utf8_over(path, MAX_STR)
-        if n is not None:
+        path, shards, ndim = leaf.path, leaf.shards, len(leaf.shape)
+        if (n := _utf8_over(path, MAX_STR)) is not None:
             raise c.fail(f"leaf {path[:80]!r}...: its key path is {n} bytes of UTF-8, above the cap of {MAX_STR}")
-        if leaf.kind == "value":
-            if isinstance(leaf.value, str) and (n := _utf8_over(leaf.value, MAX_STR)) is not None:
-                raise c.fail(f"leaf {path!r}: a str of {n} bytes of UTF-8, above the cap of {MAX_STR}")
-            continue
+        if isinstance(leaf.value, str) and (n := _utf8_over(leaf.value, MAX_STR)) is not None:
+            raise c.fail(f"leaf {path!r}: a str of {n} bytes of UTF-8, above the cap of {MAX_STR}")
         if leaf.impl is not None and (n := _utf8_over(leaf.impl, MAX_STR)) is not None:
             raise c.fail(f"leaf {path!r}: a PRNG implementation name of {n} bytes, above the cap of {MAX_STR}")
-        shards = leaf.shards
-        if len(shards) > MAX_SHARDS_PER_LEAF or len(shards) * max(len(leaf.shape), 1) > MAX_BOX_ENTRIES:
-            raise c.fail(f"leaf {path!r}: {len(shards)} shards of {len(leaf.shape)} dimensions, above the "
+        if len(shards) > MAX_SHARDS_PER_LEAF or len(shards) * max(ndim, 1) > MAX_BOX_ENTRIES:
+            raise c.fail(f"leaf {path!r}: {len(shards)} shards of {ndim} dimensions, above the "
                          f"caps of {MAX_SHARDS_PER_LEAF} shards and {MAX_BOX_ENTRIES} box entries")
-        if len(leaf.shape) > MAX_NDIM:
-            raise c.fail(f"leaf {path!r}: {len(leaf.shape)} dimensions, above the cap of {MAX_NDIM}")
-        for s in shards:
-            if len(s.checksums) > max_list:
-                raise c.fail(f"leaf {path!r}: {len(s.checksums)} checksums in one shard, above the cap of {max_list}")
-    try:  # string, container and nesting caps on what the user shaped
-        _unpack(msgpack.packb([manifest.tree, manifest.metadata, manifest.library], use_bin_type=True), len(encoded))
-    except Exception as e:
-        raise c.fail(f"manifest body would not decode ({type(e).__name__}: {e})") from None
+        if ndim > MAX_NDIM:
+            raise c.fail(f"leaf {path!r}: {ndim} dimensions, above the cap of {MAX_NDIM}")
+        if shards and (n := max(len(s.checksums) for s in shards)) > 2 * MAX_LEAVES:  # the reader's list cap
+            raise c.fail(f"leaf {path!r}: {n} checksums in one shard, above the cap of {2 * MAX_LEAVES}")
+    user = msgpack.packb([manifest.tree, manifest.metadata, manifest.library], use_bin_type=True)
+    _unpack(c, user, "body", "manifest body would not decode")  # string, container and nesting caps
     _check_tree(c, manifest.tree, len(manifest.leaves))
 
 
@@ -210,44 +163,28 @@ def check_metadata(metadata: Any) -> bytes:
     def check(v: Any, where: str, depth: int) -> None:
         if depth > 64:
             raise TypeError(f"metadata{where}: nested deeper than 64 levels")
-        if v is None or isinstance(v, (bool, int, float, str, bytes)):
-            if isinstance(v, int) and not isinstance(v, bool) and not -(1 << 63) <= v < (1 << 64):
-                raise TypeError(f"metadata{where}: integer {v} does not fit in 64 bits")
-            return
+        if isinstance(v, int) and not -(1 << 63) <= v < (1 << 64):
+            raise TypeError(f"metadata{where}: integer {v} does not fit in 64 bits")
         if isinstance(v, (list, tuple)):
             for i, x in enumerate(v):
                 check(x, f"{where}[{i}]", depth + 1)
-            return
-        if isinstance(v, dict):
+        elif isinstance(v, dict):
             for k, x in v.items():
                 if not isinstance(k, (str, int)):
                     raise TypeError(f"metadata{where}: key {k!r} must be str or int")
                 check(x, f"{where}[{k!r}]", depth + 1)
-            return
-        raise TypeError(
-            f"metadata{where}: {type(v).__name__} is not storable; use str/int/float/bool/None/"
-            "bytes and lists/dicts of them")
+        elif not (v is None or isinstance(v, (bool, int, float, str, bytes))):
+            raise TypeError(f"metadata{where}: {type(v).__name__} is not storable; use str/int/float/bool/None/"
+                            "bytes and lists/dicts of them")
 
     check(metadata, "", 0)
     return msgpack.packb(metadata, use_bin_type=True)
 
 
 # --------------------------------------------------------------------- decode
-def _no_ext(code: int, data: bytes) -> Any:
-    raise ValueError(f"msgpack extension type {code} is not part of the format")
-
-
-def _unpack(data: bytes, max_bytes: int) -> Any:
-    # The limits bound every container and string msgpack would allocate; the
-    # C unpacker has a fixed stack, so deep nesting errors out instead of crashing.
-    return msgpack.unpackb(
-        data, raw=False, strict_map_key=False, ext_hook=_no_ext, use_list=True, max_str_len=MAX_STR, max_bin_len=max_bytes,
-        max_array_len=MAX_LEAVES * 2, max_map_len=MAX_LEAVES * 2, max_ext_len=0,
-    )
-
-
+# Leaf and shard checks run 10^4-10^6 times: inline, on msgpack's exact types, messages formatted on failure.
 class _Checker:
-    """Field access with typed, located errors."""
+    """Typed, located errors."""
 
     def __init__(self, where: str):
         self.where = where
@@ -255,268 +192,242 @@ class _Checker:
     def fail(self, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.where}: {what}")
 
-    def get(self, m: Any, key: str, types: type | tuple, ctx: str, optional: bool = False) -> Any:
+    def bad(self, m: Any, key: str, types: type | tuple, ctx: str) -> CorruptCheckpointError:
         if not isinstance(m, dict):
-            raise self.fail(f"{ctx}: expected a map, found {type(m).__name__}")
+            return self.fail(f"{ctx}: expected a map, found {type(m).__name__}")
         if key not in m:
-            if optional:
-                return None
-            raise self.fail(f"{ctx}: missing field {key!r}")
-        v = m[key]
-        if not isinstance(v, types) or (isinstance(v, bool) and bool not in _as_tuple(types)):
-            raise self.fail(f"{ctx}: field {key!r} expected {_type_names(types)}, found {type(v).__name__}")
+            return self.fail(f"{ctx}: missing field {key!r}")
+        names = "/".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        return self.fail(f"{ctx}: field {key!r} expected {names}, found {type(m[key]).__name__}")
+
+    def get(self, m: Any, key: str, types: type | tuple, ctx: str) -> Any:
+        """Field ``key`` of map ``m``, of one of ``types`` (a bool only where bool is one, R8); else ``bad``."""
+        v = m.get(key) if isinstance(m, dict) else None
+        ok = types if isinstance(types, tuple) else (types,)
+        if not isinstance(v, ok) or (type(v) is bool and bool not in ok):
+            raise self.bad(m, key, types, ctx)
         return v
 
-    def nonneg(self, v: Any, ctx: str, cap: int) -> int:
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v > cap:
-            raise self.fail(f"{ctx}: expected an integer in [0, {cap}], found {v!r}")
-        return v
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    d = dict(pairs)
+    if len(d) != len(pairs):  # R4: msgpack alone keeps the last value silently
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise CorruptCheckpointError(f"the key {key!r:.80} occurs twice in one map")  # located by _unpack
+    return d
 
 
-def _as_tuple(t: type | tuple) -> tuple:
-    return t if isinstance(t, tuple) else (t,)
+def _no_ext(code: int, data: bytes) -> Any:
+    raise ValueError(f"msgpack extension type {code} is not part of the format")  # R3
 
 
-def _type_names(t: type | tuple) -> str:
-    return "/".join(x.__name__ for x in _as_tuple(t))
+def _unpack(c: _Checker, data: bytes, name: str, invalid: str) -> Any:
+    """``data`` decoded (R2-R5); ``name`` (envelope, body) or ``invalid`` open the error messages."""
+    try:  # R2: caps on every container and string msgpack would allocate; its fixed C stack bounds nesting
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True, max_str_len=MAX_STR,
+                               max_bin_len=len(data), max_array_len=2 * MAX_LEAVES, max_map_len=2 * MAX_LEAVES,
+                               ext_hook=_no_ext, max_ext_len=0, object_pairs_hook=_no_duplicate_keys)
+    except msgpack.ExtraData as e:  # R5: msgpack refuses trailing bytes; say where they are
+        if not isinstance(e.unpacked, dict):
+            raise c.fail(f"{invalid} (ExtraData: {e})") from None
+        raise c.fail(f"{name}: {len(e.extra)} bytes after the end of the {name} map (one map, nothing else)") from None
+    except CorruptCheckpointError as e:  # R4
+        raise c.fail(f"{name}: {e}") from None
+    except Exception as e:  # msgpack raises many types (ValueError, StackError, ...)
+        raise c.fail(f"{invalid} ({type(e).__name__}: {e})") from None
 
 
 def decode_manifest(data: bytes, where: str) -> Manifest:
-    with gcpause.paused():  # 10^5 acyclic objects for a 10^4-leaf manifest: see jaxckpt/gcpause.py
-        return _decode_manifest(data, where)
-
-
-def _decode_manifest(data: bytes, where: str) -> Manifest:
-    """Decode and validate a manifest. ``where`` names the file in errors.
-
-    Checks everything a reader needs to trust before touching data files:
-    version, checksum, types, caps, dtype allow-list, shape x itemsize ==
-    length without overflow, shard boxes inside the shape and covering it
-    exactly once, file names plain, byte ranges non-overlapping per file and
-    inside the recorded file sizes.
-    """
+    """Decode and check a manifest (R1-R23 of docs/FORMAT.md); ``where`` names the file in errors."""
     c = _Checker(where)
-    if len(data) == 0:
+    if len(data) == 0:  # R1
         raise c.fail("the manifest is empty (0 bytes)")
     if len(data) > MAX_MANIFEST_BYTES:
         raise c.fail(f"manifest is {len(data)} bytes, above the cap of {MAX_MANIFEST_BYTES}")
-    try:
-        outer = _unpack(data, len(data))
-    except Exception as e:  # msgpack raises many types (ValueError, StackError, ...)
-        raise c.fail(f"not a valid msgpack manifest ({type(e).__name__}: {e})") from None
-    if not isinstance(outer, dict) or outer.get("format") != FORMAT_NAME:
+    outer = _unpack(c, data, "envelope", "not a valid msgpack manifest")  # R2-R5
+    if not isinstance(outer, dict) or outer.get("format") != FORMAT_NAME:  # R6
         raise c.fail("not a jaxckpt manifest (missing format: 'jaxckpt')")
-    version = c.get(outer, "version", int, "envelope")
-    if version != FORMAT_VERSION:
+    version = c.get(outer, "version", int, "envelope")  # R8
+    if version != FORMAT_VERSION:  # R6
         raise c.fail(f"format version {version} is not supported (this reader knows version {FORMAT_VERSION})")
-    body = c.get(outer, "body", bytes, "envelope")
+    body = c.get(outer, "body", bytes, "envelope")  # R8
     expected = c.get(outer, "xxh3", int, "envelope")
-    found = checksum(body)
-    if found != expected:
+    if (found := checksum(body)) != expected:  # R7: before the body is parsed
         raise c.fail(f"manifest checksum mismatch: expected xxh3 {expected:#018x}, found {found:#018x}")
-    try:
-        b = _unpack(body, len(body))
-    except Exception as e:
-        raise c.fail(f"manifest body is not valid msgpack ({type(e).__name__}: {e})") from None
+    with gcpause.paused():  # 10^5 acyclic objects for a 10^4-leaf manifest: see jaxckpt/gcpause.py
+        return _decode_body(c, _unpack(c, body, "body", "manifest body is not valid msgpack"))  # R2-R5
 
-    library = c.get(b, "library", str, "body")
+
+def _decode_body(c: _Checker, b: Any) -> Manifest:
+    library = c.get(b, "library", str, "body")  # R8
     created = c.get(b, "created", (int, float), "body")
-    if c.get(b, "hash", str, "body") != HASH_NAME:
+    if c.get(b, "hash", str, "body") != HASH_NAME:  # R8
         raise c.fail(f"unknown hash {b['hash']!r}, expected {HASH_NAME!r}")
     chunk_bytes = c.get(b, "chunk_bytes", int, "body")
-    if not 4096 <= chunk_bytes <= (1 << 40):
+    if not MIN_CHUNK_BYTES <= chunk_bytes <= MAX_CHUNK_BYTES:  # R8
         raise c.fail(f"chunk_bytes {chunk_bytes} outside [4096, 2**40]")
-
-    raw_files = c.get(b, "files", list, "body")
-    if len(raw_files) > MAX_FILES:
+    raw_files = c.get(b, "files", list, "body")  # R8
+    if len(raw_files) > MAX_FILES:  # R9
         raise c.fail(f"{len(raw_files)} data files, above the cap of {MAX_FILES}")
     files = []
     for i, f in enumerate(raw_files):
-        name = c.get(f, "name", str, f"files[{i}]")
-        if not _FILE_NAME_RE.fullmatch(name) or name == MANIFEST_NAME:  # fullmatch: '$' alone admits a final '\n'
+        name = c.get(f, "name", str, f"files[{i}]")  # R8
+        if not _FILE_NAME_RE.fullmatch(name) or name == MANIFEST_NAME:  # R21 (fullmatch: '$' admits a final '\n')
             raise c.fail(f"files[{i}]: file name {name!r} is not a plain file name "
                          "(letters, digits, '.', '_', '-'; no separators, no leading dot)")
-        files.append(FileRecord(name, c.nonneg(c.get(f, "size", int, f"files[{i}]"), f"files[{i}].size", 1 << 56)))
-    if len({f.name for f in files}) != len(files):
+        size = c.get(f, "size", int, f"files[{i}]")  # R8
+        if not 0 <= size <= MAX_OFFSET:  # R18
+            raise c.fail(f"files[{i}].size: expected an integer in [0, {MAX_OFFSET}], found {size!r}")
+        files.append(FileRecord(name, size))
+    if len({f.name for f in files}) != len(files):  # R21
         raise c.fail("a data file is listed twice")
-
-    raw_leaves = c.get(b, "leaves", list, "body")
-    if len(raw_leaves) > MAX_LEAVES:
+    raw_leaves = c.get(b, "leaves", list, "body")  # R8
+    if len(raw_leaves) > MAX_LEAVES:  # R9
         raise c.fail(f"{len(raw_leaves)} leaves, above the cap of {MAX_LEAVES}")
-    leaves = tuple(_decode_leaf(c, i, r, files, chunk_bytes) for i, r in enumerate(raw_leaves))
-    _check_extents(c, leaves, files)
-    if len({leaf.path for leaf in leaves}) != len(leaves):
+    extents: list[tuple[int, int, int, str]] = []  # (file, start, stop, leaf path) of each byte range
+    leaves = tuple([_decode_leaf(c, i, r, files, chunk_bytes, extents) for i, r in enumerate(raw_leaves)])
+    extents.sort()
+    for (fa, _, a1, pa), (fb, b0, _, pb) in zip(extents, extents[1:]):
+        if b0 < a1 and fa == fb:  # R20
+            raise c.fail(f"leaves {pa!r} and {pb!r} overlap in {files[fa].name} at byte {b0}")
+    if len(set(map(operator.attrgetter("path"), leaves))) != len(leaves):  # R22
         raise c.fail("two leaves have the same path")
-    tree = b.get("tree")
-    _check_tree(c, tree, len(leaves))
-    return Manifest(version, library, float(created), chunk_bytes, tuple(files), tree, leaves,
+    _check_tree(c, b.get("tree"), len(leaves))  # R23
+    return Manifest(FORMAT_VERSION, library, float(created), chunk_bytes, tuple(files), b.get("tree"), leaves,
                     b.get("metadata"))
 
 
-_U64 = 1 << 64
+_new = tuple.__new__  # builds a NamedTuple without its Python-level __new__ (2 records per leaf)
+_LEAF_KEYS, _SHARD_KEYS = ("path", "kind", "dtype", "shape", "shards"), ("box", "file", "offset", "length", "xxh3")
+_leaf_fields, _shard_fields = operator.itemgetter(*_LEAF_KEYS), operator.itemgetter(*_SHARD_KEYS)  # 1 C call each
 
 
-def _whole_leaf(r: dict, n_files: int, chunk_bytes: int) -> LeafRecord | None:
-    """The record of the commonest leaf, an array or numpy scalar stored as
-    one shard, if ``r`` is a well-formed one; else None (the general decoder
-    then accepts it or raises the located error). Accepts exactly what the
-    general path accepts for such a leaf and builds the same record; it only
-    skips the general path's bookkeeping (10,000-leaf manifests: ~4 us per
-    leaf instead of ~9)."""
-    path, kind, dtype, raw_shape, raw_shards = (r.get("path"), r.get("kind"), r.get("dtype"), r.get("shape"),
-                                                r.get("shards"))
-    if not (type(path) is str and (kind == "array" or kind == "scalar") and type(dtype) is str
-            and type(raw_shape) is list and type(raw_shards) is list and len(raw_shards) == 1
-            and len(raw_shape) <= MAX_NDIM):
-        return None
-    itemsize = ITEMSIZE.get(dtype)
-    s = raw_shards[0]
-    if itemsize is None or type(s) is not dict or (kind == "scalar" and raw_shape):
-        return None
-    raw_box, file, offset, length, sums = s.get("box"), s.get("file"), s.get("offset"), s.get("length"), s.get("xxh3")
-    if type(raw_box) is not list or len(raw_box) != len(raw_shape):
-        return None
-    count = itemsize
-    for d, pair in zip(raw_shape, raw_box):  # one shard of an array is all of it: every box is [0, d]
-        if not (type(d) is int and 0 < d <= MAX_ARRAY_BYTES and type(pair) is list and len(pair) == 2
-                and pair[0] == 0 and type(pair[0]) is int and pair[1] == d and type(pair[1]) is int):
-            return None
-        count *= d
-        if count > MAX_ARRAY_BYTES:
-            return None
-    if not (type(file) is int and 0 <= file < n_files and type(offset) is int and 0 <= offset <= (1 << 56)
-            and type(length) is int and length == count and type(sums) is list
-            and len(sums) == -(-length // chunk_bytes)):
-        return None
-    for x in sums:
-        if type(x) is not int or not 0 <= x < _U64:
-            return None
-    shape = tuple(raw_shape)
-    return LeafRecord(path, kind, dtype, shape,
-                      (ShardRecord(tuple((0, d) for d in shape), file, offset, length, tuple(sums)),), None, None)
-
-
-def _decode_leaf(c: _Checker, i: int, r: Any, files: list[FileRecord], chunk_bytes: int) -> LeafRecord:
-    # Fast path for the common, well-formed leaf (plain dict, exact types); any
-    # doubt goes through the checker, which accepts or raises the located error.
-    if type(r) is dict:
-        rec = _whole_leaf(r, len(files), chunk_bytes)
-        if rec is not None:
-            return rec
-        path, kind, dtype, raw_shape = r.get("path"), r.get("kind"), r.get("dtype"), r.get("shape")
-        if (type(path) is str and kind in ("array", "scalar") and type(dtype) is str and type(raw_shape) is list
-                and len(raw_shape) <= MAX_NDIM and all(type(d) is int and 0 <= d <= MAX_ARRAY_BYTES for d in raw_shape)
-                and dtype in DTYPES):
-            return _decode_array_leaf(c, r, path, kind, dtype, tuple(raw_shape), files, chunk_bytes)
-    path = c.get(r, "path", str, f"leaves[{i}]")
-    ctx = f"leaf {path!r}"
-    kind = c.get(r, "kind", str, ctx)
-    if kind == "value":
-        v = r.get("value")
-        if isinstance(v, dict) and set(v) == {"complex"}:
-            parts = v["complex"]
-            if not (isinstance(parts, list) and len(parts) == 2 and all(isinstance(p, (int, float)) for p in parts)):
-                raise c.fail(f"{ctx}: malformed complex value")
-            v = complex(parts[0], parts[1])
-        elif not (v is None or isinstance(v, (bool, int, float, str))):
-            raise c.fail(f"{ctx}: value of type {type(v).__name__} is not a scalar")
-        return LeafRecord(path, kind, value=v)
-    if kind not in ("array", "scalar", "key"):
-        raise c.fail(f"{ctx}: unknown leaf kind {kind!r}")
-    dtype = c.get(r, "dtype", str, ctx)
-    if dtype not in DTYPES:
-        raise c.fail(f"{ctx}: dtype {dtype!r} is not in the allow-list")
-    raw_shape = c.get(r, "shape", list, ctx)
-    if len(raw_shape) > MAX_NDIM:
-        raise c.fail(f"{ctx}: {len(raw_shape)} dimensions, above the cap of {MAX_NDIM}")
-    shape = tuple(c.nonneg(d, f"{ctx} shape", MAX_ARRAY_BYTES) for d in raw_shape)
-    return _decode_array_leaf(c, r, path, kind, dtype, shape, files, chunk_bytes)
-
-
-def _decode_array_leaf(c: _Checker, r: dict, path: str, kind: str, dtype: str, shape: tuple[int, ...],
-                       files: list[FileRecord], chunk_bytes: int) -> LeafRecord:
-    """The rest of an array/scalar/key leaf, once path, kind, dtype (allow-listed)
-    and shape (dimensions checked) are known good."""
-    ctx = f"leaf {path!r}"
-    itemsize = DTYPES[dtype].itemsize
+def _decode_leaf(c: _Checker, i: int, r: Any, files: list[FileRecord], chunk_bytes: int,
+                 extents: list[tuple[int, int, int, str]]) -> LeafRecord:
+    """The record of leaf ``i`` (R8-R19); its byte ranges go to ``extents`` (R20)."""
+    if type(r) is not dict:  # R8
+        raise c.fail(f"leaves[{i}]: expected a map, found {type(r).__name__}")
+    try:
+        path, kind, dtype, raw_shape, raw_shards = _leaf_fields(r)
+    except KeyError:  # a missing field is None: refused below
+        path, kind, dtype, raw_shape, raw_shards = map(r.get, _LEAF_KEYS)
+    if type(path) is not str:  # R8
+        raise c.bad(r, "path", str, f"leaves[{i}]")
+    if kind not in ("array", "scalar", "key"):  # the kinds with bytes in data files
+        return _value_leaf(c, r, path, kind)
+    itemsize = ITEMSIZE.get(dtype) if type(dtype) is str else None
+    if itemsize is None:  # R8, R10
+        raise c.bad(r, "dtype", str, f"leaf {path!r}") if type(dtype) is not str else c.fail(
+            f"leaf {path!r}: dtype {dtype!r} is not in the allow-list")
+    if type(raw_shape) is not list:  # R8
+        raise c.bad(r, "shape", list, f"leaf {path!r}")
+    if len(raw_shape) > MAX_NDIM:  # R11
+        raise c.fail(f"leaf {path!r}: {len(raw_shape)} dimensions, above the cap of {MAX_NDIM}")
+    for d in raw_shape:  # R11
+        if type(d) is not int or not 0 <= d <= MAX_ARRAY_BYTES:
+            raise c.fail(f"leaf {path!r} shape: expected an integer in [0, {MAX_ARRAY_BYTES}], found {d!r}")
     count = 1
-    for d in shape:  # overflow-safe: stop as soon as the product exceeds the cap
+    for d in raw_shape:  # R12: the product so far, so that it cannot overflow
         count *= d
         if count * itemsize > MAX_ARRAY_BYTES:
-            raise c.fail(f"{ctx}: shape {list(shape)} x itemsize {itemsize} exceeds the cap of {MAX_ARRAY_BYTES} bytes")
-    impl = None
-    if kind == "key":
-        impl = c.get(r, "impl", str, ctx)
-        if not impl.isidentifier():
-            raise c.fail(f"{ctx}: PRNG implementation name {impl!r} is not an identifier")
-    if kind == "scalar" and shape != ():
-        raise c.fail(f"{ctx}: a numpy scalar must have shape (), found {list(shape)}")
-    raw_shards = c.get(r, "shards", list, ctx)
-    if len(raw_shards) > MAX_SHARDS_PER_LEAF:
-        raise c.fail(f"{ctx}: {len(raw_shards)} shards, above the cap of {MAX_SHARDS_PER_LEAF}")
-    if len(raw_shards) * max(len(shape), 1) > MAX_BOX_ENTRIES:
-        raise c.fail(f"{ctx}: {len(raw_shards)} shards x {len(shape)} dimensions, above the cap of "
-                     f"{MAX_BOX_ENTRIES} box entries")
-    # The loop below runs once per shard of every leaf (10^4-10^6 times for big
-    # trees): checks are inline and messages are only formatted on failure.
-    shards = []
-    volume = 0
-    n_files = len(files)
-    ndim = len(shape)
+            raise c.fail(f"leaf {path!r}: shape {raw_shape} x itemsize {itemsize} exceeds the cap of "
+                         f"{MAX_ARRAY_BYTES} bytes")
+    if kind == "scalar" and raw_shape:  # R13
+        raise c.fail(f"leaf {path!r}: a numpy scalar must have shape (), found {raw_shape}")
+    impl = c.get(r, "impl", str, f"leaf {path!r}") if kind == "key" else None  # R8
+    if impl is not None and not impl.isidentifier():  # R13
+        raise c.fail(f"leaf {path!r}: PRNG implementation name {impl!r} is not an identifier")
+    if type(raw_shards) is not list:  # R8
+        raise c.bad(r, "shards", list, f"leaf {path!r}")
+    shape = tuple(raw_shape)
+    shards, volume = _decode_shards(c, path, raw_shards, shape, itemsize, files, chunk_bytes, extents)
+    # The fast path is this predicate in front of the one tiling check: a single shard
+    # holding every element (its box inside the shape, R14) is the whole array.
+    if len(shards) != 1 or volume != count:
+        _check_cover(c, f"leaf {path!r}", count, shards, volume)
+    return _new(LeafRecord, (path, kind, dtype, shape, shards, None, impl))
+
+
+def _value_leaf(c: _Checker, r: dict, path: str, kind: Any) -> LeafRecord:
+    """A leaf without bytes: a Python scalar stored inline (R10, R13)."""
+    if kind != "value":
+        raise c.bad(r, "kind", str, f"leaf {path!r}") if type(kind) is not str else c.fail(  # R8, R10
+            f"leaf {path!r}: unknown leaf kind {kind!r}")
+    v = r.get("value")
+    if isinstance(v, dict) and set(v) == {"complex"}:  # R13
+        parts = v["complex"]
+        if not (type(parts) is list and len(parts) == 2 and all(type(p) in (int, float) for p in parts)):
+            raise c.fail(f"leaf {path!r}: malformed complex value")
+        v = complex(parts[0], parts[1])
+    elif not (v is None or isinstance(v, (bool, int, float, str))):  # R13
+        raise c.fail(f"leaf {path!r}: value of type {type(v).__name__} is not a scalar")
+    return LeafRecord(path, kind, value=v)
+
+
+def _decode_shards(c: _Checker, path: str, raw_shards: list, shape: tuple[int, ...], itemsize: int,
+                   files: list[FileRecord], chunk_bytes: int, extents: list) -> tuple[tuple[ShardRecord, ...], int]:
+    """The shard records of an array leaf (R9, R14-R16, R18, R19) and the sum of their box volumes."""
+    shards, volume, ndim, n_files, n = [], 0, len(shape), len(files), len(raw_shards)
+    if n > MAX_SHARDS_PER_LEAF:  # R9
+        raise c.fail(f"leaf {path!r}: {n} shards, above the cap of {MAX_SHARDS_PER_LEAF}")
+    if n * (ndim or 1) > MAX_BOX_ENTRIES:  # R9
+        raise c.fail(f"leaf {path!r}: {n} shards x {ndim} dimensions, above the cap of {MAX_BOX_ENTRIES} box entries")
     for j, s in enumerate(raw_shards):
-        if type(s) is not dict:
-            raise c.fail(f"{ctx} shard {j}: expected a map, found {type(s).__name__}")
-        raw_box, file, offset, length, sums = (s.get("box"), s.get("file"), s.get("offset"), s.get("length"),
-                                               s.get("xxh3"))
-        if type(raw_box) is not list or len(raw_box) != ndim:
-            raise c.fail(f"{ctx} shard {j}: box must be a list of {ndim} [start, stop] pairs, found {raw_box!r:.100}")
-        box = []
-        elems = 1
-        for d, pair in enumerate(raw_box):
-            if not (type(pair) is list and len(pair) == 2 and type(pair[0]) is int and type(pair[1]) is int
-                    and 0 <= pair[0] <= pair[1] <= shape[d]):
-                raise c.fail(f"{ctx} shard {j}: box dimension {d} must be [start, stop] with "
-                             f"0 <= start <= stop <= {shape[d]}, found {pair!r:.100}")
-            box.append((pair[0], pair[1]))
-            elems *= pair[1] - pair[0]
-        if type(file) is not int or not 0 <= file < n_files:
-            raise c.fail(f"{ctx} shard {j}: file index {file!r:.40} but {n_files} data files are listed")
-        if type(offset) is not int or not 0 <= offset <= (1 << 56):
-            raise c.fail(f"{ctx} shard {j}: offset must be an integer in [0, 2**56], found {offset!r:.40}")
-        expected = elems * itemsize
-        if type(length) is not int or length != expected:
-            raise c.fail(f"{ctx} shard {j}: length {length!r:.40} bytes but box {[list(x) for x in box]} x itemsize "
-                         f"{itemsize} = {expected}")
-        if type(sums) is not list or len(sums) != chunk_count(length, chunk_bytes):
-            raise c.fail(f"{ctx} shard {j}: expected {chunk_count(length, chunk_bytes)} checksums for {length} bytes "
-                         f"in chunks of {chunk_bytes}, found {sums!r:.100}")
-        for x in sums:
-            if type(x) is not int or not 0 <= x < (1 << 64):
-                raise c.fail(f"{ctx} shard {j}: checksum {x!r:.40} is not a 64-bit unsigned integer")
+        if type(s) is not dict:  # R8
+            raise c.fail(f"leaf {path!r} shard {j}: expected a map, found {type(s).__name__}")
+        try:
+            raw_box, file, offset, length, sums = _shard_fields(s)
+        except KeyError:
+            raw_box, file, offset, length, sums = map(s.get, _SHARD_KEYS)
+        if type(raw_box) is not list or len(raw_box) != ndim:  # R14
+            raise c.fail(f"leaf {path!r} shard {j}: box must be a list of {ndim} [start, stop] pairs, "
+                         f"found {raw_box!r:.100}")
+        box, elems = [], 1
+        for d, pair in enumerate(raw_box):  # R14
+            if type(pair) is list and len(pair) == 2:
+                start, stop = pair
+                if type(start) is int and type(stop) is int and 0 <= start <= stop <= shape[d]:
+                    elems *= stop - start
+                    box.append((start, stop))
+                    continue
+            raise c.fail(f"leaf {path!r} shard {j}: box dimension {d} must be [start, stop] with "
+                         f"0 <= start <= stop <= {shape[d]}, found {pair!r:.100}")
+        if type(file) is not int or not 0 <= file < n_files:  # R18
+            raise c.fail(f"leaf {path!r} shard {j}: file index {file!r:.40} but {n_files} data files are listed")
+        if type(offset) is not int or not 0 <= offset <= MAX_OFFSET:  # R18
+            raise c.fail(f"leaf {path!r} shard {j}: offset must be an integer in [0, 2**56], found {offset!r:.40}")
+        if type(length) is not int or length != elems * itemsize:  # R15
+            raise c.fail(f"leaf {path!r} shard {j}: length {length!r:.40} bytes but box {raw_box} x itemsize "
+                         f"{itemsize} = {elems * itemsize}")
+        if type(sums) is not list or len(sums) != -(-length // chunk_bytes):  # R16
+            raise c.fail(f"leaf {path!r} shard {j}: expected {chunk_count(length, chunk_bytes)} checksums for "
+                         f"{length} bytes in chunks of {chunk_bytes}, found {sums!r:.100}")
+        for x in sums:  # R16
+            if type(x) is not int or not 0 <= x <= MAX_U64:
+                raise c.fail(f"leaf {path!r} shard {j}: checksum {x!r:.40} is not a 64-bit unsigned integer")
+        if offset + length > files[file].size:  # R19
+            raise c.fail(f"leaf {path!r}: bytes [{offset}, {offset + length}) lie beyond the end of "
+                         f"{files[file].name} ({files[file].size} bytes)")
+        if length:
+            extents.append((file, offset, offset + length, path))
         volume += elems
-        shards.append(ShardRecord(tuple(box), file, offset, length, tuple(sums)))
-    _check_cover(c, ctx, shape, shards, volume)
-    return LeafRecord(path, kind, dtype, shape, tuple(shards), impl=impl)
+        shards.append(_new(ShardRecord, (tuple(box), file, offset, length, tuple(sums))))
+    return tuple(shards), volume
 
 
-def _check_cover(c: _Checker, ctx: str, shape: tuple[int, ...], shards: list[ShardRecord], vol: int) -> None:
-    """The shard boxes tile the array exactly: volumes (``vol``) add up and no two overlap."""
-    total = math.prod(shape)
-    if total == 0:
-        if len(shards) > 1:
-            raise c.fail(f"{ctx}: an empty array has {len(shards)} shards")
-        return
-    if vol != total:
+def _check_cover(c: _Checker, ctx: str, total: int, shards: tuple[ShardRecord, ...], vol: int) -> None:
+    """R17: the boxes tile an array of ``total`` elements: volumes (``vol``) add up, no two overlap."""
+    if total == 0 and len(shards) > 1:
+        raise c.fail(f"{ctx}: an empty array has {len(shards)} shards")
+    if total and vol != total:
         raise c.fail(f"{ctx}: shards cover {vol} elements, the array has {total}")
-    if len(shards) == 1:
-        return  # one box inside the shape with the full volume is the whole array
     boxes = [s.box for s in shards if all(a < z for a, z in s.box)]  # empty boxes overlap nothing
-    if len(boxes) < 2:
+    if len(boxes) < 2:  # (an empty array's one shard is empty)
         return
-    lo = np.array([[a for a, _ in b] for b in boxes], dtype=np.int64).reshape(len(boxes), -1)
-    hi = np.array([[z for _, z in b] for b in boxes], dtype=np.int64).reshape(len(boxes), -1)
-    # Fast path, O(n log n): the shards of a jax sharding form a grid, each box one cell
-    # between consecutive boundaries; then boxes overlap only if they are the same cell.
+    lo, hi = np.moveaxis(np.array(boxes, dtype=np.int64).reshape(len(boxes), -1, 2), 2, 0)
+    # O(n log n) when the boxes form a grid (every jax sharding does), each box one cell
+    # between consecutive boundaries: then boxes overlap only if they are the same cell.
     cells = np.empty_like(lo)
     for d in range(lo.shape[1]):
         edges = np.unique(np.concatenate([lo[:, d], hi[:, d]]))
@@ -530,8 +441,7 @@ def _check_cover(c: _Checker, ctx: str, shape: tuple[int, ...], shards: list[Sha
             b = next(j for j in range(len(boxes)) if j != a and boxes[j] == boxes[a])
             raise c.fail(f"{ctx}: shards {a} and {b} overlap")
         return
-    # Any other tiling is checked pairwise, which costs n^2: bounded so that a
-    # hostile manifest cannot buy minutes of CPU with a few megabytes.
+    # Any other tiling is compared pairwise, n^2: capped, so that a few megabytes cannot buy minutes of CPU.
     if len(boxes) > MAX_PAIRWISE_SHARDS:
         raise c.fail(f"{ctx}: {len(boxes)} shards that do not form a grid (at most {MAX_PAIRWISE_SHARDS} allowed)")
     for i in range(0, len(boxes), 64):  # blocked: small temporaries
@@ -542,53 +452,46 @@ def _check_cover(c: _Checker, ctx: str, shape: tuple[int, ...], shards: list[Sha
             raise c.fail(f"{ctx}: shards {i + a} and {b} overlap")
 
 
-def _check_extents(c: _Checker, leaves: tuple[LeafRecord, ...], files: list[FileRecord]) -> None:
-    """Byte ranges lie inside the recorded file sizes and never overlap."""
-    per_file: dict[int, list[tuple[int, int, str]]] = {}
-    for leaf in leaves:
-        for s in leaf.shards:
-            if s.offset + s.length > files[s.file].size:
-                raise c.fail(f"leaf {leaf.path!r}: bytes [{s.offset}, {s.offset + s.length}) lie beyond the end "
-                             f"of {files[s.file].name} ({files[s.file].size} bytes)")
-            if s.length:
-                per_file.setdefault(s.file, []).append((s.offset, s.offset + s.length, leaf.path))
-    for f, ext in per_file.items():
-        ext.sort()
-        for (a0, a1, pa), (b0, _, pb) in zip(ext, ext[1:]):
-            if b0 < a1:
-                raise c.fail(f"leaves {pa!r} and {pb!r} overlap in {files[f].name} at byte {b0}")
+_NODE_KINDS = ("dict", "list", "tuple", "namedtuple", "custom")
+_KEY_TYPES, _INT = {str, int}, {int}
 
 
 def _check_tree(c: _Checker, tree: Any, n_leaves: int) -> None:
-    """The tree references every leaf exactly once, is well formed and shallow enough."""
-    seen = bytearray(n_leaves)
-    stack = [(tree, 0)]
+    """R23: the tree references every leaf exactly once, is well formed and shallow enough."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, int]] = [({"t": "list", "c": [tree]}, -1)]  # the root, as the child of a list
     while stack:
         node, depth = stack.pop()
-        if depth > MAX_TREE_DEPTH:
-            raise c.fail(f"tree nested deeper than {MAX_TREE_DEPTH} levels")
-        if isinstance(node, int) and not isinstance(node, bool):
-            if not 0 <= node < n_leaves or seen[node]:
-                raise c.fail(f"tree references leaf {node} which is out of range or used twice")
-            seen[node] = 1
-            continue
         t = c.get(node, "t", str, "tree node")
         if t == "none":
             continue
-        if t not in ("dict", "list", "tuple", "namedtuple", "custom"):
+        if t not in _NODE_KINDS:
             raise c.fail(f"tree node kind {t!r} is unknown")
         children = c.get(node, "c", list, f"tree node {t}")
+        if children and depth >= MAX_TREE_DEPTH:
+            raise c.fail(f"tree nested deeper than {MAX_TREE_DEPTH} levels")
         if t in ("dict", "namedtuple", "custom"):
             keys = c.get(node, "k", list, f"tree node {t}")
             if len(keys) != len(children):
                 raise c.fail(f"tree node {t}: {len(keys)} keys for {len(children)} children")
-            for k in keys:
-                if not isinstance(k, (str, int)) or isinstance(k, bool):
-                    raise c.fail(f"tree node {t}: key {k!r} is not a str or int")
+            if not set(map(type, keys)) <= _KEY_TYPES:
+                raise c.fail(f"tree node {t}: key {next(k for k in keys if type(k) not in _KEY_TYPES)!r} "
+                             "is not a str or int")
             if len(set(keys)) != len(keys):
                 raise c.fail(f"tree node {t}: a key occurs twice")
-        if t in ("namedtuple", "custom"):
-            c.get(node, "n", str, f"tree node {t}")
-        stack.extend((ch, depth + 1) for ch in children)
-    if n_leaves and not all(seen):
-        raise c.fail(f"tree does not reference leaf {seen.index(0)}")
+            if t != "dict":
+                c.get(node, "n", str, f"tree node {t}")
+        if set(map(type, children)) == _INT:  # a node of leaves only, checked in bulk; the loop locates an error
+            new = set(children)
+            if len(new) == len(children) and new.isdisjoint(seen) and min(new) >= 0 and max(new) < n_leaves:
+                seen |= new
+                continue
+        for ch in children:
+            if type(ch) is not int:
+                stack.append((ch, depth + 1))
+            elif not 0 <= ch < n_leaves or ch in seen:
+                raise c.fail(f"tree references leaf {ch} which is out of range or used twice")
+            else:
+                seen.add(ch)
+    if len(seen) != n_leaves:
+        raise c.fail(f"tree does not reference leaf {next(i for i in range(n_leaves) if i not in seen)}")

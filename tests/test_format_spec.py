@@ -4,7 +4,7 @@ reads what ``jaxckpt.save`` writes, bit-exactly.
 The reader below uses only msgpack, numpy, ml_dtypes and xxhash. It imports
 nothing from jaxckpt's format/reader/tree modules: jaxckpt is used only to
 *write* checkpoints. Section and rule numbers (§8.3, R14...) refer to
-docs/FORMAT.md.
+docs/FORMAT.md; jaxckpt/format.py tags its checks with the same numbers.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import jaxckpt
 
 # ============================================================ the spec reader
-# §8.2: the dtype allow-list and bytes per element.
+# §8.2: the dtype allow-list and bytes per element (R10).
 ITEMSIZE = {
     "bool": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8,
     "uint8": 1, "uint16": 2, "uint32": 4, "uint64": 8,
@@ -36,13 +36,14 @@ ITEMSIZE = {
     "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "float6_e2m3fn": 1, "float6_e3m2fn": 1,
     "float4_e2m1fn": 1, "int4": 1, "uint4": 1, "int2": 1, "uint2": 1,
 }
-CAP_MANIFEST = 256 << 20        # R1
+CAP_MANIFEST = 64 << 20         # R1
 CAP_STR = 1 << 20               # R2
 CAP_ITEMS = 8_000_000           # R2
-CAP_FILES, CAP_LEAVES, CAP_SHARDS = 65536, 4_000_000, 4096  # R7
-CAP_NDIM, CAP_BYTES = 64, 1 << 48                           # R9, R10
-CAP_DEPTH = 256                 # R20
-FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # R17, matched in full
+CAP_FILES, CAP_LEAVES, CAP_SHARDS, CAP_BOX = 65536, 4_000_000, 131072, 262144  # R9
+CAP_NDIM, CAP_BYTES = 64, 1 << 48                           # R11, R12
+CAP_OFFSET = 1 << 56            # R18
+CAP_DEPTH = 256                 # R23
+FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,254}")  # R21, matched in full
 U64 = (1 << 64) - 1
 
 
@@ -83,19 +84,28 @@ def _reject_ext(code, data):
     raise SpecError(f"msgpack extension type {code}")  # R3
 
 
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):  # R4
+        raise SpecError(f"a map holds a key twice: {keys}")
+    return dict(pairs)
+
+
 def _unpack(data: bytes):
-    try:  # R2, R3
+    try:  # R2, R3, R4
         return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_reject_ext, max_ext_len=0,
                                max_str_len=CAP_STR, max_bin_len=len(data), max_array_len=CAP_ITEMS,
-                               max_map_len=CAP_ITEMS)
+                               max_map_len=CAP_ITEMS, object_pairs_hook=_unique_keys)
     except SpecError:
         raise
+    except msgpack.ExtraData as e:  # R5
+        raise SpecError(f"{len(e.extra)} bytes after the map") from None
     except Exception as e:
         raise SpecError(f"bad msgpack: {type(e).__name__}: {e}") from None
 
 
 def open_regular(path: str) -> int:
-    """R18: no symlinks, no blocking, regular files only."""
+    """R24: no symlinks, no blocking, regular files only."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
@@ -119,39 +129,39 @@ def read_manifest(ckpt: str) -> dict:
     env = _unpack(data)
     if not isinstance(env, dict) or env.get("format") != "jaxckpt":
         raise SpecError("not a jaxckpt manifest")
-    if _field(env, "version", _is_int, "envelope") != 1:  # R4
+    if _field(env, "version", _is_int, "envelope") != 1:  # R6
         raise SpecError(f"version {env['version']}")
     body = _field(env, "body", lambda v: isinstance(v, bytes), "envelope")
     want = _int(env.get("xxh3"), 0, U64, "envelope xxh3")
-    if xxhash.xxh3_64_intdigest(body, seed=0) != want:  # R5: before decoding the body
+    if xxhash.xxh3_64_intdigest(body, seed=0) != want:  # R7: before decoding the body
         raise SpecError("manifest checksum mismatch")
     b = _unpack(body)
     _field(b, "library", lambda v: isinstance(v, str), "body")
     _field(b, "created", lambda v: _is_int(v) or isinstance(v, float), "body")
-    if _field(b, "hash", lambda v: isinstance(v, str), "body") != "xxh3-64":
+    if _field(b, "hash", lambda v: isinstance(v, str), "body") != "xxh3-64":  # R8
         raise SpecError("unknown hash")
-    _int(b.get("chunk_bytes"), 4096, 1 << 40, "chunk_bytes")
+    _int(b.get("chunk_bytes"), 4096, 1 << 40, "chunk_bytes")  # R8
     return b
 
 
 def validate(b: dict) -> tuple[list[dict], list[dict]]:
-    """§6-§8 and R6-R17, R20 on the decoded body; returns (files, leaves)."""
-    files = _field(b, "files", lambda v: isinstance(v, list) and len(v) <= CAP_FILES, "body")
+    """§6-§8 and R8-R23 on the decoded body; returns (files, leaves)."""
+    files = _field(b, "files", lambda v: isinstance(v, list) and len(v) <= CAP_FILES, "body")  # R9
     for f in files:
         name = _field(f, "name", lambda v: isinstance(v, str), "file")
-        if not FILE_NAME.fullmatch(name) or name == "manifest.msgpack":
+        if not FILE_NAME.fullmatch(name) or name == "manifest.msgpack":  # R21
             raise SpecError(f"file name {name!r}")
-        _int(f.get("size"), 0, 1 << 56, "file size")
-    if len({f["name"] for f in files}) != len(files):
+        _int(f.get("size"), 0, CAP_OFFSET, "file size")  # R18
+    if len({f["name"] for f in files}) != len(files):  # R21
         raise SpecError("a file is listed twice")
-    leaves = _field(b, "leaves", lambda v: isinstance(v, list) and len(v) <= CAP_LEAVES, "body")
+    leaves = _field(b, "leaves", lambda v: isinstance(v, list) and len(v) <= CAP_LEAVES, "body")  # R9
     chunk = b["chunk_bytes"]
     ranges: dict[int, list[tuple[int, int]]] = {}
     for leaf in leaves:
         path = _field(leaf, "path", lambda v: isinstance(v, str), "leaf")
-        kind = _field(leaf, "kind", lambda v: v in ("array", "scalar", "key", "value"), path)
+        kind = _field(leaf, "kind", lambda v: v in ("array", "scalar", "key", "value"), path)  # R10
         if kind == "value":
-            v = leaf.get("value")
+            v = leaf.get("value")  # R13
             if isinstance(v, dict):
                 parts = v.get("complex") if set(v) == {"complex"} else None
                 if not (isinstance(parts, list) and len(parts) == 2
@@ -160,44 +170,46 @@ def validate(b: dict) -> tuple[list[dict], list[dict]]:
             elif not (v is None or isinstance(v, (bool, int, float, str))):
                 raise SpecError(f"{path}: bad value")
             continue
-        dtype = _field(leaf, "dtype", lambda v: v in ITEMSIZE, path)  # R8
+        dtype = _field(leaf, "dtype", lambda v: isinstance(v, str) and v in ITEMSIZE, path)  # R10
         itemsize = ITEMSIZE[dtype]
-        shape = _field(leaf, "shape", lambda v: isinstance(v, list) and len(v) <= CAP_NDIM, path)  # R9
+        shape = _field(leaf, "shape", lambda v: isinstance(v, list) and len(v) <= CAP_NDIM, path)  # R11
         count, m = 1, CAP_BYTES // itemsize
-        for d in shape:  # R10 as a 64-bit reader would do it
-            _int(d, 0, CAP_BYTES, f"{path} shape")
+        for d in shape:
+            _int(d, 0, CAP_BYTES, f"{path} shape")  # R11
+        for d in shape:  # R12 as a 64-bit reader would do it
             if count > 0 and d > m // count:
                 raise SpecError(f"{path}: shape {shape} too large")
             count *= d
         if kind == "scalar" and shape != []:
-            raise SpecError(f"{path}: scalar with shape {shape}")  # R11
+            raise SpecError(f"{path}: scalar with shape {shape}")  # R13
         if kind == "key" and not _field(leaf, "impl", lambda v: isinstance(v, str), path).isidentifier():
-            raise SpecError(f"{path}: bad impl")
-        shards = _field(leaf, "shards", lambda v: isinstance(v, list) and len(v) <= CAP_SHARDS, path)  # R7
+            raise SpecError(f"{path}: bad impl")  # R13
+        shards = _field(leaf, "shards", lambda v: isinstance(v, list) and len(v) <= CAP_SHARDS
+                        and len(v) * max(len(shape), 1) <= CAP_BOX, path)  # R9
         boxes = []
         for s in shards:
             box = _field(s, "box", lambda v: isinstance(v, list) and len(v) == len(shape), path)
-            for pair, dim in zip(box, shape):  # R12
+            for pair, dim in zip(box, shape):  # R14
                 if not (isinstance(pair, list) and len(pair) == 2):
                     raise SpecError(f"{path}: bad box")
                 _int(pair[0], 0, dim, f"{path} box")
                 _int(pair[1], pair[0], dim, f"{path} box")
-            fi = _int(s.get("file"), 0, len(files) - 1, f"{path} file")  # R15
-            offset = _int(s.get("offset"), 0, 1 << 56, f"{path} offset")
+            fi = _int(s.get("file"), 0, len(files) - 1, f"{path} file")  # R18
+            offset = _int(s.get("offset"), 0, CAP_OFFSET, f"{path} offset")  # R18
             length = _int(s.get("length"), 0, CAP_BYTES, f"{path} length")
-            if length != math.prod(z - a for a, z in box) * itemsize:  # R13
+            if length != math.prod(z - a for a, z in box) * itemsize:  # R15
                 raise SpecError(f"{path}: length {length} does not match box {box}")
             sums = _field(s, "xxh3", lambda v: isinstance(v, list), path)
-            if len(sums) != -(-length // chunk):
+            if len(sums) != -(-length // chunk):  # R16
                 raise SpecError(f"{path}: {len(sums)} checksums for {length} bytes")
             for x in sums:
-                _int(x, 0, U64, f"{path} checksum")
-            if offset + length > files[fi]["size"]:
+                _int(x, 0, U64, f"{path} checksum")  # R16
+            if offset + length > files[fi]["size"]:  # R19
                 raise SpecError(f"{path}: bytes beyond the end of {files[fi]['name']}")
             if length:
                 ranges.setdefault(fi, []).append((offset, offset + length))
             boxes.append(box)
-        # R14: the boxes tile the array
+        # R17: the boxes tile the array
         if count == 0:
             if len(shards) > 1:
                 raise SpecError(f"{path}: an empty array with {len(shards)} shards")
@@ -205,9 +217,9 @@ def validate(b: dict) -> tuple[list[dict], list[dict]]:
             if sum(math.prod(z - a for a, z in box) for box in boxes) != count:
                 raise SpecError(f"{path}: shards do not cover the array")
             _check_disjoint(path, [b for b in boxes if all(a < z for a, z in b)])
-    if len({leaf["path"] for leaf in leaves}) != len(leaves):
+    if len({leaf["path"] for leaf in leaves}) != len(leaves):  # R22
         raise SpecError("two leaves have the same path")
-    for rs in ranges.values():  # R16
+    for rs in ranges.values():  # R20
         rs.sort()
         if any(b0 < a1 for (_, a1), (b0, _) in zip(rs, rs[1:])):
             raise SpecError("byte ranges overlap")
@@ -216,7 +228,7 @@ def validate(b: dict) -> tuple[list[dict], list[dict]]:
 
 
 def _check_disjoint(path: str, boxes: list) -> None:
-    """R14: no two non-empty boxes overlap: a grid test, else pairwise for at most 256."""
+    """R17: no two non-empty boxes overlap: a grid test, else pairwise for at most 256."""
     grid = True
     for d in range(len(boxes[0]) if boxes else 0):
         edges = sorted({x for b in boxes for x in b[d]})
@@ -235,7 +247,7 @@ def _check_disjoint(path: str, boxes: list) -> None:
 
 
 def _check_tree(tree, n: int) -> None:
-    """R20, iteratively."""
+    """R23, iteratively."""
     seen = [False] * n
     stack = [(tree, 0)]
     while stack:
@@ -278,12 +290,12 @@ def read_leaf(ckpt: str, files: list[dict], chunk: int, leaf: dict, fds: dict[in
         if fi not in fds:
             p = os.path.join(ckpt, files[fi]["name"])
             fds[fi] = open_regular(p)
-            if os.fstat(fds[fi]).st_size < files[fi]["size"]:  # R19
+            if os.fstat(fds[fi]).st_size < files[fi]["size"]:  # R25
                 raise SpecError(f"{p}: truncated")
         data = os.pread(fds[fi], s["length"], s["offset"])
         if len(data) != s["length"]:
             raise SpecError(f"{files[fi]['name']}: short read")
-        for i, want in enumerate(s["xxh3"]):  # R21: chunks restart at each shard
+        for i, want in enumerate(s["xxh3"]):  # R26: chunks restart at each shard
             if xxhash.xxh3_64_intdigest(data[i * chunk:(i + 1) * chunk]) != want:
                 raise SpecError(f"{files[fi]['name']}: checksum mismatch in leaf {leaf['path']!r}, chunk {i}")
         box = s["box"]
@@ -500,3 +512,43 @@ def test_committed_directory_layout(ckdir):
         covered[s["offset"]:s["offset"] + s["length"]] = True
     # padding is written as zeros, and the file ends with the last shard's last byte
     assert not np.frombuffer(data, np.uint8)[~covered].any() and covered[-1]
+
+
+def _map(pairs) -> bytes:
+    """A msgpack map of ``pairs`` in order, a repeated key included (msgpack.packb cannot write one)."""
+    return bytes([0x80 | len(pairs)]) + b"".join(msgpack.packb(k) + msgpack.packb(v) for k, v in pairs)
+
+
+def _seal(body: bytes) -> bytes:
+    return _map([("format", "jaxckpt"), ("version", 1), ("body", body), ("xxh3", xxhash.xxh3_64_intdigest(body))])
+
+
+def test_repeated_keys_and_trailing_bytes_are_refused(ckdir):
+    """R4 and R5: the spec reader and jaxckpt both refuse a map that holds a key twice
+    (msgpack alone would keep the last value) and bytes after the envelope or body map."""
+    jaxckpt.save(ckdir / "c", {"a": np.arange(4, dtype=np.int32)})
+    mpath = ckdir / "c" / "manifest.msgpack"
+    body = msgpack.unpackb(msgpack.unpackb(mpath.read_bytes(), raw=False)["body"], raw=False)
+    (shard,) = body["leaves"][0]["shards"]
+    marker = msgpack.packb("@shard@")
+    body["leaves"][0]["shards"] = ["@shard@"]
+    raw = msgpack.packb(body, use_bin_type=True)
+    good = raw.replace(marker, _map(list(shard.items())))
+    mpath.write_bytes(_seal(good))  # the writer's own bytes, rebuilt: both readers accept them
+    assert spec_read(str(ckdir / "c"))[0]["a"].tolist() == [0, 1, 2, 3]
+    jaxckpt.restore(ckdir / "c")
+    bad = {
+        "a shard with 'offset' twice": _seal(raw.replace(marker, _map(list(shard.items()) + [("offset", 0)]))),
+        "the body with 'leaves' twice": _seal(good[:1].replace(b"\x88", b"\x89") + good[1:]
+                                              + msgpack.packb("leaves") + msgpack.packb([])),
+        "the envelope with 'version' twice": _seal(good)[:1].replace(b"\x84", b"\x85") + _seal(good)[1:]
+        + msgpack.packb("version") + msgpack.packb(1),
+        "a byte after the envelope": _seal(good) + b"\xc0",
+        "a byte after the body map": _seal(good + b"\xc0"),
+    }
+    for what, data in bad.items():
+        mpath.write_bytes(data)
+        with pytest.raises(SpecError, match=r"twice|bytes after the map"):
+            spec_read(str(ckdir / "c"))
+        with pytest.raises(jaxckpt.CorruptCheckpointError, match=r"occurs twice in one map|bytes after the end"):
+            jaxckpt.restore(ckdir / "c")

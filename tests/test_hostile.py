@@ -8,6 +8,7 @@ another exception, a hang, a huge allocation or a read outside the directory.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 import subprocess
@@ -470,25 +471,48 @@ def test_manifest_claiming_2_47_bytes_costs_little_memory(ckdir):
     assert growth_kb < 200 * 1024, growth_kb
 
 
-def _general_leaf(r, monkeypatch, n_files=2, chunk=4096):
-    """What the general leaf decoder makes of ``r``: a record or the located error message."""
-    with monkeypatch.context() as m:
-        m.setattr(fmt, "_whole_leaf", lambda *a: None)
-        try:
-            return fmt._decode_leaf(fmt._Checker("M"), 0, r, [fmt.FileRecord("f", 1 << 40)] * n_files, chunk)
-        except fmt.CorruptCheckpointError as e:
-            return str(e)
+# ---------------------------------------------------------------- the one-shard fast path
+def _one_leaf_body(r: dict) -> dict:
+    return {"library": "x", "created": 0.0, "hash": "xxh3-64", "chunk_bytes": 4096, "tree": 0, "metadata": None,
+            "files": [{"name": "f0", "size": 1 << 40}, {"name": "f1", "size": 1 << 40}], "leaves": [r]}
 
 
-def test_the_one_shard_fast_path_accepts_only_what_the_general_decoder_accepts(monkeypatch):
-    """``format._whole_leaf`` (the decoder's fast path for a leaf stored as one
-    shard) must give the general path's record or step aside (None), never
-    accept a leaf the general path refuses: checked on a well-formed leaf and
-    on every single-field mutation of it from a list of hostile values."""
+def _verdicts(r: dict, monkeypatch) -> tuple[Any, Any, bool]:
+    """(the decoder's record or message, the spec reader's verdict, whether the decoder skipped the tiling check)."""
+    from test_format_spec import SpecError, validate  # the independent reader written from docs/FORMAT.md
+
+    body = _one_leaf_body(r)
+    try:
+        validate(copy.deepcopy(body))
+        spec: Any = "accepted"
+    except SpecError as e:
+        spec = e
+    calls = []
+    real = fmt._check_cover
+    monkeypatch.setattr(fmt, "_check_cover", lambda *a: (calls.append(a), real(*a)))
+    try:  # the leaf decoder itself: some hostile values (2**64) have no msgpack encoding
+        got: Any = fmt._decode_leaf(fmt._Checker("M"), 0, r, [fmt.FileRecord(f["name"], f["size"]) for f in
+                                                              body["files"]], body["chunk_bytes"], [])
+    except fmt.CorruptCheckpointError as e:
+        got = str(e)
+    finally:
+        monkeypatch.setattr(fmt, "_check_cover", real)
+    return got, spec, not calls
+
+
+def test_the_one_shard_fast_path_accepts_only_what_the_spec_accepts(monkeypatch):
+    """The decoder checks a leaf once; its fast path for a leaf stored as one shard is
+    only a predicate (one shard holding every element) that skips the tiling check
+    (R17). On a well-formed one-shard leaf and on every single-field mutation of it
+    from a list of hostile values: the decoder accepts exactly what the independent
+    spec reader of tests/test_format_spec.py accepts, builds the record the fields
+    say, and skips the tiling check only where that check passes."""
     good = {"path": "p/q", "kind": "array", "dtype": "float32", "shape": [3, 1500],
             "shards": [{"box": [[0, 3], [0, 1500]], "file": 1, "offset": 64, "length": 18000, "xxh3": [1, 2, 3, 4, 5]}]}
-    assert fmt._whole_leaf(good, 2, 4096) == _general_leaf(good, monkeypatch)  # the fast path takes it
-    assert isinstance(fmt._whole_leaf(good, 2, 4096), fmt.LeafRecord)
+    got, spec, skipped = _verdicts(good, monkeypatch)
+    assert spec == "accepted" and skipped
+    assert got == fmt.LeafRecord("p/q", "array", "float32", (3, 1500),
+                                 (fmt.ShardRecord(((0, 3), (0, 1500)), 1, 64, 18000, (1, 2, 3, 4, 5)),))
     hostile = [None, True, False, 0, 1, -1, 2, 3, 5, 64, 1500, 1501, 18000, 17999, 2 ** 56, 2 ** 56 + 1, 2 ** 64,
                2 ** 64 - 1, 1.0, 0.0, "0", "", "float32", "bool", "x", "scalar", "key", "value", [], [0], [0, 3],
                [True, 3], [0.0, 3], [0, 3.0], [[0, 3]], [[0, 3], [0, 1500]], [[0, 3], [1, 1500]], [[0, 2], [0, 1500]],
@@ -504,7 +528,7 @@ def test_the_one_shard_fast_path_accepts_only_what_the_general_decoder_accepts(m
         yield from ((s["box"][0], i) for i in range(2))
         yield from ((s["xxh3"], i) for i in (0, 4))
 
-    checked = 0
+    checked, accepted = 0, 0
     for n in range(len(list(places(copy.deepcopy(good))))):
         for value in hostile + ["<delete>"]:
             r = copy.deepcopy(good)
@@ -515,12 +539,101 @@ def test_the_one_shard_fast_path_accepts_only_what_the_general_decoder_accepts(m
                 del container[key]
             else:
                 container[key] = copy.deepcopy(value)
-            fast = fmt._whole_leaf(r, 2, 4096)
-            if fast is not None:
-                assert fast == _general_leaf(r, monkeypatch), (n, value)
-                assert [type(d) for d in fast.shape] == [int] * len(fast.shape)  # never a bool for an int
+            got, spec, skipped = _verdicts(r, monkeypatch)
             checked += 1
-    assert checked > 600
+            if isinstance(got, str):  # refused, with a located message
+                assert spec != "accepted" and got.startswith("M: "), (n, value, got)
+                continue
+            assert spec == "accepted", (n, value, spec)
+            accepted += 1
+            if got.kind == "value":
+                assert got == fmt.LeafRecord(r["path"], "value", value=r.get("value"))
+                continue
+            (s,) = r["shards"]
+            assert got == fmt.LeafRecord(r["path"], r["kind"], r["dtype"], tuple(r["shape"]), (fmt.ShardRecord(
+                tuple(map(tuple, s["box"])), s["file"], s["offset"], s["length"], tuple(s["xxh3"])),)), (n, value)
+            assert [type(d) for d in got.shape] == [int] * len(got.shape)  # never a bool for an int
+            if skipped:  # the predicate skipped only a tiling check that passes
+                fmt._check_cover(fmt._Checker("M"), "leaf", math.prod(got.shape), got.shards,
+                                 math.prod(got.shards[0].shape))
+    assert checked > 600 and accepted > 20
     scalar = {"path": "s", "kind": "scalar", "dtype": "int64", "shape": [],
               "shards": [{"box": [], "file": 0, "offset": 0, "length": 8, "xxh3": [7]}]}
-    assert fmt._whole_leaf(scalar, 1, 4096) == _general_leaf(scalar, monkeypatch, n_files=1)
+    got, spec, skipped = _verdicts(scalar, monkeypatch)
+    assert spec == "accepted" and skipped and got == fmt.LeafRecord("s", "scalar", "int64", (), (
+        fmt.ShardRecord((), 0, 0, 8, (7,)),))
+
+
+# ---------------------------------------------------------------- R4 duplicate keys, R5 trailing bytes
+def pack_map(pairs: list[tuple[Any, Any]]) -> bytes:
+    """A msgpack map of ``pairs`` as given, repeated keys included (msgpack.packb cannot write them)."""
+    n = len(pairs)
+    head = bytes([0x80 | n]) if n < 16 else b"\xde" + n.to_bytes(2, "big")
+    return head + b"".join(msgpack.packb(k, use_bin_type=True) + msgpack.packb(v, use_bin_type=True) for k, v in pairs)
+
+
+def body_with(body: dict, where: Callable[[dict], Any], pairs: Callable[[dict], list]) -> bytes:
+    """The body's bytes with one of its maps (``where`` gives its container and key; None: the body
+    itself) written as ``pairs``."""
+    b = copy.deepcopy(body)
+    if where(b) is None:
+        return pack_map(pairs(b))
+    container, key = where(b)
+    target = container[key]
+    container[key] = "@@map@@"
+    raw = msgpack.packb(b, use_bin_type=True)
+    marker = msgpack.packb("@@map@@", use_bin_type=True)
+    assert raw.count(marker) == 1
+    return raw.replace(marker, pack_map(pairs(target)))
+
+
+DUPLICATE_CASES = {
+    # where: (the container of the map and its key), the map's pairs, the key reported
+    "body": (lambda b: None, lambda m: list(m.items()) + [("leaves", m["leaves"])], "leaves"),
+    "file": (lambda b: (b["files"], 0), lambda m: list(m.items()) + [("size", 0)], "size"),
+    "leaf": (lambda b: (b["leaves"], 0), lambda m: [("path", "b")] + list(m.items()), "path"),
+    "shard": (lambda b: (leaf(b, 1)["shards"], 0), lambda m: list(m.items()) + [("offset", 0)], "offset"),
+    "same_value_twice": (lambda b: (leaf(b, 1)["shards"], 0), lambda m: list(m.items()) + [("offset", 64)], "offset"),
+    "tree_node": (lambda b: (b, "tree"), lambda m: list(m.items()) + [("t", "list")], "t"),
+    "value_leaf": (lambda b: (b["leaves"], 2), lambda m: list(m.items()) + [("value", 4)], "value"),
+    "metadata": (lambda b: (b, "metadata"), lambda m: [("epoch", 1), ("epoch", 2)], "epoch"),
+    "int_keys": (lambda b: (b, "metadata"), lambda m: [(1, "a"), (1, "b")], 1),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DUPLICATE_CASES))
+def test_duplicate_keys_in_the_body_are_refused(ckpt, case):
+    # R4: msgpack keeps the last value of a repeated key silently; another reader could keep the first
+    where, pairs, key = DUPLICATE_CASES[case]
+    body = read_body(ckpt)
+    body["metadata"] = {"epoch": 1}
+    (ckpt / fmt.MANIFEST_NAME).write_bytes(seal(body_with(body, where, pairs)))
+    assert_corrupt(ckpt, "^" + re.escape(f"{ckpt / fmt.MANIFEST_NAME}: body: the key {key!r} occurs twice in one map")
+                   + "$")
+
+
+def test_duplicate_keys_in_the_envelope_are_refused(ckpt):
+    body = msgpack.packb(read_body(ckpt), use_bin_type=True)
+    fields = [("format", "jaxckpt"), ("version", 1), ("body", body), ("xxh3", fmt.checksum(body))]
+    for extra in (("version", 2), ("version", 1), ("xxh3", 0), ("format", "jaxckpt")):
+        (ckpt / fmt.MANIFEST_NAME).write_bytes(pack_map(fields + [extra]))
+        assert_corrupt(ckpt, "^" + re.escape(f"{ckpt / fmt.MANIFEST_NAME}: envelope: the key {extra[0]!r} occurs "
+                                             "twice in one map") + "$")
+    (ckpt / fmt.MANIFEST_NAME).write_bytes(pack_map(fields))  # the same bytes as the writer's, which reads back
+    assert jaxckpt.restore(ckpt)["n"] == 3
+
+
+@pytest.mark.parametrize("extra", [b"\x00", b"\xc0", b"\x81\xa1k\x01", b"trailing garbage"])
+def test_bytes_after_the_envelope_map_are_refused(ckpt, extra):
+    # R5: the manifest file is one msgpack map and nothing else
+    (ckpt / fmt.MANIFEST_NAME).write_bytes((ckpt / fmt.MANIFEST_NAME).read_bytes() + extra)
+    assert_corrupt(ckpt, "^" + re.escape(f"{ckpt / fmt.MANIFEST_NAME}: envelope: {len(extra)} bytes after the end "
+                                         "of the envelope map (one map, nothing else)") + "$")
+
+
+@pytest.mark.parametrize("extra", [b"\x00", b"\xc0", b"\x81\xa1k\x01", b"trailing garbage"])
+def test_bytes_after_the_body_map_are_refused(ckpt, extra):
+    # R5: the body bytes, covered by the checksum, are one msgpack map and nothing else
+    (ckpt / fmt.MANIFEST_NAME).write_bytes(seal(msgpack.packb(read_body(ckpt), use_bin_type=True) + extra))
+    assert_corrupt(ckpt, "^" + re.escape(f"{ckpt / fmt.MANIFEST_NAME}: body: {len(extra)} bytes after the end "
+                                         "of the body map (one map, nothing else)") + "$")
