@@ -28,13 +28,16 @@ from jaxckpt.errors import StructureMismatchError
 
 
 # ------------------------------------------------------------------ save
-def save(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False) -> None:
-    """Write ``tree`` to the checkpoint directory ``path``, atomically and durably.
+def save(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
+         storage_options: dict | None = None) -> None:
+    """Write ``tree`` to the checkpoint directory ``path`` (a local path, or an
+    ``s3://`` / ``gs://`` URL), atomically and durably.
 
     ``metadata``: msgpack-able plain values stored with the checkpoint.
     Raises ``CheckpointExistsError`` if ``path`` exists and ``overwrite`` is False.
+    ``storage_options``: for ``s3://`` / ``gs://`` paths, passed to the object-store client (endpoint, region, credentials...; see the README).
     """
-    checkpointer.save_sync(path, tree, metadata=metadata, overwrite=overwrite)
+    checkpointer.save_sync(path, tree, metadata=metadata, overwrite=overwrite, storage_options=storage_options)
 
 
 # ------------------------------------------------------------------ records
@@ -104,9 +107,10 @@ class LoadReport:
 HTML_MAX_ROWS = 200  # a notebook table of a million leaves would stall the browser
 
 
-def inspect(path: str | os.PathLike) -> CheckpointInfo:
-    """Read only the manifest: version, metadata, and per leaf path/shape/dtype/size."""
-    with reader_mod.CheckpointReader(path) as r:
+def inspect(path: str | os.PathLike, *, storage_options: dict | None = None) -> CheckpointInfo:
+    """Read only the manifest: version, metadata, and per leaf path/shape/dtype/size.
+    ``storage_options`` as in ``save``."""
+    with reader_mod.CheckpointReader(path, storage_options=storage_options) as r:
         m = r.manifest
         leaves = tuple(LeafInfo(x.path, x.kind, x.shape, x.dtype, x.nbytes, x.value) for x in m.leaves)
         return CheckpointInfo(r.path, m.version, m.library, m.created, m.metadata, m.total_bytes, leaves)
@@ -136,8 +140,8 @@ def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool,
 
 
 def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = False, verify: bool = True,
-            progress: bool | None = None, mmap: bool = True) -> Any:
-    """Read a checkpoint.
+            progress: bool | None = None, mmap: bool = True, storage_options: dict | None = None) -> Any:
+    """Read a checkpoint (a local path, or an ``s3://`` / ``gs://`` URL).
 
     ``target=None``: plain dict/list/tuple containers with numpy leaves.
     ``target`` a pytree of ``jax.Array`` / ``numpy.ndarray`` /
@@ -156,18 +160,19 @@ def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = Fals
     last such array is), and its clean pages are page cache that the kernel
     may drop and read again under memory pressure. Do not overwrite a
     committed checkpoint's files in place while such arrays live (jaxckpt
-    never does). ``mmap=False``: every array in fresh memory.
+    never does). ``mmap=False``: every array in fresh memory (objects in a
+    bucket are never mapped). ``storage_options`` as in ``save``.
     """
     # One pause of the cyclic collector for the whole restore (see jaxckpt/gcpause.py):
     # pausing stage by stage let each stage's survivors (a 10,000-leaf
     # manifest, then the host arrays) be traversed by a collection in the next.
     with gcpause.paused():
-        return _restore(path, target, partial, verify, progress, mmap)
+        return _restore(path, target, partial, verify, progress, mmap, storage_options)
 
 
 def _restore(path: str | os.PathLike, target: Any, partial: bool, verify: bool, progress: bool | None,
-             mmap: bool) -> Any:
-    with reader_mod.CheckpointReader(path) as r, \
+             mmap: bool, storage_options: dict | None) -> Any:
+    with reader_mod.CheckpointReader(path, storage_options=storage_options) as r, \
             progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
         m = r.manifest
         if target is None:
@@ -199,31 +204,32 @@ def _list(xs: list[str], n: int = 10) -> str:
 
 # ------------------------------------------------------------------ flat views
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, progress: bool | None = None,
-                    mmap: bool = True) -> dict[str, Any]:
+                    mmap: bool = True, storage_options: dict | None = None) -> dict[str, Any]:
     """The flat view: ``{"params/Dense_0/kernel": ndarray, "step": 3, ...}`` (MindSpore's ``load_checkpoint``).
-    ``progress`` and ``mmap`` as in ``restore``."""
-    with reader_mod.CheckpointReader(path) as r, \
+    ``progress``, ``mmap`` and ``storage_options`` as in ``restore``."""
+    with reader_mod.CheckpointReader(path, storage_options=storage_options) as r, \
             progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
         values = _read_all(r, list(range(len(r.manifest.leaves))), verify, bar.callback, mmap)
         return {leaf.path: values[i] for i, leaf in enumerate(r.manifest.leaves)}
 
 
 def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
-              verify: bool = True, mmap: bool = True) -> tuple[Any, LoadReport]:
+              verify: bool = True, mmap: bool = True, storage_options: dict | None = None
+              ) -> tuple[Any, LoadReport]:
     """Fill ``target`` from matching keys of ``source`` (a checkpoint path or a flat
     dict as returned by ``load_checkpoint``); MindSpore's ``load_param_into_net``.
 
     Returns ``(new_tree, LoadReport)``. ``strict=True`` raises
     ``StructureMismatchError`` when keys are missing or unexpected;
-    ``strict=False`` keeps the target's value for missing keys. ``mmap`` as in
-    ``restore``.
+    ``strict=False`` keeps the target's value for missing keys. ``mmap`` and
+    ``storage_options`` as in ``restore``.
     """
     paths, tleaves, treedef = tree_mod.leaf_paths(target)
     if isinstance(source, Mapping):
         keys = set(source)
         where = "source dict"
     else:
-        r = reader_mod.CheckpointReader(source)
+        r = reader_mod.CheckpointReader(source, storage_options=storage_options)
         keys = set(r.by_path)
         where = r.path
     missing = sorted(p for p in paths if p not in keys)

@@ -137,11 +137,11 @@ class SaveHandle:
 
 
 def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, overwrite: bool,
-                     metadata_checked: bool = False) -> str:
+                     metadata_checked: bool = False, storage_options: dict | None = None) -> storage.Location:
     """Checks done on the calling thread so that mistakes raise where they are made
-    (else only the background write would fail). Returns the location as a string.
+    (else only the background write would fail). Returns the location.
     ``metadata_checked``: the caller checked ``metadata`` already (see ``AsyncCheckpointer.save``)."""
-    loc = storage.Location.parse(path)
+    loc = storage.Location.parse(path, storage_options)
     if "\x00" in loc.path:
         raise ValueError(f"{str(loc)!r}: embedded null byte in the checkpoint path")
     if not metadata_checked:
@@ -151,7 +151,7 @@ def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, 
             raise UnsupportedValueError(f"{loc}: {e}") from None
     if not overwrite and storage.backend(loc).exists(loc):
         raise CheckpointExistsError(f"{loc}: a checkpoint already exists (pass overwrite=True to replace it)")
-    return str(loc)
+    return loc
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +166,7 @@ class _Save:
     on_commit: Callable[[SaveHandle], None] | None
     key: str  # coordination key, equal on every process
     timeout: float | None
+    location: storage.Location
 
 
 class AsyncCheckpointer:
@@ -176,6 +177,8 @@ class AsyncCheckpointer:
     for the oldest to finish (host memory stays bounded by that many snapshots).
     ``timeout``: seconds after which a background save is abandoned with
     ``SaveTimeoutError`` (nothing is committed).
+    ``storage_options``: for ``s3://`` / ``gs://`` paths, passed to the
+    object-store client (see the README, "Checkpointing to S3 and GCS").
     ``copy_cpu_arrays``: on the CPU backend, whether to copy jax arrays at
     snapshot time instead of holding zero-copy views until the write ends.
     Views cost no blocking time and no memory, but a training step that
@@ -192,7 +195,7 @@ class AsyncCheckpointer:
     """
 
     def __init__(self, *, max_workers: int | None = None, max_in_flight: int = 1, timeout: float | None = None,
-                 copy_cpu_arrays: bool | None = None):
+                 copy_cpu_arrays: bool | None = None, storage_options: dict | None = None):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if max_workers is not None and max_workers < 1:
@@ -200,6 +203,7 @@ class AsyncCheckpointer:
         self.max_workers = max_workers or config.write_workers()
         self.max_in_flight = max_in_flight
         self.timeout = timeout
+        self.storage_options = storage_options
         self.copy_cpu_arrays = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
         self._copies = hostcopy.CpuCopies(self.copy_cpu_arrays, thread_setup=_background_priority)
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
@@ -231,7 +235,8 @@ class AsyncCheckpointer:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
         self.check_for_errors()
-        path = validate_request(path, metadata, overwrite, metadata_checked)
+        loc = validate_request(path, metadata, overwrite, metadata_checked, self.storage_options)
+        path = str(loc)
         self._backpressure()
         self.check_for_errors()
         copied = self._copies.take(tree, process_index=self._multi.process_index,
@@ -239,11 +244,11 @@ class AsyncCheckpointer:
         blocking = time.perf_counter() - t0
         handle = SaveHandle(path, label or path)
         self._seq += 1
-        key = f"jaxckpt/{self._instance}/{self._seq}/{os.path.basename(path)}"
+        key = f"jaxckpt/{self._instance}/{self._seq}/{loc.name}"
         with self._lock:
             self._handles.append(handle)
         self._bg.submit(self._run, _Save(handle, copied, metadata, overwrite, t0, blocking, on_commit, key,
-                                         self.timeout if timeout is None else timeout))
+                                         self.timeout if timeout is None else timeout, loc))
         return handle
 
     def wait_until_finished(self) -> None:
@@ -294,7 +299,7 @@ class AsyncCheckpointer:
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline)
         try:
-            res = writer.write_checkpoint(snap, handle.path, metadata=metadata, overwrite=overwrite, ctx=ctx)
+            res = writer.write_checkpoint(snap, save.location, metadata=metadata, overwrite=overwrite, ctx=ctx)
             # Only now: after a failure or timeout an abandoned worker may still read the
             # copies, so they are not handed back (the pool drops them).
             to_prepare = self._copies.committed(save.copied, handle.label)
@@ -329,16 +334,17 @@ class AsyncCheckpointer:
 
 def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
               max_workers: int | None = None, label: str | None = None,
-              metadata_checked: bool = False) -> writer.WriteResult:
+              metadata_checked: bool = False, storage_options: dict | None = None) -> writer.WriteResult:
     """Synchronous save: the caller waits, so numpy inputs are not copied.
     ``metadata_checked`` as in ``AsyncCheckpointer.save``."""
-    path = validate_request(path, metadata, overwrite, metadata_checked)
+    loc = validate_request(path, metadata, overwrite, metadata_checked, storage_options)
+    path = str(loc)
     multi = multihost.coordinator()
     snap = snapshot_mod.take(tree, copy_numpy=False, process_index=multi.process_index,
                              process_count=multi.process_count)
     n = max_workers or config.write_workers()
-    key = f"jaxckpt/sync/{next(_sync_saves)}/{os.path.basename(path)}"
+    key = f"jaxckpt/sync/{next(_sync_saves)}/{loc.name}"
     with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
         ctx = writer.Context(pool, n, layout.StagingPool(), writer.Job(label or path),
                              writer.waiter(None, label or path), multi, key)
-        return writer.write_checkpoint(snap, path, metadata=metadata, overwrite=overwrite, ctx=ctx)
+        return writer.write_checkpoint(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)

@@ -1,5 +1,10 @@
 """The ``jaxckpt`` command: ``verify``, ``ls`` and ``show``.
 
+Every path may be an ``s3://`` or ``gs://`` URL; the object-store client is
+configured from the standard environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ..., ``STORAGE_EMULATOR_HOST``, application-default
+credentials), as the clouds' own command-line tools are.
+
 A thin layer over the public API: ``show`` prints ``jaxckpt.inspect``, ``ls``
 prints a read-only ``CheckpointManager``'s step records, and ``verify`` re-reads
 every chunk of every shard through ``CheckpointReader.read(verify=True)`` in
@@ -84,16 +89,38 @@ def _check_location(path: str) -> str:
     return path
 
 
+def _is_local(path: str) -> bool:
+    return storage.Location.parse(path).is_local
+
+
+def _require_dir(path: str) -> None:
+    """A local ``path`` must be a directory (a bucket prefix always "is" one)."""
+    if _is_local(path) and not os.path.isdir(path):
+        raise UsageError(f"{path}: no such directory" if not os.path.lexists(path) else f"{path}: not a directory")
+
+
+def _exists(path: str) -> bool:
+    loc = storage.Location.parse(path)
+    return storage.backend(loc).exists(loc)
+
+
+def _base_name(path: str) -> str:
+    return storage.Location.parse(path).name
+
+
 def find_checkpoints(path: str) -> tuple[bool, list[str]]:
     """``(is_single, paths)``: ``path`` itself when it is a checkpoint (or a
     checkpoint that lost its manifest), else its checkpoint subdirectories in
     step order. Hidden entries (temporary, deleted, set-aside directories) are
     never checkpoints."""
     path = _check_location(path)
-    if not os.path.isdir(path):
-        raise UsageError(f"{path}: no such directory" if not os.path.lexists(path) else f"{path}: not a directory")
-    if is_checkpoint(path, follow=True) or _looks_damaged(path):
+    _require_dir(path)
+    if is_checkpoint(path, follow=True) or (_is_local(path) and _looks_damaged(path)):
         return True, [path]
+    if not _is_local(path):  # a bucket: the committed checkpoints one level down
+        loc = storage.Location.parse(path)
+        names = storage.backend(loc).list_committed(loc, lambda n: not n.startswith("."))
+        return False, [str(loc.join(n)) for n in sorted(names, key=_natural_key)]
     found = []
     with os.scandir(path) as it:
         for e in it:
@@ -180,7 +207,7 @@ def verify_checkpoint(path: str, *, progress: bool | None = None, batch_bytes: i
                     bar.update(nbytes - counted, leaves=finished)
             return VerifyResult(path, True, len(m.leaves), m.total_bytes)
     except (CheckpointError, OSError) as e:
-        return VerifyResult(path, False, error=_message(e), gone=not os.path.lexists(path))
+        return VerifyResult(path, False, error=_message(e), gone=not _exists(path))
 
 
 def _message(e: BaseException) -> str:
@@ -252,8 +279,7 @@ def _table(rows: list[list[str]], out: Any) -> None:
 
 def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
     d = _check_location(args.dir)
-    if not os.path.isdir(d):
-        raise UsageError(f"{d}: no such directory" if not os.path.lexists(d) else f"{d}: not a directory")
+    _require_dir(d)
     if is_checkpoint(d, follow=True):
         raise UsageError(f"{d} is a checkpoint, not a directory of checkpoints; try: jaxckpt show {d}")
     rows, records, failed = [], [], 0
@@ -285,7 +311,7 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
     else:
         others = find_checkpoints(d)[1]
         hint = (f" ({len(others)} checkpoint directories are not named by step, e.g. "
-                f"{os.path.basename(others[0])!r}: see --step-format)") if others else ""
+                f"{_base_name(others[0])!r}: see --step-format)") if others else ""
         print(f"{d}: no committed checkpoints{hint}", file=err)
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -301,12 +327,11 @@ def _leaf_row(leaf: jaxckpt.LeafInfo) -> list[str]:
 
 def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     p = _check_location(args.path)
-    if not os.path.isdir(p):
-        raise UsageError(f"{p}: no such directory" if not os.path.lexists(p) else f"{p}: not a directory")
+    _require_dir(p)
     if not is_checkpoint(p, follow=True):
         is_single, found = find_checkpoints(p)
         if found and not is_single:
-            names = ", ".join(os.path.basename(x) for x in found[-5:])
+            names = ", ".join(_base_name(x) for x in found[-5:])
             raise UsageError(f"{p} is a directory of checkpoints ({names}); show one of them, e.g. "
                              f"jaxckpt show {found[-1]}")
     info = jaxckpt.inspect(p)

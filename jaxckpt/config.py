@@ -33,16 +33,23 @@ class Tuning:
     benchmarks.gpu_probe restore W3`` compares both).
     ``accel_window_bytes``: host-to-accelerator transfers of a restore go in
     windows of about this many bytes, two in flight (0: no windows; see
-    ``jaxckpt/placement.py``)."""
+    ``jaxckpt/placement.py``).
+    ``lease_seconds``: how long the writer lock of a directory in a bucket
+    holds without renewal (its holder renews it every third of that); a
+    lease expired by twice this is taken over (``jaxckpt/objlock.py``)."""
     pinned_min_bytes: int = 0
     map_for_accelerators: bool = False
     accel_window_bytes: int = 256 << 20
+    lease_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         for name in ("pinned_min_bytes", "accel_window_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+        if isinstance(self.lease_seconds, bool) or not isinstance(self.lease_seconds, (int, float)) \
+                or not self.lease_seconds > 0:
+            raise ValueError(f"lease_seconds must be a number > 0, got {self.lease_seconds!r}")
         if not isinstance(self.map_for_accelerators, bool):
             raise ValueError(f"map_for_accelerators must be a bool, got {self.map_for_accelerators!r}")
 

@@ -47,3 +47,19 @@ class UnsupportedLocationError(CheckpointError, ValueError):
     """A checkpoint location this version cannot store to or read from (an
     unknown URL scheme, or object storage where no backend is available). A
     URL is never taken for a local path."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage failed a request that retries could not save: an object
+    store's server errors, throttling or a connection that kept failing
+    within the operation's time. The message names the URL."""
+
+
+class StorageAccessError(StorageError, PermissionError):
+    """The storage refused the credentials (missing, wrong or not allowed).
+    The message names the URL and which credential source was used, never a
+    secret."""
+
+
+class BucketNotFoundError(CheckpointNotFoundError):
+    """The bucket of an ``s3://`` / ``gs://`` location does not exist."""

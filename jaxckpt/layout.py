@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import numpy as np
 
@@ -91,6 +91,7 @@ def let_others_run() -> None:
 
 
 _PYTHON_BOUND_UNIT = 256 << 10
+_ZEROS = memoryview(bytes(memory.ALIGN))
 
 
 def parallelism(layout: Layout, workers: int) -> int:
@@ -165,6 +166,24 @@ def write_run(f: storage.DataSink, run: tuple[Unit, ...], sums: list[list[list[i
         write_buffered(f, run, abort)
 
 
+def stream_units(units: tuple[Unit, ...], sums: list[list[list[int]]], abort: Abort) -> Iterator[memoryview]:
+    """The whole data file in order, for storage written as one stream (an
+    object's upload): each unit's bytes (checksummed just before they are
+    handed over), with zeros for the alignment padding between units."""
+    pos = 0
+    for i, u in enumerate(units):
+        if not i & 15:
+            abort.check()
+            let_others_run()
+        while u.offset > pos:  # padding: less than a block
+            n = min(u.offset - pos, len(_ZEROS))
+            yield _ZEROS[:n]
+            pos += n
+        sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
+        yield memoryview(u.src)
+        pos = u.offset + u.src.nbytes
+
+
 def write_buffered(f: storage.DataSink, run: tuple[Unit, ...], abort: Abort) -> None:
     zeros = bytes(memory.ALIGN)
     batch: list = []
@@ -190,9 +209,6 @@ def direct_ok(src: np.ndarray, offset: int) -> bool:
     memory: page-aligned address and file offset, at least one whole block."""
     return (offset % memory.ALIGN == 0 and src.nbytes >= memory.ALIGN
             and src.ctypes.data % memory.ALIGN == 0)
-
-
-_ZEROS = memoryview(bytes(memory.ALIGN))
 
 
 def write_direct(f: storage.DataSink, run: tuple[Unit, ...], pool: StagingPool, abort: Abort) -> None:

@@ -118,7 +118,9 @@ class CheckpointManager:
     layout is ``step_format="{prefix}-{epoch}_{step}"`` with
     ``step_prefix="resnet"``; ``{step:08d}`` zero-pads). ``save_timeout``:
     seconds after which a background save is abandoned with
-    ``SaveTimeoutError``. ``copy_cpu_arrays``: see ``AsyncCheckpointer``. ``_clock``: the wall clock (tests inject one); it
+    ``SaveTimeoutError``. ``copy_cpu_arrays``: see ``AsyncCheckpointer``.
+    ``storage_options``: passed to the object-store client of an ``s3://`` /
+    ``gs://`` directory (see the README, "Checkpointing to S3 and GCS"). ``_clock``: the wall clock (tests inject one); it
     drives ``save_interval_seconds`` and the step timestamps, hence
     ``keep_time_interval``.
     """
@@ -131,8 +133,9 @@ class CheckpointManager:
                  save_on_preemption: bool = True, async_save: bool = True, read_only: bool = False, *,
                  step_format: str | None = None, step_prefix: str | None = None, save_timeout: float | None = None,
                  copy_cpu_arrays: bool | None = None, save_policy: SavePolicy | None = None,
-                 keep_policy: KeepPolicy | None = None, _clock: Callable[[], float] = time.time):
-        self._root = storage.Location.parse(directory)
+                 keep_policy: KeepPolicy | None = None, storage_options: dict | None = None,
+                 _clock: Callable[[], float] = time.time):
+        self._root = storage.Location.parse(directory, storage_options)
         self._backend = storage.backend(self._root)
         self.directory = str(self._root)
         self._policy = _one_of(save_policy, SavePolicy.build(save_interval_steps, save_interval_seconds, save_on_steps),

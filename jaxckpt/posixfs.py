@@ -160,7 +160,10 @@ class DataFile:
     Tries ``O_DIRECT`` (bypasses the page cache: steady disk bandwidth and no
     cache pollution) and falls back to buffered I/O where the filesystem
     refuses it (tmpfs, some network filesystems) or where ``direct=False``.
+    (A ``storage.DataSink``.)
     """
+
+    sequential = False  # written at offsets, not as one stream
 
     def __init__(self, directory: str, name: str, direct: bool = True):
         self.path = os.path.join(directory, name)

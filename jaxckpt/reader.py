@@ -38,8 +38,9 @@ class CheckpointReader:
     validated, and its data files, opened when first read (through the
     storage backend of its location)."""
 
-    def __init__(self, path: str | os.PathLike | storage.Location, max_workers: int | None = None):
-        self.location = storage.Location.parse(path)
+    def __init__(self, path: str | os.PathLike | storage.Location, max_workers: int | None = None,
+                 storage_options: dict | None = None):
+        self.location = storage.Location.parse(path, storage_options)
         self.path = str(self.location)
         self._source = storage.backend(self.location).open(self.location)
         data = self._source.read_manifest(fmt.MAX_MANIFEST_BYTES)

@@ -38,6 +38,7 @@ import jax
 from jaxckpt import checkpointer as ckpt_mod
 from jaxckpt import display
 from jaxckpt import policies
+from jaxckpt import storage
 from jaxckpt.policies import StepNaming, StepSaveStats, as_step
 from jaxckpt.steps import Retention, StepTable
 
@@ -91,7 +92,7 @@ class StepSaver:
         replaced = self._table.claim(step, name, overwrite)
         now = self._clock()
         record = policies.step_record(step, epoch, now, reason, metrics, req.metadata)
-        path = self._table.path(name)
+        path = self._table.location(name)
         background = self._async or wait
         try:
             if background:
@@ -111,7 +112,7 @@ class StepSaver:
             handle.result()
 
     @staticmethod
-    def _save_here(path: str, state: Any, record: dict, overwrite: bool) -> ckpt_mod.SaveStats:
+    def _save_here(path: storage.Location, state: Any, record: dict, overwrite: bool) -> ckpt_mod.SaveStats:
         """A synchronous save on the calling thread (numpy inputs are not copied)."""
         t0 = time.perf_counter()
         res = ckpt_mod.save_sync(path, state, metadata=record, overwrite=overwrite, metadata_checked=True)

@@ -28,7 +28,6 @@ Three pieces, wired by ``CheckpointManager``:
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from typing import Any, Mapping
 
@@ -62,6 +61,10 @@ class StepTable:
     def path(self, name: str) -> str:
         """The path of a step directory, as messages show it."""
         return str(self._root.join(name))
+
+    def location(self, name: str) -> storage.Location:
+        """Where a step directory is (with the root's storage options)."""
+        return self._root.join(name)
 
     # ------------------------------------------------------------------ lookups
     def steps(self) -> list[int]:
@@ -223,23 +226,27 @@ class StepDirectory:
         self._table.replace({s: name for s, (_, name) in found.items()})
 
     def step_path(self, step: int) -> str:
-        """The path of a committed step; ``CheckpointNotFoundError`` for any other."""
+        """The path of a committed step, as messages show it; ``CheckpointNotFoundError`` for any other."""
+        return str(self.step_location(step))
+
+    def step_location(self, step: int) -> storage.Location:
+        """Where a committed step is; ``CheckpointNotFoundError`` for any other."""
         name = self._table.name(step)
         if name is None:
             shown = ", ".join(map(str, self._table.steps()[-10:])) or "none"
             hint = "; call reload() to see steps committed since" if self._read_only else ""
             raise CheckpointNotFoundError(f"{self.directory}: step {step} is not a committed checkpoint here "
                                           f"(latest committed steps: {shown}){hint}")
-        return self._table.path(name)
+        return self._table.location(name)
 
     def lookup(self, step: int) -> tuple[StepMetadata, bool]:
         """(the record of a committed step, written by a manager); reads only its manifest, once."""
-        path = self.step_path(step)
-        name = os.path.basename(path)
+        loc = self.step_location(step)
+        path, name = str(loc), loc.name
         hit = self._table.cached(name)
         if hit is None:
             try:
-                with reader_mod.CheckpointReader(path) as r:
+                with reader_mod.CheckpointReader(loc) as r:
                     m = r.manifest
                     hit = metadata_from(m.metadata, step, path, m.created, m.total_bytes)
             except (CorruptCheckpointError, CheckpointNotFoundError):
@@ -289,7 +296,7 @@ class StepDirectory:
         deleted = False
         for s in candidates:
             try:
-                out = api.restore(self.step_path(s), target, partial=partial, mmap=mmap)
+                out = api.restore(self.step_location(s), target, partial=partial, mmap=mmap)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 gone = self.gone(s)
                 if gone is not None:  # deleted, not damaged

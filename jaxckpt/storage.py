@@ -60,12 +60,28 @@ import abc
 import dataclasses
 import os
 import re
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterable
 
 from jaxckpt.errors import UnsupportedLocationError
 
 _URL_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.DOTALL)
-_OBJECT_STORES = ("s3", "gs", "gcs", "az", "abfs", "azure", "r2", "oss", "hf")
+_OBJECT_STORES = {"s3": "s3", "gs": "gs", "gcs": "gs"}  # scheme -> backend
+_UNSUPPORTED_STORES = ("az", "abfs", "azure", "r2", "oss", "hf")
+_SUPPORTED = "local paths, file://, s3:// and gs://"
+
+
+def _hashable(options: dict | None) -> tuple:
+    """``storage_options`` as a hashable tuple (unhashable values, e.g. a
+    credentials object, by identity)."""
+    out = []
+    for k, v in sorted((options or {}).items()):
+        try:
+            hash(v)
+        except TypeError:
+            v = ("<unhashable>", id(v))
+        out.append((str(k), v))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,50 +89,79 @@ class Location:
     """Where a checkpoint (or a directory of them) is: a scheme and a path.
 
     ``scheme`` is ``"file"`` for local paths (``path`` absolute and
-    normalised). ``str(location)`` is what messages show: the local path
-    itself, or the URL."""
+    normalised), ``"s3"`` or ``"gs"`` for object storage (``path`` is
+    ``bucket/key/prefix``, no trailing slash). ``options`` are the user's
+    ``storage_options`` (never shown: they may hold secrets). ``str(location)``
+    is what messages show: the local path itself, or the URL."""
     scheme: str
     path: str
+    options: tuple = dataclasses.field(default=(), repr=False)
 
     @classmethod
-    def parse(cls, where: "str | os.PathLike | Location") -> "Location":
+    def parse(cls, where: "str | os.PathLike | Location", options: dict | None = None) -> "Location":
         """A location from what a user passed: a local path (relative ones are
-        made absolute now), a ``file://`` URL, or a Location. A URL of another
-        scheme raises ``UnsupportedLocationError``: it never becomes a local path."""
+        made absolute now), a ``file://``, ``s3://`` or ``gs://`` URL, or a
+        Location. Another scheme raises ``UnsupportedLocationError``: a URL
+        never becomes a local path."""
         if isinstance(where, Location):
-            return where
+            return where if options is None else dataclasses.replace(where, options=_hashable(options))
         text = os.fspath(where)
         if isinstance(text, bytes):
             text = os.fsdecode(text)
         m = _URL_RE.match(text)
         if m is None:
-            return cls("file", os.path.abspath(text))
+            return cls("file", os.path.abspath(text), _hashable(options))
         scheme, rest = m.group("scheme").lower(), m.group("rest")
         if scheme == "file":
             host, slash, path = rest.partition("/")
             if host not in ("", "localhost") or not slash:
                 raise UnsupportedLocationError(f"{text}: a file:// URL names a local path (file:///abs/path); "
                                                f"found host {host!r}")
-            return cls("file", os.path.abspath("/" + path))
+            return cls("file", os.path.abspath("/" + path), _hashable(options))
         if scheme in _OBJECT_STORES:
+            return cls(_OBJECT_STORES[scheme], _object_path(text, rest), _hashable(options))
+        if scheme in _UNSUPPORTED_STORES:
             raise UnsupportedLocationError(f"{text}: {scheme}:// object storage is not supported by this version "
-                                           "of jaxckpt; use a local or shared file system path")
+                                           f"of jaxckpt (supported: {_SUPPORTED})")
         raise UnsupportedLocationError(f"{text}: unknown storage scheme {scheme + '://'!r} "
-                                       "(supported: local paths and file://)")
+                                       f"(supported: {_SUPPORTED})")
 
     def __str__(self) -> str:
         return self.path if self.scheme == "file" else f"{self.scheme}://{self.path}"
 
     @property
+    def is_local(self) -> bool:
+        return self.scheme == "file"
+
+    @property
     def name(self) -> str:
-        return os.path.basename(self.path.rstrip("/"))
+        return self.path.rstrip("/").rpartition("/")[2]
 
     @property
     def parent(self) -> "Location":
-        return Location(self.scheme, os.path.dirname(self.path.rstrip("/")) or "/")
+        if self.scheme != "file":
+            head = self.path.rpartition("/")[0]
+            return dataclasses.replace(self, path=head or self.path)
+        return dataclasses.replace(self, path=os.path.dirname(self.path.rstrip("/")) or "/")
 
     def join(self, name: str) -> "Location":
-        return Location(self.scheme, os.path.join(self.path, name))
+        if self.scheme != "file":
+            return dataclasses.replace(self, path=f"{self.path.rstrip('/')}/{name}")
+        return dataclasses.replace(self, path=os.path.join(self.path, name))
+
+
+def _object_path(text: str, rest: str) -> str:
+    """``bucket/key/prefix`` from the part of an object-store URL after ``://``."""
+    parts = [p for p in rest.split("/") if p]
+    if not parts:
+        raise UnsupportedLocationError(f"{text}: no bucket named (expected e.g. s3://bucket/run/100)")
+    bad = [p for p in parts if p in (".", "..")]
+    if bad or "\0" in rest:
+        raise UnsupportedLocationError(f"{text}: '.' and '..' are not path components in a bucket")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]", parts[0]):
+        raise UnsupportedLocationError(f"{text}: {parts[0]!r} is not a valid bucket name (3-63 characters: "
+                                       "lowercase letters, digits, '.', '-', '_')")
+    return "/".join(parts)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -124,6 +169,11 @@ class DataSink(abc.ABC):
     """One data file (object) of a save, written at offsets from several pool threads."""
 
     direct: bool  # whether ``pwrite(..., direct=True)`` bypasses the page cache (aligned, whole blocks)
+    sequential: bool = False  # written once, in order, with ``write_stream`` (objects), not at offsets
+
+    def write_stream(self, chunks: Iterable[memoryview], size: int) -> None:
+        """(``sequential`` sinks) The whole content, ``size`` bytes, in order; durable when it returns."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def pwrite(self, view: memoryview, offset: int, direct: bool = False) -> None: ...
@@ -144,6 +194,11 @@ class Staging(abc.ABC):
     """One save attempt, between ``begin_save`` and ``commit`` (module docstring, steps 2-6)."""
 
     token: str  # what another process passes to ``join_save`` to write into this attempt
+
+    def data_name(self, base: str) -> str:
+        """The name a data file called ``base`` (``data-00000.bin``) gets in this
+        attempt: object stores make it unique to the attempt."""
+        return base
 
     @abc.abstractmethod
     def create(self, name: str, direct: bool = True) -> DataSink: ...
@@ -248,10 +303,32 @@ class Backend(abc.ABC):
     def release_lock(self, root: Location, token: str) -> None: ...
 
 
-def backend(loc: Location) -> Backend:
-    """The backend that serves ``loc``. (Backends are imported when first used:
-    object-store clients are optional extras.)"""
+_backends: dict[tuple, "Backend"] = {}
+_backends_lock = threading.Lock()
+
+
+def backend(loc: Location) -> "Backend":
+    """The backend that serves ``loc``: one per bucket and ``storage_options``,
+    shared by every reader and writer of the process. (Backends are imported
+    when first used: object-store clients are optional extras.)"""
     if loc.scheme == "file":
         from jaxckpt import posix
         return posix.BACKEND
-    raise UnsupportedLocationError(f"{loc}: no storage backend for {loc.scheme}://")
+    bucket = loc.path.partition("/")[0]
+    key = (loc.scheme, bucket, loc.options)
+    with _backends_lock:
+        found = _backends.get(key)
+        if found is None:
+            found = _backends[key] = _object_backend(loc.scheme, bucket, dict(loc.options))
+        return found
+
+
+def _object_backend(scheme: str, bucket: str, options: dict) -> "Backend":
+    from jaxckpt import objstore
+    if scheme == "s3":
+        from jaxckpt import s3client
+        return objstore.ObjectBackend(s3client.S3Client(bucket, options))
+    if scheme == "gs":
+        from jaxckpt import gcsclient
+        return objstore.ObjectBackend(gcsclient.GcsClient(bucket, options))
+    raise UnsupportedLocationError(f"{scheme}://{bucket}: no storage backend for {scheme}://")

@@ -156,8 +156,13 @@ def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Co
     f = staging.create(file_name, direct=direct)
     futures: list[Future] = []
     try:
-        runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))
-        futures = [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, ctx.job.abort) for run in runs]
+        if f.sequential:  # an object: one streamed upload (the client runs its parts in parallel)
+            chunks = layout_mod.stream_units(layout.units, sums, ctx.job.abort)
+            futures = [ctx.pool.submit(f.write_stream, chunks, layout.size)]
+        else:
+            runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))
+            futures = [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, ctx.job.abort)
+                       for run in runs]
         ctx.wait(futures)
         ctx.job.abort.check()
         futures.append(ctx.pool.submit(f.finish, layout.size))
@@ -219,7 +224,7 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
         # set off: 40-130 ms of a 10,000-leaf save. The pause is process-wide,
         # so it is kept to such trees, whose saves are short.
         with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
-            name = layout_mod.data_file_name(0)
+            name = staging.data_name(layout_mod.data_file_name(0))
             layout, sums = write_data(snap, staging, name, ctx)
             files = [fmt.FileRecord(name, layout.size)] if layout.size else []
             manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], str(loc))
@@ -250,8 +255,9 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
     try:
         if staging is None:
             staging = _join_multi(loc, ctx)
-        layout, sums = write_data(snap, staging, layout_mod.data_file_name(coord.process_index), ctx)
-        report = {"ok": True, "file": layout_mod.data_file_name(coord.process_index), "size": layout.size,
+        name = staging.data_name(layout_mod.data_file_name(coord.process_index))
+        layout, sums = write_data(snap, staging, name, ctx)
+        report = {"ok": True, "file": name, "size": layout.size,
                   "shards": _own_shards(snap, layout, sums)}
     except BaseException as e:
         ctx.job.try_abort()

@@ -4,6 +4,16 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Object-store clients must never reach a cloud or the instance metadata
+# service (169.254.169.254): pin credentials, region and a loopback endpoint
+# (a closed port) for every test; tests with a server pass its endpoint.
+for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ALLOW_HTTP": "true",
+               "AWS_EC2_METADATA_DISABLED": "true", "GOOGLE_CLOUD_PROJECT": "test",
+               "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9"}.items():
+    os.environ[_k] = _v
+os.environ.pop("AWS_SESSION_TOKEN", None)
+os.environ.pop("AWS_PROFILE", None)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

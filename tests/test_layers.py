@@ -18,7 +18,8 @@ LAYERS: list[set[str]] = [
     {"tree"},                                          # pytree flattening
     {"snapshot", "hostcopy"},                          # device -> host
     {"format"},                                        # manifest <-> bytes, pure
-    {"storage", "posix", "posixdirs", "posixfs", "lock"},  # bytes <-> files (objects), the commit
+    {"storage", "posix", "posixdirs", "posixfs", "lock",
+     "objclient", "objstore", "objlock", "s3client", "gcsclient"},  # bytes <-> files (objects), the commit
     {"layout", "writer", "readplan", "reader", "placement"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
     {"policies", "steps", "saving", "preemption", "manager"},  # when to save, what to keep

@@ -25,18 +25,30 @@ def test_local_paths_and_file_urls_are_the_same_location(tmp_path, monkeypatch):
         str(tmp_path / "run"), "run", Location("file", str(tmp_path / "run" / "7")), Location("file", str(tmp_path)))
 
 
+def test_object_store_urls_are_bucket_and_key_never_local_paths():
+    loc = Location.parse("s3://bucket1/run//100/", {"endpoint": "http://127.0.0.1:1", "secret_access_key": "s3cr3t"})
+    assert (loc.scheme, loc.path, str(loc), loc.name, str(loc.parent), str(loc.join("m"))) == (
+        "s3", "bucket1/run/100", "s3://bucket1/run/100", "100", "s3://bucket1/run", "s3://bucket1/run/100/m")
+    assert "s3cr3t" not in repr(loc) and "s3cr3t" not in str(loc)  # options may hold secrets
+    assert loc.join("m").options == loc.options
+    assert Location.parse("gcs://bucket1/x") == Location.parse("gs://bucket1/x")
+
+
 def test_a_checkpoint_saved_through_a_file_url_restores_from_its_path(tmp_path):
     jaxckpt.save(f"file://{tmp_path}/ck", TREE)
     assert jaxckpt.restore(tmp_path / "ck")["a"].tobytes() == TREE["a"].tobytes()
 
 
-NOT_YET = "object storage is not supported by this version of jaxckpt; use a local or shared file system path"
+SUPPORTED = "(supported: local paths, file://, s3:// and gs://)"
 
 
 @pytest.mark.parametrize("url, found", [
-    ("s3://bucket/run/100", f"s3:// {NOT_YET}"),
-    ("gs://bucket/run", f"gs:// {NOT_YET}"),
-    ("hdfs://namenode/run", "unknown storage scheme 'hdfs://' (supported: local paths and file://)"),
+    ("az://container/run/100", f"az:// object storage is not supported by this version of jaxckpt {SUPPORTED}"),
+    ("hdfs://namenode/run", f"unknown storage scheme 'hdfs://' {SUPPORTED}"),
+    ("s3://", "no bucket named (expected e.g. s3://bucket/run/100)"),
+    ("s3://Bucket/run", "'Bucket' is not a valid bucket name (3-63 characters: lowercase letters, digits, '.', '-', "
+                        "'_')"),
+    ("gs://bucket/run/../other", "'.' and '..' are not path components in a bucket"),
     ("file://otherhost/run", "a file:// URL names a local path (file:///abs/path); found host 'otherhost'"),
 ])
 def test_a_url_never_becomes_a_local_directory(tmp_path, monkeypatch, url, found):
@@ -60,7 +72,7 @@ def test_a_url_never_becomes_a_local_directory(tmp_path, monkeypatch, url, found
 @pytest.mark.parametrize("command", ["ls", "show", "verify"])
 def test_the_cli_refuses_a_url_it_cannot_read(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)
-    assert cli.main([command, "s3://bucket/run"]) == cli.EXIT_FAILED
-    assert capsys.readouterr().err == (f"jaxckpt {command}: s3://bucket/run: s3:// object storage is not supported "
-                                       "by this version of jaxckpt; use a local or shared file system path\n")
+    assert cli.main([command, "az://bucket/run"]) == cli.EXIT_FAILED
+    assert capsys.readouterr().err == (f"jaxckpt {command}: az://bucket/run: az:// object storage is not supported "
+                                       f"by this version of jaxckpt {SUPPORTED}\n")
     assert os.listdir(tmp_path) == []

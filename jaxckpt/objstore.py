@@ -1,0 +1,365 @@
+"""The object-store backend: checkpoints as key prefixes in a bucket.
+
+A checkpoint at ``s3://bucket/run/100`` is the objects under ``run/100/``:
+
+* the manifest (``format.MANIFEST_NAME``): the commit. Published last, in one PUT, with a
+  conditional create (it exists only if no checkpoint does) or, for an
+  overwrite, a conditional update of the version it replaces. A prefix
+  without it is not a checkpoint: never listed, read or counted.
+* ``data-<process>-<attempt>.bin``: each process's data, one object per
+  process, uploaded as a multipart stream straight from the snapshot's host
+  buffers. Names are unique to the save attempt (16 hex digits), so an
+  overwrite never touches the data the old manifest names; that data is
+  deleted after the new manifest is published.
+* ``.jaxckpt-tmp-<attempt>``: the marker of a save in flight (who writes it,
+  under which lock), put first and deleted after the commit, so that a later
+  cleaner can tell a live save from an abandoned one.
+
+Deleting a checkpoint deletes its manifest first (after which it is no
+checkpoint), then the rest. The lock of a directory of checkpoints is a
+lease object (``jaxckpt/objlock.py``). Implements ``storage.Backend`` over
+an ``objclient.ObjectClient`` (``s3client``, ``gcsclient``).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import re
+import time
+import uuid
+from typing import Any, Callable, Iterable
+
+import msgpack
+
+from jaxckpt import config
+from jaxckpt import objclient
+from jaxckpt import objlock
+from jaxckpt import procs
+from jaxckpt import storage
+from jaxckpt.errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError,
+                            CorruptCheckpointError)
+from jaxckpt.format import MANIFEST_NAME
+from jaxckpt.objclient import Conflict, NotFound, ObjectClient
+from jaxckpt.storage import Location
+
+MARK = ".jaxckpt-tmp-"
+_ATTEMPT = r"[0-9a-f]{16}"
+_OURS_RE = re.compile(rf"^(?:data-\d{{5}}-(?P<data>{_ATTEMPT})\.bin(?:\.part-\d{{5}})?|"
+                      rf"\.jaxckpt-tmp-(?P<mark>{_ATTEMPT}))$")
+_NAMED_RE = re.compile(rb"data-\d{5}-(" + _ATTEMPT.encode() + rb")\.bin")
+MARKER_CAP = 64 << 10
+UNMANAGED_STALE_SECONDS = 24 * 3600  # a save's marker written outside any lock is abandoned after this long
+logger = logging.getLogger("jaxckpt")
+
+# Ranged GETs of one large read run in parallel (the reader's pool already
+# runs different reads at once; this splits a single large one).
+_PARALLEL_READ_BYTES = 2 * objclient.PART_BYTES
+_read_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="jaxckpt-get")
+
+
+def key_of(loc: Location) -> str:
+    """The key prefix of ``loc`` inside its bucket ('' for the bucket itself)."""
+    return loc.path.partition("/")[2]
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+def _attempt_of(name: str) -> str | None:
+    m = _OURS_RE.match(name)
+    return None if m is None else (m.group("data") or m.group("mark"))
+
+
+# ----------------------------------------------------------------------------- writing
+class ObjectSink(storage.DataSink):
+    """One data object, uploaded in one streamed (multipart) PUT."""
+
+    direct = False
+    sequential = True
+
+    def __init__(self, client: ObjectClient, key: str):
+        self.client, self.key = client, key
+
+    def write_stream(self, chunks: Iterable[memoryview], size: int) -> None:
+        self.client.put_stream(self.key, chunks, size)
+
+    def pwrite(self, view: memoryview, offset: int, direct: bool = False) -> None:
+        raise NotImplementedError("objects are written in order, with write_stream")
+
+    def pwritev(self, views: list, offset: int) -> None:
+        raise NotImplementedError("objects are written in order, with write_stream")
+
+    def finish(self, size: int) -> None:
+        pass  # the object is durable once its PUT returns
+
+    def close(self) -> None:
+        pass
+
+
+class ObjectStaging(storage.Staging):
+    """One save attempt: data objects named with ``attempt``, then the manifest PUT."""
+
+    def __init__(self, backend: "ObjectBackend", loc: Location, attempt: str):
+        self.backend, self.loc, self.token = backend, loc, attempt
+        self.client = backend.client
+        self.prefix = key_of(loc)
+        self._manifest: bytes | None = None
+
+    def data_name(self, base: str) -> str:
+        stem, dot, ext = base.rpartition(".")
+        return f"{stem}-{self.token}.{ext}" if dot else f"{base}-{self.token}"
+
+    def create(self, name: str, direct: bool = True) -> ObjectSink:
+        return ObjectSink(self.client, _join(self.prefix, name))
+
+    def check_visible(self, name: str, size: int, process: int) -> None:
+        info = self.client.head(_join(self.prefix, name))
+        if info is None or info.size != size:
+            found = "nothing" if info is None else f"{info.size} bytes"
+            raise CheckpointError(
+                f"process 0 cannot see {self.client.describe(_join(self.prefix, name))} as uploaded by process "
+                f"{process} ({size} bytes; found {found}): every process must use the same bucket and endpoint")
+
+    def write_manifest(self, data: bytes) -> None:
+        self._manifest = data  # published by commit: the PUT is the commit
+
+    def commit(self, overwrite: bool) -> None:
+        self.backend.check_lease(self.loc.parent)
+        key = _join(self.prefix, MANIFEST_NAME)
+        try:
+            old = self.client.head(key) if overwrite else None
+            if old is None:
+                self.client.put(key, self._manifest, create=True)
+            else:
+                self.client.put(key, self._manifest, if_match=old.etag)
+        except Conflict:
+            raise CheckpointExistsError(f"{self.loc}: a checkpoint was committed here by another writer meanwhile"
+                                        ) from None
+        try:
+            self._after_commit()
+        except Exception as e:  # committed: a leftover is cleaned later, never fatal
+            logger.warning("jaxckpt: %s committed, but cleaning up after it failed: %s", self.loc, e)
+
+    def _after_commit(self) -> None:
+        """Delete our marker, and the data of attempts the new manifest replaced (no live marker)."""
+        objs = self.client.list(self.prefix + "/")
+        names = [o.key[len(self.prefix) + 1:] if self.prefix else o.key for o in objs]
+        live = {_attempt_of(n) for n in names if n.startswith(MARK)} - {self.token}
+        doomed = [_join(self.prefix, n) for n in names if _attempt_of(n) not in (None, self.token) and
+                  not n.startswith(MARK) and _attempt_of(n) not in live]
+        self.client.delete(doomed + [_join(self.prefix, MARK + self.token)])
+
+    def abandon(self) -> None:
+        try:
+            objs = self.client.list(self.prefix + "/")
+            mine = [o.key for o in objs if _attempt_of(o.key.rpartition("/")[2]) == self.token]
+            self.client.delete([k for k in mine if not k.endswith(MARK + self.token)])
+            self.client.delete([_join(self.prefix, MARK + self.token)])
+        except Exception as e:  # the cleaner removes it later
+            logger.warning("jaxckpt: could not remove the leftovers of an abandoned save to %s: %s", self.loc, e)
+
+
+# ----------------------------------------------------------------------------- reading
+class ObjectData(storage.DataSource):
+    """A data object, read with ranged GETs."""
+
+    def __init__(self, client: ObjectClient, key: str, size: int):
+        self.client, self.key = client, key
+        info = client.head(key)
+        if info is None:
+            raise CorruptCheckpointError(f"{client.describe(key)}: data object missing (the manifest names it)")
+        if info.size < size:
+            raise CorruptCheckpointError(f"{client.describe(key)}: truncated: the manifest records {size} bytes, "
+                                         f"found {info.size}")
+
+    def _get(self, buf: memoryview, offset: int, what: str) -> None:
+        try:
+            got = self.client.read_into(self.key, buf, offset)
+        except NotFound:
+            raise CheckpointNotFoundError(f"{self.client.describe(self.key)}: deleted or replaced while {what} was "
+                                          "being read") from None
+        if got < len(buf):
+            raise CorruptCheckpointError(f"{self.client.describe(self.key)}: {what}: the object ends at byte "
+                                         f"{offset + got}, before {offset + len(buf)}")
+
+    def read_into(self, buf: memoryview, offset: int, what: str) -> None:
+        buf = memoryview(buf).cast("B") if memoryview(buf).format != "B" else memoryview(buf)
+        n = len(buf)
+        if n <= _PARALLEL_READ_BYTES:
+            self._get(buf, offset, what)
+            return
+        step = objclient.PART_BYTES
+        futures = [_read_pool.submit(self._get, buf[a:a + step], offset + a, what) for a in range(0, n, step)]
+        for f in futures:
+            f.result()
+
+    def readv_into(self, bufs: list[memoryview], offset: int, what: str) -> None:
+        total = sum(memoryview(b).nbytes for b in bufs)
+        tmp = bytearray(total)
+        self.read_into(memoryview(tmp), offset, what)
+        pos = 0
+        for b in bufs:
+            b = memoryview(b).cast("B")
+            b[:] = tmp[pos:pos + len(b)]
+            pos += len(b)
+
+    def map(self, offset: int, length: int) -> memoryview | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class ObjectSource(storage.Source):
+    """A committed checkpoint in a bucket."""
+
+    def __init__(self, client: ObjectClient, loc: Location):
+        self.client, self.location = client, loc
+        self.prefix = key_of(loc)
+        if client.head(_join(self.prefix, MANIFEST_NAME)) is None:
+            client.check_bucket()
+            raise CheckpointNotFoundError(f"{loc}: no committed checkpoint here ({MANIFEST_NAME} is missing)")
+
+    def read_manifest(self, cap: int) -> bytes:
+        key = _join(self.prefix, MANIFEST_NAME)
+        try:
+            return self.client.get(key, cap)[0]
+        except NotFound:
+            raise CheckpointNotFoundError(f"{self.client.describe(key)}: deleted while being opened") from None
+        except ValueError as e:
+            raise CorruptCheckpointError(f"{self.client.describe(key)}: manifest too large: {e}") from None
+
+    def open_data(self, name: str, size: int) -> ObjectData:
+        return ObjectData(self.client, _join(self.prefix, name), size)
+
+    def describe(self, name: str) -> str:
+        return self.client.describe(_join(self.prefix, name))
+
+
+# ----------------------------------------------------------------------------- the backend
+def _marker(lock_token: str | None) -> bytes:
+    return msgpack.packb({"kind": "jaxckpt-save", **procs.identity(), "time": time.time(), "lock": lock_token})
+
+
+class ObjectBackend(storage.Backend):
+    """One bucket of one object store, through ``client``."""
+
+    def __init__(self, client: ObjectClient):
+        self.client = client
+        self._leases: dict[str, objlock.Lease] = {}  # root key -> the lease this process holds on it
+
+    # ------------------------------------------------------------ saves
+    def exists(self, loc: Location) -> bool:
+        prefix = key_of(loc)
+        return self.is_committed(loc) or bool(prefix and self.client.list(prefix + "/"))
+
+    def is_committed(self, loc: Location, follow: bool = False) -> bool:
+        return self.client.head(_join(key_of(loc), MANIFEST_NAME)) is not None
+
+    def begin_save(self, loc: Location, attempt: str | None = None) -> ObjectStaging:
+        if not key_of(loc):
+            raise CheckpointError(f"{loc}: a checkpoint needs a path inside the bucket (e.g. {loc}/run/100)")
+        attempt = attempt or uuid.uuid4().hex[:16]
+        lease = self._leases.get(key_of(loc.parent))
+        self.client.put(_join(key_of(loc), MARK + attempt), _marker(lease.token if lease else None))
+        return ObjectStaging(self, loc, attempt)
+
+    def join_save(self, loc: Location, token: str) -> ObjectStaging:
+        if not re.fullmatch(_ATTEMPT, token) or self.client.head(_join(key_of(loc), MARK + token)) is None:
+            raise CheckpointError(f"cannot see {self.client.describe(_join(key_of(loc), MARK + token))}, put by "
+                                  "process 0: every process must use the same bucket and endpoint")
+        return ObjectStaging(self, loc, token)
+
+    def check_lease(self, root: Location) -> None:
+        lease = self._leases.get(key_of(root))
+        if lease is not None:
+            lease.check()
+
+    def open(self, loc: Location) -> ObjectSource:
+        return ObjectSource(self.client, loc)
+
+    # ------------------------------------------------------------ roots
+    def ensure_root(self, root: Location) -> None:
+        self.client.check_bucket()  # nothing to create: prefixes exist when objects do
+
+    def _children(self, root: Location) -> dict[str, list[objclient.ObjectInfo]]:
+        """Objects under ``root``, by the first path component below it."""
+        prefix = key_of(root)
+        start = len(prefix) + 1 if prefix else 0
+        out: dict[str, list[objclient.ObjectInfo]] = {}
+        for o in self.client.list(prefix + "/" if prefix else ""):
+            name, slash, _ = o.key[start:].partition("/")
+            if slash:
+                out.setdefault(name, []).append(o)
+        return out
+
+    def list_committed(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
+        prefix = key_of(root)
+        return [name for name, objs in self._children(root).items()
+                if accept(name) and any(o.key == _join(_join(prefix, name), MANIFEST_NAME) for o in objs)]
+
+    def remove(self, loc: Location) -> None:
+        prefix = key_of(loc)
+        if self.client.head(_join(prefix, MANIFEST_NAME)) is None:
+            raise FileNotFoundError(f"{loc}: no committed checkpoint to remove")
+        self.client.delete([_join(prefix, MANIFEST_NAME)])  # un-committed from here on
+        self.client.delete([o.key for o in self.client.list(prefix + "/")
+                            if _attempt_of(o.key.rpartition("/")[2]) is not None])
+
+    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
+        lease = self._leases.get(key_of(root))
+        removed = []
+        for name, objs in self._children(root).items():
+            if accept(name):
+                removed.extend(self._clean_one(_join(key_of(root), name), objs, lease))
+        return removed
+
+    def _clean_one(self, prefix: str, objs: list[objclient.ObjectInfo], lease: objlock.Lease | None) -> list[str]:
+        """Our objects under one checkpoint's prefix that no live save and no manifest needs."""
+        names = {o.key[len(prefix) + 1:] for o in objs}
+        attempts = {_attempt_of(n) for n in names} - {None}
+        live = {a for a in attempts if MARK + a in names and not self._abandoned(_join(prefix, MARK + a), lease)}
+        keep = set(live)
+        if MANIFEST_NAME in names and len(attempts - live) > 0:
+            try:
+                data, _ = self.client.get(_join(prefix, MANIFEST_NAME), 64 << 20)
+            except (NotFound, ValueError):
+                return []  # changed under us: leave it to the next cleaning
+            keep |= {m.decode() for m in _NAMED_RE.findall(data)}
+        doomed = sorted(_join(prefix, n) for n in names if _attempt_of(n) is not None and
+                        _attempt_of(n) not in (live if n.startswith(MARK) else keep))
+        self.client.delete(doomed)
+        return [self.client.describe(k) for k in doomed]
+
+    def _abandoned(self, marker_key: str, lease: objlock.Lease | None) -> bool:
+        """Whether the save that put this marker is provably over (see ``clean_stale``)."""
+        try:
+            rec = msgpack.unpackb(self.client.get(marker_key, MARKER_CAP)[0], raw=False)
+        except NotFound:
+            return True
+        except (ValueError, msgpack.UnpackException):
+            return True  # not a marker we could have written
+        if not isinstance(rec, dict):
+            return True
+        if not procs.record_alive(rec):
+            return True  # same host, the writer is gone
+        holder = rec.get("lock")
+        if lease is not None and holder is not None:
+            return holder != lease.token  # saved under an earlier holder's lock, which we now hold
+        started = rec.get("time")
+        return isinstance(started, (int, float)) and time.time() - started > UNMANAGED_STALE_SECONDS
+
+    # ------------------------------------------------------------ the lock
+    def acquire_lock(self, root: Location) -> tuple[str, dict | None]:
+        key = _join(key_of(root), objlock.LOCK_NAME)
+        lease, stale = objlock.acquire(self.client, key, config.current().lease_seconds)
+        self._leases[key_of(root)] = lease
+        return lease.token, stale
+
+    def release_lock(self, root: Location, token: str) -> None:
+        lease = self._leases.get(key_of(root))
+        if lease is not None and lease.token == token:
+            del self._leases[key_of(root)]
+            lease.release()
