@@ -166,22 +166,27 @@ def write_run(f: storage.DataSink, run: tuple[Unit, ...], sums: list[list[list[i
         write_buffered(f, run, abort)
 
 
-def stream_units(units: tuple[Unit, ...], sums: list[list[list[int]]], abort: Abort) -> Iterator[memoryview]:
-    """The whole data file in order, for storage written as one stream (an
-    object's upload): each unit's bytes (checksummed just before they are
-    handed over), with zeros for the alignment padding between units."""
+def stream_units(layout: Layout, sums: list[list[list[int]]], abort: Abort) -> Iterator[memoryview]:
+    """The whole data file in order, ``layout.size`` bytes, for storage written
+    as one stream (an object's upload): each unit's bytes (checksummed just
+    before they are handed over), zeros for the alignment padding."""
     pos = 0
-    for i, u in enumerate(units):
+    for i, u in enumerate(layout.units):
         if not i & 15:
             abort.check()
             let_others_run()
-        while u.offset > pos:  # padding: less than a block
-            n = min(u.offset - pos, len(_ZEROS))
-            yield _ZEROS[:n]
-            pos += n
+        yield from _zeros(u.offset - pos)
         sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
         yield memoryview(u.src)
         pos = u.offset + u.src.nbytes
+    yield from _zeros(layout.size - pos)  # (empty shards at the end are aligned too)
+
+
+def _zeros(n: int) -> Iterator[memoryview]:
+    while n > 0:
+        k = min(n, len(_ZEROS))
+        yield _ZEROS[:k]
+        n -= k
 
 
 def write_buffered(f: storage.DataSink, run: tuple[Unit, ...], abort: Abort) -> None:

@@ -150,10 +150,10 @@ class S3Client(objclient.ObjectClient):
         return ObjectInfo(key, meta["size"], meta.get("e_tag"))
 
     def list(self, prefix: str) -> list[ObjectInfo]:
-        out = []
-        for page in self._call("list", prefix, self._ob.list, self._store, prefix):
-            out.extend(ObjectInfo(m["path"], m["size"], m.get("e_tag")) for m in page)
-        return out
+        def pages() -> list[ObjectInfo]:  # the listing is fetched page by page as it is iterated
+            return [ObjectInfo(m["path"], m["size"], m.get("e_tag"))
+                    for page in self._ob.list(self._store, prefix) for m in page]
+        return self._call("list", prefix, pages)
 
     def delete(self, keys: list[str]) -> None:
         if keys:

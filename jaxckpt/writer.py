@@ -157,7 +157,7 @@ def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Co
     futures: list[Future] = []
     try:
         if f.sequential:  # an object: one streamed upload (the client runs its parts in parallel)
-            chunks = layout_mod.stream_units(layout.units, sums, ctx.job.abort)
+            chunks = layout_mod.stream_units(layout, sums, ctx.job.abort)
             futures = [ctx.pool.submit(f.write_stream, chunks, layout.size)]
         else:
             runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))

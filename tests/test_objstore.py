@@ -1,0 +1,339 @@
+"""Checkpoints in an S3 bucket (issue 16), against a real S3 server on
+127.0.0.1 (moto's ThreadedMotoServer, started here; nothing mocked in
+process). The objects are listed with boto3, independently of jaxckpt."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import msgpack
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxckpt
+import objservers
+from jaxckpt import cli, config, storage
+from jaxckpt.format import MANIFEST_NAME
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def moto():
+    srv = objservers.start_moto()
+    yield srv
+    srv.stop()
+
+
+_buckets = iter(range(10**6))
+
+
+@pytest.fixture
+def bucket(moto):
+    """A fresh bucket; ``(url prefix, storage_options, boto3 client, name)``."""
+    name = f"bucket-{next(_buckets)}"
+    objservers.make_bucket(moto.endpoint, name)
+    opts = {"endpoint": moto.endpoint, "access_key_id": "testing", "secret_access_key": "testing",
+            "region": "us-east-1"}
+    return f"s3://{name}", opts, objservers.s3_client(moto.endpoint), name
+
+
+def keys(client, name: str, prefix: str = "") -> list[str]:
+    out, token = [], None
+    while True:
+        kw = {"Bucket": name, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+        r = client.list_objects_v2(**kw)
+        out += [o["Key"] for o in r.get("Contents", [])]
+        if not r.get("IsTruncated"):
+            return sorted(out)
+        token = r["NextContinuationToken"]
+
+
+def same(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+DTYPES = ["bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64", "float16",
+          "float32", "float64", "bfloat16", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2", "int4"]
+
+
+def every_dtype_tree():
+    rng = np.random.default_rng(0)
+    leaves = {}
+    for name in DTYPES:
+        dt = np.dtype(getattr(ml_dtypes, name, name))
+        if name in ("bool", "int4"):
+            leaves[name] = rng.integers(0, 2, (3, 5)).astype(dt)
+        else:
+            leaves[name] = np.frombuffer(rng.bytes(15 * dt.itemsize), dtype=dt).reshape(3, 5)
+    return {"arrays": leaves, "scalar": np.float32(2.5), "py": 7, "s": "text", "none": None,
+            "tuple": (jnp.arange(4), [np.zeros(0, np.float32)]), "key": jax.random.key(3),
+            "big": np.arange(5_000_000, dtype=np.int32)}
+
+
+# ----------------------------------------------------------------------------- round trips
+def test_every_dtype_and_container_round_trips_bit_exactly(bucket):
+    url, opts, s3, name = bucket
+    tree = every_dtype_tree()
+    jaxckpt.save(f"{url}/run/1", tree, storage_options=opts)
+    out = jaxckpt.restore(f"{url}/run/1", storage_options=opts)
+    for k, v in tree["arrays"].items():
+        assert same(out["arrays"][k], v), k
+    assert (out["py"], out["s"], out["none"]) == (7, "text", None)
+    assert same(out["scalar"], tree["scalar"]) and same(out["big"], tree["big"])
+    assert same(out["tuple"][0], tree["tuple"][0]) and out["tuple"][1][0].shape == (0,)
+    assert same(jax.random.key_data(out["key"]), jax.random.key_data(tree["key"]))
+    found = keys(s3, name)
+    assert len(found) == 2 and found[1] == "run/1/manifest.msgpack"
+    assert re.fullmatch(r"run/1/data-00000-[0-9a-f]{16}\.bin", found[0])  # one data object, named per attempt
+    flat = jaxckpt.load_checkpoint(f"{url}/run/1", storage_options=opts)
+    assert same(flat["arrays/bfloat16"], tree["arrays"]["bfloat16"])
+    info = jaxckpt.inspect(f"{url}/run/1", storage_options=opts)
+    assert info.path == f"{url}/run/1" and len(info.leaves) == len(flat)
+
+
+def test_sharded_partial_and_load_into_on_a_bucket(bucket):
+    url, opts, _, _ = bucket
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    x = jax.device_put(np.arange(64 * 48, dtype=np.float32).reshape(64, 48), NamedSharding(mesh, P("a", "b")))
+    tree = {"w": x, "b": np.ones(7, np.float32), "opt": {"m": np.full((5, 5), 3.0)}}
+    jaxckpt.save(f"{url}/sh", tree, storage_options=opts)
+    other = NamedSharding(Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y")), P("y", None))
+    target = {"w": jax.ShapeDtypeStruct((64, 48), jnp.float32, sharding=other)}
+    got = jaxckpt.restore(f"{url}/sh", target, partial=True, storage_options=opts)
+    assert got["w"].sharding == other and same(got["w"], x)
+    new, report = jaxckpt.load_into({"b": np.zeros(7, np.float32), "opt": {"m": np.zeros((5, 5))}}, f"{url}/sh",
+                                    strict=False, storage_options=opts)
+    assert same(new["b"], tree["b"]) and same(new["opt"]["m"], tree["opt"]["m"]) and report.unexpected == ["w"]
+
+
+def test_async_checkpointer_and_overwrite_replace_the_manifest_atomically(bucket):
+    url, opts, s3, name = bucket
+    with jaxckpt.AsyncCheckpointer(storage_options=opts) as ck:
+        ck.save(f"{url}/a", {"x": np.arange(10)}).wait()
+        with pytest.raises(jaxckpt.CheckpointExistsError, match=f"{url}/a: a checkpoint already exists"):
+            ck.save(f"{url}/a", {"x": np.arange(3)})
+        old = keys(s3, name)
+        ck.save(f"{url}/a", {"x": np.arange(3)}, overwrite=True).wait()
+    new = keys(s3, name)
+    assert len(new) == 2 and set(new) & set(old) == {"a/manifest.msgpack"}  # old data deleted after the commit
+    assert same(jaxckpt.restore(f"{url}/a", storage_options=opts)["x"], np.arange(3))
+
+
+def test_options_from_the_standard_environment(bucket, monkeypatch):
+    url, opts, _, _ = bucket
+    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["endpoint"])
+    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    jaxckpt.save(f"{url}/env", {"x": np.arange(4)})
+    assert same(jaxckpt.restore(f"{url}/env")["x"], np.arange(4))
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_bucket_and_missing_checkpoint_name_the_url(bucket):
+    _, opts, _, _ = bucket
+    with pytest.raises(jaxckpt.BucketNotFoundError, match="s3://no-such-bucket: the bucket does not exist"):
+        jaxckpt.save("s3://no-such-bucket/run/1", {"x": np.arange(3)}, storage_options=opts)
+    with pytest.raises(jaxckpt.BucketNotFoundError, match="s3://no-such-bucket: the bucket does not exist"):
+        jaxckpt.restore("s3://no-such-bucket/run/1", storage_options=opts)
+    url = bucket[0]
+    with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
+        jaxckpt.restore(f"{url}/nothing", storage_options=opts)
+    assert str(e.value) == f"{url}/nothing: no committed checkpoint here (manifest.msgpack is missing)"
+
+
+def test_a_corrupted_object_names_the_object_and_the_leaf(bucket):
+    url, opts, s3, name = bucket
+    jaxckpt.save(f"{url}/c", {"w": np.arange(100_000, dtype=np.int64)}, storage_options=opts)
+    data_key = next(k for k in keys(s3, name) if "data-" in k)
+    body = bytearray(s3.get_object(Bucket=name, Key=data_key)["Body"].read())
+    body[12345] ^= 1
+    s3.put_object(Bucket=name, Key=data_key, Body=bytes(body))
+    with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
+        jaxckpt.restore(f"{url}/c", storage_options=opts)
+    assert f"{url}/{data_key.partition('/')[2]}" in str(e.value).replace(f"{url}/c/", f"{url}/") or \
+        f"s3://{name}/{data_key}" in str(e.value)
+    assert "'w'" in str(e.value) and "checksum" in str(e.value)
+    s3.put_object(Bucket=name, Key=data_key, Body=bytes(body[:1000]))  # truncated
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=rf"s3://{name}/{data_key}: truncated"):
+        jaxckpt.restore(f"{url}/c", storage_options=opts)
+
+
+def test_a_prefix_without_manifest_is_not_a_checkpoint(bucket):
+    url, opts, s3, name = bucket
+    s3.put_object(Bucket=name, Key="run/5/data-00000-0123456789abcdef.bin", Body=b"x" * 10)
+    s3.put_object(Bucket=name, Key="run/6/manifest.msgpack", Body=b"junk")
+    mgr = jaxckpt.CheckpointManager(f"{url}/run", read_only=True, storage_options=opts)
+    assert mgr.all_steps() == [6]  # 5 has no manifest: never listed
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=f"s3://{name}/run/6/manifest.msgpack"):
+        jaxckpt.restore(f"{url}/run/6", storage_options=opts)
+
+
+# ----------------------------------------------------------------------------- manager, lock, cleaning
+def test_manager_policies_rotation_and_metadata_on_a_bucket(bucket):
+    url, opts, s3, name = bucket
+    with jaxckpt.CheckpointManager(f"{url}/mgr", save_interval_steps=2, max_to_keep=2, storage_options=opts) as mgr:
+        for step in range(7):
+            mgr.save(step, {"x": np.full(1000, step)}, metrics={"loss": 1.0 / (step + 1)})
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [4, 6]
+        assert mgr.metadata(6).metrics == {"loss": 1.0 / 7}
+        assert ".jaxckpt-lock" in [k.rpartition("/")[2] for k in keys(s3, name)]
+    assert same(jaxckpt.CheckpointManager(f"{url}/mgr", read_only=True, storage_options=opts)
+                .restore()["x"], np.full(1000, 6))
+    found = keys(s3, name)
+    assert [k.split("/")[1] for k in found if k.endswith(MANIFEST_NAME)] == ["4", "6"]
+    assert "mgr/.jaxckpt-lock" not in found and not any(".jaxckpt-tmp-" in k for k in found)
+
+
+def test_a_second_writer_is_refused_and_an_expired_lease_is_taken_over(bucket, caplog):
+    url, opts, s3, name = bucket
+    with config.tuned(lease_seconds=1.0):
+        first = jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
+        with pytest.raises(jaxckpt.CheckpointLockedError, match=rf"s3://{name}/lk/.jaxckpt-lock: another writer "
+                                                                 r"holds this directory \(host "):
+            jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
+        time.sleep(2.5)  # still renewed by its holder: still refused
+        with pytest.raises(jaxckpt.CheckpointLockedError):
+            jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
+        first.close()
+    # A lease left by a holder on another host that stopped renewing: taken over once expired (plus grace).
+    rec = {"kind": "jaxckpt-lease", "host": "elsewhere", "pid": 1, "start": 1, "token": "t" * 32,
+           "time": time.time() - 160, "expires": time.time() - 100}  # a 60 s lease, run out 100 s ago
+    s3.put_object(Bucket=name, Key="lk/.jaxckpt-lock", Body=msgpack.packb(rec))
+    with caplog.at_level(logging.WARNING, logger="jaxckpt"):
+        with jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts) as mgr:
+            mgr.save(1, {"x": np.arange(3)}, force=True)
+    assert "took over the lock of a writer that is gone (host 'elsewhere', pid 1)" in caplog.text
+    rec["expires"] = time.time() + 60  # a live lease elsewhere: refused
+    s3.put_object(Bucket=name, Key="lk/.jaxckpt-lock", Body=msgpack.packb(rec))
+    with pytest.raises(jaxckpt.CheckpointLockedError, match="host 'elsewhere', pid 1, lease until"):
+        jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
+
+
+def test_a_holder_that_lost_its_lease_does_not_commit(bucket, caplog):
+    url, opts, s3, name = bucket
+    with config.tuned(lease_seconds=0.6):  # renewed every 0.2 s
+        mgr = jaxckpt.CheckpointManager(f"{url}/lost", storage_options=opts, async_save=False)
+    rec = {"kind": "jaxckpt-lease", "host": "elsewhere", "pid": 1, "start": 1, "token": "u" * 32,
+           "time": time.time(), "expires": time.time() + 60}
+    s3.put_object(Bucket=name, Key="lost/.jaxckpt-lock", Body=msgpack.packb(rec))  # taken over meanwhile
+    time.sleep(1.0)  # the holder's next renewal finds the lock changed
+    assert f"lost the writer lock s3://{name}/lost/.jaxckpt-lock: another writer took the lock over" in caplog.text
+    with pytest.raises(jaxckpt.CheckpointLockedError, match=f"s3://{name}/lost/.jaxckpt-lock: this writer lost "
+                                                            "the lock"):
+        mgr.save(1, {"x": np.arange(3)}, force=True)
+    assert not any(k.endswith(MANIFEST_NAME) for k in keys(s3, name, "lost/"))
+    mgr.close()
+    assert msgpack.unpackb(s3.get_object(Bucket=name, Key="lost/.jaxckpt-lock")["Body"].read())["host"] == \
+        "elsewhere"  # closing did not delete the new holder's lock
+
+
+def test_leftovers_of_abandoned_saves_are_cleaned_by_the_next_manager(bucket):
+    url, opts, s3, name = bucket
+    with jaxckpt.CheckpointManager(f"{url}/cl", storage_options=opts) as mgr:
+        mgr.save(1, {"x": np.arange(5)}, force=True)
+    dead = {"kind": "jaxckpt-save", **_dead_process(), "time": time.time(), "lock": None}
+    s3.put_object(Bucket=name, Key="cl/2/.jaxckpt-tmp-00000000000000aa", Body=msgpack.packb(dead))
+    s3.put_object(Bucket=name, Key="cl/2/data-00000-00000000000000aa.bin", Body=b"partial")
+    s3.put_object(Bucket=name, Key="cl/1/data-00000-00000000000000bb.bin", Body=b"old version")
+    s3.put_object(Bucket=name, Key="cl/3/data-00001-00000000000000cc.bin", Body=b"deleting")  # no manifest, no marker
+    s3.put_object(Bucket=name, Key="cl/1/notes.txt", Body=b"the user's")  # not ours: kept
+    with jaxckpt.CheckpointManager(f"{url}/cl", storage_options=opts) as mgr:
+        assert mgr.all_steps() == [1]
+    left = keys(s3, name, "cl/")
+    assert [k for k in left if "data-" in k] == [k for k in left if k.startswith("cl/1/data-00000-")
+                                                  and "bb" not in k]
+    assert "cl/1/notes.txt" in left and not any("tmp" in k or k.startswith(("cl/2/", "cl/3/")) for k in left)
+    assert same(jaxckpt.restore(f"{url}/cl/1", storage_options=opts)["x"], np.arange(5))
+
+
+def _dead_process() -> dict:
+    import socket
+    import subprocess
+    import sys
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return {"host": socket.gethostname(), "pid": p.pid, "start": None}
+
+
+# ----------------------------------------------------------------------------- requests, faults
+def test_requests_scale_with_bytes_not_leaves(moto, bucket):
+    _, opts, _, name = bucket
+    proxy = objservers.FaultProxy(moto.endpoint)
+    try:
+        popts = dict(opts, endpoint=proxy.endpoint)
+        rng = np.random.default_rng(1)
+        tree = {f"l{i}": rng.random(int(rng.integers(16, 512)), dtype=np.float32) for i in range(10_000)}
+        jaxckpt.save(f"s3://{name}/w2", tree, storage_options=popts)
+        saved = dict(proxy.counts)
+        out = jaxckpt.restore(f"s3://{name}/w2", storage_options=popts)
+        read = {k: proxy.counts.get(k, 0) - saved.get(k, 0) for k in proxy.counts}
+    finally:
+        proxy.stop()
+    assert all(same(out[k], tree[k]) for k in tree)
+    assert sum(saved.values()) <= 12, saved  # exists check, marker, data upload, manifest, cleanup
+    assert sum(read.values()) <= 12, read
+
+
+def test_transient_server_errors_are_retried(moto, bucket):
+    _, opts, _, name = bucket
+    proxy = objservers.FaultProxy(moto.endpoint, fail_fraction=0.3, seed=5)
+    try:
+        popts = dict(opts, endpoint=proxy.endpoint, retry_timeout=30)
+        tree = {"w": np.arange(3_000_000, dtype=np.float32), "s": [np.arange(i) for i in range(20)]}
+        for i in range(3):
+            jaxckpt.save(f"s3://{name}/flaky/{i}", tree, storage_options=popts)
+            out = jaxckpt.restore(f"s3://{name}/flaky/{i}", storage_options=popts)
+            assert same(out["w"], tree["w"]) and all(same(a, b) for a, b in zip(out["s"], tree["s"]))
+        assert sum(proxy.faults.values()) > 5  # failures were injected, and retried through
+    finally:
+        proxy.stop()
+
+
+def test_a_server_that_dies_mid_upload_fails_the_save_cleanly_within_its_timeout(moto, bucket):
+    url, opts, s3, name = bucket
+    proxy = objservers.FaultProxy(moto.endpoint, fail_after_bytes=20 << 20)
+    try:
+        popts = dict(opts, endpoint=proxy.endpoint, retry_timeout=3, max_retries=2)
+        with jaxckpt.AsyncCheckpointer(storage_options=popts, timeout=30) as ck:
+            t0 = time.monotonic()
+            h = ck.save(f"s3://{name}/dies", {"w": np.ones(64 << 20, np.uint8)})
+            with pytest.raises(jaxckpt.CheckpointError) as e:
+                h.result()
+            assert time.monotonic() - t0 < 30
+            assert f"s3://{name}/dies" in str(e.value)
+    finally:
+        proxy.stop()
+    assert not any(k.endswith(MANIFEST_NAME) for k in keys(s3, name, "dies/"))
+    with pytest.raises(jaxckpt.CheckpointNotFoundError):
+        jaxckpt.restore(f"{url}/dies", storage_options=opts)
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_ls_show_verify_on_a_bucket(bucket, monkeypatch, capsys):
+    url, opts, s3, name = bucket
+    with jaxckpt.CheckpointManager(f"{url}/cli", storage_options=opts) as mgr:
+        for step in (1, 2):
+            mgr.save(step, {"x": np.arange(10) * step}, force=True)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["endpoint"])
+    assert cli.main(["ls", f"{url}/cli"]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].split() == ["STEP", "EPOCH", "TIME", "SIZE", "METRICS", "REASON"]
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["1", "2"]
+    assert cli.main(["show", f"{url}/cli/2"]) == 0
+    assert capsys.readouterr().out.startswith(f"{url}/cli/2\n")
+    assert cli.main(["verify", f"{url}/cli"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "2 of 2 checkpoints OK"
+    data_key = next(k for k in keys(s3, name, "cli/1/") if "data-" in k)
+    s3.put_object(Bucket=name, Key=data_key, Body=b"\0" * 80)
+    assert cli.main(["verify", f"{url}/cli"]) == 1
+    assert f"FAILED  {url}/cli/1: " in capsys.readouterr().out
