@@ -5,7 +5,6 @@ process). The objects are listed with boto3, independently of jaxckpt."""
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 
@@ -20,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 import objservers
-from jaxckpt import cli, config, storage
+from jaxckpt import cli, config
 from jaxckpt.format import MANIFEST_NAME
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
