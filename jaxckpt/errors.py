@@ -63,3 +63,9 @@ class StorageAccessError(StorageError, PermissionError):
 
 class BucketNotFoundError(CheckpointNotFoundError):
     """The bucket of an ``s3://`` / ``gs://`` location does not exist."""
+
+
+class DecryptionError(CheckpointError):
+    """An encrypted checkpoint was read without a key, with the wrong key, or
+    with the wrong cipher mode. The message says which (and, for jaxckpt's own
+    format, the fingerprint of the key it expected)."""
