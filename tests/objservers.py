@@ -92,7 +92,7 @@ NO_CLOUD_ENV: dict[str, str | None] = {
     "GOOGLE_SERVICE_ACCOUNT_PATH": None,
     "GOOGLE_SERVICE_ACCOUNT_KEY": None,
     "CLOUDSDK_CONFIG": os.path.join(os.devnull, "gcloud"),  # a path that cannot exist
-    "NO_GCE_CHECK": "True",
+    "NO_GCE_CHECK": "true",
     "GCE_METADATA_HOST": _DEAD_ENDPOINT,
     "GCE_METADATA_IP": _DEAD_ENDPOINT,
     "STORAGE_EMULATOR_HOST": None,
