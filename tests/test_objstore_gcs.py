@@ -1,0 +1,113 @@
+"""Checkpoints in a GCS bucket (``gs://``) through the whole jaxckpt API,
+against fake-gcs-server started here on 127.0.0.1 (issue 16). Objects are
+listed with google-cloud-storage, independently of jaxckpt."""
+
+from __future__ import annotations
+
+import gc
+import re
+import warnings
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxckpt
+import objservers
+from jaxckpt import cli, storage
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def gcs(tmp_path_factory):
+    srv = objservers.start_fake_gcs(tmp_path_factory.mktemp("gcs"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _collect_dropped_connections():
+    """urllib3 frees a failed request's socket only when the pool is collected:
+    collect here so its ResourceWarning cannot land in a later test."""
+    yield
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+_buckets = iter(range(10**6))
+
+
+@pytest.fixture
+def bucket(gcs):
+    name = f"gbucket-{next(_buckets)}"
+    objservers.make_gcs_bucket(gcs.endpoint, name)
+    return f"gs://{name}", {"endpoint": gcs.endpoint, "anonymous": True}, name
+
+
+def names(gcs, bucket: str, prefix: str = "") -> list[str]:
+    return sorted(b.name for b in objservers.gcs_client(gcs.endpoint).list_blobs(bucket, prefix=prefix))
+
+
+def test_a_sharded_state_round_trips_on_gcs(gcs, bucket):
+    url, opts, name = bucket
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((2048, 2048), dtype=np.float32)  # 16 MiB: parts composed
+    tree = {"w": jax.device_put(w, NamedSharding(mesh, P("a", "b"))), "step": 5, "key": jax.random.key(9),
+            "small": [np.arange(i, dtype=np.uint8) for i in range(200)]}
+    with jaxckpt.AsyncCheckpointer(storage_options=opts) as ck:
+        ck.save(f"{url}/run/1", tree).result()
+    found = names(gcs, name)
+    assert len(found) == 2 and found[1] == "run/1/manifest.msgpack"
+    assert re.fullmatch(r"run/1/data-00000-[0-9a-f]{16}\.bin", found[0])  # parts composed and deleted
+    other = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P(None, "x"))
+    target = {"w": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=other), "step": 0,
+              "key": jax.random.key(0), "small": [np.zeros(i, np.uint8) for i in range(200)]}
+    out = jaxckpt.restore(f"{url}/run/1", target, storage_options=opts)
+    assert out["w"].sharding == other and np.asarray(out["w"]).tobytes() == w.tobytes() and out["step"] == 5
+    assert np.array_equal(jax.random.key_data(out["key"]), jax.random.key_data(tree["key"]))
+    assert all(a.tobytes() == b.tobytes() for a, b in zip(out["small"], tree["small"]))
+    assert jaxckpt.inspect(f"{url}/run/1", storage_options=opts).total_bytes == w.nbytes + sum(range(200)) + 8
+
+
+def test_manager_rotation_overwrite_and_lock_on_gcs(gcs, bucket):
+    url, opts, name = bucket
+    with jaxckpt.CheckpointManager(f"{url}/mgr", max_to_keep=2, storage_options=opts) as mgr:
+        for step in range(4):
+            mgr.save(step, {"x": np.full(100, step)}, force=True)
+        with pytest.raises(jaxckpt.CheckpointLockedError, match=f"gs://{name}/mgr/.jaxckpt-lock: another writer"):
+            jaxckpt.CheckpointManager(f"{url}/mgr", storage_options=opts)
+        mgr.save(3, {"x": np.full(100, 33)}, force=True, overwrite=True)
+        mgr.wait_until_finished()
+        assert mgr.all_steps() == [2, 3]
+    found = names(gcs, name, "mgr/")
+    assert [n.split("/")[1] for n in found if n.endswith("manifest.msgpack")] == ["2", "3"]
+    assert len([n for n in found if "/3/data-" in n]) == 1  # the overwritten version's data is gone
+    assert "mgr/.jaxckpt-lock" not in found
+    assert jaxckpt.CheckpointManager(f"{url}/mgr", read_only=True, storage_options=opts).restore()["x"][0] == 33
+
+
+def test_the_manifest_commit_is_a_conditional_create_on_gcs(bucket):
+    url, opts, _ = bucket
+    jaxckpt.save(f"{url}/once", {"x": np.arange(3)}, storage_options=opts)
+    loc = storage.Location.parse(f"{url}/once", opts)
+    staging = storage.backend(loc).begin_save(loc)
+    staging.write_manifest(b"another manifest")
+    with pytest.raises(jaxckpt.CheckpointExistsError, match="committed here by another writer meanwhile"):
+        staging.commit(overwrite=False)
+    staging.abandon()
+    assert jaxckpt.restore(f"{url}/once", storage_options=opts)["x"].tolist() == [0, 1, 2]
+
+
+def test_missing_bucket_and_cli_on_gcs(gcs, bucket, monkeypatch, capsys):
+    url, opts, _ = bucket
+    with pytest.raises(jaxckpt.BucketNotFoundError, match="gs://no-such-gbucket"):
+        jaxckpt.restore("gs://no-such-gbucket/x", storage_options=opts)
+    jaxckpt.save(f"{url}/c/1", {"x": np.arange(7)}, storage_options=opts)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
+    assert cli.main(["verify", f"{url}/c"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"OK  {url}/c/1  (1 leaf, 56 B)", "1 of 1 checkpoints OK"]
