@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import jax
 import numpy as np
 
+from jaxckpt import format as fmt
 from jaxckpt import tree as tree_mod
 from jaxckpt.errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
                             StructureMismatchError, UnsupportedLocationError, UnsupportedValueError)
@@ -127,7 +128,7 @@ def _step_items(path: str) -> list[Item]:
 
 def _layout(path: str) -> Layout | None:
     """The orbax layout at ``path``, or None when it holds none."""
-    if not os.path.isdir(path) or b"jaxckpt" in _head(os.path.join(path, "manifest.msgpack"), 64):
+    if not os.path.isdir(path) or b"jaxckpt" in _head(os.path.join(path, fmt.MANIFEST_NAME), 64):
         return None  # not a directory, or a jaxckpt checkpoint
     if _is_tree_item(path):
         return Layout("item", path, (Item(None, path, "pytree"),))
