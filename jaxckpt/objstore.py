@@ -252,8 +252,14 @@ class ObjectBackend(storage.Backend):
 
     # ------------------------------------------------------------ saves
     def exists(self, loc: Location) -> bool:
+        """A committed checkpoint, or objects not ours (a save in flight, whose
+        marker and data are ours, does not count: the other processes of a
+        multi-process save check after process 0 began it)."""
         prefix = key_of(loc)
-        return self.is_committed(loc) or bool(prefix and self.client.list(prefix + "/"))
+        if self.is_committed(loc):
+            return True
+        return bool(prefix) and any(_attempt_of(o.key[len(prefix) + 1:]) is None
+                                    for o in self.client.list(prefix + "/"))
 
     def is_committed(self, loc: Location, follow: bool = False) -> bool:
         return self.client.head(_join(key_of(loc), MANIFEST_NAME)) is not None

@@ -1,0 +1,233 @@
+"""Child processes that save to an S3 bucket (a moto server the test runs).
+
+Two kinds, both started by the tests as plain ``python`` processes:
+
+* one process of a real multi-process JAX job on localhost (CPU devices,
+  gloo), run by tests/test_objstore_multihost.py as::
+
+      python tests/objstore_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS BUCKET
+
+  with the server's endpoint in ``AWS_ENDPOINT_URL`` and its own, unshared
+  working directory. Scenarios: ``save`` (``run/1``, ``run/2``), ``manager``
+  (``mgr``), ``late_joiner`` (``run/3``). Prints one line ``RESULT <json>``
+  (``"error"`` set where the scenario reports a failure).
+* the endless training loop that tests/test_objstore_crash.py kills with
+  SIGKILL::
+
+      python tests/objstore_worker.py loop ENDPOINT URL
+
+  Prints one JSON event per line (``start``, ``open``, ``restored``, ``saving``).
+
+Importing this module starts nothing: the tests import the value functions
+(``global_values``, ``step_values``, ``loop_values``) to know what every
+checkpoint must restore to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# ----------------------------------------------------------------------------- values (tests import these)
+MESH_AXES = ("x", "y")  # the saving job's mesh: (processes, devices per process)
+
+
+def global_values() -> dict:
+    """The deterministic content the multi-process save writes to ``run/1``."""
+    return {
+        "params": {"w": np.arange(64 * 32, dtype=np.float32).reshape(64, 32) / 7,  # P("x", "y")
+                   "v": (np.arange(8 * 12, dtype=np.int16).reshape(8, 12) * 37 - 1000),  # P("y", "x")
+                   "b": np.arange(8, dtype=np.int32) - 3},  # P("y"): whole on every process
+        "replicated": np.linspace(0, 1, 4096, dtype=np.float32).reshape(64, 64),  # P()
+        "host": np.arange(10, dtype=np.int64) * 3,  # a numpy array
+        "step": 7,  # a python int
+    }
+
+
+def replicated_values() -> dict:
+    """What the save to ``run/2`` writes: nothing that process 1 holds alone."""
+    return {"r": np.linspace(-1, 1, 1024, dtype=np.float32).reshape(32, 32), "host": np.arange(5, dtype=np.uint8),
+            "n": 3}
+
+
+def step_values(step: int) -> dict:
+    """The manager scenario's state at ``step``."""
+    return {"w": np.full((16, 8), step, np.float32) + np.arange(128, dtype=np.float32).reshape(16, 8),
+            "step": step}
+
+
+def loop_values(step: int) -> dict:
+    """The crash loop's state at ``step`` (~3 MB, several leaves, a pure function of the step)."""
+    rng = np.random.default_rng(step)
+    return {
+        "params": {"w": rng.standard_normal((512, 512), dtype=np.float32),  # saved as a jax array
+                   "m": rng.standard_normal((256, 1024), dtype=np.float32)},
+        "opt": {"mu": rng.integers(0, 256, 1 << 20, dtype=np.uint8),
+                "count": np.arange(1000, dtype=np.float64) * step},
+        "step": step,
+    }
+
+
+# ----------------------------------------------------------------------------- multi-process scenarios
+def _mesh(shape, names):
+    import jax
+    from jax.sharding import Mesh
+    return Mesh(np.array(jax.devices()).reshape(shape), names)
+
+
+def _place(value, mesh, spec):
+    import jax
+    from jax.sharding import NamedSharding
+    return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec), lambda idx: value[idx])
+
+
+def _in_step() -> None:
+    """A barrier, as the collectives of a training step are: the processes call
+    ``save`` nearly together. (A process that comes late is
+    ``scenario_late_joiner``'s case.)"""
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("step")
+
+
+def scenario_save(ctx: dict) -> dict:
+    """``run/1``: sharded, replicated, numpy and python leaves, with ``jaxckpt.save``
+    configured by the environment alone; ``run/2``: replicated leaves only, with
+    an ``AsyncCheckpointer`` given ``storage_options``."""
+    import jaxckpt
+    from jax.sharding import PartitionSpec as P
+
+    m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
+    v = global_values()
+    tree = {
+        "params": {"w": _place(v["params"]["w"], m, P("x", "y")),
+                   "v": _place(v["params"]["v"], m, P("y", "x")),
+                   "b": _place(v["params"]["b"], m, P("y"))},
+        "replicated": _place(v["replicated"], m, P()),
+        "host": v["host"],
+        "step": v["step"],
+    }
+    _in_step()
+    jaxckpt.save(f"s3://{ctx['bucket']}/run/1", tree, metadata={"by": ctx["nproc"]})
+    r = replicated_values()
+    rtree = {"r": _place(r["r"], m, P()), "host": r["host"], "n": r["n"]}
+    _in_step()
+    with jaxckpt.AsyncCheckpointer(timeout=60, storage_options=ctx["options"]) as ck:
+        ck.save(f"s3://{ctx['bucket']}/run/2", rtree).result()
+    return {"saved": ["run/1", "run/2"]}
+
+
+def scenario_manager(ctx: dict) -> dict:
+    """Steps 0, 1, 2 with ``max_to_keep=2`` into ``s3://BUCKET/mgr``."""
+    import jaxckpt
+    from jax.sharding import PartitionSpec as P
+
+    m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
+    url = f"s3://{ctx['bucket']}/mgr"
+    with jaxckpt.CheckpointManager(url, max_to_keep=2, save_timeout=60, storage_options=ctx["options"]) as mgr:
+        for step in range(3):
+            s = step_values(step)
+            _in_step()
+            mgr.save(step, {"w": _place(s["w"], m, P("x", "y")), "step": s["step"]})
+        mgr.wait_until_finished()
+        steps = mgr.all_steps()
+    return {"steps": steps}
+
+
+def scenario_late_joiner(ctx: dict) -> dict:
+    """Process 1 calls ``save`` only once process 0's save is under way (its
+    marker is in the bucket): a slower process must join, not refuse."""
+    import jaxckpt
+    from jax.experimental import multihost_utils
+    from jax.sharding import PartitionSpec as P
+
+    import objservers
+
+    m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
+    v = global_values()
+    tree = {"w": _place(v["params"]["w"], m, P("x", "y")), "step": v["step"]}
+    url = f"s3://{ctx['bucket']}/run/3"
+    out: dict = {"error": None}
+    try:
+        with jaxckpt.AsyncCheckpointer(timeout=10, storage_options=ctx["options"]) as ck:
+            if ctx["pid"] == 1:
+                client = objservers.s3_client(ctx["options"]["endpoint"])
+                deadline = time.monotonic() + 30
+                while not client.list_objects_v2(Bucket=ctx["bucket"], Prefix="run/3/.jaxckpt-tmp-").get("KeyCount"):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("process 0's save never began")
+                    time.sleep(0.01)
+            ck.save(url, tree).result()
+    except Exception as e:
+        out = {"error": type(e).__name__, "message": str(e)[:500]}
+    print("RESULT " + json.dumps(out), flush=True)
+    multihost_utils.sync_global_devices("late_joiner_done")  # neither exits while the other still waits
+    return out
+
+
+SCENARIOS = {"save": scenario_save, "manager": scenario_manager, "late_joiner": scenario_late_joiner}
+
+
+def multi_main(argv: list[str]) -> None:
+    scenario, pid, nproc, port, ndev, bucket = argv[0], int(argv[1]), int(argv[2]), argv[3], int(argv[4]), argv[5]
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid, heartbeat_timeout_seconds=30,
+                               initialization_timeout=60)
+    ctx = {"pid": pid, "nproc": nproc, "ndev": ndev, "bucket": bucket,
+           "options": {"endpoint": os.environ["AWS_ENDPOINT_URL"]}}
+    out = SCENARIOS[scenario](ctx)
+    print("RESULT " + json.dumps(out), flush=True)
+    os._exit(0)  # skip jax.distributed shutdown barriers
+
+
+# ----------------------------------------------------------------------------- the crash loop
+def _event(**kw) -> None:
+    sys.stdout.write(json.dumps(kw) + "\n")
+    sys.stdout.flush()
+
+
+def same(a, b) -> bool:
+    """Bit-exact equality of two pytrees of arrays and python scalars (dtype and shape included)."""
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and \
+            all(same(a[k], b[k]) for k in a)
+    if isinstance(b, np.ndarray):
+        a = np.asarray(a)
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    return type(a) is type(b) and a == b
+
+
+def loop_main(endpoint: str, url: str) -> None:
+    """Resume from the latest step and save every step, forever (until SIGKILL)."""
+    import jax
+
+    import jaxckpt
+
+    _event(event="start", pid=os.getpid())
+    with jaxckpt.CheckpointManager(url, max_to_keep=3, save_interval_steps=1,
+                                   storage_options={"endpoint": endpoint}) as mgr:
+        latest = mgr.latest_step()
+        _event(event="open", latest=latest, pid=os.getpid())
+        if latest is not None:
+            got = mgr.restore(latest)
+            _event(event="restored", step=latest, ok=same(got, loop_values(latest)))
+        step = (latest or 0) + 1
+        while True:
+            state = loop_values(step)
+            state["params"]["w"] = jax.device_put(state["params"]["w"])
+            _event(event="saving", step=step)
+            mgr.save(step, state)
+            step += 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "loop":
+        loop_main(sys.argv[2], sys.argv[3])
+    else:
+        multi_main(sys.argv[1:])
