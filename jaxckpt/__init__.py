@@ -3,7 +3,7 @@
 The public face. Everything not listed in ``__all__`` is internal and may change.
 """
 
-from jaxckpt.api import CheckpointInfo, LeafInfo, LoadReport, inspect, load_checkpoint, load_into, restore, save
+from jaxckpt.api import CheckpointInfo, LeafInfo, LoadReport, save
 from jaxckpt.checkpointer import AsyncCheckpointer, SaveHandle, SaveStats
 from jaxckpt.errors import (
     CheckpointError,
@@ -20,6 +20,7 @@ from jaxckpt.errors import (
     UnsupportedLocationError,
     UnsupportedValueError,
 )
+from jaxckpt.interop import convert, inspect, load_checkpoint, load_into, restore
 from jaxckpt.manager import CheckpointManager
 from jaxckpt.policies import KeepPolicy, SavePolicy, StepMetadata
 from jaxckpt.version import VERSION as __version__
@@ -49,6 +50,7 @@ __all__ = [
     "UnsupportedLocationError",
     "UnsupportedValueError",
     "__version__",
+    "convert",
     "inspect",
     "load_checkpoint",
     "load_into",

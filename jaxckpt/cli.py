@@ -1,4 +1,4 @@
-"""The ``jaxckpt`` command: ``verify``, ``ls`` and ``show``.
+"""The ``jaxckpt`` command: ``verify``, ``ls``, ``show`` and ``convert``.
 
 Every path may be an ``s3://`` or ``gs://`` URL; the object-store client is
 configured from the standard environment (``AWS_ENDPOINT_URL``,
@@ -327,8 +327,10 @@ def _leaf_row(leaf: jaxckpt.LeafInfo) -> list[str]:
 
 def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     p = _check_location(args.path)
-    _require_dir(p)
-    if not is_checkpoint(p, follow=True):
+    foreign_file = _is_local(p) and os.path.isfile(p)  # a MindSpore, safetensors or flax file
+    if not foreign_file:
+        _require_dir(p)
+    if not foreign_file and not is_checkpoint(p, follow=True):
         is_single, found = find_checkpoints(p)
         if found and not is_single:
             names = ", ".join(_base_name(x) for x in found[-5:])
@@ -344,7 +346,11 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
         print(json.dumps(_jsonable(doc), indent=2), file=out)
         return EXIT_OK
     print(info.path, file=out)
-    print(f"  format v{info.format_version}, written by {info.library}, created {display.local_time(info.created, sep='T')}", file=out)
+    if info.format_version is None:  # a foreign format
+        print(f"  {info.library} checkpoint", file=out)
+    else:
+        print(f"  format v{info.format_version}, written by {info.library}, "
+              f"created {display.local_time(info.created, sep='T')}", file=out)
     print(f"  {len(info.leaves)} leaves, {display.format_bytes(info.total_bytes)}", file=out)
     print(file=out)
     if info.leaves:
@@ -356,6 +362,28 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
         print("metadata:", file=out)
         for line in pprint.pformat(info.metadata, width=96, sort_dicts=False).splitlines():
             print("  " + line, file=out)
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------- convert
+def _read_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as f:
+            key = f.read(4096)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read the key file: {e.strerror}") from None
+    return key.rstrip(b"\r\n") if len(key.rstrip(b"\r\n")) in (16, 24, 32) else key
+
+
+def _cmd_convert(args: argparse.Namespace, out: Any, err: Any) -> int:
+    src, dst = _check_location(args.src), _check_location(args.dst)
+    progress = False if args.no_progress else (True if args.progress else None)
+    jaxckpt.convert(src, dst, to=args.to, format=args.from_format, dec_key=_read_key(args.dec_key_file),
+                    dec_mode=args.dec_mode, enc_key=_read_key(args.enc_key_file), enc_mode=args.enc_mode,
+                    progress=progress)
+    print(f"wrote {dst} ({args.to})", file=out)
     return EXIT_OK
 
 
@@ -394,6 +422,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_show)
+
+    formats = ("jaxckpt", "orbax", "flax", "mindspore", "safetensors")
+    p = sub.add_parser("convert", help="convert a checkpoint between jaxckpt, orbax, flax, MindSpore and safetensors",
+                       description="Read SRC (any supported format, detected unless --from is given) and write it "
+                                   "as a new checkpoint DST in the format --to (default jaxckpt).")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.add_argument("--to", default="jaxckpt", choices=("jaxckpt", "orbax", "safetensors", "mindspore"))
+    p.add_argument("--from", dest="from_format", default=None, choices=formats, help="the format of SRC")
+    p.add_argument("--dec-key-file", default=None, help="key of an encrypted MindSpore SRC (raw bytes)")
+    p.add_argument("--dec-mode", default="AES-GCM", choices=("AES-GCM", "AES-CBC", "SM4-CBC"))
+    p.add_argument("--enc-key-file", default=None, help="encrypt a MindSpore DST with this key (raw bytes)")
+    p.add_argument("--enc-mode", default="AES-GCM", choices=("AES-GCM", "AES-CBC", "SM4-CBC"))
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+    bar.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even when it is not a "
+                                                             "terminal")
+    p.set_defaults(run=_cmd_convert)
     return parser
 
 

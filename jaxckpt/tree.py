@@ -154,3 +154,21 @@ def build(tree: Any, leaves: list[Any]) -> Any:
         raise CorruptCheckpointError("manifest tree is malformed")
     return result[0]
 
+
+
+def nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """Nested dicts from a flat dict whose keys are key paths joined with ``/``
+    (the inverse of a flat view; every container comes back as a dict)."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        parts = str(key).split("/")
+        node = out
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ValueError(f"key {key!r}: {'/'.join(parts[:i + 1])!r} is a leaf and a container")
+            node = child
+        if parts[-1] in node:
+            raise ValueError(f"key {key!r}: a leaf and a container, or given twice")
+        node[parts[-1]] = value
+    return out

@@ -20,8 +20,10 @@ LAYERS: list[set[str]] = [
     {"format"},                                        # manifest <-> bytes, pure
     {"storage", "posix", "posixdirs", "posixfs", "lock",
      "objclient", "objstore", "objlock", "s3client", "gcsclient"},  # bytes <-> files (objects), the commit
+    {"fmt_mindspore", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
     {"layout", "writer", "readplan", "reader", "placement"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
+    {"interop"},                                       # every format behind the public functions, convert
     {"policies", "steps", "saving", "preemption", "manager"},  # when to save, what to keep
     {"__init__"},                                      # the public face
     {"cli", "__main__"},                               # the command line, over the public face

@@ -1,0 +1,289 @@
+"""Every supported format behind the public functions: jaxckpt's own
+(``jaxckpt/api.py``) and the foreign ones, each a module with one shape
+(``describe`` / ``iter_tensors`` / ``read`` / ``write``): ``fmt_orbax``
+(through orbax), ``fmt_flax`` (flax msgpack files), ``fmt_mindspore``
+(``.ckpt``, plain or encrypted) and ``fmt_safetensors``.
+
+A foreign checkpoint is seen as a flat dict ``{key: numpy array}``: MindSpore
+and safetensors names exactly as stored, orbax and flax key paths joined with
+``/`` as jaxckpt joins them. ``format=None`` detects the format from what is
+at the path (``detect``). ``convert`` streams one tensor at a time where both
+formats allow it (MindSpore and safetensors sources and destinations).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from jaxckpt import api
+from jaxckpt import arrayinfo
+from jaxckpt import checkpointer
+from jaxckpt import progress as progress_mod
+from jaxckpt import storage
+from jaxckpt import tree as tree_mod
+from jaxckpt.errors import CheckpointNotFoundError, UnsupportedValueError
+
+FORMATS = ("jaxckpt", "orbax", "flax", "mindspore", "safetensors")
+EXPORTS = ("jaxckpt", "orbax", "safetensors", "mindspore")
+_HEAD_BYTES = 64 << 10
+
+
+class UnknownFormatError(UnsupportedValueError):
+    """What is at a path is no checkpoint format jaxckpt reads (or ``format=`` names none)."""
+
+
+def _module(name: str) -> Any:
+    if name == "orbax":
+        from jaxckpt import fmt_orbax as m
+    elif name == "flax":
+        from jaxckpt import fmt_flax as m
+    elif name == "mindspore":
+        from jaxckpt import fmt_mindspore as m
+    elif name == "safetensors":
+        from jaxckpt import fmt_safetensors as m
+    else:
+        raise UnknownFormatError(f"unknown format {name!r} (supported: {', '.join(FORMATS)})")
+    return m
+
+
+# ----------------------------------------------------------------------------- detection
+def detect(path: str | os.PathLike) -> str:
+    """The format of the checkpoint at ``path`` (one of ``FORMATS``)."""
+    loc = storage.Location.parse(path)
+    if not loc.is_local:
+        return "jaxckpt"  # buckets hold jaxckpt checkpoints only
+    p = loc.path
+    if os.path.isdir(p):
+        if storage.backend(loc).is_committed(loc, follow=True):
+            return "jaxckpt"
+        if _module("orbax").sniff(p):
+            return "orbax"
+        return "jaxckpt"  # not a checkpoint: jaxckpt's reader says what is missing
+    if not os.path.lexists(p):
+        raise CheckpointNotFoundError(f"{p}: no such file or directory")
+    with open(p, "rb") as f:
+        head = f.read(_HEAD_BYTES)
+    if _module("mindspore").sniff(head):
+        return "mindspore"
+    if _module("safetensors").sniff(p, head):
+        return "safetensors"
+    if _module("flax").sniff(p, head):
+        return "flax"
+    raise UnknownFormatError(f"{p}: not a checkpoint of a supported format (found a {len(head)}+ byte file "
+                             f"starting with {head[:8]!r}; supported: a jaxckpt or orbax checkpoint directory, a "
+                             "flax msgpack file, a MindSpore .ckpt, a .safetensors file)")
+
+
+def _format_of(path: Any, format: str | None) -> str:
+    if format is None:
+        return detect(path)
+    if format not in FORMATS:
+        raise UnknownFormatError(f"unknown format {format!r} (supported: {', '.join(FORMATS)})")
+    return format
+
+
+def _local(path: Any, fmt_name: str) -> str:
+    loc = storage.Location.parse(path)
+    if not loc.is_local:
+        raise UnsupportedValueError(f"{loc}: {fmt_name} checkpoints are read from local paths only")
+    return loc.path
+
+
+def _decryption(fmt_name: str, dec_key: Any, dec_mode: str) -> dict:
+    if fmt_name == "mindspore":
+        return {"dec_key": dec_key, "dec_mode": dec_mode}
+    if dec_key is not None:
+        raise UnsupportedValueError(f"dec_key is for encrypted MindSpore checkpoints; a {fmt_name} checkpoint "
+                                    "is not encrypted that way")
+    return {}
+
+
+# ----------------------------------------------------------------------------- reading
+def load_checkpoint(path: str | os.PathLike, *, format: str | None = None, dec_key: bytes | None = None,
+                    dec_mode: str = "AES-GCM", verify: bool = True, progress: bool | None = None,
+                    mmap: bool = True, storage_options: dict | None = None) -> dict[str, Any]:
+    """The flat view of any supported checkpoint: ``{key: value}`` (MindSpore's
+    ``load_checkpoint``). ``format``: one of ``FORMATS``, detected when None.
+    ``dec_key`` / ``dec_mode``: for encrypted MindSpore files (``"AES-GCM"``,
+    ``"AES-CBC"``, ``"SM4-CBC"``). Foreign formats give numpy arrays of the
+    stored dtype (0-d for scalars); ``verify``, ``progress``, ``mmap`` and
+    ``storage_options`` are those of ``restore`` (jaxckpt checkpoints)."""
+    fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
+                          format)
+    if fmt_name == "jaxckpt":
+        return api.load_checkpoint(path, verify=verify, progress=progress, mmap=mmap,
+                                   storage_options=storage_options)
+    return _module(fmt_name).read(_local(path, fmt_name), **_decryption(fmt_name, dec_key, dec_mode))
+
+
+def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: bytes | None = None,
+            dec_mode: str = "AES-GCM", storage_options: dict | None = None) -> api.CheckpointInfo:
+    """Names, shapes, dtypes and sizes of any supported checkpoint (no array
+    data read where the format allows), and what it stores besides
+    (``metadata``: jaxckpt's metadata; a foreign format's extras)."""
+    fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
+                          format)
+    if fmt_name == "jaxckpt":
+        return api.inspect(path, storage_options=storage_options)
+    p = _local(path, fmt_name)
+    m = _module(fmt_name)
+    found = m.describe(p, **_decryption(fmt_name, dec_key, dec_mode))
+    rows, extra = (found, {}) if fmt_name == "mindspore" else found
+    leaves = tuple(api.LeafInfo(name, "array", tuple(shape), str(dtype), int(nbytes))
+                   for name, dtype, shape, nbytes in rows)
+    return api.CheckpointInfo(p, None, fmt_name, None, extra or None, sum(x.nbytes for x in leaves), leaves)
+
+
+def restore(path: str | os.PathLike, target: Any = None, *, format: str | None = None, partial: bool = False,
+            verify: bool = True, progress: bool | None = None, mmap: bool = True,
+            storage_options: dict | None = None) -> Any:
+    """``api.restore`` for jaxckpt checkpoints; orbax and flax checkpoints
+    restore the same way: ``target=None`` gives nested dicts of numpy arrays,
+    a target gives its structure, dtypes and shardings (``partial=True``: a
+    subset of the checkpoint's keys)."""
+    fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
+                          format)
+    if fmt_name == "jaxckpt":
+        return api.restore(path, target, partial=partial, verify=verify, progress=progress, mmap=mmap,
+                           storage_options=storage_options)
+    if fmt_name not in ("orbax", "flax"):
+        raise UnsupportedValueError(f"{path}: restore() reads jaxckpt, orbax and flax checkpoints; for a "
+                                    f"{fmt_name} file use load_checkpoint() or load_into()")
+    p = _local(path, fmt_name)
+    if target is None:
+        return _nested(_module(fmt_name).read(p))
+    if fmt_name == "orbax" and not partial:
+        return _module("orbax").read(p, target=target)
+    filled, _ = load_into(target, _module(fmt_name).read(p), strict=not partial)
+    return filled
+
+
+def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
+              format: str | None = None, dec_key: bytes | None = None, dec_mode: str = "AES-GCM",
+              key_map: Callable[[str], str | None] | None = None, verify: bool = True, mmap: bool = True,
+              storage_options: dict | None = None) -> tuple[Any, api.LoadReport]:
+    """Fill ``target`` from matching keys of ``source`` (MindSpore's
+    ``load_param_into_net``): a checkpoint of any supported format, or a flat
+    dict. ``key_map(source_key)`` returns the target key path for a source key,
+    or None to drop it (e.g. ``lambda k: k.replace(".", "/")`` for MindSpore
+    names); the ``LoadReport`` names keys after mapping. Other arguments as in
+    ``load_checkpoint`` and ``api.load_into``."""
+    if isinstance(source, Mapping):
+        flat = source
+    else:
+        fmt_name = _format_of(source if storage_options is None else storage.Location.parse(source,
+                                                                                           storage_options), format)
+        if fmt_name == "jaxckpt" and key_map is None:
+            return api.load_into(target, source, strict=strict, verify=verify, mmap=mmap,
+                                 storage_options=storage_options)
+        flat = load_checkpoint(source, format=fmt_name, dec_key=dec_key, dec_mode=dec_mode, verify=verify,
+                               mmap=mmap, storage_options=storage_options)
+    if key_map is not None:
+        flat = _mapped(flat, key_map)
+    return api.load_into(target, _as_targets(flat, target), strict=strict)
+
+
+def _mapped(flat: Mapping[str, Any], key_map: Callable[[str], str | None]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        new = key_map(k)
+        if new is None:
+            continue
+        if new in out:
+            raise UnsupportedValueError(f"key_map sends two source keys to {new!r} (one of them {k!r})")
+        out[new] = v
+    return out
+
+
+def _as_targets(flat: Mapping[str, Any], target: Any) -> Mapping[str, Any]:
+    """PRNG key data (foreign formats store keys as their uint32 data) as key
+    arrays where the target holds a key at that path."""
+    paths, leaves, _ = tree_mod.leaf_paths(target)
+    keys = {p: t for p, t in zip(paths, leaves) if arrayinfo.is_key_dtype(getattr(t, "dtype", None))}
+    if not keys or not any(p in flat and not arrayinfo.is_key_array(flat[p]) for p in keys):
+        return flat
+    import jax
+    out = dict(flat)
+    for p, t in keys.items():
+        if p in out and not arrayinfo.is_key_array(out[p]):
+            out[p] = jax.random.wrap_key_data(np.asarray(out[p]), impl=jax.random.key_impl(t))
+    return out
+
+
+# ----------------------------------------------------------------------------- converting
+def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckpt", format: str | None = None,
+            dec_key: bytes | None = None, dec_mode: str = "AES-GCM", enc_key: bytes | None = None,
+            enc_mode: str = "AES-GCM", progress: bool | None = None,
+            storage_options: dict | None = None) -> None:
+    """Write the checkpoint ``src`` (any supported format) as a new checkpoint
+    ``dst`` in format ``to`` (one of ``EXPORTS``). ``dec_key`` / ``dec_mode``:
+    an encrypted MindSpore source; ``enc_key`` / ``enc_mode``: encrypt a
+    MindSpore destination. Tensors stream one at a time between MindSpore and
+    safetensors files (memory: the largest tensor plus a buffer); jaxckpt and
+    orbax destinations are written from the whole tree. What a destination
+    cannot hold (a PRNG key or a string into safetensors, ...) raises
+    ``UnsupportedValueError`` naming the key, before ``dst`` is created."""
+    if to not in EXPORTS:
+        raise UnknownFormatError(f"cannot convert to {to!r} (supported: {', '.join(EXPORTS)})")
+    src_fmt = _format_of(src if storage_options is None else storage.Location.parse(src, storage_options), format)
+    if enc_key is not None and to != "mindspore":
+        raise UnsupportedValueError("enc_key encrypts MindSpore destinations only")
+    items = _source_items(src, src_fmt, dec_key, dec_mode, storage_options)
+    with progress_mod.progress_bar(f"convert {src} -> {dst}", _total_bytes(src, src_fmt, storage_options),
+                                   enabled=progress, min_bytes=progress_mod.AUTO_MIN_BYTES) as bar:
+        items = _counted(items, bar)
+        if to == "mindspore":
+            _module("mindspore").write(_local(dst, to), ((k, _plain(k, v, to)) for k, v in items),
+                                       enc_key=enc_key, enc_mode=enc_mode)
+        elif to == "safetensors":
+            _module("safetensors").write(_local(dst, to), [(k, _plain(k, v, to)) for k, v in items])
+        elif to == "orbax":
+            _module("orbax").write(_local(dst, to), dict(items))
+        elif src_fmt == "jaxckpt":
+            checkpointer.save_sync(dst, api.restore(src, storage_options=storage_options),
+                                   storage_options=storage_options)
+        else:
+            checkpointer.save_sync(dst, _nested(dict(items)), storage_options=storage_options)
+
+
+def _total_bytes(src: Any, src_fmt: str, storage_options: dict | None) -> int:
+    if src_fmt in ("jaxckpt", "orbax"):
+        return inspect(src, format=src_fmt, storage_options=storage_options).total_bytes
+    return os.path.getsize(_local(src, src_fmt))  # a file: its size is close enough for a bar
+
+
+def _counted(items: Iterable[tuple[str, Any]], bar: Any) -> Iterator[tuple[str, Any]]:
+    for k, v in items:
+        bar.update(int(getattr(v, "nbytes", 0)), leaves=1)
+        yield k, v
+
+
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
+    try:
+        return tree_mod.nest(flat)
+    except ValueError as e:
+        raise UnsupportedValueError(f"cannot nest the flat keys into a tree: {e}") from None
+
+
+def _source_items(src: Any, src_fmt: str, dec_key: Any, dec_mode: str,
+                  storage_options: dict | None) -> Iterator[tuple[str, Any]]:
+    if src_fmt == "jaxckpt":
+        return iter(api.load_checkpoint(src, storage_options=storage_options).items())
+    return _module(src_fmt).iter_tensors(_local(src, src_fmt), **_decryption(src_fmt, dec_key, dec_mode))
+
+
+def _plain(key: str, value: Any, to: str) -> np.ndarray:
+    """A value as a plain numpy array for a tensor-only format; ``UnsupportedValueError`` for what cannot go."""
+    if arrayinfo.is_key_array(value):
+        raise UnsupportedValueError(f"{key!r}: a PRNG key cannot be carried into {to} (it holds plain arrays "
+                                    "only); drop it, or store jax.random.key_data(key) instead")
+    if isinstance(value, str) and to == "mindspore":
+        return np.array(value)  # MindSpore stores a str (append_dict)
+    if value is None or isinstance(value, (str, bytes)) or (isinstance(value, np.ndarray) and value.dtype == object):
+        raise UnsupportedValueError(f"{key!r}: a {type(value).__name__} value cannot be carried into {to}, which "
+                                    "holds arrays only")
+    return np.asarray(value)
+
