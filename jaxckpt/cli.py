@@ -423,6 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_show)
 
+    _add_convert(sub)
+    return parser
+
+
+def _add_convert(sub: Any) -> None:
     formats = ("jaxckpt", "orbax", "flax", "mindspore", "safetensors")
     p = sub.add_parser("convert", help="convert a checkpoint between jaxckpt, orbax, flax, MindSpore and safetensors",
                        description="Read SRC (any supported format, detected unless --from is given) and write it "
@@ -440,7 +445,6 @@ def build_parser() -> argparse.ArgumentParser:
     bar.add_argument("--progress", action="store_true", help="draw a progress bar on stderr even when it is not a "
                                                              "terminal")
     p.set_defaults(run=_cmd_convert)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

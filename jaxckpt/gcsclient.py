@@ -101,8 +101,7 @@ class GcsClient(objclient.ObjectClient):
     * ``"anonymous"`` (bool): send no credentials (public buckets, emulators).
       Unless it is False, a plain ``http://`` endpoint without
       ``"credentials"`` is anonymous too: no token is sent in clear text.
-    * ``"timeout"`` (seconds, or a ``(connect, read)`` pair): per HTTP request;
-      default 60.
+    * ``"timeout"`` (seconds, or a ``(connect, read)`` pair): per request; default 60.
     * ``"retry_deadline"`` (seconds): how long transient errors (5xx, 429,
       connection errors) are retried with backoff in one call; default 120.
 
@@ -117,14 +116,14 @@ class GcsClient(objclient.ObjectClient):
         options = dict(options or {})
         unknown = sorted(set(options) - OPTION_KEYS)
         if unknown:
-            raise ValueError(f"{self.url}: unknown storage_options {unknown}; GCS accepts {sorted(OPTION_KEYS)}")
+            raise errors.UnsupportedLocationError(f"{self.url}: unknown storage_options {unknown}; GCS accepts {sorted(OPTION_KEYS)}")
         self._name = bucket
         self._page_size = list_page_size
         timeout = options.get("timeout", DEFAULT_TIMEOUT)
         self._timeout = tuple(timeout) if isinstance(timeout, (list, tuple)) else float(timeout)
         deadline = float(options.get("retry_deadline", DEFAULT_RETRY_DEADLINE))
         self._retry = self._g.retry.DEFAULT_RETRY.with_timeout(deadline)
-        endpoint, self._credentials, project, self.credential_source = self._resolve_auth(options)
+        endpoint, self._credentials, project, self.credential_source = _resolve_auth(self._g, self.url, options)
         self._project = options.get("project", project)
         self._client_options = {"api_endpoint": endpoint} if endpoint else None
         self._local = threading.local()
@@ -134,37 +133,6 @@ class GcsClient(objclient.ObjectClient):
         self._bucket_seen = False
 
     # ------------------------------------------------------------------ set-up
-    def _resolve_auth(self, options: dict):
-        """(endpoint or None, credentials, project or None, description of the source)."""
-        g = self._g
-        endpoint = options.get("endpoint")
-        from_env = endpoint is None and bool(os.environ.get("STORAGE_EMULATOR_HOST"))
-        if from_env:
-            endpoint = os.environ["STORAGE_EMULATOR_HOST"]
-            if "://" not in endpoint:
-                endpoint = "http://" + endpoint
-        creds = options.get("credentials")
-        if creds is not None:
-            if not isinstance(creds, g.auth.credentials.Credentials):
-                raise ValueError(f"{self.url}: storage_options['credentials'] must be a "
-                                 f"google.auth.credentials.Credentials, not {type(creds).__name__}")
-            return endpoint, creds, None, "storage_options['credentials']"
-        anonymous, wanted = g.auth.credentials.AnonymousCredentials(), options.get("anonymous")
-        if wanted:
-            return endpoint, anonymous, None, "anonymous (storage_options['anonymous'])"
-        if from_env and wanted is None:
-            return endpoint, anonymous, None, "anonymous (emulator STORAGE_EMULATOR_HOST)"
-        if endpoint and endpoint.startswith("http://") and wanted is None:
-            return endpoint, anonymous, None, "anonymous (plain-http endpoint)"
-        try:
-            creds, project = g.auth.default(scopes=g.storage.Client.SCOPE)
-        except g.refused as e:
-            raise errors.StorageAccessError(
-                f"{self.url}: no application-default credentials ({e}); run `gcloud auth "
-                "application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, or pass "
-                "storage_options 'credentials' or 'anonymous'") from e
-        return endpoint, creds, project, "application-default credentials"
-
     def _client(self):
         """This thread's ``storage.Client`` (requests sessions are not shared between threads)."""
         client = getattr(self._local, "client", None)
@@ -422,6 +390,37 @@ class GcsClient(objclient.ObjectClient):
 
 
 # ---------------------------------------------------------------------- helpers
+def _resolve_auth(g: types.SimpleNamespace, url: str, options: dict):
+    """(endpoint or None, credentials, project or None, description of the source)."""
+    endpoint = options.get("endpoint")
+    from_env = endpoint is None and bool(os.environ.get("STORAGE_EMULATOR_HOST"))
+    if from_env:
+        endpoint = os.environ["STORAGE_EMULATOR_HOST"]
+        if "://" not in endpoint:
+            endpoint = "http://" + endpoint
+    creds = options.get("credentials")
+    if creds is not None:
+        if not isinstance(creds, g.auth.credentials.Credentials):
+            raise ValueError(f"{url}: storage_options['credentials'] must be a "
+                             f"google.auth.credentials.Credentials, not {type(creds).__name__}")
+        return endpoint, creds, None, "storage_options['credentials']"
+    anonymous, wanted = g.auth.credentials.AnonymousCredentials(), options.get("anonymous")
+    if wanted:
+        return endpoint, anonymous, None, "anonymous (storage_options['anonymous'])"
+    if from_env and wanted is None:
+        return endpoint, anonymous, None, "anonymous (emulator STORAGE_EMULATOR_HOST)"
+    if endpoint and endpoint.startswith("http://") and wanted is None:
+        return endpoint, anonymous, None, "anonymous (plain-http endpoint)"
+    try:
+        creds, project = g.auth.default(scopes=g.storage.Client.SCOPE)
+    except g.refused as e:
+        raise errors.StorageAccessError(
+            f"{url}: no application-default credentials ({e}); run `gcloud auth "
+            "application-default login`, set GOOGLE_APPLICATION_CREDENTIALS, or pass "
+            "storage_options 'credentials' or 'anonymous'") from e
+    return endpoint, creds, project, "application-default credentials"
+
+
 def _message(exc: Exception) -> str:
     return str(getattr(exc, "message", None) or exc)
 

@@ -20,7 +20,7 @@ LAYERS: list[set[str]] = [
     {"format"},                                        # manifest <-> bytes, pure
     {"storage", "posix", "posixdirs", "posixfs", "lock",
      "objclient", "objstore", "objlock", "s3client", "gcsclient"},  # bytes <-> files (objects), the commit
-    {"fmt_mindspore", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
+    {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
     {"layout", "writer", "readplan", "reader", "placement"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
     {"interop"},                                       # every format behind the public functions, convert
