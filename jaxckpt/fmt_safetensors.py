@@ -356,6 +356,45 @@ def write(path: str, items: Iterable[tuple[str, Any]] | Mapping[str, Any], *,
     _atomic_write(path, lambda f: _write_body(f, header, plan))
 
 
+class _Shape(NamedTuple):
+    """What the header needs of a tensor that has not arrived yet."""
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def write_streamed(path: str, layout: Iterable[tuple[str, Any, tuple[int, ...]]],
+                   items: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None) -> None:
+    """``write`` for tensors that arrive one at a time (a conversion from another
+    file): the header from ``layout`` (``(name, dtype, shape)`` of every tensor),
+    then each tensor of ``items``, in any order, written at its offset as it
+    arrives, so memory holds one tensor. Every name of ``layout`` must arrive
+    exactly once, with that dtype and shape (``UnsupportedValueError``)."""
+    plan = sorted((_plan_one(n, _Shape(np.dtype(d), tuple(sh))) for n, d, sh in layout), key=lambda p: p.name)
+    for a, b in zip(plan, plan[1:]):
+        if a.name == b.name:
+            raise UnsupportedValueError(f"tensor name {a.name!r} occurs twice")
+    plan.sort(key=lambda p: -_RANK[p.st_dtype])
+    header = _encode_header(plan, metadata)
+    where, pos = {}, len(header)
+    for p in plan:
+        where[p.name] = (pos, p)
+        pos += p.file_bytes
+
+    def fill(f: Any) -> None:
+        f.write(header)
+        f.truncate(pos)
+        for name, value in items:
+            start, p = where.pop(name, (None, None))
+            if p is None:
+                raise UnsupportedValueError(f"tensor {name!r}: not in the layout, or given twice")
+            data = _tensor_bytes(p._replace(value=value))
+            f.seek(start)
+            f.write(data)
+        if where:
+            raise UnsupportedValueError(f"tensors never given: {sorted(where)[:10]}")
+    _atomic_write(path, fill)
+
+
 def _plan_one(name: Any, value: Any) -> _Planned:
     """The header entry of one item, from its dtype and shape (not its bytes)."""
     if type(name) is not str:

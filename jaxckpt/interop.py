@@ -238,7 +238,11 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
         if to == "mindspore":
             _module("mindspore").write(_local(dst, to), ((k, _plain(k, v, to)) for k, v in items),
                                        enc_key=enc_key, enc_mode=enc_mode)
-        elif to == "safetensors":
+        elif to == "safetensors" and src_fmt in ("mindspore", "safetensors", "flax"):
+            layout = [(x.path, x.dtype, x.shape) for x in
+                      inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode).leaves]
+            _module("safetensors").write_streamed(_local(dst, to), layout, ((k, _plain(k, v, to)) for k, v in items))
+        elif to == "safetensors":  # jaxckpt / orbax values: mapped files / one restore, not streamed
             _module("safetensors").write(_local(dst, to), [(k, _plain(k, v, to)) for k, v in items])
         elif to == "orbax":
             _module("orbax").write(_local(dst, to), dict(items))

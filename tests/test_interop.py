@@ -195,3 +195,40 @@ def test_cli_convert_and_show_a_foreign_file(sources, tmp_path, capsys):
     assert cli.main(["show", str(paths["safetensors"])]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"{paths['safetensors']}\n  safetensors checkpoint\n  5 leaves")
+
+
+# ----------------------------------------------------------------------------- MindSpore files (written by MindSpore)
+MS = __import__("pathlib").Path(__file__).parent / "data" / "mindspore"
+
+
+def test_mindspore_files_through_the_public_api(tmp_path):
+    net = jaxckpt.load_checkpoint(MS / "net-1_6.ckpt")
+    assert interop.detect(MS / "net-1_6.ckpt") == "mindspore"
+    assert {"dense.weight", "moments.dense.weight", "bn.moving_mean", "global_step"} <= set(net)
+    key = bytes(range(16))
+    with pytest.raises(jaxckpt.DecryptionError, match="the file is encrypted"):
+        jaxckpt.load_checkpoint(MS / "enc_gcm.ckpt")
+    with pytest.raises(jaxckpt.DecryptionError):
+        jaxckpt.load_checkpoint(MS / "enc_gcm.ckpt", dec_key=bytes(16))
+    plain = jaxckpt.load_checkpoint(MS / "dtypes.ckpt")
+    enc = jaxckpt.load_checkpoint(MS / "enc_gcm.ckpt", dec_key=key, dec_mode="AES-GCM")
+    assert sorted(enc) == sorted(k for k in plain if k in enc) and same(enc["bf16"], plain["bf16"])
+    info = jaxckpt.inspect(MS / "enc_gcm.ckpt", dec_key=key)
+    assert info.library == "mindspore" and {x.path for x in info.leaves} == set(enc)
+    ms_st = jaxckpt.load_checkpoint(MS / "net.safetensors")  # MindSpore's own format="safetensors"
+    assert interop.detect(MS / "net.safetensors") == "safetensors" and "f32" in ms_st
+
+
+def test_mindspore_conversions_round_trip(tmp_path):
+    key = bytes(range(16))
+    src = jaxckpt.load_checkpoint(MS / "enc_gcm.ckpt", dec_key=key)
+    jaxckpt.convert(MS / "enc_gcm.ckpt", tmp_path / "ck", dec_key=key)  # to jaxckpt
+    same_flat(jaxckpt.load_checkpoint(tmp_path / "ck"), src)
+    jaxckpt.convert(tmp_path / "ck", tmp_path / "back.ckpt", to="mindspore", enc_key=bytes(range(32)),
+                    enc_mode="AES-CBC")
+    same_flat(jaxckpt.load_checkpoint(tmp_path / "back.ckpt", dec_key=bytes(range(32)), dec_mode="AES-CBC"), src)
+    jaxckpt.convert(MS / "enc_gcm.ckpt", tmp_path / "s.safetensors", to="safetensors", dec_key=key)  # streamed
+    same_flat(safetensors.numpy.load_file(str(tmp_path / "s.safetensors")) | {"bf16": src["bf16"]}, src)
+    assert cli.main(["convert", str(MS / "net-1_6.ckpt"), str(tmp_path / "n.safetensors"), "--to", "safetensors",
+                     "--no-progress"]) == 0
+    same_flat(jaxckpt.load_checkpoint(tmp_path / "n.safetensors"), jaxckpt.load_checkpoint(MS / "net-1_6.ckpt"))

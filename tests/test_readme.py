@@ -97,6 +97,7 @@ def run_blocks(blocks: list[Block], name: str) -> Run:
         spec, cwd = Path(tmp) / "blocks.json", Path(tmp) / "cwd"
         spec.write_text(json.dumps([[name, b.line, b.code] for b in blocks]), encoding="utf-8")
         cwd.mkdir()
+        (cwd / "tests").symlink_to(ROOT / "tests")  # README examples name test data as from the repository root
         proc = subprocess.run([sys.executable, "-c", RUNNER, str(spec)], cwd=cwd, env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, timeout=RUN_TIMEOUT_S)
     return Run(proc.returncode, proc.stdout)
@@ -172,13 +173,13 @@ def test_blocks_share_one_process_and_run_in_a_temporary_directory(tmp_path):
     readme.write_text(
         "<!-- runnable -->\n```python\nimport os\nimport jax\nstart = os.getcwd()\n"
         "open('written.txt', 'w').write('x')\nprint('devices', jax.device_count())\n```\n"
-        "<!-- runnable -->\n```python\nprint('same process:', os.getcwd() == start, os.listdir('.'))\n"
+        "<!-- runnable -->\n```python\nprint('same process:', os.getcwd() == start, sorted(os.listdir('.')))\n"
         "print('cwd', start)\n```\n", encoding="utf-8")
     res = run_blocks(runnable_blocks(readme.read_text(encoding="utf-8")), "README.md")
     assert res.returncode == 0, res.output
     lines = res.output.splitlines()
     assert lines[:4] == ["### block 1 of 2 (README.md, line 3)", "devices 8", "### block 2 of 2 (README.md, line 11)",
-                         "same process: True ['written.txt']"]
+                         "same process: True ['tests', 'written.txt']"]  # tests: a link to the repository's
     assert lines[5:] == ["### all blocks ran"]
     cwd = lines[4].removeprefix("cwd ")
     assert not os.path.exists(cwd)  # the working directory was temporary, and is gone
