@@ -316,3 +316,20 @@ def test_lock_leftovers_of_dead_writers_are_removed_and_live_ones_kept(tmp_path)
         pass
     assert sorted(os.listdir(d)) == [f"{lock.LOCK_NAME}.{'a' * 32}", f"{lock.LOCK_NAME}.{'b' * 32}"]
     assert (tmp_path / "precious").read_bytes() == msgpack.packb(dead)
+
+
+def test_fuzz_foreign_files(tmp_path):
+    """Mutated MindSpore (plain, crc, encrypted), safetensors and flax files
+    (issue 17): every read returns or raises a CheckpointError, within 2 GiB
+    of address space (tests/fuzz_foreign_worker.py)."""
+    n = 50_000 if LONG else 3000
+    work = tmp_path / "work"
+    work.mkdir()
+    out = subprocess.run([sys.executable, os.path.join(HERE, "fuzz_foreign_worker.py"), str(n), "17", str(work)],
+                         capture_output=True, text=True, timeout=3600 if LONG else 180,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-20000:]
+    stats = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"\nfuzz foreign: {stats}")
+    assert stats["examples"] >= n and min(stats[f] for f in ("mindspore", "safetensors", "flax")) > n // 10
+    assert stats["load_refused"] > n // 4 and stats["load_ok"] > 0  # both outcomes were reached
