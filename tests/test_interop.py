@@ -232,3 +232,21 @@ def test_mindspore_conversions_round_trip(tmp_path):
     assert cli.main(["convert", str(MS / "net-1_6.ckpt"), str(tmp_path / "n.safetensors"), "--to", "safetensors",
                      "--no-progress"]) == 0
     same_flat(jaxckpt.load_checkpoint(tmp_path / "n.safetensors"), jaxckpt.load_checkpoint(MS / "net-1_6.ckpt"))
+
+
+@pytest.mark.parametrize("to, suffix", [("mindspore", ".ckpt"), ("safetensors", ".safetensors")])
+def test_converting_between_files_holds_one_tensor_at_a_time(tmp_path, to, suffix):
+    import tracemalloc
+    rng = np.random.default_rng(2)
+    big = {f"layer{i}.weight": rng.standard_normal(1 << 20, dtype=np.float32) for i in range(12)}  # 12 x 4 MiB
+    safetensors.numpy.save_file(big, str(tmp_path / "in.safetensors"))
+    del big
+    tracemalloc.start()
+    try:
+        jaxckpt.convert(tmp_path / "in.safetensors", tmp_path / f"out{suffix}", to=to)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * (4 << 20), peak  # the largest tensor (4 MiB) and buffers, not the 48 MiB state
+    back = jaxckpt.load_checkpoint(tmp_path / f"out{suffix}")
+    same_flat(back, jaxckpt.load_checkpoint(tmp_path / "in.safetensors"))
