@@ -154,6 +154,17 @@ def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, 
     return loc
 
 
+def _check_per_process(loc: storage.Location, metadata: Any, per_process: Any) -> None:
+    if not (isinstance(per_process, tuple) and len(per_process) == 2 and isinstance(per_process[0], str)):
+        raise TypeError(f"per_process must be a (key, value) tuple, got {per_process!r:.80}")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UnsupportedValueError(f"{loc}: per_process needs dict metadata, found {type(metadata).__name__}")
+    try:
+        fmt.check_metadata(per_process[1])
+    except TypeError as e:
+        raise UnsupportedValueError(f"{loc}: per_process value {per_process[0]!r}: {e}") from None
+
+
 @dataclasses.dataclass(frozen=True)
 class _Save:
     """One background save, as ``save()`` hands it to the save thread."""
@@ -167,6 +178,7 @@ class _Save:
     key: str  # coordination key, equal on every process
     timeout: float | None
     location: storage.Location
+    per_process: tuple[str, Any] | None = None
 
 
 class AsyncCheckpointer:
@@ -219,7 +231,8 @@ class AsyncCheckpointer:
     # ------------------------------------------------------------ public
     def save(self, path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
              label: str | None = None, on_commit: Callable[[SaveHandle], None] | None = None,
-             timeout: float | None = None, metadata_checked: bool = False) -> SaveHandle:
+             timeout: float | None = None, metadata_checked: bool = False,
+             per_process: tuple[str, Any] | None = None) -> SaveHandle:
         """Snapshot ``tree`` to host memory and return; the write runs in the background.
 
         ``label``: how messages name this save (default: the path; the manager
@@ -230,12 +243,18 @@ class AsyncCheckpointer:
         overriding the checkpointer's. ``metadata_checked=True``: the caller
         has already checked ``metadata`` with ``format.check_metadata`` (the
         manager does, to name the bad value in its own words), so it is not
-        encoded once more here; the write still encodes it."""
+        encoded once more here; the write still encodes it.
+        ``per_process=(key, value)``: every process passes its own msgpack-able
+        ``value``; the committed metadata (a dict) holds ``key: [value of
+        process 0, value of process 1, ...]``, in the same atomic commit (the
+        manager stores each process's data-iterator state this way)."""
         if self._closed:
             raise CheckpointError("this AsyncCheckpointer is closed")
         t0 = time.perf_counter()
         self.check_for_errors()
         loc = validate_request(path, metadata, overwrite, metadata_checked, self.storage_options)
+        if per_process is not None:
+            _check_per_process(loc, metadata, per_process)
         path = str(loc)
         self._backpressure()
         self.check_for_errors()
@@ -248,7 +267,7 @@ class AsyncCheckpointer:
         with self._lock:
             self._handles.append(handle)
         self._bg.submit(self._run, _Save(handle, copied, metadata, overwrite, t0, blocking, on_commit, key,
-                                         self.timeout if timeout is None else timeout, loc))
+                                         self.timeout if timeout is None else timeout, loc, per_process))
         return handle
 
     def wait_until_finished(self) -> None:
@@ -297,7 +316,7 @@ class AsyncCheckpointer:
         deadline = None if save.timeout is None else time.monotonic() + save.timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
-                             self._multi, key, deadline)
+                             self._multi, key, deadline, save.per_process)
         try:
             res = writer.write_checkpoint(snap, save.location, metadata=metadata, overwrite=overwrite, ctx=ctx)
             # Only now: after a failure or timeout an abandoned worker may still read the
@@ -334,10 +353,13 @@ class AsyncCheckpointer:
 
 def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
               max_workers: int | None = None, label: str | None = None,
-              metadata_checked: bool = False, storage_options: dict | None = None) -> writer.WriteResult:
+              metadata_checked: bool = False, storage_options: dict | None = None,
+              per_process: tuple[str, Any] | None = None) -> writer.WriteResult:
     """Synchronous save: the caller waits, so numpy inputs are not copied.
     ``metadata_checked`` as in ``AsyncCheckpointer.save``."""
     loc = validate_request(path, metadata, overwrite, metadata_checked, storage_options)
+    if per_process is not None:
+        _check_per_process(loc, metadata, per_process)
     path = str(loc)
     multi = multihost.coordinator()
     snap = snapshot_mod.take(tree, copy_numpy=False, process_index=multi.process_index,
@@ -346,5 +368,5 @@ def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overw
     key = f"jaxckpt/sync/{next(_sync_saves)}/{loc.name}"
     with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
         ctx = writer.Context(pool, n, layout.StagingPool(), writer.Job(label or path),
-                             writer.waiter(None, label or path), multi, key)
+                             writer.waiter(None, label or path), multi, key, per_process=per_process)
         return writer.write_checkpoint(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)

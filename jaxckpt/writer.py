@@ -143,6 +143,16 @@ class Context:
     coord: multihost.Coordinator = multihost.LOCAL
     key: str = ""
     deadline: float | None = None
+    per_process: tuple[str, Any] | None = None  # (key, this process's value): see ``with_per_process``
+
+
+def with_per_process(metadata: Any, per_process: tuple[str, Any] | None, values: list[Any]) -> Any:
+    """The metadata to commit: ``metadata`` (a dict) with ``key: [value of each process]``."""
+    if per_process is None:
+        return metadata
+    if metadata is not None and not isinstance(metadata, dict):
+        raise UnsupportedValueError(f"per-process values need dict metadata, found {type(metadata).__name__}")
+    return {**(metadata or {}), per_process[0]: values}
 
 
 def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Context, direct: bool = True
@@ -227,6 +237,7 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
             name = staging.data_name(layout_mod.data_file_name(0))
             layout, sums = write_data(snap, staging, name, ctx)
             files = [fmt.FileRecord(name, layout.size)] if layout.size else []
+            metadata = with_per_process(metadata, ctx.per_process, [ctx.per_process and ctx.per_process[1]])
             manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], str(loc))
             size = layout.size
             del layout, sums  # a unit per shard: gone before the collector runs again
@@ -257,7 +268,7 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
             staging = _join_multi(loc, ctx)
         name = staging.data_name(layout_mod.data_file_name(coord.process_index))
         layout, sums = write_data(snap, staging, name, ctx)
-        report = {"ok": True, "file": name, "size": layout.size,
+        report = {"ok": True, "file": name, "size": layout.size, "value": ctx.per_process and ctx.per_process[1],
                   "shards": _own_shards(snap, layout, sums)}
     except BaseException as e:
         ctx.job.try_abort()
@@ -317,6 +328,7 @@ def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metada
             staging.check_visible(r["file"], r["size"], p)
             shards.extend((len(files), s if p == 0 else _from_report(s)) for s in r["shards"])
             files.append(fmt.FileRecord(r["file"], r["size"]))
+    metadata = with_per_process(metadata, ctx.per_process, [r.get("value") for r in reports])
     manifest = _manifest(snap, metadata, files, shards, str(loc), full_check=True)
     _commit(staging, manifest, overwrite, ctx)
     return WriteResult(sum(f.size for f in files), len(files) + 1)
