@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxckpt import gcpause
 from jaxckpt import checkpointer
+from jaxckpt import crypto
 from jaxckpt import display
 from jaxckpt import format as fmt
 from jaxckpt import progress as progress_mod
@@ -29,15 +30,20 @@ from jaxckpt.errors import StructureMismatchError
 
 # ------------------------------------------------------------------ save
 def save(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
-         storage_options: dict | None = None) -> None:
+         storage_options: dict | None = None, encryption_key: crypto.Key | None = None,
+         file_mode: int | None = None, dir_mode: int | None = None) -> None:
     """Write ``tree`` to the checkpoint directory ``path`` (a local path, or an
     ``s3://`` / ``gs://`` URL), atomically and durably.
 
     ``metadata``: msgpack-able plain values stored with the checkpoint.
     Raises ``CheckpointExistsError`` if ``path`` exists and ``overwrite`` is False.
     ``storage_options``: for ``s3://`` / ``gs://`` paths, passed to the object-store client (endpoint, region, credentials...; see the README).
+    ``encryption_key``: 16, 24 or 32 bytes (or a callable returning them): the
+    checkpoint is encrypted, arrays and manifest (docs/FORMAT.md §12).
+    ``file_mode`` / ``dir_mode``: permission bits of what is created (default: umask).
     """
-    checkpointer.save_sync(path, tree, metadata=metadata, overwrite=overwrite, storage_options=storage_options)
+    checkpointer.save_sync(path, tree, metadata=metadata, overwrite=overwrite, storage_options=storage_options,
+                           encryption_key=encryption_key, file_mode=file_mode, dir_mode=dir_mode)
 
 
 # ------------------------------------------------------------------ records
@@ -107,10 +113,11 @@ class LoadReport:
 HTML_MAX_ROWS = 200  # a notebook table of a million leaves would stall the browser
 
 
-def inspect(path: str | os.PathLike, *, storage_options: dict | None = None) -> CheckpointInfo:
+def inspect(path: str | os.PathLike, *, storage_options: dict | None = None,
+            encryption_key: crypto.Key | None = None) -> CheckpointInfo:
     """Read only the manifest: version, metadata, and per leaf path/shape/dtype/size.
-    ``storage_options`` as in ``save``."""
-    with reader_mod.CheckpointReader(path, storage_options=storage_options) as r:
+    ``storage_options`` and ``encryption_key`` as in ``save``."""
+    with reader_mod.CheckpointReader(path, storage_options=storage_options, encryption_key=encryption_key) as r:
         m = r.manifest
         leaves = tuple(LeafInfo(x.path, x.kind, x.shape, x.dtype, x.nbytes, x.value) for x in m.leaves)
         return CheckpointInfo(r.path, m.version, m.library, m.created, m.metadata, m.total_bytes, leaves)
@@ -140,7 +147,8 @@ def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool,
 
 
 def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = False, verify: bool = True,
-            progress: bool | None = None, mmap: bool = True, storage_options: dict | None = None) -> Any:
+            progress: bool | None = None, mmap: bool = True, storage_options: dict | None = None,
+            encryption_key: crypto.Key | None = None) -> Any:
     """Read a checkpoint (a local path, or an ``s3://`` / ``gs://`` URL).
 
     ``target=None``: plain dict/list/tuple containers with numpy leaves.
@@ -161,18 +169,19 @@ def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = Fals
     may drop and read again under memory pressure. Do not overwrite a
     committed checkpoint's files in place while such arrays live (jaxckpt
     never does). ``mmap=False``: every array in fresh memory (objects in a
-    bucket are never mapped). ``storage_options`` as in ``save``.
+    bucket or encrypted are never mapped). ``storage_options`` and
+    ``encryption_key`` as in ``save``.
     """
     # One pause of the cyclic collector for the whole restore (see jaxckpt/gcpause.py):
     # pausing stage by stage let each stage's survivors (a 10,000-leaf
     # manifest, then the host arrays) be traversed by a collection in the next.
     with gcpause.paused():
-        return _restore(path, target, partial, verify, progress, mmap, storage_options)
+        return _restore(path, target, partial, verify, progress, mmap, storage_options, encryption_key)
 
 
 def _restore(path: str | os.PathLike, target: Any, partial: bool, verify: bool, progress: bool | None,
-             mmap: bool, storage_options: dict | None) -> Any:
-    with reader_mod.CheckpointReader(path, storage_options=storage_options) as r, \
+             mmap: bool, storage_options: dict | None, encryption_key: Any) -> Any:
+    with reader_mod.CheckpointReader(path, storage_options=storage_options, encryption_key=encryption_key) as r, \
             progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
         m = r.manifest
         if target is None:
@@ -204,32 +213,33 @@ def _list(xs: list[str], n: int = 10) -> str:
 
 # ------------------------------------------------------------------ flat views
 def load_checkpoint(path: str | os.PathLike, *, verify: bool = True, progress: bool | None = None,
-                    mmap: bool = True, storage_options: dict | None = None) -> dict[str, Any]:
+                    mmap: bool = True, storage_options: dict | None = None,
+                    encryption_key: crypto.Key | None = None) -> dict[str, Any]:
     """The flat view: ``{"params/Dense_0/kernel": ndarray, "step": 3, ...}`` (MindSpore's ``load_checkpoint``).
-    ``progress``, ``mmap`` and ``storage_options`` as in ``restore``."""
-    with reader_mod.CheckpointReader(path, storage_options=storage_options) as r, \
+    ``progress``, ``mmap``, ``storage_options`` and ``encryption_key`` as in ``restore``."""
+    with reader_mod.CheckpointReader(path, storage_options=storage_options, encryption_key=encryption_key) as r, \
             progress_mod.for_restore(r.path, r.manifest.total_bytes, len(r.manifest.leaves), progress) as bar:
         values = _read_all(r, list(range(len(r.manifest.leaves))), verify, bar.callback, mmap)
         return {leaf.path: values[i] for i, leaf in enumerate(r.manifest.leaves)}
 
 
 def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
-              verify: bool = True, mmap: bool = True, storage_options: dict | None = None
-              ) -> tuple[Any, LoadReport]:
+              verify: bool = True, mmap: bool = True, storage_options: dict | None = None,
+              encryption_key: crypto.Key | None = None) -> tuple[Any, LoadReport]:
     """Fill ``target`` from matching keys of ``source`` (a checkpoint path or a flat
     dict as returned by ``load_checkpoint``); MindSpore's ``load_param_into_net``.
 
     Returns ``(new_tree, LoadReport)``. ``strict=True`` raises
     ``StructureMismatchError`` when keys are missing or unexpected;
-    ``strict=False`` keeps the target's value for missing keys. ``mmap`` and
-    ``storage_options`` as in ``restore``.
+    ``strict=False`` keeps the target's value for missing keys. ``mmap``,
+    ``storage_options`` and ``encryption_key`` as in ``restore``.
     """
     paths, tleaves, treedef = tree_mod.leaf_paths(target)
     if isinstance(source, Mapping):
         keys = set(source)
         where = "source dict"
     else:
-        r = reader_mod.CheckpointReader(source, storage_options=storage_options)
+        r = reader_mod.CheckpointReader(source, storage_options=storage_options, encryption_key=encryption_key)
         keys = set(r.by_path)
         where = r.path
     missing = sorted(p for p in paths if p not in keys)

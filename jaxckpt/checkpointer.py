@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 from jaxckpt import config
+from jaxckpt import crypto
 from jaxckpt import format as fmt
 from jaxckpt import hostcopy
 from jaxckpt import layout
@@ -179,6 +180,7 @@ class _Save:
     timeout: float | None
     location: storage.Location
     per_process: tuple[str, Any] | None = None
+    encryption_key: bytes | None = None
 
 
 class AsyncCheckpointer:
@@ -191,6 +193,11 @@ class AsyncCheckpointer:
     ``SaveTimeoutError`` (nothing is committed).
     ``storage_options``: for ``s3://`` / ``gs://`` paths, passed to the
     object-store client (see the README, "Checkpointing to S3 and GCS").
+    ``encryption_key``: 16, 24 or 32 bytes, or a zero-argument callable
+    returning them (asked at each save): every save is encrypted (AES-GCM;
+    ``jaxckpt/crypto.py``, docs/FORMAT.md §12).
+    ``file_mode`` / ``dir_mode``: permission bits of the files and directories
+    saves create (e.g. ``0o640`` / ``0o750``; default: the process umask).
     ``copy_cpu_arrays``: on the CPU backend, whether to copy jax arrays at
     snapshot time instead of holding zero-copy views until the write ends.
     Views cost no blocking time and no memory, but a training step that
@@ -207,7 +214,9 @@ class AsyncCheckpointer:
     """
 
     def __init__(self, *, max_workers: int | None = None, max_in_flight: int = 1, timeout: float | None = None,
-                 copy_cpu_arrays: bool | None = None, storage_options: dict | None = None):
+                 copy_cpu_arrays: bool | None = None, storage_options: dict | None = None,
+                 encryption_key: crypto.Key | None = None, file_mode: int | None = None,
+                 dir_mode: int | None = None):
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         if max_workers is not None and max_workers < 1:
@@ -216,6 +225,10 @@ class AsyncCheckpointer:
         self.max_in_flight = max_in_flight
         self.timeout = timeout
         self.storage_options = storage_options
+        self.encryption_key = encryption_key
+        self.modes = storage.Modes(file_mode, dir_mode)
+        if not callable(encryption_key):
+            crypto.resolve_key(encryption_key)  # a bad key fails here, not at the first save
         self.copy_cpu_arrays = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
         self._copies = hostcopy.CpuCopies(self.copy_cpu_arrays, thread_setup=_background_priority)
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)
@@ -256,6 +269,7 @@ class AsyncCheckpointer:
         if per_process is not None:
             _check_per_process(loc, metadata, per_process)
         path = str(loc)
+        enc_key = crypto.resolve_key(self.encryption_key)  # a callable (KMS) is asked at each save
         self._backpressure()
         self.check_for_errors()
         copied = self._copies.take(tree, process_index=self._multi.process_index,
@@ -267,7 +281,7 @@ class AsyncCheckpointer:
         with self._lock:
             self._handles.append(handle)
         self._bg.submit(self._run, _Save(handle, copied, metadata, overwrite, t0, blocking, on_commit, key,
-                                         self.timeout if timeout is None else timeout, loc, per_process))
+                                         self.timeout if timeout is None else timeout, loc, per_process, enc_key))
         return handle
 
     def wait_until_finished(self) -> None:
@@ -316,7 +330,7 @@ class AsyncCheckpointer:
         deadline = None if save.timeout is None else time.monotonic() + save.timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.label)
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
-                             self._multi, key, deadline, save.per_process)
+                             self._multi, key, deadline, save.per_process, save.encryption_key, self.modes)
         try:
             res = writer.write_checkpoint(snap, save.location, metadata=metadata, overwrite=overwrite, ctx=ctx)
             # Only now: after a failure or timeout an abandoned worker may still read the
@@ -354,7 +368,9 @@ class AsyncCheckpointer:
 def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite: bool = False,
               max_workers: int | None = None, label: str | None = None,
               metadata_checked: bool = False, storage_options: dict | None = None,
-              per_process: tuple[str, Any] | None = None) -> writer.WriteResult:
+              per_process: tuple[str, Any] | None = None,
+              encryption_key: crypto.Key | None = None, file_mode: int | None = None,
+              dir_mode: int | None = None) -> writer.WriteResult:
     """Synchronous save: the caller waits, so numpy inputs are not copied.
     ``metadata_checked`` as in ``AsyncCheckpointer.save``."""
     loc = validate_request(path, metadata, overwrite, metadata_checked, storage_options)
@@ -368,5 +384,7 @@ def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overw
     key = f"jaxckpt/sync/{next(_sync_saves)}/{loc.name}"
     with ThreadPoolExecutor(n, thread_name_prefix="jaxckpt-io") as pool:
         ctx = writer.Context(pool, n, layout.StagingPool(), writer.Job(label or path),
-                             writer.waiter(None, label or path), multi, key, per_process=per_process)
+                             writer.waiter(None, label or path), multi, key, per_process=per_process,
+                             encryption_key=crypto.resolve_key(encryption_key),
+                             modes=storage.Modes(file_mode, dir_mode))
         return writer.write_checkpoint(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)

@@ -32,7 +32,7 @@ from jaxckpt import display
 from jaxckpt import format as fmt
 from jaxckpt import progress as progress_mod
 from jaxckpt import storage
-from jaxckpt.errors import CheckpointError
+from jaxckpt.errors import CheckpointError, DecryptionError
 from jaxckpt.reader import CheckpointReader
 
 # Bytes of leaf data asked of the reader at once. A slab of a shard larger than
@@ -184,10 +184,10 @@ def _batches(manifest: fmt.Manifest, batch_bytes: int) -> Iterator[tuple[list[tu
 
 
 def verify_checkpoint(path: str, *, progress: bool | None = None, batch_bytes: int = VERIFY_BATCH_BYTES,
-                      stream: Any = None) -> VerifyResult:
+                      stream: Any = None, encryption_key: bytes | None = None) -> VerifyResult:
     """Re-read and re-hash every chunk of every shard of the checkpoint at ``path``."""
     try:
-        with CheckpointReader(path) as r:
+        with CheckpointReader(path, encryption_key=encryption_key) as r:
             m = r.manifest
             bar = progress_mod.progress_bar(f"verify {path}", m.total_bytes, len(m.leaves), enabled=progress,
                                             stream=stream, leave=False)
@@ -224,7 +224,7 @@ def _cmd_verify(args: argparse.Namespace, out: Any, err: Any) -> int:
     progress = False if args.no_progress else (True if args.progress else None)
     failed = gone = 0
     for p in paths:
-        res = verify_checkpoint(p, progress=progress, stream=err)
+        res = verify_checkpoint(p, progress=progress, stream=err, encryption_key=_key(args))
         if res.ok:
             if not args.quiet:
                 leaves = f"{res.leaves} leaf" if res.leaves == 1 else f"{res.leaves} leaves"
@@ -284,7 +284,8 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
         raise UsageError(f"{d} is a checkpoint, not a directory of checkpoints; try: jaxckpt show {d}")
     rows, records, failed = [], [], 0
     try:
-        mgr = jaxckpt.CheckpointManager(d, read_only=True, step_format=args.step_format, step_prefix=args.step_prefix)
+        mgr = jaxckpt.CheckpointManager(d, read_only=True, step_format=args.step_format, step_prefix=args.step_prefix,
+                                        encryption_key=_key(args))
     except (ValueError, TypeError) as e:  # a malformed --step-format / --step-prefix
         raise UsageError(str(e)) from None
     with mgr:
@@ -292,6 +293,10 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
         for step in steps:
             try:
                 meta = mgr.metadata(step)
+            except DecryptionError as e:  # listed by name; its record is sealed
+                rows.append([str(step), "?", "?", "?", "?", "encrypted (--key-file to show)"])
+                records.append({"step": step, "encrypted": True, "error": _message(e)})
+                continue
             except (CheckpointError, OSError) as e:
                 failed += 1
                 print(f"jaxckpt ls: step {step}: {_message(e)}", file=err)
@@ -336,7 +341,7 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
             names = ", ".join(_base_name(x) for x in found[-5:])
             raise UsageError(f"{p} is a directory of checkpoints ({names}); show one of them, e.g. "
                              f"jaxckpt show {found[-1]}")
-    info = jaxckpt.inspect(p)
+    info = jaxckpt.inspect(p, encryption_key=_key(args))
     if args.json:
         doc = {"path": info.path, "format_version": info.format_version, "library": info.library,
                "created": info.created, "total_bytes": info.total_bytes, "metadata": info.metadata,
@@ -365,7 +370,15 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     return EXIT_OK
 
 
-# ----------------------------------------------------------------------------- convert
+# ----------------------------------------------------------------------------- keys, convert
+KEY_FILE_ENV = "JAXCKPT_KEY_FILE"
+
+
+def _key(args: argparse.Namespace) -> bytes | None:
+    """The key of encrypted checkpoints: ``--key-file``, else ``$JAXCKPT_KEY_FILE``, else none."""
+    return _read_key(args.key_file or os.environ.get(KEY_FILE_ENV) or None)
+
+
 def _read_key(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -382,7 +395,7 @@ def _cmd_convert(args: argparse.Namespace, out: Any, err: Any) -> int:
     progress = False if args.no_progress else (True if args.progress else None)
     jaxckpt.convert(src, dst, to=args.to, format=args.from_format, dec_key=_read_key(args.dec_key_file),
                     dec_mode=args.dec_mode, enc_key=_read_key(args.enc_key_file), enc_mode=args.enc_mode,
-                    progress=progress)
+                    progress=progress, encryption_key=_key(args), new_encryption_key=_read_key(args.new_key_file))
     print(f"wrote {dst} ({args.to})", file=out)
     return EXIT_OK
 
@@ -400,6 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each is verified. Prints 'OK  <path>  (<n> leaves, <size>)' or "
                                    "'FAILED  <path>: <reason>' per checkpoint; exits 1 if any failed.")
     p.add_argument("path", metavar="PATH")
+    _key_option(p)
     p.add_argument("-q", "--quiet", action="store_true", help="print only failures")
     bar = p.add_mutually_exclusive_group()
     bar.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
@@ -411,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List committed steps: step, epoch, time (local), size, metrics, reason. "
                                    "Reads manifests only.")
     p.add_argument("dir", metavar="DIR")
+    _key_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--step-format", default=None, help="the manager's step_format (default '{step}')")
     p.add_argument("--step-prefix", default=None, help="the manager's step_prefix")
@@ -420,11 +435,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print a checkpoint's leaves and metadata from its manifest (no array data "
                                    "is read).")
     p.add_argument("path", metavar="PATH")
+    _key_option(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_show)
 
     _add_convert(sub)
     return parser
+
+
+def _key_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--key-file", default=None, help=f"the key (16, 24 or 32 raw bytes) of encrypted jaxckpt "
+                                                    f"checkpoints (default: ${KEY_FILE_ENV})")
 
 
 def _add_convert(sub: Any) -> None:
@@ -434,6 +455,8 @@ def _add_convert(sub: Any) -> None:
                                    "as a new checkpoint DST in the format --to (default jaxckpt).")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
+    _key_option(p)
+    p.add_argument("--new-key-file", default=None, help="encrypt DST (jaxckpt) with this key instead: key rotation")
     p.add_argument("--to", default="jaxckpt", choices=("jaxckpt", "orbax", "safetensors", "mindspore"))
     p.add_argument("--from", dest="from_format", default=None, choices=formats, help="the format of SRC")
     p.add_argument("--dec-key-file", default=None, help="key of an encrypted MindSpore SRC (raw bytes)")

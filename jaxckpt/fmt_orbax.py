@@ -28,6 +28,7 @@ import glob
 import json
 import os
 import re
+import stat
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -73,12 +74,18 @@ class Layout:
 
 
 def _head(path: str, n: int = 4096) -> bytes:
-    """The first ``n`` bytes of a file, ``b""`` if unreadable."""
+    """The first ``n`` bytes of a regular file, ``b""`` if unreadable or not a
+    regular file (a FIFO planted there must not block the sniffing)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(n)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return b""
+    try:
+        return os.pread(fd, n, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
 
 
 def _subdirs(path: str) -> list[os.DirEntry]:

@@ -21,6 +21,7 @@ import numpy as np
 from jaxckpt import api
 from jaxckpt import arrayinfo
 from jaxckpt import checkpointer
+from jaxckpt import crypto
 from jaxckpt import progress as progress_mod
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
@@ -104,30 +105,33 @@ def _decryption(fmt_name: str, dec_key: Any, dec_mode: str) -> dict:
 # ----------------------------------------------------------------------------- reading
 def load_checkpoint(path: str | os.PathLike, *, format: str | None = None, dec_key: bytes | None = None,
                     dec_mode: str = "AES-GCM", verify: bool = True, progress: bool | None = None,
-                    mmap: bool = True, storage_options: dict | None = None) -> dict[str, Any]:
+                    mmap: bool = True, storage_options: dict | None = None,
+                    encryption_key: crypto.Key | None = None) -> dict[str, Any]:
     """The flat view of any supported checkpoint: ``{key: value}`` (MindSpore's
     ``load_checkpoint``). ``format``: one of ``FORMATS``, detected when None.
     ``dec_key`` / ``dec_mode``: for encrypted MindSpore files (``"AES-GCM"``,
     ``"AES-CBC"``, ``"SM4-CBC"``). Foreign formats give numpy arrays of the
-    stored dtype (0-d for scalars); ``verify``, ``progress``, ``mmap`` and
-    ``storage_options`` are those of ``restore`` (jaxckpt checkpoints)."""
+    stored dtype (0-d for scalars); ``verify``, ``progress``, ``mmap``,
+    ``storage_options`` and ``encryption_key`` are those of ``restore``
+    (jaxckpt checkpoints)."""
     fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
                           format)
     if fmt_name == "jaxckpt":
         return api.load_checkpoint(path, verify=verify, progress=progress, mmap=mmap,
-                                   storage_options=storage_options)
+                                   storage_options=storage_options, encryption_key=encryption_key)
     return _module(fmt_name).read(_local(path, fmt_name), **_decryption(fmt_name, dec_key, dec_mode))
 
 
 def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: bytes | None = None,
-            dec_mode: str = "AES-GCM", storage_options: dict | None = None) -> api.CheckpointInfo:
+            dec_mode: str = "AES-GCM", storage_options: dict | None = None,
+            encryption_key: crypto.Key | None = None) -> api.CheckpointInfo:
     """Names, shapes, dtypes and sizes of any supported checkpoint (no array
     data read where the format allows), and what it stores besides
     (``metadata``: jaxckpt's metadata; a foreign format's extras)."""
     fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
                           format)
     if fmt_name == "jaxckpt":
-        return api.inspect(path, storage_options=storage_options)
+        return api.inspect(path, storage_options=storage_options, encryption_key=encryption_key)
     p = _local(path, fmt_name)
     m = _module(fmt_name)
     found = m.describe(p, **_decryption(fmt_name, dec_key, dec_mode))
@@ -139,7 +143,7 @@ def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: byte
 
 def restore(path: str | os.PathLike, target: Any = None, *, format: str | None = None, partial: bool = False,
             verify: bool = True, progress: bool | None = None, mmap: bool = True,
-            storage_options: dict | None = None) -> Any:
+            storage_options: dict | None = None, encryption_key: crypto.Key | None = None) -> Any:
     """``api.restore`` for jaxckpt checkpoints; orbax and flax checkpoints
     restore the same way: ``target=None`` gives nested dicts of numpy arrays,
     a target gives its structure, dtypes and shardings (``partial=True``: a
@@ -148,7 +152,7 @@ def restore(path: str | os.PathLike, target: Any = None, *, format: str | None =
                           format)
     if fmt_name == "jaxckpt":
         return api.restore(path, target, partial=partial, verify=verify, progress=progress, mmap=mmap,
-                           storage_options=storage_options)
+                           storage_options=storage_options, encryption_key=encryption_key)
     if fmt_name not in ("orbax", "flax"):
         raise UnsupportedValueError(f"{path}: restore() reads jaxckpt, orbax and flax checkpoints; for a "
                                     f"{fmt_name} file use load_checkpoint() or load_into()")
@@ -164,7 +168,8 @@ def restore(path: str | os.PathLike, target: Any = None, *, format: str | None =
 def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
               format: str | None = None, dec_key: bytes | None = None, dec_mode: str = "AES-GCM",
               key_map: Callable[[str], str | None] | None = None, verify: bool = True, mmap: bool = True,
-              storage_options: dict | None = None) -> tuple[Any, api.LoadReport]:
+              storage_options: dict | None = None, encryption_key: crypto.Key | None = None
+              ) -> tuple[Any, api.LoadReport]:
     """Fill ``target`` from matching keys of ``source`` (MindSpore's
     ``load_param_into_net``): a checkpoint of any supported format, or a flat
     dict. ``key_map(source_key)`` returns the target key path for a source key,
@@ -178,9 +183,9 @@ def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, str
                                                                                            storage_options), format)
         if fmt_name == "jaxckpt" and key_map is None:
             return api.load_into(target, source, strict=strict, verify=verify, mmap=mmap,
-                                 storage_options=storage_options)
+                                 storage_options=storage_options, encryption_key=encryption_key)
         flat = load_checkpoint(source, format=fmt_name, dec_key=dec_key, dec_mode=dec_mode, verify=verify,
-                               mmap=mmap, storage_options=storage_options)
+                               mmap=mmap, storage_options=storage_options, encryption_key=encryption_key)
     if key_map is not None:
         flat = _mapped(flat, key_map)
     return api.load_into(target, _as_targets(flat, target), strict=strict)
@@ -217,7 +222,8 @@ def _as_targets(flat: Mapping[str, Any], target: Any) -> Mapping[str, Any]:
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckpt", format: str | None = None,
             dec_key: bytes | None = None, dec_mode: str = "AES-GCM", enc_key: bytes | None = None,
             enc_mode: str = "AES-GCM", progress: bool | None = None,
-            storage_options: dict | None = None) -> None:
+            storage_options: dict | None = None, encryption_key: crypto.Key | None = None,
+            new_encryption_key: crypto.Key | None = None) -> None:
     """Write the checkpoint ``src`` (any supported format) as a new checkpoint
     ``dst`` in format ``to`` (one of ``EXPORTS``). ``dec_key`` / ``dec_mode``:
     an encrypted MindSpore source; ``enc_key`` / ``enc_mode``: encrypt a
@@ -225,14 +231,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
     safetensors files (memory: the largest tensor plus a buffer); jaxckpt and
     orbax destinations are written from the whole tree. What a destination
     cannot hold (a PRNG key or a string into safetensors, ...) raises
-    ``UnsupportedValueError`` naming the key, before ``dst`` is created."""
+    ``UnsupportedValueError`` naming the key, before ``dst`` is created.
+    ``encryption_key``: the key of an encrypted jaxckpt ``src``, and of a
+    jaxckpt ``dst`` (encrypted with it); ``new_encryption_key``: encrypt a
+    jaxckpt ``dst`` with this key instead (key rotation: nothing is written
+    in plaintext)."""
     if to not in EXPORTS:
         raise UnknownFormatError(f"cannot convert to {to!r} (supported: {', '.join(EXPORTS)})")
     src_fmt = _format_of(src if storage_options is None else storage.Location.parse(src, storage_options), format)
     if enc_key is not None and to != "mindspore":
         raise UnsupportedValueError("enc_key encrypts MindSpore destinations only")
-    items = _source_items(src, src_fmt, dec_key, dec_mode, storage_options)
-    with progress_mod.progress_bar(f"convert {src} -> {dst}", _total_bytes(src, src_fmt, storage_options),
+    dst_key = encryption_key if new_encryption_key is None else new_encryption_key
+    if dst_key is not None and to != "jaxckpt":
+        raise UnsupportedValueError(f"encryption_key / new_encryption_key encrypt jaxckpt destinations; {to} "
+                                    "files are written in plaintext (MindSpore: enc_key=)")
+    items = _source_items(src, src_fmt, dec_key, dec_mode, storage_options, encryption_key)
+    with progress_mod.progress_bar(f"convert {src} -> {dst}",
+                                   _total_bytes(src, src_fmt, storage_options, encryption_key),
                                    enabled=progress, min_bytes=progress_mod.AUTO_MIN_BYTES) as bar:
         items = _counted(items, bar)
         if to == "mindspore":
@@ -247,15 +262,17 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
         elif to == "orbax":
             _module("orbax").write(_local(dst, to), dict(items))
         elif src_fmt == "jaxckpt":
-            checkpointer.save_sync(dst, api.restore(src, storage_options=storage_options),
-                                   storage_options=storage_options)
+            tree = api.restore(src, storage_options=storage_options, encryption_key=encryption_key)
+            checkpointer.save_sync(dst, tree, storage_options=storage_options, encryption_key=dst_key)
         else:
-            checkpointer.save_sync(dst, _nested(dict(items)), storage_options=storage_options)
+            checkpointer.save_sync(dst, _nested(dict(items)), storage_options=storage_options,
+                                   encryption_key=dst_key)
 
 
-def _total_bytes(src: Any, src_fmt: str, storage_options: dict | None) -> int:
+def _total_bytes(src: Any, src_fmt: str, storage_options: dict | None, encryption_key: Any) -> int:
     if src_fmt in ("jaxckpt", "orbax"):
-        return inspect(src, format=src_fmt, storage_options=storage_options).total_bytes
+        return inspect(src, format=src_fmt, storage_options=storage_options,
+                       encryption_key=encryption_key).total_bytes
     return os.path.getsize(_local(src, src_fmt))  # a file: its size is close enough for a bar
 
 
@@ -272,10 +289,10 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedValueError(f"cannot nest the flat keys into a tree: {e}") from None
 
 
-def _source_items(src: Any, src_fmt: str, dec_key: Any, dec_mode: str,
-                  storage_options: dict | None) -> Iterator[tuple[str, Any]]:
+def _source_items(src: Any, src_fmt: str, dec_key: Any, dec_mode: str, storage_options: dict | None,
+                  encryption_key: Any) -> Iterator[tuple[str, Any]]:
     if src_fmt == "jaxckpt":
-        return iter(api.load_checkpoint(src, storage_options=storage_options).items())
+        return iter(api.load_checkpoint(src, storage_options=storage_options, encryption_key=encryption_key).items())
     return _module(src_fmt).iter_tensors(_local(src, src_fmt), **_decryption(src_fmt, dec_key, dec_mode))
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
@@ -187,6 +187,76 @@ def _zeros(n: int) -> Iterator[memoryview]:
         k = min(n, len(_ZEROS))
         yield _ZEROS[:k]
         n -= k
+
+
+class Sealing(NamedTuple):
+    """How an encrypted save writes one data file: its cipher (``crypto.FileCipher``)
+    and the tag of each unit, by the unit's index in the layout (filled by the workers)."""
+    cipher: Any
+    tags: list
+
+
+def write_sealed(f: storage.DataSink, run: tuple[Unit, ...], first: int, sums: list[list[list[int]]],
+                 pool: StagingPool, abort: Abort, seal: Sealing) -> None:
+    """``write_run`` of an encrypted save: each unit (``first`` is the layout index
+    of ``run[0]``) checksummed, encrypted into a staging buffer at its offset
+    (zeros between units), written with buffered positioned writes."""
+    buf = pool.get()
+    mv, size = memoryview(buf), buf.nbytes
+    base, fill = run[0].offset, 0
+    try:
+        for i, u in enumerate(run):
+            if not i & 15:
+                abort.check()
+                let_others_run()
+            sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
+            enc = seal.cipher.encryptor(first + i, u.offset, u.src.nbytes)
+            src, offset = memoryview(u.src), u.offset
+            while True:
+                rel = offset - base
+                if rel >= size:  # the buffer is full: write it, go on from here
+                    f.pwrite(mv[:fill], base)
+                    base, fill, rel = offset, 0, 0
+                mv[fill:rel] = _ZEROS[:rel - fill]  # alignment padding (< one block)
+                n = min(len(src), size - rel)
+                for a in range(0, n, _PIECE):  # the cipher holds the GIL: pieces, others run between
+                    enc.update_into(src[a:min(a + _PIECE, n)], mv[rel + a:rel + min(a + _PIECE, n)])
+                    let_others_run()
+                fill, offset, src = rel + n, offset + n, src[n:]
+                if not len(src):
+                    break
+            enc.finalize()
+            seal.tags[first + i] = enc.tag
+        if fill:
+            f.pwrite(mv[:fill], base)
+    finally:
+        pool.put(buf)
+
+
+_PIECE = 1 << 20
+
+
+def stream_sealed(layout: Layout, sums: list[list[list[int]]], abort: Abort, seal: Sealing) -> Iterator[bytes]:
+    """``stream_units`` of an encrypted save: the data file in order, each unit
+    encrypted in pieces of at most 1 MiB (fresh buffers: the upload may hold them)."""
+    pos = 0
+    for i, u in enumerate(layout.units):
+        if not i & 15:
+            abort.check()
+            let_others_run()
+        yield from _zeros(u.offset - pos)
+        sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
+        enc = seal.cipher.encryptor(i, u.offset, u.src.nbytes)
+        src = memoryview(u.src)
+        for a in range(0, len(src), _PIECE):
+            piece = src[a:a + _PIECE]
+            out = bytearray(len(piece))
+            enc.update_into(piece, out)
+            yield memoryview(out)
+        enc.finalize()
+        seal.tags[i] = enc.tag
+        pos = u.offset + u.src.nbytes
+    yield from _zeros(layout.size - pos)
 
 
 def write_buffered(f: storage.DataSink, run: tuple[Unit, ...], abort: Abort) -> None:

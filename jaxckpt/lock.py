@@ -51,14 +51,14 @@ def read_lock(directory: str) -> dict | None:
     return rec
 
 
-def _create(directory: str, token: str) -> bool:
+def _create(directory: str, token: str, mode: int | None) -> bool:
     """Create the lock file with its content in one atomic step (hard link of a
     fully written file); False when it exists already."""
     path = os.path.join(directory, LOCK_NAME)
     data = msgpack.packb(lock_record(token))
     tmp_name = f"{LOCK_NAME}.{token}"
     try:
-        posixfs.write_file(directory, tmp_name, data)
+        posixfs.write_file(directory, tmp_name, data, mode=mode)
         try:
             os.link(os.path.join(directory, tmp_name), path)
         except (FileExistsError, FileNotFoundError):  # ENOENT: the new holder removed our empty temp file
@@ -66,7 +66,7 @@ def _create(directory: str, token: str) -> bool:
         except OSError as e:  # a filesystem without hard links: exclusive create in place
             if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
-            return _create_exclusive(path, data)
+            return _create_exclusive(path, data, mode)
     finally:
         try:
             os.unlink(os.path.join(directory, tmp_name))
@@ -76,12 +76,14 @@ def _create(directory: str, token: str) -> bool:
     return True
 
 
-def _create_exclusive(path: str, data: bytes) -> bool:
+def _create_exclusive(path: str, data: bytes, mode: int | None) -> bool:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     except FileExistsError:
         return False
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         os.write(fd, data)
         os.fsync(fd)
     finally:
@@ -143,7 +145,7 @@ def _held_message(directory: str, holder: dict) -> str:
             "read_only=True to follow that writer; if that process is gone (on another host), delete the lock file")
 
 
-def acquire(directory: str) -> tuple[str, dict | None]:
+def acquire(directory: str, mode: int | None = None) -> tuple[str, dict | None]:
     """Take the directory's writer lock. Returns ``(token, stale)``: the token to
     release it with, and the record of a dead holder whose lock was taken over
     (None if there was none). Raises ``CheckpointLockedError`` while a live
@@ -152,7 +154,7 @@ def acquire(directory: str) -> tuple[str, dict | None]:
     stale = None
     for _ in range(5):
         try:
-            created = _create(directory, token)
+            created = _create(directory, token, mode)
             if created:
                 _clean_leftovers(directory)
         except BaseException:  # failed after the lock was made: do not leave it held by nobody's token

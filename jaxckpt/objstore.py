@@ -264,7 +264,8 @@ class ObjectBackend(storage.Backend):
     def is_committed(self, loc: Location, follow: bool = False) -> bool:
         return self.client.head(_join(key_of(loc), MANIFEST_NAME)) is not None
 
-    def begin_save(self, loc: Location, attempt: str | None = None) -> ObjectStaging:
+    def begin_save(self, loc: Location, attempt: str | None = None,
+                   modes: storage.Modes = storage.Modes()) -> ObjectStaging:
         if not key_of(loc):
             raise CheckpointError(f"{loc}: a checkpoint needs a path inside the bucket (e.g. {loc}/run/100)")
         attempt = attempt or uuid.uuid4().hex[:16]
@@ -272,7 +273,7 @@ class ObjectBackend(storage.Backend):
         self.client.put(_join(key_of(loc), MARK + attempt), _marker(lease.token if lease else None))
         return ObjectStaging(self, loc, attempt)
 
-    def join_save(self, loc: Location, token: str) -> ObjectStaging:
+    def join_save(self, loc: Location, token: str, modes: storage.Modes = storage.Modes()) -> ObjectStaging:
         if not re.fullmatch(_ATTEMPT, token) or self.client.head(_join(key_of(loc), MARK + token)) is None:
             raise CheckpointError(f"cannot see {self.client.describe(_join(key_of(loc), MARK + token))}, put by "
                                   "process 0: every process must use the same bucket and endpoint")
@@ -287,7 +288,7 @@ class ObjectBackend(storage.Backend):
         return ObjectSource(self.client, loc)
 
     # ------------------------------------------------------------ roots
-    def ensure_root(self, root: Location) -> None:
+    def ensure_root(self, root: Location, modes: storage.Modes = storage.Modes()) -> None:
         self.client.check_bucket()  # nothing to create: prefixes exist when objects do
 
     def _children(self, root: Location) -> dict[str, list[objclient.ObjectInfo]]:
@@ -358,7 +359,7 @@ class ObjectBackend(storage.Backend):
         return isinstance(started, (int, float)) and time.time() - started > UNMANAGED_STALE_SECONDS
 
     # ------------------------------------------------------------ the lock
-    def acquire_lock(self, root: Location) -> tuple[str, dict | None]:
+    def acquire_lock(self, root: Location, modes: storage.Modes = storage.Modes()) -> tuple[str, dict | None]:
         key = _join(key_of(root), objlock.LOCK_NAME)
         lease, stale = objlock.acquire(self.client, key, config.current().lease_seconds)
         self._leases[key_of(root)] = lease

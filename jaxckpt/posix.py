@@ -22,13 +22,14 @@ from jaxckpt.storage import Location
 class PosixStaging(storage.Staging):
     """A temporary sibling directory ``.<name>.jaxckpt-tmp-<id>`` of the checkpoint."""
 
-    def __init__(self, final: str, tmp: str):
+    def __init__(self, final: str, tmp: str, modes: storage.Modes = storage.Modes()):
         self.final = final
         self.tmp = tmp
         self.token = tmp
+        self.modes = modes
 
     def create(self, name: str, direct: bool = True) -> posixfs.DataFile:
-        return posixfs.DataFile(self.tmp, name, direct=direct)
+        return posixfs.DataFile(self.tmp, name, direct=direct, mode=self.modes.file)
 
     def check_visible(self, name: str, size: int, process: int) -> None:
         try:
@@ -42,7 +43,7 @@ class PosixStaging(storage.Staging):
                 "directory must be on a filesystem that all processes share")
 
     def write_manifest(self, data: bytes) -> None:
-        posixdirs.write_manifest(self.tmp, data)
+        posixdirs.write_manifest(self.tmp, data, self.modes.file)
 
     def commit(self, overwrite: bool) -> None:
         posixdirs.commit(self.tmp, self.final, overwrite)
@@ -111,22 +112,23 @@ class PosixBackend(storage.Backend):
     def is_committed(self, loc: Location, follow: bool = False) -> bool:
         return posixdirs.is_committed(loc.path, follow)
 
-    def begin_save(self, loc: Location, attempt: str | None = None) -> PosixStaging:
+    def begin_save(self, loc: Location, attempt: str | None = None,
+                   modes: storage.Modes = storage.Modes()) -> PosixStaging:
         if attempt is not None:  # a stale one of the same attempt, from a crashed run
             posixdirs.remove_tree(posixdirs.aux_name(loc.path, posixdirs.TMP_MARK, attempt))
-        return PosixStaging(loc.path, posixdirs.make_temp_dir(loc.path, attempt))
+        return PosixStaging(loc.path, posixdirs.make_temp_dir(loc.path, attempt, modes.file, modes.dir), modes)
 
-    def join_save(self, loc: Location, token: str) -> PosixStaging:
+    def join_save(self, loc: Location, token: str, modes: storage.Modes = storage.Modes()) -> PosixStaging:
         if not os.path.isdir(token):
             raise CheckpointError(f"cannot see {token}, created by process 0: the checkpoint directory must be on a "
                                   "filesystem that all processes share")
-        return PosixStaging(loc.path, token)
+        return PosixStaging(loc.path, token, modes)
 
     def open(self, loc: Location) -> PosixSource:
         return PosixSource(loc)
 
-    def ensure_root(self, root: Location) -> None:
-        posixfs.ensure_dir(root.path)
+    def ensure_root(self, root: Location, modes: storage.Modes = storage.Modes()) -> None:
+        posixfs.ensure_dir(root.path, modes.dir)
 
     def list_committed(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
         return [e for e in posixfs.list_entries(root.path)
@@ -138,8 +140,8 @@ class PosixBackend(storage.Backend):
     def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
         return posixdirs.clean_stale(root.path, accept)
 
-    def acquire_lock(self, root: Location) -> tuple[str, dict | None]:
-        return lock.acquire(root.path)
+    def acquire_lock(self, root: Location, modes: storage.Modes = storage.Modes()) -> tuple[str, dict | None]:
+        return lock.acquire(root.path, modes.file)
 
     def release_lock(self, root: Location, token: str) -> None:
         lock.release(root.path, token)

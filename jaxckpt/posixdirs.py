@@ -58,17 +58,20 @@ def owner_record() -> dict:
     return {"kind": TMP_MARK, **procs.identity()}
 
 
-def make_temp_dir(final: str, ident: str | None = None) -> str:
-    """Create the temporary sibling of ``final`` and mark it as ours."""
+def make_temp_dir(final: str, ident: str | None = None, file_mode: int | None = None,
+                  dir_mode: int | None = None) -> str:
+    """Create the temporary sibling of ``final`` and mark it as ours (modes: see ``storage.Modes``)."""
     tmp = aux_name(final, TMP_MARK, ident)
-    posixfs.ensure_dir(os.path.dirname(tmp))
+    posixfs.ensure_dir(os.path.dirname(tmp), dir_mode)
     try:
         os.mkdir(tmp)
     except FileExistsError:
         if ident is None:
             raise
     try:
-        posixfs.write_file(tmp, OWNER_FILE, msgpack.packb(owner_record()), sync=False)
+        if dir_mode is not None:
+            os.chmod(tmp, dir_mode)  # the checkpoint directory, once renamed
+        posixfs.write_file(tmp, OWNER_FILE, msgpack.packb(owner_record()), sync=False, mode=file_mode)
     except BaseException:  # e.g. ENOSPC: a live owner's unmarked directory would never be cleaned
         remove_tree(tmp)
         raise
@@ -107,9 +110,9 @@ def is_committed(path: str, follow: bool = False) -> bool:
     return stat.S_ISDIR(st.st_mode) and stat.S_ISREG(mst.st_mode)
 
 
-def write_manifest(tmp: str, data: bytes) -> None:
+def write_manifest(tmp: str, data: bytes, mode: int | None = None) -> None:
     """Write the manifest durably; from then on it, not the owner marker, marks ``tmp`` as ours."""
-    posixfs.write_file(tmp, MANIFEST_NAME, data)
+    posixfs.write_file(tmp, MANIFEST_NAME, data, mode=mode)
     os.unlink(os.path.join(tmp, OWNER_FILE))
 
 

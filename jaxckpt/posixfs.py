@@ -40,29 +40,36 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def ensure_dir(path: str) -> None:
+def ensure_dir(path: str, mode: int | None = None) -> None:
     """``os.makedirs(path, exist_ok=True)``, durably: each directory created is
     fsynced into its parent (a commit fsyncs only the checkpoint's own parent,
-    so a new parent's entry would otherwise be lost by a power failure)."""
+    so a new parent's entry would otherwise be lost by a power failure).
+    ``mode``: the permission bits of each directory created (default: umask)."""
     path = os.path.abspath(path)
     if os.path.isdir(path):
         return
     parent = os.path.dirname(path)
     if parent != path:
-        ensure_dir(parent)
+        ensure_dir(parent, mode)
     try:
         os.mkdir(path)
     except FileExistsError:
         if not os.path.isdir(path):
             raise
         return
+    if mode is not None:
+        os.chmod(path, mode)
     fsync_dir(parent)
 
 
-def write_file(directory: str, name: str, data: bytes, sync: bool = True) -> None:
+def write_file(directory: str, name: str, data: bytes, sync: bool = True, mode: int | None = None) -> None:
+    """Create (or replace) ``name`` in ``directory`` holding ``data``; ``mode``: its
+    permission bits exactly (default: 0o644 less the umask)."""
     path = os.path.join(directory, name)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
     try:
+        if mode is not None:
+            os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -165,10 +172,12 @@ class DataFile:
 
     sequential = False  # written at offsets, not as one stream
 
-    def __init__(self, directory: str, name: str, direct: bool = True):
+    def __init__(self, directory: str, name: str, direct: bool = True, mode: int | None = None):
         self.path = os.path.join(directory, name)
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         self.fd = os.open(self.path, flags, 0o644)
+        if mode is not None:
+            os.fchmod(self.fd, mode)
         self.direct_fd = -1
         if direct and O_DIRECT:
             try:

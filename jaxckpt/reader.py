@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxckpt import gcpause
 from jaxckpt import config
+from jaxckpt import crypto
 from jaxckpt import format as fmt
 from jaxckpt import memory
 from jaxckpt import readplan
@@ -39,12 +40,21 @@ class CheckpointReader:
     storage backend of its location)."""
 
     def __init__(self, path: str | os.PathLike | storage.Location, max_workers: int | None = None,
-                 storage_options: dict | None = None):
+                 storage_options: dict | None = None, encryption_key: crypto.Key | None = None):
         self.location = storage.Location.parse(path, storage_options)
         self.path = str(self.location)
         self._source = storage.backend(self.location).open(self.location)
-        data = self._source.read_manifest(fmt.MAX_MANIFEST_BYTES)
-        self.manifest = fmt.decode_manifest(data, self._source.describe(fmt.MANIFEST_NAME))
+        data = self._source.read_manifest(fmt.MAX_MANIFEST_BYTES + crypto.MAX_SEALED)
+        where = self._source.describe(fmt.MANIFEST_NAME)
+        self.encrypted = crypto.is_sealed(data)
+        self._opener: _Opener | None = None
+        if self.encrypted:
+            data, sealed = crypto.open_manifest(crypto.resolve_key(encryption_key), data, where)
+        elif len(data) > fmt.MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(f"{where}: {len(data)} bytes, above the cap of {fmt.MAX_MANIFEST_BYTES}")
+        self.manifest = fmt.decode_manifest(data, where)
+        if self.encrypted:
+            self._opener = _Opener(crypto.resolve_key(encryption_key), self.manifest, sealed, where)
         self.by_path = {leaf.path: i for i, leaf in enumerate(self.manifest.leaves)}
         self.max_workers = max_workers or config.read_workers()
         self._files: dict[int, storage.DataSource] = {}
@@ -88,9 +98,10 @@ class CheckpointReader:
     # ------------------------------------------------------------ planning
     def _try_map(self, file: int, leaf: str, offset: int, length: int) -> memoryview | None:
         """A copy-on-write mapping of file bytes [offset, offset + length)
-        (``storage.DataSource.map``), or None where mapping is unavailable here or
-        this reader has made MAX_MAPS already: the caller reads instead."""
-        if self._maps >= MAX_MAPS:
+        (``storage.DataSource.map``), or None where mapping is unavailable here,
+        the checkpoint is encrypted, or this reader has made MAX_MAPS already:
+        the caller reads instead."""
+        if self._maps >= MAX_MAPS or self.encrypted:
             return None
         view = self._file_for(file, leaf).map(offset, length)
         if view is not None:
@@ -99,6 +110,8 @@ class CheckpointReader:
 
     # ------------------------------------------------------------ executing
     def _verify(self, op: readplan.Op, data) -> None:
+        if self._opener is not None:
+            self._opener.decrypt(op.file, op.offset, data, op.checksum, f"{self._name(op.file)}: leaf {op.leaf!r}")
         if op.checksum is not None:
             self._check(op.file, op.offset, data, op.checksum, op.leaf, op.chunk)
 
@@ -135,6 +148,8 @@ class CheckpointReader:
             self._fill_op(f, first, f"{name} ({which})")
             checksum = fmt.checksum
             for lo, hi, want, leaf, chunk in parts:
+                if self._opener is not None:
+                    self._opener.decrypt(first.file, base + lo, dest[lo:hi], want, f"{name}: leaf {leaf!r}")
                 if want is not None and checksum(dest[lo:hi]) != want:
                     self._check(first.file, base + lo, dest[lo:hi], want, leaf, chunk)  # raises
             return sum(hi - lo for lo, hi, *_ in parts)
@@ -176,7 +191,7 @@ class CheckpointReader:
             raise ValueError(f"read: {len(requests)} requests but {len(flags)} mappable flags")
         if self._starts is None:
             self._starts = readplan.shard_starts(self.manifest)
-        plan = readplan.Plan(self.manifest, self._starts, verify, self._try_map)
+        plan = readplan.Plan(self.manifest, self._starts, verify or self.encrypted, self._try_map)
         plan.add(requests, flags, self._files, self._file_for)
         groups = plan.groups()
         if len(groups) <= 2 or self.max_workers <= 1:
@@ -199,3 +214,31 @@ class CheckpointReader:
         for post in plan.posts:
             post()
         return plan.outs
+
+
+class _Opener:
+    """The decryption of an encrypted checkpoint's chunks: each data file's
+    cipher, and each chunk's index in its file (chunks in offset order, as the
+    writer numbered them) to find its nonce and tag."""
+
+    def __init__(self, key: bytes, manifest: fmt.Manifest, sealed: list[tuple[bytes, bytes]], where: str):
+        if len(sealed) != len(manifest.files):
+            raise CorruptCheckpointError(f"{where}: {len(sealed)} sealed file records for {len(manifest.files)} files")
+        chunks: list[list[int]] = [[] for _ in manifest.files]
+        for leaf in manifest.leaves:
+            for s in leaf.shards:
+                chunks[s.file].extend(s.offset + a for a in range(0, s.length, manifest.chunk_bytes))
+        self._index = [{off: i for i, off in enumerate(sorted(c))} for c in chunks]
+        self._ciphers = [crypto.FileCipher(key, f.name, salt) for f, (salt, _) in zip(manifest.files, sealed)]
+        self._tags = [tags for _, tags in sealed]
+        for f, c, tags in zip(manifest.files, chunks, self._tags):
+            if len(tags) != crypto.TAG * len(c):
+                raise CorruptCheckpointError(f"{where}: {f.name}: {len(tags) // crypto.TAG} tags for {len(c)} chunks")
+
+    def decrypt(self, file: int, offset: int, buf, checksum: int | None, where: str) -> None:
+        """Decrypt the whole chunk at ``offset`` of ``file`` in place (``buf``), checking its tag."""
+        i = self._index[file].get(offset)
+        if i is None or checksum is None:  # the plan reads whole chunks of an encrypted checkpoint
+            raise CorruptCheckpointError(f"{where}: no encrypted chunk starts at offset {offset}")
+        self._ciphers[file].decrypt(i, offset, memoryview(buf).cast("B"), self._tags[file][i * crypto.TAG:(i + 1) * crypto.TAG],
+                                    where)

@@ -165,6 +165,23 @@ def _object_path(text: str, rest: str) -> str:
 
 
 # ----------------------------------------------------------------------------- writing
+@dataclasses.dataclass(frozen=True)
+class Modes:
+    """Permission bits of what a writer creates (``file_mode`` / ``dir_mode`` of
+    ``save``, ``AsyncCheckpointer``, ``CheckpointManager``): data files, the
+    manifest, lock and marker files get ``file``, checkpoint directories (and
+    parents created for them) ``dir``; None: the process umask decides, as for
+    any new file. Object stores have no permission bits and ignore them."""
+    file: int | None = None
+    dir: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("file", "dir"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o7777):
+                raise ValueError(f"{name}_mode must be permission bits (an int in 0..0o7777, e.g. 0o640), got {v!r}")
+
+
 class DataSink(abc.ABC):
     """One data file (object) of a save, written at offsets from several pool threads."""
 
@@ -270,16 +287,16 @@ class Backend(abc.ABC):
         """Whether ``loc`` is a committed checkpoint (``follow``: ``loc`` itself may be a link the user named)."""
 
     @abc.abstractmethod
-    def begin_save(self, loc: Location, attempt: str | None = None) -> Staging: ...
+    def begin_save(self, loc: Location, attempt: str | None = None, modes: Modes = Modes()) -> Staging: ...
 
     @abc.abstractmethod
-    def join_save(self, loc: Location, token: str) -> Staging: ...
+    def join_save(self, loc: Location, token: str, modes: Modes = Modes()) -> Staging: ...
 
     @abc.abstractmethod
     def open(self, loc: Location) -> Source: ...
 
     @abc.abstractmethod
-    def ensure_root(self, root: Location) -> None: ...
+    def ensure_root(self, root: Location, modes: Modes = Modes()) -> None: ...
 
     @abc.abstractmethod
     def list_committed(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
@@ -295,7 +312,7 @@ class Backend(abc.ABC):
         recognises whose writer is gone; returns what was removed. Lock held."""
 
     @abc.abstractmethod
-    def acquire_lock(self, root: Location) -> tuple[str, dict | None]:
+    def acquire_lock(self, root: Location, modes: Modes = Modes()) -> tuple[str, dict | None]:
         """Take the writer lock of ``root``: ``(token, stale holder's record or None)``;
         ``CheckpointLockedError`` while a live writer holds it."""
 

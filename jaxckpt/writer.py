@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import msgpack
 
+from jaxckpt import crypto
 from jaxckpt import gcpause
 from jaxckpt import format as fmt
 from jaxckpt import layout as layout_mod
@@ -144,6 +145,8 @@ class Context:
     key: str = ""
     deadline: float | None = None
     per_process: tuple[str, Any] | None = None  # (key, this process's value): see ``with_per_process``
+    encryption_key: bytes | None = None  # encrypt data and manifest (jaxckpt/crypto.py)
+    modes: storage.Modes = storage.Modes()  # permission bits of what the save creates
 
 
 def with_per_process(metadata: Any, per_process: tuple[str, Any] | None, values: list[Any]) -> Any:
@@ -156,30 +159,44 @@ def with_per_process(metadata: Any, per_process: tuple[str, Any] | None, values:
 
 
 def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Context, direct: bool = True
-               ) -> tuple[layout_mod.Layout, list[list[list[int]]]]:
-    """(every process) Write this process's shards into the data file ``file_name`` of ``staging``."""
+               ) -> tuple[layout_mod.Layout, list[list[list[int]]], tuple[bytes, bytes] | None]:
+    """(every process) Write this process's shards into the data file ``file_name``
+    of ``staging``. Returns the layout, the checksums and, when encrypting, the
+    file's (salt, tags)."""
     with gcpause.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/gcpause.py
         layout = layout_mod.plan(snap, fmt.CHUNK_BYTES)
         sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
     if layout.size == 0:
-        return layout, sums
-    f = staging.create(file_name, direct=direct)
+        return layout, sums, None
+    seal = None if ctx.encryption_key is None else layout_mod.Sealing(
+        crypto.FileCipher(ctx.encryption_key, file_name), [b""] * len(layout.units))
+    f = staging.create(file_name, direct=direct and seal is None)
     futures: list[Future] = []
     try:
-        if f.sequential:  # an object: one streamed upload (the client runs its parts in parallel)
-            chunks = layout_mod.stream_units(layout, sums, ctx.job.abort)
-            futures = [ctx.pool.submit(f.write_stream, chunks, layout.size)]
-        else:
-            runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))
-            futures = [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, ctx.job.abort)
-                       for run in runs]
+        futures = _start_writes(f, layout, sums, ctx, seal)
         ctx.wait(futures)
         ctx.job.abort.check()
         futures.append(ctx.pool.submit(f.finish, layout.size))
         ctx.wait(futures[-1:])
     finally:
         _close_when_done(f, futures)
-    return layout, sums
+    return layout, sums, None if seal is None else (seal.cipher.salt, b"".join(seal.tags))
+
+
+def _start_writes(f: storage.DataSink, layout: layout_mod.Layout, sums: list[list[list[int]]], ctx: Context,
+                  seal: layout_mod.Sealing | None) -> list[Future]:
+    """Submit the writes of one data file: one stream (objects), or parallel runs (files)."""
+    abort = ctx.job.abort
+    if f.sequential:  # an object: one streamed upload (the client runs its parts in parallel)
+        chunks = (layout_mod.stream_units(layout, sums, abort) if seal is None
+                  else layout_mod.stream_sealed(layout, sums, abort, seal))
+        return [ctx.pool.submit(f.write_stream, chunks, layout.size)]
+    runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))
+    if seal is None:
+        return [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, abort) for run in runs]
+    firsts = [sum(len(r) for r in runs[:i]) for i in range(len(runs))]
+    return [ctx.pool.submit(layout_mod.write_sealed, f, run, first, sums, ctx.staging, abort, seal)
+            for run, first in zip(runs, firsts)]
 
 
 def _close_when_done(f: storage.DataSink, futures: list[Future]) -> None:
@@ -205,9 +222,13 @@ def _close_when_done(f: storage.DataSink, futures: list[Future]) -> None:
         fut.add_done_callback(one_done)
 
 
-def _commit(staging: storage.Staging, manifest: bytes, overwrite: bool, ctx: Context) -> None:
+def _commit(staging: storage.Staging, manifest: bytes, overwrite: bool, ctx: Context,
+            sealed: list[tuple[bytes, bytes]] | None = None) -> None:
     """(primary) Write the manifest durably (on the pool: bounded by the save's
-    deadline), then make the checkpoint visible, unless the save timed out."""
+    deadline; sealed with each file's salt and tags when encrypting), then make
+    the checkpoint visible, unless the save timed out."""
+    if ctx.encryption_key is not None:
+        manifest = crypto.seal_manifest(ctx.encryption_key, manifest, sealed or [])
     ctx.wait([ctx.pool.submit(staging.write_manifest, manifest)])
     ctx.job.begin_commit()
     staging.commit(overwrite)
@@ -225,7 +246,7 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
     loc = storage.Location.parse(path)
     if ctx.coord.process_count > 1:
         return _write_multi(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)
-    staging = storage.backend(loc).begin_save(loc)
+    staging = storage.backend(loc).begin_save(loc, None, ctx.modes)
     try:
         # Trees of many leaves: one pause of the cyclic collector for the whole
         # save (see jaxckpt/gcpause.py). Paused stage by stage, each stage's
@@ -235,13 +256,13 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
         # so it is kept to such trees, whose saves are short.
         with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
             name = staging.data_name(layout_mod.data_file_name(0))
-            layout, sums = write_data(snap, staging, name, ctx)
+            layout, sums, sealed = write_data(snap, staging, name, ctx)
             files = [fmt.FileRecord(name, layout.size)] if layout.size else []
             metadata = with_per_process(metadata, ctx.per_process, [ctx.per_process and ctx.per_process[1]])
             manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], str(loc))
             size = layout.size
             del layout, sums  # a unit per shard: gone before the collector runs again
-            _commit(staging, manifest, overwrite, ctx)
+            _commit(staging, manifest, overwrite, ctx, [sealed] if sealed else [])
             return WriteResult(size, len(files) + 1)
     except BaseException:
         ctx.job.try_abort()  # stop workers still writing into the staging area
@@ -267,8 +288,9 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
         if staging is None:
             staging = _join_multi(loc, ctx)
         name = staging.data_name(layout_mod.data_file_name(coord.process_index))
-        layout, sums = write_data(snap, staging, name, ctx)
+        layout, sums, sealed = write_data(snap, staging, name, ctx)
         report = {"ok": True, "file": name, "size": layout.size, "value": ctx.per_process and ctx.per_process[1],
+                  "sealed": list(sealed) if sealed else None,
                   "shards": _own_shards(snap, layout, sums)}
     except BaseException as e:
         ctx.job.try_abort()
@@ -297,7 +319,7 @@ def _begin_multi(loc: storage.Location, ctx: Context) -> storage.Staging | None:
     """(primary) Begin the save under a name derived from its key and publish the token; None elsewhere."""
     if not ctx.coord.is_primary:
         return None
-    staging = storage.backend(loc).begin_save(loc, hashlib.sha256(ctx.key.encode()).hexdigest()[:16])
+    staging = storage.backend(loc).begin_save(loc, hashlib.sha256(ctx.key.encode()).hexdigest()[:16], ctx.modes)
     ctx.coord.set(f"{ctx.key}/tmp", staging.token.encode())
     return staging
 
@@ -308,7 +330,7 @@ def _join_multi(loc: storage.Location, ctx: Context) -> storage.Staging:
     token = coord.get(f"{ctx.key}/tmp", ctx.deadline, f"process 0 to start the save of {ctx.job.label}",
                       from_process=0).decode()
     try:
-        return storage.backend(loc).join_save(loc, token)
+        return storage.backend(loc).join_save(loc, token, ctx.modes)
     except CheckpointError as e:
         raise CheckpointError(f"{coord.tag()} {e}") from None
 
@@ -320,7 +342,7 @@ def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metada
     reports = [report] + [
         msgpack.unpackb(coord.get(f"{key}/report/{p}", ctx.deadline, f"process {p} to write its shards of {label}",
                                   from_process=p)) for p in range(1, coord.process_count)]
-    files, shards = [], []
+    files, shards, sealed = [], [], []
     for p, r in enumerate(reports):
         if not r["ok"]:
             raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
@@ -328,9 +350,11 @@ def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metada
             staging.check_visible(r["file"], r["size"], p)
             shards.extend((len(files), s if p == 0 else _from_report(s)) for s in r["shards"])
             files.append(fmt.FileRecord(r["file"], r["size"]))
+            if ctx.encryption_key is not None:
+                sealed.append(tuple(r["sealed"]))
     metadata = with_per_process(metadata, ctx.per_process, [r.get("value") for r in reports])
     manifest = _manifest(snap, metadata, files, shards, str(loc), full_check=True)
-    _commit(staging, manifest, overwrite, ctx)
+    _commit(staging, manifest, overwrite, ctx, sealed)
     return WriteResult(sum(f.size for f in files), len(files) + 1)
 
 
