@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
      "multihost"},
     {"tree"},                                          # pytree flattening
     {"snapshot", "hostcopy"},                          # device -> host
-    {"format"},                                        # manifest <-> bytes, pure
+    {"format", "crypto"},                              # manifest <-> bytes, pure; encryption
     {"storage", "posix", "posixdirs", "posixfs", "lock",
      "objclient", "objstore", "objlock", "s3client", "gcsclient"},  # bytes <-> files (objects), the commit
     {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
