@@ -199,11 +199,12 @@ class Sealing(NamedTuple):
 def write_sealed(f: storage.DataSink, run: tuple[Unit, ...], first: int, sums: list[list[list[int]]],
                  pool: StagingPool, abort: Abort, seal: Sealing) -> None:
     """``write_run`` of an encrypted save: each unit (``first`` is the layout index
-    of ``run[0]``) checksummed, encrypted into a staging buffer at its offset
-    (zeros between units), written with buffered positioned writes."""
+    of ``run[0]``) checksummed and encrypted into a page-aligned staging buffer
+    at its offset (zeros between units), written block-aligned (``O_DIRECT``
+    where the storage allows)."""
     buf = pool.get()
     mv, size = memoryview(buf), buf.nbytes
-    base, fill = run[0].offset, 0
+    base, fill = run[0].offset, 0  # base: aligned (split_runs), and advanced by whole buffers
     try:
         for i, u in enumerate(run):
             if not i & 15:
@@ -212,23 +213,25 @@ def write_sealed(f: storage.DataSink, run: tuple[Unit, ...], first: int, sums: l
             sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
             enc = seal.cipher.encryptor(first + i, u.offset, u.src.nbytes)
             src, offset = memoryview(u.src), u.offset
-            while True:
+            while len(src):
                 rel = offset - base
-                if rel >= size:  # the buffer is full: write it, go on from here
-                    f.pwrite(mv[:fill], base)
-                    base, fill, rel = offset, 0, 0
-                mv[fill:rel] = _ZEROS[:rel - fill]  # alignment padding (< one block)
+                if rel >= size:  # the buffer is full: write it, go on in the next one
+                    buf[fill:] = 0
+                    f.pwrite(mv, base, direct=f.direct)
+                    base, fill = base + size, 0
+                    continue
+                buf[fill:rel] = 0  # alignment padding (less than a block)
                 n = min(len(src), size - rel)
                 for a in range(0, n, _PIECE):  # the cipher holds the GIL: pieces, others run between
                     enc.update_into(src[a:min(a + _PIECE, n)], mv[rel + a:rel + min(a + _PIECE, n)])
                     let_others_run()
                 fill, offset, src = rel + n, offset + n, src[n:]
-                if not len(src):
-                    break
             enc.finalize()
             seal.tags[first + i] = enc.tag
         if fill:
-            f.pwrite(mv[:fill], base)
+            end = _align(fill, memory.ALIGN)  # up to the next block: before the next run's (aligned) start
+            buf[fill:end] = 0
+            f.pwrite(mv[:end], base, direct=f.direct)
     finally:
         pool.put(buf)
 

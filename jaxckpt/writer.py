@@ -170,7 +170,7 @@ def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Co
         return layout, sums, None
     seal = None if ctx.encryption_key is None else layout_mod.Sealing(
         crypto.FileCipher(ctx.encryption_key, file_name), [b""] * len(layout.units))
-    f = staging.create(file_name, direct=direct and seal is None)
+    f = staging.create(file_name, direct=direct)
     futures: list[Future] = []
     try:
         futures = _start_writes(f, layout, sums, ctx, seal)
