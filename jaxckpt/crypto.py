@@ -107,6 +107,14 @@ class FileCipher:
         self.name = name
         self.salt = os.urandom(16) if salt is None else salt
         self._key = _derive(key, self.salt, _DATA_INFO)
+        self._aead = self.lib.AESGCM(self._key)  # small chunks in one call each (5 us vs 30 us a stream here)
+
+    def encrypt_small(self, index: int, offset: int, src: memoryview, dst: memoryview) -> bytes:
+        """Encrypt a chunk of at most ``PIECE`` bytes in one call into ``dst``, which
+        has room for 16 bytes more (overwritten: the tag, returned)."""
+        n = len(src)
+        self._aead.encrypt_into(_nonce(index), src, _aad(self.name, offset, n), dst[:n + TAG])
+        return bytes(dst[n:n + TAG])
 
     def encryptor(self, index: int, offset: int, length: int) -> Any:
         """A streaming encryptor of chunk ``index`` (``length`` bytes at ``offset``):
@@ -123,16 +131,19 @@ class FileCipher:
         enc.finalize()
         return enc.tag
 
-    def decrypt(self, index: int, offset: int, buf: memoryview, tag: bytes, where: str) -> None:
-        """Decrypt ``buf`` in place; ``CorruptCheckpointError`` naming ``where`` if its tag fails."""
+    def decrypt(self, index: int, offset: int, buf: memoryview, tag: bytes) -> None:
+        """Decrypt ``buf`` in place; ``CorruptCheckpointError`` if its tag fails."""
         lib = self.lib
-        dec = lib.Cipher(lib.algorithms.AES(self._key), lib.modes.GCM(_nonce(index), tag)).decryptor()
-        dec.authenticate_additional_data(_aad(self.name, offset, len(buf)))
-        _pieces(dec, buf, buf)
         try:
+            if len(buf) <= PIECE:  # one call (the input is a copy: ciphertext and tag must be contiguous)
+                self._aead.decrypt_into(_nonce(index), bytes(buf) + tag, _aad(self.name, offset, len(buf)), buf)
+                return
+            dec = lib.Cipher(lib.algorithms.AES(self._key), lib.modes.GCM(_nonce(index), tag)).decryptor()
+            dec.authenticate_additional_data(_aad(self.name, offset, len(buf)))
+            _pieces(dec, buf, buf)
             dec.finalize()
         except lib.InvalidTag:
-            raise CorruptCheckpointError(f"{where}: the chunk at offset {offset} ({len(buf)} bytes) fails its "
+            raise CorruptCheckpointError(f"the chunk at offset {offset} ({len(buf)} bytes) fails its "
                                          "authentication tag: altered, moved or from another checkpoint") from None
 
 

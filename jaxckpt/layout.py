@@ -211,8 +211,14 @@ def write_sealed(f: storage.DataSink, run: tuple[Unit, ...], first: int, sums: l
                 abort.check()
                 let_others_run()
             sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
-            enc = seal.cipher.encryptor(first + i, u.offset, u.src.nbytes)
             src, offset = memoryview(u.src), u.offset
+            rel = offset - base
+            if len(src) <= _PIECE and rel + len(src) + 16 <= size:  # the common small unit: one call
+                buf[fill:rel] = 0
+                seal.tags[first + i] = seal.cipher.encrypt_small(first + i, offset, src, mv[rel:])
+                fill = rel + len(src)  # (the tag's 16 bytes after it are overwritten or zeroed)
+                continue
+            enc = seal.cipher.encryptor(first + i, u.offset, u.src.nbytes)
             while len(src):
                 rel = offset - base
                 if rel >= size:  # the buffer is full: write it, go on in the next one
@@ -249,8 +255,14 @@ def stream_sealed(layout: Layout, sums: list[list[list[int]]], abort: Abort, sea
             let_others_run()
         yield from _zeros(u.offset - pos)
         sums[u.leaf][u.shard][u.chunk] = fmt.checksum(u.src)
-        enc = seal.cipher.encryptor(i, u.offset, u.src.nbytes)
         src = memoryview(u.src)
+        if len(src) <= _PIECE:
+            out = bytearray(len(src) + 16)
+            seal.tags[i] = seal.cipher.encrypt_small(i, u.offset, src, memoryview(out))
+            yield memoryview(out)[:len(src)]
+            pos = u.offset + u.src.nbytes
+            continue
+        enc = seal.cipher.encryptor(i, u.offset, u.src.nbytes)
         for a in range(0, len(src), _PIECE):
             piece = src[a:a + _PIECE]
             out = bytearray(len(piece))

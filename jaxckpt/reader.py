@@ -111,7 +111,7 @@ class CheckpointReader:
     # ------------------------------------------------------------ executing
     def _verify(self, op: readplan.Op, data) -> None:
         if self._opener is not None:
-            self._opener.decrypt(op.file, op.offset, data, op.checksum, f"{self._name(op.file)}: leaf {op.leaf!r}")
+            self._opener.decrypt(op.file, op.offset, data, op.checksum, self._name, op.leaf)
         if op.checksum is not None:
             self._check(op.file, op.offset, data, op.checksum, op.leaf, op.chunk)
 
@@ -149,7 +149,7 @@ class CheckpointReader:
             checksum = fmt.checksum
             for lo, hi, want, leaf, chunk in parts:
                 if self._opener is not None:
-                    self._opener.decrypt(first.file, base + lo, dest[lo:hi], want, f"{name}: leaf {leaf!r}")
+                    self._opener.decrypt(first.file, base + lo, dest[lo:hi], want, self._name, leaf)
                 if want is not None and checksum(dest[lo:hi]) != want:
                     self._check(first.file, base + lo, dest[lo:hi], want, leaf, chunk)  # raises
             return sum(hi - lo for lo, hi, *_ in parts)
@@ -235,10 +235,16 @@ class _Opener:
             if len(tags) != crypto.TAG * len(c):
                 raise CorruptCheckpointError(f"{where}: {f.name}: {len(tags) // crypto.TAG} tags for {len(c)} chunks")
 
-    def decrypt(self, file: int, offset: int, buf, checksum: int | None, where: str) -> None:
-        """Decrypt the whole chunk at ``offset`` of ``file`` in place (``buf``), checking its tag."""
+    def decrypt(self, file: int, offset: int, buf, checksum: int | None, name: Callable[[int], str],
+                leaf: str) -> None:
+        """Decrypt the whole chunk at ``offset`` of ``file`` in place (``buf``), checking
+        its tag; errors name the file (``name(file)``) and ``leaf``."""
         i = self._index[file].get(offset)
         if i is None or checksum is None:  # the plan reads whole chunks of an encrypted checkpoint
-            raise CorruptCheckpointError(f"{where}: no encrypted chunk starts at offset {offset}")
-        self._ciphers[file].decrypt(i, offset, memoryview(buf).cast("B"), self._tags[file][i * crypto.TAG:(i + 1) * crypto.TAG],
-                                    where)
+            raise CorruptCheckpointError(f"{name(file)}: leaf {leaf!r}: no encrypted chunk starts at offset {offset}")
+        tag = self._tags[file][i * crypto.TAG:(i + 1) * crypto.TAG]
+        view = buf if isinstance(buf, memoryview) and buf.format == "B" else memoryview(buf).cast("B")
+        try:
+            self._ciphers[file].decrypt(i, offset, view, tag)
+        except CorruptCheckpointError as e:
+            raise CorruptCheckpointError(f"{name(file)}: leaf {leaf!r}: {e}") from None
