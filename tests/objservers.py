@@ -214,7 +214,7 @@ def _child_env(home: Path) -> dict[str, str]:
 
 def _fresh_dir(parent, name: str) -> Path:
     """A new, empty directory ``parent/name`` (``name-1``, ``name-2``, ... if taken)."""
-    parent = Path(parent)
+    parent = Path(parent).resolve()  # the servers run with their own cwd
     d, i = parent / name, 0
     while d.exists():
         i += 1
