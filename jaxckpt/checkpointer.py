@@ -229,6 +229,8 @@ class AsyncCheckpointer:
         self.modes = storage.Modes(file_mode, dir_mode)
         if not callable(encryption_key):
             crypto.resolve_key(encryption_key)  # a bad key fails here, not at the first save
+        if encryption_key is not None:
+            crypto.load()  # the cipher library, imported now rather than during the first save
         self.copy_cpu_arrays = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
         self._copies = hostcopy.CpuCopies(self.copy_cpu_arrays, thread_setup=_background_priority)
         self._io = ThreadPoolExecutor(self.max_workers, thread_name_prefix="jaxckpt-io", initializer=_background_priority)

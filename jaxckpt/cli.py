@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import pprint
 import sys
@@ -100,8 +99,7 @@ def _require_dir(path: str) -> None:
 
 
 def _exists(path: str) -> bool:
-    loc = storage.Location.parse(path)
-    return storage.backend(loc).exists(loc)
+    return storage.backend(storage.Location.parse(path)).exists(storage.Location.parse(path))
 
 
 def _base_name(path: str) -> str:
@@ -256,27 +254,6 @@ def _format_metrics(metrics: dict | None) -> str:
     return " ".join(f"{k}={_format_value(v)}" for k, v in metrics.items())
 
 
-def _jsonable(v: Any) -> Any:
-    """Plain JSON: bytes as hex, complex as [re, im], NaN/inf as strings (strict parsers reject them)."""
-    if isinstance(v, float) and not math.isfinite(v):
-        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
-    if isinstance(v, complex):
-        return [_jsonable(v.real), _jsonable(v.imag)]
-    if isinstance(v, (bytes, bytearray)):
-        return bytes(v).hex()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return v
-
-
-def _table(rows: list[list[str]], out: Any) -> None:
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip(), file=out)
-
-
 def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
     d = _check_location(args.dir)
     _require_dir(d)
@@ -310,9 +287,9 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
                             "reason": meta.reason, "metadata": meta.metadata, "path": meta.path,
                             "jax_version": meta.jax_version, "jaxckpt_version": meta.jaxckpt_version})
     if args.json:
-        print(json.dumps(_jsonable(records), indent=2), file=out)
+        print(json.dumps(display.jsonable(records), indent=2), file=out)
     elif rows:
-        _table([["STEP", "EPOCH", "TIME", "SIZE", "METRICS", "REASON"]] + rows, out)
+        display.text_table([["STEP", "EPOCH", "TIME", "SIZE", "METRICS", "REASON"]] + rows, out)
     else:
         others = find_checkpoints(d)[1]
         hint = (f" ({len(others)} checkpoint directories are not named by step, e.g. "
@@ -348,7 +325,7 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
                "leaves": [{"path": x.path, "kind": x.kind, "shape": list(x.shape), "dtype": x.dtype,
                            "nbytes": x.nbytes, **({"value": x.value} if x.kind == "value" else {})}
                           for x in info.leaves]}
-        print(json.dumps(_jsonable(doc), indent=2), file=out)
+        print(json.dumps(display.jsonable(doc), indent=2), file=out)
         return EXIT_OK
     print(info.path, file=out)
     if info.format_version is None:  # a foreign format
@@ -359,7 +336,7 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     print(f"  {len(info.leaves)} leaves, {display.format_bytes(info.total_bytes)}", file=out)
     print(file=out)
     if info.leaves:
-        _table([["KEY PATH", "SHAPE", "DTYPE", "SIZE"]] + [_leaf_row(x) for x in info.leaves], out)
+        display.text_table([["KEY PATH", "SHAPE", "DTYPE", "SIZE"]] + [_leaf_row(x) for x in info.leaves], out)
         print(file=out)
     if info.metadata is None:
         print("metadata: none", file=out)
@@ -380,6 +357,7 @@ def _key(args: argparse.Namespace) -> bytes | None:
 
 
 def _read_key(path: str | None) -> bytes | None:
+    """A key file's raw bytes (a trailing newline after 16, 24 or 32 bytes is dropped)."""
     if path is None:
         return None
     try:

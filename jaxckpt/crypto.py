@@ -47,7 +47,13 @@ _DATA_INFO, _MANIFEST_INFO, _FP_INFO = b"jaxckpt data v2", b"jaxckpt manifest v2
 Key = bytes | Callable[[], bytes]
 
 
+_LIB: Any = None
+
+
 def _lib() -> Any:
+    global _LIB
+    if _LIB is not None:
+        return _LIB
     try:
         from cryptography.hazmat.primitives import hashes
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -56,8 +62,14 @@ def _lib() -> Any:
         from cryptography.exceptions import InvalidTag
     except ImportError:
         raise UnsupportedValueError(f"encrypted checkpoints need the cryptography package: {INSTALL}") from None
-    return type("lib", (), dict(hashes=hashes, Cipher=Cipher, algorithms=algorithms, modes=modes, AESGCM=AESGCM,
+    _LIB = type("lib", (), dict(hashes=hashes, Cipher=Cipher, algorithms=algorithms, modes=modes, AESGCM=AESGCM,
                                 HKDF=HKDF, InvalidTag=InvalidTag))
+    return _LIB
+
+
+def load() -> None:
+    """Import the cipher library now (``UnsupportedValueError`` naming the install line if missing)."""
+    _lib()
 
 
 def resolve_key(key: Key | None) -> bytes | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import datetime
 import html
+import math
+from typing import Any
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -57,3 +59,25 @@ def html_table(header: tuple[str, ...] | None, rows: list[tuple[str, ...]], foot
         out.append(f'<tr><td colspan="{width}" {left}>{html.escape(footer)}</td></tr>')
     out.append("</table>")
     return "\n".join(out)
+
+
+def jsonable(v: Any) -> Any:
+    """Plain JSON: bytes as hex, complex as [re, im], NaN/inf as strings (strict parsers reject them)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return "NaN" if math.isnan(v) else ("Infinity" if v > 0 else "-Infinity")
+    if isinstance(v, complex):
+        return [jsonable(v.real), jsonable(v.imag)]
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    return v
+
+
+def text_table(rows: list[list[str]], out: Any) -> None:
+    """Print ``rows`` as left-aligned columns."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip(), file=out)

@@ -74,18 +74,12 @@ class Layout:
 
 
 def _head(path: str, n: int = 4096) -> bytes:
-    """The first ``n`` bytes of a regular file, ``b""`` if unreadable or not a
-    regular file (a FIFO planted there must not block the sniffing)."""
+    """The first ``n`` bytes of a regular file, ``b""`` if unreadable or not one (a FIFO must not block)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            return f.read(n) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else b""
     except OSError:
         return b""
-    try:
-        return os.pread(fd, n, 0) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
-    except OSError:
-        return b""
-    finally:
-        os.close(fd)
 
 
 def _subdirs(path: str) -> list[os.DirEntry]:
