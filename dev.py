@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Developer entry point; needs only Python 3 (>= 3.10) with venv and pip.
 
-    python3 dev.py demo     # create .venv, install, run the interrupted-and-resumed training demo
+    python3 dev.py demo     # create .venv, install, run the interrupted-and-resumed training demo (Flax, grain)
     python3 dev.py test     # create .venv, install, run the test suite
     python3 dev.py bench    # create .venv, install, run the quick benchmark
 

@@ -10,15 +10,22 @@ process, interleaved over rounds:
                 donate, then pooled copies)
   jaxckpt-view  the same with copy_cpu_arrays=False (CPU backend: zero-copy
                 views always, which keep a donating step from reusing buffers)
+  jaxckpt-auto  jaxckpt.CheckpointManager(save_interval_steps="auto",
+                max_overhead=0.02): the manager measures the step time and
+                each save's cost and picks the interval (target: <= 2.5%
+                measured overhead; the report gives the interval it chose)
   orbax    orbax CheckpointManager(save_interval_steps=K, async checkpointing)
 
 and reports steps/s and the slowdown against `none` of the same round.  The
 train step donates its state, as real training does.  Before the timed loop
 each manager saves twice in a scratch directory; the second save's total
 time ("one save") tells whether a save fits in the compute time of one
-interval.  One checkpoint per run is restored afterwards and compared with a
-host copy taken when it was saved (the copy's time is left out of the timing
-in every mode).
+interval (the auto mode skips this probe: it saves when it decides).  One
+checkpoint per run is restored afterwards and compared with a host copy taken
+when it was saved (the copy's time is left out of the timing in every mode).
+The auto mode's first saves are how it measures (one ~10 steps in, one ~10
+steps after that write ends), so runs of a few hundred steps (``--steps 400``)
+show its steady state better than the default 100.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ from pathlib import Path
 from . import machine, measure, subproc
 
 HERE = Path(__file__).resolve().parent
-MODES = ("none", "jaxckpt", "jaxckpt-view", "orbax")
+MODES = ("none", "jaxckpt", "jaxckpt-view", "jaxckpt-auto", "orbax")
+AUTO_MAX_OVERHEAD = 0.02
+AUTO_TARGET_PCT = 2.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,13 +115,15 @@ def _payload(state) -> dict:
 
 class _JaxckptManager:
     copy_cpu_arrays = None  # the default
+    auto = False
 
     def __init__(self, root: Path, interval: int):
         import jaxckpt
 
         self.root = root
-        self._mgr = jaxckpt.CheckpointManager(root, save_interval_steps=interval,
-                                              max_to_keep=None, async_save=True,
+        policy = ({"save_interval_steps": "auto", "max_overhead": AUTO_MAX_OVERHEAD} if self.auto
+                  else {"save_interval_steps": interval})
+        self._mgr = jaxckpt.CheckpointManager(root, **policy, max_to_keep=None, async_save=True,
                                               copy_cpu_arrays=self.copy_cpu_arrays)
 
     def save(self, step, tree):
@@ -170,7 +181,18 @@ class _JaxckptViewManager(_JaxckptManager):
     copy_cpu_arrays = False
 
 
-MANAGERS = {"jaxckpt": _JaxckptManager, "jaxckpt-view": _JaxckptViewManager, "orbax": _OrbaxManager}
+class _JaxckptAutoManager(_JaxckptManager):
+    """``save_interval_steps="auto"``, ``max_overhead=0.02``: the interval is the manager's choice."""
+    auto = True
+
+    def interval(self) -> dict:
+        choice = self._mgr.save_interval()
+        return {"steps": choice.steps, "bound": choice.bound, "step_time_s": choice.step_time_s,
+                "save_cost_s": choice.save_cost_s, "reason": choice.reason}
+
+
+MANAGERS = {"jaxckpt": _JaxckptManager, "jaxckpt-view": _JaxckptViewManager,
+            "jaxckpt-auto": _JaxckptAutoManager, "orbax": _OrbaxManager}
 
 
 def check_available(mode: str) -> str | None:
@@ -250,7 +272,8 @@ def run_child(spec: dict) -> dict:
     state_bytes = sum(a.nbytes for a in jax.tree.leaves(_payload(state)))
     manager_cls = MANAGERS.get(spec["mode"])
     result = {"mode": spec["mode"], "state_bytes": state_bytes, "steps": cfg.steps}
-    if manager_cls:
+    auto = getattr(manager_cls, "auto", False)
+    if manager_cls and not auto:
         result["one_save_s"] = _one_save_s(manager_cls, root / "probe", cfg.interval,
                                            _payload(state))
     mgr = manager_cls(root / "run", cfg.interval) if manager_cls else None
@@ -260,8 +283,10 @@ def run_child(spec: dict) -> dict:
     t0 = time.perf_counter()
     for i in range(1, cfg.steps + 1):
         state = step_fn(state, jnp.int32(i))
-        if mgr is not None:
-            saves += bool(mgr.save(i, _payload(state)))
+        saved = bool(mgr.save(i, _payload(state))) if mgr is not None else False
+        saves += saved
+        if auto and saved and saves == 1:
+            check_step = i  # the auto mode verifies its first save
         if i == check_step:
             # Wait for the queued steps inside the timed region (their compute
             # counts), then leave only the copy itself out: with asynchronous
@@ -276,6 +301,8 @@ def run_child(spec: dict) -> dict:
     loop_s = time.perf_counter() - t0 - excluded
     result |= {"loop_s": loop_s, "steps_per_s": cfg.steps / loop_s, "saves": saves}
     if mgr is not None:
+        if auto:
+            result["interval"] = mgr.interval()
         t_drain = time.perf_counter()
         mgr.wait()
         result["drain_s"] = time.perf_counter() - t_drain
@@ -309,7 +336,12 @@ def summarize(records: list[dict], cfg: Config, available: list[str]) -> dict:
                "state_bytes": ok[0]["state_bytes"], "rounds": len(ok)}
         if mode != "none":
             row["slowdown_pct"] = statistics.median(_slowdowns(records, mode) or [float("nan")])
-            row["one_save_s"] = statistics.median(r["one_save_s"] for r in ok)
+            if all("one_save_s" in r for r in ok):
+                row["one_save_s"] = statistics.median(r["one_save_s"] for r in ok)
+        if mode == "jaxckpt-auto":
+            row["intervals"] = [r["interval"]["steps"] for r in ok]
+            row["saves"] = [r["saves"] for r in ok]
+            row["save_cost_s"] = statistics.median(r["interval"]["save_cost_s"] or 0.0 for r in ok)
         out[mode] = row
     if "none" in out:
         out["interval_compute_s"] = cfg.interval / out["none"]["steps_per_s"]
@@ -317,7 +349,17 @@ def summarize(records: list[dict], cfg: Config, available: list[str]) -> dict:
 
 
 def target_lines(summary: dict) -> list[str]:
-    return [line for mode in ("jaxckpt",) for line in _targets(summary, mode)]
+    return [line for mode in ("jaxckpt",) for line in _targets(summary, mode)] + _auto_target(summary)
+
+
+def _auto_target(summary: dict) -> list[str]:
+    auto = summary.get("jaxckpt-auto")
+    if not auto:
+        return ["n/a: the auto mode did not run"]
+    ok = auto["slowdown_pct"] <= AUTO_TARGET_PCT
+    return [f"{'PASS' if ok else 'FAIL'}: jaxckpt-auto (max_overhead={AUTO_MAX_OVERHEAD}) slowdown "
+            f"{auto['slowdown_pct']:.1f}% <= {AUTO_TARGET_PCT}%; intervals chosen {auto['intervals']} steps, "
+            f"saves per run {auto['saves']}"]
 
 
 def _targets(summary: dict, mode: str) -> list[str]:
@@ -353,11 +395,15 @@ def render(data: dict) -> str:
     for mode in MODES:
         row = s.get(mode)
         if row is None:
-            why = data["unavailable"].get(mode, "failed (see JSON)")
+            why = data["unavailable"].get(mode, "failed (see JSON)" if mode in data.get("modes", MODES)
+                                          else "not run (--modes)")
             lines.append(f"| {mode} | n/a | n/a | n/a | n/a: {why} | 0 |")
             continue
         slow = f"{row['slowdown_pct']:+.1f}%" if "slowdown_pct" in row else "-"
         save = f"{row['one_save_s']:.3f} s" if "one_save_s" in row else "-"
+        if "intervals" in row:
+            save = (f"cost {row['save_cost_s']:.3f} s; every {'/'.join(map(str, row['intervals']))} "
+                    "steps (chosen)")
         lines.append(f"| {mode} | {row['state_bytes'] / 2**20:.0f} MiB | "
                      f"{row['steps_per_s']:.2f} | {slow} | {save} | {row['rounds']} |")
     if "interval_compute_s" in s:
@@ -374,6 +420,7 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=None, help="timed steps per process")
     p.add_argument("--interval", type=int, default=None, help="save every K steps")
     p.add_argument("--quick", action="store_true", help="a tiny model: smoke test")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated modes to run (default: all)")
     p.add_argument("--scratch", default=str(HERE / ".scratch"))
     p.add_argument("--results", default=str(HERE / "results"))
     p.add_argument("--timeout", type=float, default=1200)
@@ -401,7 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         unavailable = info["unavailable"]
         for mode, why in unavailable.items():
             print(f"{mode}: not available ({why}); skipped", file=sys.stderr)
-        modes = [m for m in MODES if m not in unavailable]
+        asked = [m for m in args.modes.split(",") if m]
+        if [m for m in asked if m not in MODES] or "none" not in asked:
+            raise SystemExit(f"--modes: choose among {', '.join(MODES)}, 'none' included (the baseline)")
+        modes = [m for m in MODES if m in asked and m not in unavailable]
         for round_no in range(args.rounds):
             for mode in modes[round_no % len(modes):] + modes[:round_no % len(modes)]:
                 root = scratch / f"{mode}-r{round_no}"
@@ -415,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     data = {"command": "python -m benchmarks.train_overhead " + " ".join(argv),
             "started": started.isoformat(timespec="seconds"), "rounds": args.rounds,
             "config": dataclasses.asdict(cfg), "machine": machine.describe(HERE),
-            "backend": f"{info['backend']} ({info['device_kind']})", "unavailable": unavailable, "records": records,
+            "backend": f"{info['backend']} ({info['device_kind']})", "unavailable": unavailable, "modes": modes,
+            "records": records,
             "summary": summarize(records, cfg, modes)}
     out = Path(args.results) / f"{stem}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -431,6 +482,8 @@ def _progress(record: dict) -> str:
     if not record["ok"]:
         return f"{head}: FAILED: {record['error'].splitlines()[-1]}"
     extra = f", one save {record['one_save_s']:.3f} s" if "one_save_s" in record else ""
+    if "interval" in record:
+        extra += f", {record['saves']} saves, chose every {record['interval']['steps']} steps"
     return f"{head}: {record['steps_per_s']:.2f} steps/s{extra} ({record['wall_s']:.1f} s)"
 
 

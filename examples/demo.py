@@ -3,25 +3,30 @@
     python -m examples.demo                      # a simulated failure (an exception) at step 150
     python -m examples.demo --interrupt sigterm  # a preemption (SIGTERM) at step 150
 
-A small Flax (linen) MLP learns a regression task with optax on the CPU. The
-demo runs three things, each in a fresh process where it matters:
+A small Flax (linen) MLP learns a regression task with optax on the CPU, fed
+by a grain pipeline that shuffles a small in-memory dataset (reshuffled every
+epoch). The demo runs three things, each in a fresh process where it matters:
 
 1. run 1 trains with a ``CheckpointManager`` (async saves every 50 steps,
-   ``max_to_keep=3``, ``save_on_exception=True``) and is interrupted part-way:
-   by an exception (the manager saves the last state as an "exception"
-   checkpoint, then the process dies) or by SIGTERM (the manager saves at the
-   next step as a "preemption" checkpoint and the loop exits cleanly);
-2. run 2, a new process, resumes from the latest committed checkpoint and
-   finishes the run;
+   ``max_to_keep=3``, ``save_on_exception=True``), passing it the data
+   iterator at every ``save()``, and is interrupted part-way: by an exception
+   after the step's batch was drawn (the manager saves the last state, and
+   the iterator's state at that ``save()``, as an "exception" checkpoint, then
+   the process dies) or by SIGTERM (the manager saves at the next step as a
+   "preemption" checkpoint and the loop exits cleanly);
+2. run 2, a new process, resumes from the latest committed checkpoint (the
+   arrays, and the data iterator's position) and finishes the run;
 3. an uninterrupted run of the same training, for comparison.
 
 It prints the loss before and after the interruption, then checks that the
-state run 2 restored is bit-identical to the state run 1 saved, and that the
-resumed losses equal the uninterrupted run's bit for bit (batches are derived
-from the step number, so a resumed run sees the same data).
+state run 2 restored is bit-identical to the state run 1 saved, that every
+batch run 2 drew after the resume is bit-identical to the uninterrupted run's
+batch of that step, and that the resumed losses equal the uninterrupted run's
+bit for bit.
 
 Files go to ``--dir`` (default ``demo_run/``): ``ckpt/`` (the checkpoints) and
-``run1.json`` / ``run2.json`` (each run's losses and state fingerprint).
+``run1.json`` / ``run2.json`` (each run's losses, batch digests and state
+fingerprint).
 """
 
 from __future__ import annotations
@@ -41,11 +46,16 @@ MARKER = ".jaxckpt-demo"
 
 
 # ----------------------------------------------------------------------------- the training task
+EXAMPLES, BATCH = 4096, 256
+
+
 def make_task():
-    """Model, optimizer, initial state, train step and batches; all deterministic."""
+    """Model, optimizer, initial state, train step and the input pipeline; all deterministic."""
     import flax.linen as nn
+    import grain
     import jax
     import jax.numpy as jnp
+    import numpy as np
     import optax
     from flax.training import train_state
 
@@ -58,11 +68,13 @@ def make_task():
 
     model = MLP()
     teacher = jax.random.normal(jax.random.key(1), (8,)) / 2
-    data_key = jax.random.key(2)
+    x = jax.random.normal(jax.random.key(2), (EXAMPLES, 8))
+    records = np.asarray(jnp.concatenate([x, jnp.sin(x @ teacher)[:, None]], axis=1))  # features | target
 
-    def batch(step: int):
-        x = jax.random.normal(jax.random.fold_in(data_key, step), (256, 8))
-        return x, jnp.sin(x @ teacher)
+    def batches():
+        """A fresh iterator over the shuffled, repeated dataset, in batches (rows: 8 features, then the target)."""
+        ds = grain.MapDataset.source(records).shuffle(seed=3).repeat().batch(BATCH, drop_remainder=True)
+        return iter(ds.to_iter_dataset())
 
     def create_state():
         params = model.init(jax.random.key(0), jnp.zeros((1, 8)))
@@ -77,7 +89,7 @@ def make_task():
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         return state.apply_gradients(grads=grads), loss
 
-    return create_state, train_step, batch
+    return create_state, train_step, batches
 
 
 _TASK = None
@@ -88,6 +100,13 @@ def _task():
     if _TASK is None:
         _TASK = make_task()
     return _TASK
+
+
+def digest(batch: Any) -> str:
+    """A short sha256 of one batch's bytes."""
+    import numpy as np
+
+    return hashlib.sha256(np.ascontiguousarray(batch).tobytes()).hexdigest()[:16]
 
 
 def fingerprint(tree: Any) -> str:
@@ -118,30 +137,35 @@ def train(directory: str, steps: int, save_every: int, fail_at: int, interrupt: 
 
     logging.basicConfig(stream=sys.stdout, format="  %(name)s: %(message)s")
     logging.getLogger("jaxckpt").setLevel(logging.INFO)
-    create_state, train_step, batch = _task()
+    create_state, train_step, batches = _task()
     losses: dict[int, float] = {}
-    result: dict[str, Any] = {"losses": losses}
+    result: dict[str, Any] = {"losses": losses, "batches": {}}
+    data = batches()
     try:
         with jaxckpt.CheckpointManager(directory, save_interval_steps=save_every, max_to_keep=3,
                                        save_on_exception=True) as mgr:
             start = mgr.latest_step()
             if start is None:
                 state, start = create_state(), 0
-            else:
-                state = mgr.restore(target=jax.eval_shape(create_state))
+            else:  # the arrays, and the pipeline's position as run 1 saved it with that step
+                state = mgr.restore(target=jax.eval_shape(create_state), data_iterator=data)
                 result["resumed_from"] = start
                 result["resumed_fingerprint"] = fingerprint(state)
                 print(f"resumed from step {start} ({mgr.metadata(start).reason} checkpoint)", flush=True)
+                print(f"data iterator restored to {mgr.data_iterator_state(start)}", flush=True)
             for step in range(start + 1, steps + 1):
-                if step == fail_at and interrupt == "exception":
-                    raise SimulatedFailure(f"simulated failure at step {step}")
                 if step == fail_at and interrupt == "sigterm":
                     print(f"step {step}: SIGTERM arrives (a preemption notice from the scheduler)", flush=True)
                     os.kill(os.getpid(), signal.SIGTERM)
-                state, loss = train_step(state, *batch(step))
+                batch = next(data)
+                result["batches"][step] = digest(batch)
+                if step == fail_at and interrupt == "exception":  # after its batch was drawn
+                    raise SimulatedFailure(f"simulated failure at step {step}")
+                state, loss = train_step(state, batch[:, :8], batch[:, 8])
                 losses[step] = float(loss)
                 result["last_step"] = step
-                mgr.save(step, state, metrics={"loss": loss}, force=step == steps)  # the final state, always
+                mgr.save(step, state, data_iterator=data, metrics={"loss": loss},
+                         force=step == steps)  # the final state, always
                 if step % 25 == 0 or step == steps:
                     print(f"step {step:4d}  loss {losses[step]:.6f}", flush=True)
                 if mgr.reached_preemption(step):
@@ -153,19 +177,21 @@ def train(directory: str, steps: int, save_every: int, fail_at: int, interrupt: 
         with open(report, "w") as f:
             json.dump(result, f)
     if reference:  # in this process the train step is compiled already
-        result["reference"] = reference_losses(steps)
+        result["reference"], result["reference_batches"] = reference_run(steps)
         with open(report, "w") as f:
             json.dump(result, f)
 
 
-def reference_losses(steps: int) -> dict[int, float]:
-    """The same training, never interrupted, no checkpoints."""
-    create_state, train_step, batch = _task()
-    state, out = create_state(), {}
+def reference_run(steps: int) -> tuple[dict[int, float], dict[int, str]]:
+    """The same training, never interrupted, no checkpoints: (losses, batch digests)."""
+    create_state, train_step, batches = _task()
+    state, losses, seen, data = create_state(), {}, {}, batches()
     for step in range(1, steps + 1):
-        state, loss = train_step(state, *batch(step))
-        out[step] = float(loss)
-    return out
+        batch = next(data)
+        seen[step] = digest(batch)
+        state, loss = train_step(state, batch[:, :8], batch[:, 8])
+        losses[step] = float(loss)
+    return losses, seen
 
 
 # ----------------------------------------------------------------------------- the orchestration
@@ -211,7 +237,8 @@ def orchestrate(args: argparse.Namespace) -> int:
     _prepare(root)
     args.dir = os.path.join(root, "ckpt")
     how = "a simulated failure (exception)" if args.interrupt == "exception" else "a preemption (SIGTERM)"
-    print(f"jaxckpt demo: a Flax MLP trained for {args.steps} steps, interrupted by {how} at step {args.fail_at}, "
+    print(f"jaxckpt demo: a Flax MLP trained for {args.steps} steps on a shuffled grain pipeline "
+          f"({EXAMPLES} examples, batches of {BATCH}), interrupted by {how} at step {args.fail_at}, "
           f"then resumed.\ncheckpoints: {args.dir}\n")
     print("== run 1: train, saving asynchronously every", args.save_every, "steps (max_to_keep=3) ==")
     rc1 = _run_phase("run 1", args, os.path.join(root, "run1.json"), args.fail_at)
@@ -227,6 +254,12 @@ def orchestrate(args: argparse.Namespace) -> int:
     print("\n== an uninterrupted run of the same training, without checkpoints (run by run 2's process) ==")
     print(f"  {len(ref)} steps, final loss {ref.get(args.steps, float('nan')):.6f}")
     return _report(args, rc1, rc2, run1, run2, ref)
+
+
+def _same_batches(run1: dict, run2: dict) -> bool:
+    """Every batch either run drew equals the uninterrupted run's batch of that step, and run 2 drew some."""
+    ref = run2.get("reference_batches", {})
+    return bool(run2["batches"]) and all(ref.get(k) == v for run in (run1, run2) for k, v in run["batches"].items())
 
 
 def _report(args, rc1: int, rc2: int, run1: dict, run2: dict, ref: dict[int, float]) -> int:
@@ -250,6 +283,7 @@ def _report(args, rc1: int, rc2: int, run1: dict, run2: dict, ref: dict[int, flo
         "the state restored by run 2 is bit-identical to the state run 1 saved":
             run2.get("resumed_fingerprint") == run1.get("last_fingerprint"),
         "run 2 finished the run": rc2 == 0 and max(l2, default=-1) == args.steps,
+        "the batches after the resume equal the uninterrupted run's, bit for bit": _same_batches(run1, run2),
         "the resumed losses equal the uninterrupted run's, bit for bit": bool(l2) and all(
             l2[s] == ref.get(s) for s in l2) and all(l1[s] == ref.get(s) for s in l1),
     }

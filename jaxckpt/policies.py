@@ -7,9 +7,12 @@ name, and which names are steps).
 
 Records: on disk a step is a checkpoint whose manifest metadata is the step
 record (``step_record``): ``{"jaxckpt_manager": 1, "step", "epoch",
-"timestamp", "reason", "metrics", "jax_version", "jaxckpt_version", "user"}``.
-That record marks a checkpoint as written by a manager: only such checkpoints
-are ever rotated away. ``metadata_from`` reads it back as a ``StepMetadata``,
+"timestamp", "reason", "metrics", "jax_version", "jaxckpt_version", "user"}``,
+plus ``"data_iterator": [state of process 0, state of process 1, ...]`` when
+the step was saved with ``data_iterator=`` (each process's value, gathered by
+the save's coordination and committed with the arrays). That record marks a
+checkpoint as written by a manager: only such checkpoints are ever rotated
+away. ``metadata_from`` reads it back as a ``StepMetadata``,
 checked like any input from disk. ``StepSaveStats`` is what the log line of
 one committed save says.
 
@@ -40,7 +43,9 @@ from jaxckpt.errors import CorruptCheckpointError, UnsupportedValueError
 
 RECORD_KEY = "jaxckpt_manager"  # its presence in a manifest's metadata marks a manager's checkpoint
 RECORD_VERSION = 1
+DATA_ITERATOR_KEY = "data_iterator"  # the step record's per-process data-iterator states
 MAX_STEP = (1 << 63) - 1
+DEFAULT_MAX_OVERHEAD = 0.02  # save_interval_steps="auto": the share of training time saves may cost
 
 
 # ----------------------------------------------------------------------------- records
@@ -52,7 +57,10 @@ class StepMetadata:
     "preemption"); None for a checkpoint in the directory that no manager
     wrote (its ``metadata`` is then the manifest's raw metadata).
     ``timestamp``: seconds since the epoch when ``save()`` was called.
-    ``nbytes``: bytes of array data.
+    ``nbytes``: bytes of array data. ``data_iterator_states``: the
+    data-iterator state each process saved (index: process index), None when
+    the step was saved without one (``CheckpointManager.data_iterator_state``
+    returns this process's).
     """
     step: int
     epoch: int | None
@@ -64,6 +72,7 @@ class StepMetadata:
     jaxckpt_version: str | None
     path: str
     nbytes: int
+    data_iterator_states: tuple | None = None
 
     def __repr__(self) -> str:
         when = display.local_time(self.timestamp)
@@ -77,6 +86,8 @@ class StepMetadata:
             parts.append(f"metadata={self.metadata!r}")
         if self.jax_version or self.jaxckpt_version:
             parts.append(f"jax {self.jax_version}, jaxckpt {self.jaxckpt_version}")
+        if self.data_iterator_states is not None:
+            parts.append(f"data-iterator states of {len(self.data_iterator_states)} process(es)")
         return f"StepMetadata({', '.join(parts)})"
 
     def _repr_html_(self) -> str:
@@ -93,6 +104,8 @@ class StepMetadata:
             rows.append(("metadata", display.shorten(repr(self.metadata), 1000)))
         if self.jax_version or self.jaxckpt_version:
             rows.append(("versions", f"jax {self.jax_version}, jaxckpt {self.jaxckpt_version}"))
+        if self.data_iterator_states is not None:
+            rows.append(("data iterator", f"states of {len(self.data_iterator_states)} process(es)"))
         rows.append(("path", self.path))
         return "<b>StepMetadata</b>\n" + display.html_table(None, rows)
 
@@ -160,9 +173,11 @@ def metadata_from(raw: Any, step: int, path: str, created: float, nbytes: int) -
         raise CorruptCheckpointError(f"{where}: step record field {key!r}: expected {expected}, "
                                      f"found {type(v).__name__}")
 
+    states = field(DATA_ITERATOR_KEY, (list,))
     meta = StepMetadata(step, field("epoch", (int,)), float(field("timestamp", (int, float), optional=False)),
                         field("reason", (str,), optional=False), field("metrics", (dict,)), raw.get("user"),
-                        field("jax_version", (str,)), field("jaxckpt_version", (str,)), path, nbytes)
+                        field("jax_version", (str,)), field("jaxckpt_version", (str,)), path, nbytes,
+                        None if states is None else tuple(states))
     return meta, True
 
 
@@ -191,6 +206,15 @@ def seconds(name: str, v: Any) -> float | None:
     return float(v)
 
 
+def overhead_fraction(v: Any) -> float:
+    """``max_overhead``: a fraction of training time in (0, 1)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"max_overhead must be a number (a fraction of training time), got {type(v).__name__}")
+    if not 0 < v < 1:
+        raise ValueError(f"max_overhead must be a fraction of training time in (0, 1), got {v}")
+    return float(v)
+
+
 def as_step(step: Any, what: str = "step") -> int:
     """A step number as a Python int in [0, 2**63)."""
     if isinstance(step, bool):
@@ -207,20 +231,37 @@ def as_step(step: Any, what: str = "step") -> int:
 # ----------------------------------------------------------------------------- policies
 @dataclasses.dataclass(frozen=True)
 class SavePolicy:
-    """When a save is due. With no rule configured every step is due."""
-    interval_steps: int | None = None
+    """When a save is due. With no rule configured every step is due.
+    ``interval_steps="auto"``: the manager chooses the interval from
+    ``max_overhead`` (default 0.02) and ``mtbf`` (seconds), see
+    ``jaxckpt/interval.py``; ``due`` here answers for the other rules only."""
+    interval_steps: int | str | None = None
     interval_seconds: float | None = None
     on_steps: frozenset[int] = frozenset()
+    max_overhead: float | None = None
+    mtbf: float | None = None
 
     @classmethod
-    def build(cls, interval_steps: Any, interval_seconds: Any, on_steps: Collection[int] | None) -> "SavePolicy":
+    def build(cls, interval_steps: Any, interval_seconds: Any, on_steps: Collection[int] | None,
+              max_overhead: Any = None, mtbf: Any = None) -> "SavePolicy":
         steps = frozenset(as_step(s, "save_on_steps entry") for s in (on_steps or ()))
-        return cls(positive_int("save_interval_steps", interval_steps),
-                   seconds("save_interval_seconds", interval_seconds), steps)
+        auto = isinstance(interval_steps, str)
+        if auto and interval_steps != "auto":
+            raise ValueError(f"save_interval_steps must be an int or 'auto', got {interval_steps!r}")
+        if not auto and (max_overhead is not None or mtbf is not None):
+            raise ValueError("max_overhead= and mtbf= go with save_interval_steps='auto'")
+        if auto:
+            max_overhead = overhead_fraction(DEFAULT_MAX_OVERHEAD if max_overhead is None else max_overhead)
+        return cls("auto" if auto else positive_int("save_interval_steps", interval_steps),
+                   seconds("save_interval_seconds", interval_seconds), steps, max_overhead, seconds("mtbf", mtbf))
 
     def checked(self) -> "SavePolicy":
         """This policy with its fields checked (and converted) as ``build`` checks the keywords."""
-        return self.build(self.interval_steps, self.interval_seconds, self.on_steps)
+        return self.build(self.interval_steps, self.interval_seconds, self.on_steps, self.max_overhead, self.mtbf)
+
+    @property
+    def auto(self) -> bool:
+        return self.interval_steps == "auto"
 
     @property
     def every_step(self) -> bool:
@@ -229,7 +270,7 @@ class SavePolicy:
     def due(self, step: int, now: float, last_save: float) -> bool:
         if self.every_step:
             return True
-        if self.interval_steps is not None and step % self.interval_steps == 0:
+        if isinstance(self.interval_steps, int) and step % self.interval_steps == 0:
             return True
         if self.on_steps and step in self.on_steps:
             return True

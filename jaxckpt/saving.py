@@ -4,6 +4,7 @@ Threads: [T] the training thread, [S] the save's background thread.
 
 1. [T] ``StepSaver.save``: ``policies.check_values`` checks the caller's
    metrics and metadata, once (a bad value raises here, named);
+   ``dataiter.check`` the data-iterator state, if any;
    ``StepTable.claim`` refuses an existing step (unless ``overwrite``) and
    reserves it; ``policies.step_record`` builds the record around the checked
    values, so the checkpointer does not check it again.
@@ -22,7 +23,10 @@ Threads: [T] the training thread, [S] the save's background thread.
    rules no longer keep. A save that fails in the background leaves its
    handle in the table for the manager's next call to report.
 
-``save_last`` is the exception save: the last ``save()`` arguments, way b.
+``save_last`` is the exception save: the last ``save()`` arguments, way b
+(with the data-iterator state taken at that call: ``dataiter.take``).
+The data-iterator state goes to the checkpointer as ``per_process``, so
+that every process's value is committed with the arrays.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, Callable
 import jax
 
 from jaxckpt import checkpointer as ckpt_mod
+from jaxckpt import dataiter
 from jaxckpt import display
 from jaxckpt import policies
 from jaxckpt import storage
@@ -56,6 +61,7 @@ class SaveRequest:
     epoch: int | None
     metrics: Any
     metadata: Any
+    per_process: tuple[str, Any] | None = None  # ("data_iterator", this process's state): see dataiter.py
 
 
 def deleted_leaves(state: Any) -> tuple[int, int]:
@@ -88,6 +94,7 @@ class StepSaver:
         step = req.step
         epoch = None if req.epoch is None else as_step(req.epoch, "epoch")
         metrics = policies.check_values(req.metrics, req.metadata, f"{self._directory}: step {step}")
+        dataiter.check(req.per_process, f"{self._directory}: step {step}")
         name = self._naming.name(step, epoch)
         replaced = self._table.claim(step, name, overwrite)
         now = self._clock()
@@ -98,10 +105,11 @@ class StepSaver:
             if background:
                 on_commit = functools.partial(self._on_commit, step, name, record, replaced)
                 handle = self._ckptr.save(path, req.state, metadata=record, overwrite=overwrite, label=f"step {step}",
-                                          on_commit=on_commit, timeout=timeout, metadata_checked=True)
+                                          on_commit=on_commit, timeout=timeout, metadata_checked=True,
+                                          per_process=req.per_process)
                 self._table.attach(step, handle)
             else:
-                stats = self._save_here(path, req.state, record, overwrite)
+                stats = self._save_here(path, req, record, overwrite)
         except BaseException:
             self._table.fail(step)
             raise
@@ -111,11 +119,15 @@ class StepSaver:
         elif wait:
             handle.result()
 
-    @staticmethod
-    def _save_here(path: storage.Location, state: Any, record: dict, overwrite: bool) -> ckpt_mod.SaveStats:
-        """A synchronous save on the calling thread (numpy inputs are not copied)."""
+    def _save_here(self, path: storage.Location, req: SaveRequest, record: dict, overwrite: bool
+                   ) -> ckpt_mod.SaveStats:
+        """A synchronous save on the calling thread (numpy inputs are not copied), with
+        the manager's checkpointer's key and modes."""
         t0 = time.perf_counter()
-        res = ckpt_mod.save_sync(path, state, metadata=record, overwrite=overwrite, metadata_checked=True)
+        ck = self._ckptr
+        res = ckpt_mod.save_sync(path, req.state, metadata=record, overwrite=overwrite, metadata_checked=True,
+                                 per_process=req.per_process, encryption_key=ck.encryption_key,
+                                 file_mode=ck.modes.file, dir_mode=ck.modes.dir)
         total = time.perf_counter() - t0
         return ckpt_mod.SaveStats(total, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
 

@@ -207,8 +207,9 @@ class StepDirectory:
     """A manager's directory as storage shows it, read into a ``StepTable``."""
 
     def __init__(self, backend: storage.Backend, root: storage.Location, naming: StepNaming, table: StepTable,
-                 read_only: bool):
+                 read_only: bool, encryption_key: Any = None):
         self._backend = backend
+        self._key = encryption_key  # of encrypted steps (jaxckpt/crypto.py)
         self._root = root
         self._naming = naming
         self._table = table
@@ -246,7 +247,7 @@ class StepDirectory:
         hit = self._table.cached(name)
         if hit is None:
             try:
-                with reader_mod.CheckpointReader(loc) as r:
+                with reader_mod.CheckpointReader(loc, encryption_key=self._key) as r:
                     m = r.manifest
                     hit = metadata_from(m.metadata, step, path, m.created, m.total_bytes)
             except (CorruptCheckpointError, CheckpointNotFoundError):
@@ -296,7 +297,7 @@ class StepDirectory:
         deleted = False
         for s in candidates:
             try:
-                out = api.restore(self.step_location(s), target, partial=partial, mmap=mmap)
+                out = api.restore(self.step_location(s), target, partial=partial, mmap=mmap, encryption_key=self._key)
             except (CorruptCheckpointError, CheckpointNotFoundError) as e:
                 gone = self.gone(s)
                 if gone is not None:  # deleted, not damaged

@@ -32,7 +32,7 @@ def check_listed(directory, expect=lambda step: [values(step)]) -> list[int]:
     """Every listed step restores bit-exactly to one of ``expect(step)``; no
     directory named like a step is anything but a committed checkpoint.
     Returns the listed steps."""
-    with jaxckpt.CheckpointManager(directory, read_only=True) as ro:
+    with jaxckpt.CheckpointManager(directory, read_only=True, encryption_key=tw.KEY) as ro:
         steps = ro.all_steps()
         for s in steps:
             got = ro.restore(s)
@@ -51,8 +51,11 @@ def _delays(rng: random.Random):
         yield rng.uniform(0.0, 0.04) if rng.random() < 0.2 else rng.uniform(0.04, 0.6)
 
 
-def test_kill_9_torture(server, tmp_path):
-    kills = 300 if LONG else 30
+@pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
+def test_kill_9_torture(server, tmp_path, monkeypatch, encrypted):
+    if encrypted:  # the same torture once with encryption on (issue 18)
+        monkeypatch.setattr(tw, "KEY", tw.TEST_KEY)
+    kills = (300 if LONG else 30) if not encrypted else (100 if LONG else 12)
     rng = random.Random(20240906)
     d = str(tmp_path / "run")
     os.mkdir(d)
@@ -68,7 +71,7 @@ def test_kill_9_torture(server, tmp_path):
         stats["cycles_with_stale"] += bool(stale)
         stats["max_listed"] = max(stats["max_listed"], len(listed))
         log = str(tmp_path / f"cycle-{cycle}.log")
-        pid = server.fork("torture", dir=d, log=log, max_step=10**9)
+        pid = server.fork("torture", dir=d, log=log, max_step=10**9, key=tw.KEY.hex() if tw.KEY else None)
         time.sleep(next(delays))
         os.kill(pid, signal.SIGKILL)
         status = server.reap(pid)

@@ -1,4 +1,4 @@
-"""The README's demo command runs end to end: interrupted, resumed, bit-exact."""
+"""The README's demo command runs end to end: interrupted, resumed, bit-exact (state, batches, losses)."""
 
 import os
 import subprocess
@@ -20,7 +20,8 @@ def run_demo(workdir, *extra):
 
 
 CHECKS = ["run 1 was interrupted as planned", "the state restored by run 2 is bit-identical to the state run 1 saved",
-          "run 2 finished the run", "the resumed losses equal the uninterrupted run's, bit for bit"]
+          "run 2 finished the run", "the batches after the resume equal the uninterrupted run's, bit for bit",
+          "the resumed losses equal the uninterrupted run's, bit for bit"]
 
 
 @pytest.mark.parametrize("interrupt, saved_at, reason", [("exception", 69, "exception"), ("sigterm", 70, "preemption")])
@@ -30,6 +31,9 @@ def test_demo_interrupts_resumes_and_continues_the_curve(tmp_path, interrupt, sa
     for check in CHECKS + [f"run 2 resumed from the {interrupt} checkpoint at step {saved_at}"]:
         assert f"  OK     {check}" in lines
     assert f"[run 2] resumed from step {saved_at} ({reason} checkpoint)" in lines
+    # the grain pipeline's position as run 1 saved it: one batch drawn per step (the exception
+    # arrived after batch 70 was drawn; the state saved is that of save(69, ...))
+    assert f"[run 2] data iterator restored to {{'next_index': {saved_at}}}" in lines
     listing = [ln.split()[:3] for ln in lines if ln.startswith("  step ")]
     assert listing == [["step", "25", "interval"], ["step", "50", "interval"], ["step", str(saved_at), reason]]
     stopped = [ln for ln in lines if ln.endswith("<- run 1 stopped here")]

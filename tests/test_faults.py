@@ -132,6 +132,31 @@ def test_fault_at_every_call(base, tmp_path, monkeypatch, caplog, code, kind, di
         assert outcomes["logged"] > 0  # the rotation's rename-away and its fsync failed too
 
 
+@pytest.fixture(scope="module")
+def base_encrypted(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("faults-enc") / "base")
+    tw.KEY = tw.TEST_KEY
+    try:
+        tw.prepare(d)
+    finally:
+        tw.KEY = None
+    return d
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_fault_at_every_call_encrypted(base_encrypted, tmp_path, monkeypatch, caplog, kind):
+    """The same, once with encryption on (issue 18): EIO at every call."""
+    monkeypatch.setattr(tw, "KEY", tw.TEST_KEY)
+    caplog.set_level(logging.ERROR, logger="jaxckpt")
+    outcomes = {"raised": 0, "logged": 0, "absorbed": 0}
+    for scenario in ("save", "overwrite"):
+        for target in KINDS[kind]:
+            for i in range(_count(base_encrypted, tmp_path, target, monkeypatch, scenario)):
+                _one_fault(base_encrypted, tmp_path, monkeypatch, caplog, errno.EIO, scenario, target, i, outcomes)
+    print(f"\n{kind} EIO, encrypted: {outcomes}")
+    assert outcomes["raised"] > 0
+
+
 def _one_fault(base, tmp_path, monkeypatch, caplog, code, scenario, target, i, outcomes) -> None:
     d = str(tmp_path / f"{scenario}-{target}-{i}")
     shutil.copytree(base, d)

@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"layout", "writer", "readplan", "reader", "placement"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
     {"interop"},                                       # every format behind the public functions, convert
-    {"policies", "steps", "saving", "preemption", "manager"},  # when to save, what to keep
+    {"policies", "steps", "saving", "preemption", "manager", "interval", "dataiter"},  # when to save, what to keep
     {"__init__"},                                      # the public face
     {"cli", "__main__"},                               # the command line, over the public face
 ]

@@ -34,6 +34,8 @@ import nopickle
 from jaxckpt import libc, posixdirs, posixfs
 
 LONG = os.environ.get("JAXCKPT_LONG_TESTS") == "1"  # the long variants of the crash and concurrency tests
+KEY: bytes | None = None  # set: every manager of these tests encrypts (the suites run once with encryption)
+TEST_KEY = bytes(range(100, 132))
 
 # --------------------------------------------------------------------------- step values
 def values(step: int, version: int = 0) -> dict:
@@ -171,6 +173,8 @@ def hard_exit() -> None:
 
 # --------------------------------------------------------------------------- scenarios
 def open_manager(directory: str, **kw) -> jaxckpt.CheckpointManager:
+    if KEY is not None:
+        kw.setdefault("encryption_key", KEY)
     return jaxckpt.CheckpointManager(directory, max_to_keep=2, save_on_preemption=False, **kw)
 
 
@@ -217,7 +221,9 @@ class Log:
 def job_torture(args: dict, log: Log) -> None:
     """A training loop: resume from the latest step, save every step (async,
     max_to_keep=2) until ``args['max_step']`` or until killed."""
+    global KEY
     d = args["dir"]
+    KEY = bytes.fromhex(args["key"]) if args.get("key") else None
     mgr = open_manager(d)
     latest = mgr.latest_step()
     log("open", latest=latest, entries=sorted(os.listdir(d)))
