@@ -22,6 +22,7 @@ from jaxckpt import api
 from jaxckpt import arrayinfo
 from jaxckpt import checkpointer
 from jaxckpt import crypto
+from jaxckpt import display
 from jaxckpt import progress as progress_mod
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
@@ -258,7 +259,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
                       inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode).leaves]
             _module("safetensors").write_streamed(_local(dst, to), layout, ((k, _plain(k, v, to)) for k, v in items))
         elif to == "safetensors":  # jaxckpt / orbax values: mapped files / one restore, not streamed
-            _module("safetensors").write(_local(dst, to), [(k, _plain(k, v, to)) for k, v in items])
+            _module("safetensors").write(_local(dst, to), [(k, _plain(k, v, to)) for k, v in items],
+                                         metadata=_carried_metadata(src, src_fmt, storage_options, encryption_key))
         elif to == "orbax":
             _module("orbax").write(_local(dst, to), dict(items))
         elif src_fmt == "jaxckpt":
@@ -274,6 +276,16 @@ def _total_bytes(src: Any, src_fmt: str, storage_options: dict | None, encryptio
         return inspect(src, format=src_fmt, storage_options=storage_options,
                        encryption_key=encryption_key).total_bytes
     return os.path.getsize(_local(src, src_fmt))  # a file: its size is close enough for a bar
+
+
+def _carried_metadata(src: Any, src_fmt: str, storage_options: dict | None, encryption_key: Any
+                      ) -> dict[str, str] | None:
+    """A jaxckpt source's metadata for safetensors' ``__metadata__`` (str -> str: as JSON)."""
+    if src_fmt != "jaxckpt":
+        return None
+    import json
+    meta = api.inspect(src, storage_options=storage_options, encryption_key=encryption_key).metadata
+    return {"format": "jaxckpt", "jaxckpt_metadata": json.dumps(display.jsonable(meta), sort_keys=True)}
 
 
 def _counted(items: Iterable[tuple[str, Any]], bar: Any) -> Iterator[tuple[str, Any]]:

@@ -242,3 +242,18 @@ def test_file_and_directory_modes_as_requested(tmp_path):
             jaxckpt.save(tmp_path / "d", {"w": 1}, file_mode=0o10000)
     finally:
         os.umask(old)
+
+
+def test_lock_and_marker_files_follow_the_modes(tmp_path):
+    from jaxckpt import lock, posixdirs
+    old = os.umask(0o022)
+    try:
+        with jaxckpt.CheckpointManager(tmp_path / "run", file_mode=0o600, dir_mode=0o700) as mgr:
+            assert _mode(tmp_path / "run") == 0o700 and _mode(tmp_path / "run" / lock.LOCK_NAME) == 0o600
+            mgr.save(1, {"w": np.arange(4)}, force=True)
+            mgr.wait_until_finished()
+        assert _mode(tmp_path / "run" / "1") == 0o700 and _mode(tmp_path / "run" / "1" / MANIFEST_NAME) == 0o600
+        tmp = posixdirs.make_temp_dir(str(tmp_path / "x"), None, 0o600, 0o700)  # the owner marker of a save
+        assert _mode(tmp) == 0o700 and _mode(os.path.join(tmp, posixdirs.OWNER_FILE)) == 0o600
+    finally:
+        os.umask(old)

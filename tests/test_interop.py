@@ -155,9 +155,12 @@ def test_exports_are_read_by_the_target_libraries(sources, tmp_path):
     with ocp.StandardCheckpointer() as ck:
         back = ck.restore(tmp_path / "o", abstract)
     assert same(back["params"]["dense"]["bias"], flat["params/dense/bias"])
-    jaxckpt.convert(paths["jaxckpt"], tmp_path / "s.safetensors", to="safetensors")
+    jaxckpt.save(tmp_path / "m", nested(flat), metadata={"epoch": 3, "note": "x"})
+    jaxckpt.convert(tmp_path / "m", tmp_path / "s.safetensors", to="safetensors")
     loaded = safetensors.numpy.load_file(str(tmp_path / "s.safetensors"))
     assert same(loaded["params/dense/kernel"], flat["params/dense/kernel"])
+    with safetensors.safe_open(str(tmp_path / "s.safetensors"), "numpy") as f:  # jaxckpt metadata carried
+        assert f.metadata() == {"format": "jaxckpt", "jaxckpt_metadata": '{"epoch": 3, "note": "x"}'}
 
 
 def test_what_a_format_cannot_hold_is_named(tmp_path):
