@@ -117,7 +117,12 @@ def scenario_save(ctx: dict) -> dict:
     _in_step()
     with jaxckpt.AsyncCheckpointer(timeout=60, storage_options=ctx["options"]) as ck:
         ck.save(f"s3://{ctx['bucket']}/run/2", rtree).result()
-    return {"saved": ["run/1", "run/2"]}
+    _in_step()  # the same tree encrypted: each process encrypts its own data, process 0 the manifest
+    jaxckpt.save(f"s3://{ctx['bucket']}/enc/1", tree, encryption_key=ENCRYPTION_KEY)
+    return {"saved": ["run/1", "run/2", "enc/1"]}
+
+
+ENCRYPTION_KEY = bytes(range(32))
 
 
 def scenario_manager(ctx: dict) -> dict:

@@ -178,6 +178,18 @@ def test_restore_in_one_process_with_other_shardings(moto, saved, shape, specs):
     assert got["replicated"].sharding == tgt["replicated"].sharding
 
 
+def test_an_encrypted_save_by_two_processes_restores_resharded(moto, saved):
+    names = list_bucket(moto, "enc/1/")
+    assert sorted(data_objects(names)) == [0, 1]  # each process encrypted and uploaded its own shards
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    specs = {"w": P("b", "a"), "v": P("a"), "b": P(None), "replicated": P("b")}
+    got = jaxckpt.restore(f"s3://{BUCKET}/enc/1", _target(mesh, specs),
+                          storage_options=options(moto), encryption_key=ow.ENCRYPTION_KEY)
+    assert same(got, ow.global_values())
+    with pytest.raises(jaxckpt.DecryptionError):
+        jaxckpt.restore(f"s3://{BUCKET}/enc/1", storage_options=options(moto))
+
+
 def test_restore_without_target_as_numpy(moto, saved):
     got = jaxckpt.restore(f"s3://{BUCKET}/run/1", storage_options=options(moto))
     assert same(got, ow.global_values())
