@@ -21,6 +21,7 @@ from jaxckpt.errors import (
     UnsupportedValueError,
 )
 from jaxckpt.interop import convert, inspect, load_checkpoint, load_into, restore
+from jaxckpt.interval import SaveInterval
 from jaxckpt.manager import CheckpointManager
 from jaxckpt.policies import KeepPolicy, SavePolicy, StepMetadata
 from jaxckpt.version import VERSION as __version__
@@ -39,6 +40,7 @@ __all__ = [
     "LeafInfo",
     "LoadReport",
     "SaveHandle",
+    "SaveInterval",
     "SavePolicy",
     "SaveStats",
     "SaveTimeoutError",
