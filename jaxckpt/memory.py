@@ -21,9 +21,14 @@ ALIGN = 4096  # O_DIRECT alignment of offsets, lengths and buffers; a page
 HUGE_PAGE = 2 << 20
 
 
+def address(buf: memoryview) -> int:
+    """The address of a writable buffer's first byte."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
 def page_range(buf: memoryview) -> tuple[int, int]:
     """(start, length) of the whole pages under a writable buffer."""
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    addr = address(buf)
     page = mmap.PAGESIZE
     start = addr // page * page
     return start, -(-(addr + len(buf)) // page) * page - start

@@ -7,6 +7,7 @@ the writer lock). Implements ``storage.Backend``; see its call order.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any, Callable
 
 from jaxckpt import lock
@@ -58,6 +59,9 @@ class PosixData(storage.DataSource):
     def __init__(self, path: str, size: int):
         self.path = path
         self.fd = posixfs.open_regular(path)
+        self._direct_fd: int | None = None  # read_uncached_into's descriptor, opened on first use
+        self._direct_refused = False
+        self._lock = threading.Lock()
         found = os.fstat(self.fd).st_size
         if found < size:
             os.close(self.fd)
@@ -65,6 +69,29 @@ class PosixData(storage.DataSource):
 
     def read_into(self, buf: memoryview, offset: int, what: str) -> None:
         posixfs.pread_into(self.fd, buf, offset, what)
+
+    def read_uncached_into(self, buf: memoryview, offset: int, what: str) -> None:
+        fd = self._direct()
+        if fd < 0:
+            posixfs.pread_into(self.fd, buf, offset, what)
+        elif not posixfs.pread_direct_into(fd, self.fd, buf, offset, what):
+            self._direct_refused = True  # at read time (this buffer went buffered): buffered from now on
+
+    def _direct(self) -> int:
+        """An O_DIRECT descriptor of this same file (reopened through its own
+        descriptor, so the same inode), opened on first use; -1 where O_DIRECT
+        is unavailable."""
+        if self._direct_refused:
+            return -1
+        with self._lock:
+            if self._direct_fd is None:
+                self._direct_fd = -1
+                if posixfs.O_DIRECT:
+                    try:
+                        self._direct_fd = os.open(f"/proc/self/fd/{self.fd}", os.O_RDONLY | posixfs.O_DIRECT)
+                    except OSError:  # no /proc, or a filesystem without O_DIRECT
+                        pass
+            return self._direct_fd
 
     def readv_into(self, bufs: list[memoryview], offset: int, what: str) -> None:
         posixfs.preadv_into(self.fd, bufs, offset, what)
@@ -78,6 +105,9 @@ class PosixData(storage.DataSource):
             return None
 
     def close(self) -> None:
+        if self._direct_fd is not None and self._direct_fd >= 0:
+            os.close(self._direct_fd)
+        self._direct_fd = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from jaxckpt import memory
 from jaxckpt.errors import CorruptCheckpointError
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0: never tried (tests set it to force buffered writes)
@@ -110,6 +111,33 @@ def read_small(directory: str, name: str, cap: int) -> bytes:
         return data[:size]
     finally:
         os.close(fd)
+
+
+def pread_direct_into(direct_fd: int, fd: int, buf: memoryview, offset: int, path: str) -> bool:
+    """``pread_into`` through ``direct_fd`` (an O_DIRECT descriptor of the same
+    file) for the whole blocks of ``buf``, where its address and ``offset`` are
+    block-aligned, and through ``fd`` for the rest (the tail, a short read).
+    Returns False where the filesystem refused O_DIRECT at read time (EINVAL):
+    the whole buffer was then read through ``fd``."""
+    head = len(buf) // memory.ALIGN * memory.ALIGN
+    if offset % memory.ALIGN or memory.address(buf) % memory.ALIGN:
+        head = 0
+    done, ok = 0, True
+    while done < head:
+        try:
+            n = os.preadv(direct_fd, [buf[done:head]], offset + done)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise named(e, path)
+            ok = False
+            break
+        if n <= 0 or n % memory.ALIGN:  # the end of the file (a truncated file): the rest is read buffered
+            done += max(n, 0)
+            break
+        done += n
+    if done < len(buf):
+        pread_into(fd, buf[done:], offset + done, path)
+    return ok
 
 
 def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:

@@ -32,6 +32,7 @@ from jaxckpt.errors import CorruptCheckpointError
 
 
 MAX_MAPS = 16384  # mappings one reader makes at most (vm.max_map_count is 65530 by default)
+UNCACHED_BYTES = 1 << 20  # encrypted chunks this large are read past the page cache (_fill_op)
 
 
 class CheckpointReader:
@@ -122,16 +123,20 @@ class CheckpointReader:
                 f"{self._name(file)}: checksum mismatch in leaf {leaf!r}, chunk {chunk} (bytes at offset {offset}): "
                 f"expected xxh3 {checksum:#018x}, found {found:#018x}")
 
-    @staticmethod
-    def _fill_op(f: storage.DataSource, op: readplan.Op, where: str) -> None:
+    def _fill_op(self, f: storage.DataSource, op: readplan.Op, where: str) -> None:
         """Bring one op's bytes into its destination: populate a mapping (or,
         where the kernel refuses, read into its private pages), else read into
-        the fresh buffer after backing its pages in one call."""
+        the fresh buffer after backing its pages in one call. Encrypted chunks
+        of ``UNCACHED_BYTES`` or more bypass the page cache (read once, then
+        decrypted in place: a cached copy would only cost the kernel a copy)."""
         if op.mapped:
             if not memory.populate(op.dest, where, op.offset):
                 f.read_into(op.dest, op.offset, where)  # copy-on-write: private pages
+            return
+        memory.prefault(op.dest)
+        if self.encrypted and len(op.dest) >= UNCACHED_BYTES:
+            f.read_uncached_into(op.dest, op.offset, where)
         else:
-            memory.prefault(op.dest)
             f.read_into(op.dest, op.offset, where)
 
     def _run(self, group: list[readplan.Op]) -> int:

@@ -242,6 +242,13 @@ class DataSource(abc.ABC):
     def read_into(self, buf: memoryview, offset: int, what: str) -> None:
         """Fill ``buf`` from ``offset``; ``CorruptCheckpointError`` naming ``what`` if the data ends first."""
 
+    def read_uncached_into(self, buf: memoryview, offset: int, what: str) -> None:
+        """``read_into`` for bytes read once into memory that is not a view of the
+        file (an encrypted chunk, decrypted where it lands): bypassing the page
+        cache where the storage can (POSIX: O_DIRECT), which saves the kernel's
+        copy of every byte. By default the same as ``read_into``."""
+        self.read_into(buf, offset, what)
+
     @abc.abstractmethod
     def readv_into(self, bufs: list[memoryview], offset: int, what: str) -> None:
         """Fill consecutive ``bufs`` from ``offset`` (a scatter read)."""
