@@ -1,5 +1,6 @@
 """The :class:`~jaxckpt.objclient.ObjectClient` of one Google Cloud Storage
-bucket (``gs://bucket``), on ``google-cloud-storage`` (the JSON API).
+bucket (``gs://bucket``), on ``google-cloud-storage`` (the JSON API), with
+ranged data reads through obstore (the XML API).
 
 * ``put``: one upload (multipart up to 8 MiB, resumable above), with
   ``ifGenerationMatch=0`` for ``create`` and ``=<generation>`` for ``if_match``.
@@ -15,15 +16,19 @@ bucket (``gs://bucket``), on ``google-cloud-storage`` (the JSON API).
   so parts replaced by a concurrent writer of the key fail the call rather
   than mix. (Nearline/Coldline buckets bill parts their minimum duration.)
 * ``get``: metadata first (the ``cap`` check), then a download pinned to that
-  generation and checked by CRC32C. ``read_into``: one ranged download
-  written straight into the buffer.
+  generation and checked by CRC32C (google-cloud-storage).
+* ``read_into`` (the data reads of restores): one ranged GET through obstore's
+  ``GCSStore`` (``jaxckpt/gcsread.py``: same endpoint and credentials, retries
+  and timeouts from the same options), copied into the buffer. Keys obstore
+  would rewrite (see ``gcsread.parsable``) are read through google-cloud-storage.
 
 Errors: missing object ``objclient.NotFound``, missing bucket
 ``BucketNotFoundError``, 412 ``objclient.Conflict``, 401/403 and credential
 failures ``StorageAccessError`` (naming the credential source, never a
-secret), anything left after google's retries (5xx, 429, connection errors:
-exponential backoff within ``retry_deadline``) ``StorageError``. Each thread
-gets its own ``storage.Client`` (HTTP session); credentials are shared.
+secret), anything left after the retries (5xx, 429, connection errors:
+exponential backoff within ``retry_deadline``; obstore's for ``read_into``)
+``StorageError``. Each thread gets its own ``storage.Client`` (HTTP
+session); credentials are shared, with the reader too.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ import types
 import uuid
 from typing import Iterable, Iterator
 
-from jaxckpt import errors, objclient
+from jaxckpt import errors, gcsread, objclient
 
 # ``storage_options`` keys GcsClient accepts (see GcsClient's docstring).
 OPTION_KEYS = frozenset({"project", "endpoint", "credentials", "anonymous", "timeout", "retry_deadline"})
@@ -90,8 +95,7 @@ def _load_google(url: str) -> types.SimpleNamespace:
 class GcsClient(objclient.ObjectClient):
     """One GCS bucket. ``options`` are the user's ``storage_options``:
 
-    * ``"project"`` (str): the billing/quota project; by default the one of
-      the application-default credentials, if any (no call needs one).
+    * ``"project"`` (str): the billing/quota project (default: the ADC's; no call needs one).
     * ``"endpoint"`` (str): the API endpoint, e.g. an emulator
       ``"http://127.0.0.1:4443"`` or a private endpoint. Without it,
       ``STORAGE_EMULATOR_HOST`` is honoured as google's client does (and then
@@ -101,14 +105,12 @@ class GcsClient(objclient.ObjectClient):
     * ``"anonymous"`` (bool): send no credentials (public buckets, emulators).
       Unless it is False, a plain ``http://`` endpoint without
       ``"credentials"`` is anonymous too: no token is sent in clear text.
-    * ``"timeout"`` (seconds, or a ``(connect, read)`` pair): per request; default 60.
-    * ``"retry_deadline"`` (seconds): how long transient errors (5xx, 429,
-      connection errors) are retried with backoff in one call; default 120.
+    * ``"timeout"`` (seconds, or a ``(connect, read)`` pair): per request,
+      default 60; ``"retry_deadline"`` (seconds): how long transient errors
+      (5xx, 429, connection errors) are retried in one call, default 120.
 
-    Otherwise the application-default credentials (``google.auth.default()``)
-    are used. ``credential_source`` says in words which source was used.
-    ``list_page_size`` is the number of objects per ``list`` request.
-    """
+    Otherwise: application-default credentials (``google.auth.default()``);
+    ``credential_source`` says which. ``list_page_size``: objects per ``list``."""
 
     def __init__(self, bucket: str, options: dict | None = None, *, list_page_size: int = 1000):
         self.url = f"gs://{bucket}"
@@ -126,6 +128,8 @@ class GcsClient(objclient.ObjectClient):
         endpoint, self._credentials, project, self.credential_source = _resolve_auth(self._g, self.url, options)
         self._project = options.get("project", project)
         self._client_options = {"api_endpoint": endpoint} if endpoint else None
+        self._reader = gcsread.GcsReader(self.url, bucket, endpoint, self._credentials,  # the ranged data reads
+                                         self.credential_source, self._timeout, deadline, self._bucket_missing)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list = []
@@ -183,12 +187,11 @@ class GcsClient(objclient.ObjectClient):
             raise errors.StorageError(f"{self.describe(key)}: {type(e).__name__}: {_message(e)}") from e
 
     def _bucket_missing(self, exc: Exception) -> bool:
-        """Whether a 404 is about the bucket rather than the object: GCS says so
-        in the message; emulators may not, then one bucket lookup decides."""
+        """Whether a 404 is the bucket's, not the object's (the message, else one bucket lookup)."""
         text = _message(exc).lower()
         if "bucket does not exist" in text:
             return True
-        if "no such object" in text or self._bucket_seen:
+        if "no such object" in text or "nosuchkey" in text or self._bucket_seen:
             return False
         try:
             exists = self._bucket().exists(timeout=self._timeout, retry=self._retry)
@@ -338,6 +341,8 @@ class GcsClient(objclient.ObjectClient):
         view = _byte_view(buf)
         if not view.nbytes:
             return 0
+        if gcsread.parsable(key):
+            return self._reader.read_into(key, view, offset)
         writer = _ViewWriter(view)
         blob = self._bucket().blob(key)
         with self._translated(key):
@@ -391,7 +396,8 @@ class GcsClient(objclient.ObjectClient):
 
 # ---------------------------------------------------------------------- helpers
 def _resolve_auth(g: types.SimpleNamespace, url: str, options: dict):
-    """(endpoint or None, credentials, project or None, description of the source)."""
+    """(endpoint or None, credentials, project or None, description of the source),
+    for google's clients and the obstore reader alike."""
     endpoint = options.get("endpoint")
     from_env = endpoint is None and bool(os.environ.get("STORAGE_EMULATOR_HOST"))
     if from_env:
@@ -403,6 +409,8 @@ def _resolve_auth(g: types.SimpleNamespace, url: str, options: dict):
         if not isinstance(creds, g.auth.credentials.Credentials):
             raise ValueError(f"{url}: storage_options['credentials'] must be a "
                              f"google.auth.credentials.Credentials, not {type(creds).__name__}")
+        # Scoped here (google's Client would scope a copy of its own): the reader refreshes the same object.
+        creds = g.auth.credentials.with_scopes_if_required(creds, g.storage.Client.SCOPE)
         return endpoint, creds, None, "storage_options['credentials']"
     anonymous, wanted = g.auth.credentials.AnonymousCredentials(), options.get("anonymous")
     if wanted:

@@ -460,7 +460,7 @@ def start_fake_gcs(tmpdir, timeout: float = 30.0, attempts: int = 3) -> FakeGcsS
         endpoint = f"http://{HOST}:{port}"
         argv = [fake_gcs_binary(), "-scheme", "http", "-host", HOST, "-port", str(port),
                 "-backend", "filesystem", "-filesystem-root", str(d / "data"),
-                "-external-url", endpoint, "-public-host", f"{HOST}:{port}", "-log-level", "warn"]
+                "-external-url", endpoint, "-public-host", HOST, "-log-level", "warn"]  # any port: a FaultProxy in front has its own
         proc = _Subprocess(argv, cwd=d, log_path=d / "fake-gcs.log", env=_child_env(d))
         try:
             took = proc.wait_ready(endpoint + "/storage/v1/b", timeout, ok=lambda s: s == 200)

@@ -8,11 +8,13 @@ anonymous credentials.
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
 import gc
 import http.server
 import json
 import sys
 import threading
+import urllib.parse
 import uuid
 import warnings
 
@@ -23,6 +25,8 @@ import objservers
 from jaxckpt import errors, gcsclient, objclient
 
 pytest.importorskip("google.cloud.storage")
+import google.auth.credentials  # noqa: E402
+import google.auth.exceptions  # noqa: E402
 from google.auth.credentials import AnonymousCredentials  # noqa: E402
 
 BUCKET = "jaxckpt-gcs-test"
@@ -171,6 +175,133 @@ def test_read_into_fills_ranges_and_stops_at_the_end(client, prefix):
         client.read_into(prefix + "none", memoryview(buf), 0)
 
 
+# ---------------------------------------------------------------------- read_into through obstore
+class _Tokens(google.auth.credentials.Credentials):
+    """Real google-auth credentials (no network): each refresh mints a new
+    token, valid an hour; ``fail``: refreshes are refused."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__()
+        self.fail, self.refreshes = fail, 0
+
+    def refresh(self, request):
+        if self.fail:
+            raise google.auth.exceptions.RefreshError("invalid_grant: refused by the test")
+        self.refreshes += 1
+        self.token = f"secret-token-{self.refreshes}"
+        self.expiry = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None) + datetime.timedelta(hours=1)
+
+
+class _Recording(http.server.BaseHTTPRequestHandler):
+    """Records each request (method, unquoted path, headers by lower-case
+    name) in ``server.seen``; answers 403."""
+
+    def do_GET(self):
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        self.server.seen.append((self.command, urllib.parse.unquote(self.path), headers))
+        body = b"<?xml version='1.0'?><Error><Code>AccessDenied</Code><Message>denied</Message></Error>"
+        self.send_response(403)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def recording():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recording)
+    server.seen = []
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_read_into_is_bit_exact_at_any_offset(gcs, proxy, prefix):
+    c = make_client(proxy.endpoint)
+    data = random_bytes(3 * MIB + 12_345, seed=5)
+    c.put(prefix + "obj", memoryview(data))
+    size = data.nbytes
+    for offset, n in [(0, MIB), (1, 4097), (123_457, 2 * MIB + 3), (size - MIB, MIB), (size - 777, 4096),
+                      (size, 100), (size + 1, 100), (10 * size, 1)]:
+        buf = np.full(n, 0xEE, dtype=np.uint8)
+        proxy.reset_counts()
+        got = c.read_into(prefix + "obj", memoryview(buf), offset)
+        want = data[offset:offset + n]
+        assert got == want.nbytes and np.array_equal(buf[:got], want), (offset, n)
+        assert (buf[got:] == 0xEE).all() and proxy.counts == {"GET": 1}  # one ranged GET, no metadata
+    c.close()
+
+
+def test_reads_go_through_obstore(recording):
+    # A ranged GET of the XML API (GET /<bucket>/<key>, Range: bytes=a-b) is
+    # obstore's; google-cloud-storage reads /download/storage/v1/b/<bucket>/o/<key>.
+    c = make_client(f"http://127.0.0.1:{recording.server_address[1]}")
+    with pytest.raises(errors.StorageAccessError,
+                       match=r"gs://jaxckpt-gcs-test/dir/k: access refused with storage_options\['credentials'\]"):
+        c.read_into("dir/k", memoryview(bytearray(4)), 10)
+    ((method, path, headers),) = recording.seen
+    assert (method, path, headers.get("range")) == ("GET", f"/{BUCKET}/dir/k", "bytes=10-13")
+    assert "authorization" not in headers  # anonymous: unsigned
+    c.close()
+
+
+def test_obstore_reads_carry_the_google_auth_token_refreshed_once(gcs, recording, prefix):
+    creds = _Tokens()
+    c = gcsclient.GcsClient(BUCKET, {"endpoint": gcs.endpoint, "credentials": creds})
+    make_client(gcs.endpoint).put(prefix + "t", b"0123456789")  # the emulator ignores tokens
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        bufs = [bytearray(4) for _ in range(16)]
+        assert list(pool.map(lambda b: c.read_into(prefix + "t", memoryview(b), 3), bufs)) == [4] * 16
+    assert all(b == b"3456" for b in bufs) and creds.refreshes == 1  # one refresh, shared by every thread
+    c.close()
+    c = gcsclient.GcsClient(BUCKET, {"endpoint": f"http://127.0.0.1:{recording.server_address[1]}",
+                                     "credentials": creds})
+    with pytest.raises(errors.StorageAccessError) as info:
+        c.read_into("k", memoryview(bytearray(4)), 0)
+    assert recording.seen[-1][2]["authorization"] == "Bearer secret-token-1"
+    assert "secret-token" not in str(info.value)
+    c.close()
+
+
+def test_refused_token_refresh_is_a_storage_access_error(gcs):
+    c = gcsclient.GcsClient(BUCKET, {"endpoint": gcs.endpoint, "credentials": _Tokens(fail=True)})
+    with pytest.raises(errors.StorageAccessError,
+                       match=r"gs://jaxckpt-gcs-test/k: access refused with storage_options\['credentials'\].*invalid_grant"):
+        c.read_into("k", memoryview(bytearray(4)), 0)
+    c.close()
+
+
+def test_obstore_read_errors(gcs, client, prefix):
+    with pytest.raises(objclient.NotFound, match=f"^gs://{BUCKET}/{prefix}missing$"):
+        client.read_into(prefix + "missing", memoryview(bytearray(4)), 0)
+    c = make_client(gcs.endpoint, bucket="no-such-bucket-either")  # a read is its first request
+    with pytest.raises(errors.BucketNotFoundError, match="gs://no-such-bucket-either: bucket does not exist"):
+        c.read_into("k", memoryview(bytearray(4)), 0)
+    c.close()
+    with objservers.FaultProxy(gcs.endpoint, fail_fraction=1.0) as p:
+        c = make_client(p.endpoint, retry_deadline=1.0)
+        with pytest.raises(errors.StorageError, match=f"gs://{BUCKET}/k: could not read \\(after retries\\)"):
+            c.read_into("k", memoryview(bytearray(4)), 0)
+        assert p.counts["GET"] > 1  # retried
+        c.close()
+
+
+def test_keys_obstore_would_rewrite_are_read_by_google(client, prefix):
+    for key in (prefix + "a//b", prefix + "s/./t", prefix + "u/../v", "/" + prefix + "w"):
+        client.put(key, key.encode())
+        buf = bytearray(100)
+        assert client.read_into(key, memoryview(buf), 0) == len(key) and buf[:len(key)] == key.encode()
+
+
+def test_without_obstore_the_error_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "obstore", None)
+    with pytest.raises(errors.UnsupportedLocationError, match=r"gs://b: .*obstore.*pip install 'jaxckpt\[gcs\]'"):
+        gcsclient.GcsClient("b", {"anonymous": True})
+
+
 # ---------------------------------------------------------------------- list / delete
 def test_list_returns_every_page_of_a_prefix(gcs, proxy, prefix):
     c = make_client(proxy.endpoint)  # 3 objects a page
@@ -312,7 +443,8 @@ def test_refused_credentials_are_storage_access_errors():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         c = make_client(f"http://127.0.0.1:{server.server_address[1]}")
-        for call in (lambda: c.get("k", 10), lambda: c.put("k", b"1"), lambda: c.list("")):
+        for call in (lambda: c.get("k", 10), lambda: c.put("k", b"1"), lambda: c.list(""),
+                     lambda: c.read_into("k", memoryview(bytearray(4)), 0)):
             with pytest.raises(errors.StorageAccessError,
                                match=r"gs://jaxckpt-gcs-test/k?: access refused with storage_options\['credentials'\]"):
                 call()
