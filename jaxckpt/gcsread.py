@@ -125,12 +125,7 @@ class GcsReader:
             if "status code: 416" in str(e):
                 return 0  # the range starts at or past the end
             raise self._error(e, key) from None
-        data = memoryview(got).cast("B")
-        if data.nbytes > view.nbytes:
-            raise errors.StorageError(f"{self.url}/{key}: the server sent {data.nbytes} bytes, "
-                                      f"{view.nbytes} were asked for")
-        view[:data.nbytes] = data
-        return data.nbytes
+        return objclient.copy_into(view, got, f"{self.url}/{key}")
 
     def _error(self, exc: Exception, key: str) -> Exception:
         """The objclient / jaxckpt exception for obstore's ``exc`` (naming the

@@ -22,10 +22,27 @@ from __future__ import annotations
 import abc
 from typing import Iterable, NamedTuple
 
+import numpy as np
+
+from jaxckpt.errors import StorageError
+
 # Part size of multipart uploads and the size of one ranged GET: large enough
 # that request overhead is small (a few ms per request against ~20-100 ms of
 # transfer), small enough that several are in flight for a 100 MB object.
 PART_BYTES = 16 << 20
+
+
+def copy_into(view: memoryview, data, where: str) -> int:
+    """Copy ``data`` (the body of a ranged GET of ``where``, any buffer) to the
+    start of the byte ``view``; returns its length (``StorageError`` if it is
+    longer than asked for). Through numpy, which releases the GIL for the copy
+    (a memoryview assignment holds it: 16 MiB copies on two threads ran at
+    11 GB/s in all that way, 17 GB/s through numpy, here)."""
+    src = np.frombuffer(data, np.uint8)
+    if src.size > view.nbytes:
+        raise StorageError(f"{where}: the server sent {src.size} bytes, {view.nbytes} were asked for")
+    np.frombuffer(view, np.uint8)[:src.size] = src
+    return src.size
 
 
 class NotFound(Exception):

@@ -138,9 +138,7 @@ class S3Client(objclient.ObjectClient):
         if n == 0:
             return 0
         got = self._call("read", key, self._ob.get_range, self._store, key, start=offset, end=offset + n)
-        m = len(got)
-        buf[:m] = memoryview(got).cast("B")
-        return m
+        return objclient.copy_into(buf, got, self.describe(key))
 
     def head(self, key: str) -> ObjectInfo | None:
         try:

@@ -336,3 +336,14 @@ def test_cli_ls_show_verify_on_a_bucket(bucket, monkeypatch, capsys):
     s3.put_object(Bucket=name, Key=data_key, Body=b"\0" * 80)
     assert cli.main(["verify", f"{url}/cli"]) == 1
     assert f"FAILED  {url}/cli/1: " in capsys.readouterr().out
+
+
+def test_a_get_body_is_copied_into_place_and_a_longer_one_is_refused():
+    from jaxckpt import objclient
+
+    out = memoryview(bytearray(10))
+    assert objclient.copy_into(out, b"abcdef", "s3://b/k") == 6
+    assert bytes(out) == b"abcdef\0\0\0\0"
+    with pytest.raises(jaxckpt.StorageError) as e:
+        objclient.copy_into(out, bytes(11), "s3://b/k")
+    assert str(e.value) == "s3://b/k: the server sent 11 bytes, 10 were asked for"
