@@ -21,7 +21,9 @@ round starts from a different one):
   ``max_concurrency`` of tuning passes before the rounds) and reads it back
   with parallel 16 MiB ranged GETs (the best thread count) into memory
   touched beforehand (the limit is the transfer, not the page faults of
-  fresh memory, which a restore pays). gs: google-cloud-storage
+  fresh memory, which a restore pays; the same GETs into fresh memory, each
+  part prefaulted by its thread as jaxckpt's reader does, are timed too and
+  shown as a second reference, not a target). gs: google-cloud-storage
   uploads 16 MiB part objects in parallel and composes
   them (32 per compose) into one object, as a GCS client must to upload one
   object in parallel (obstore's GCS PUTs fail on fake-gcs-server); obstore
@@ -205,8 +207,7 @@ class _S3Alone:
     def get_range(self, key: str, out: memoryview, start: int) -> None:
         import obstore
 
-        got = obstore.get_range(self.store, key, start=start, end=start + len(out))
-        out[:] = memoryview(got).cast("B")
+        _copy(out, obstore.get_range(self.store, key, start=start, end=start + len(out)))
 
     def delete(self, keys: list[str]) -> None:
         import obstore
@@ -280,7 +281,7 @@ class _GcsAlone:
         if not self.python_reads:
             import obstore
 
-            out[:] = memoryview(obstore.get_range(self._store, key, start=start, end=start + len(out))).cast("B")
+            _copy(out, obstore.get_range(self._store, key, start=start, end=start + len(out)))
             return
 
         class Writer(io.RawIOBase):
@@ -312,21 +313,40 @@ class _GcsAlone:
             list(ex.map(self.delete_one, keys))
 
 
-def _get_parallel(client, key: str, n: int, threads: int):
+def _copy(out: memoryview, body) -> None:
+    """A GET's body into ``out``, through numpy (which releases the GIL for the copy)."""
+    import numpy as np
+
+    np.frombuffer(out, np.uint8)[:] = np.frombuffer(body, np.uint8)
+
+
+def _get_parallel(client, key: str, n: int, threads: int, fresh: bool = False):
     """Read the object back with ``threads`` parallel 16 MiB ranged GETs. The
     buffer is touched first, untimed: the limit is the transfer, not this VM's
     first-touch page faults (~0.4 GB/s here), which jaxckpt's restore pays, and
-    hides behind its reads by prefaulting each buffer in its reader threads."""
+    hides behind its reads by prefaulting each buffer in its reader threads.
+    ``fresh``: into fresh memory instead, each part's pages backed in one call
+    just before its GET in the same thread (what a restore must do at least:
+    its results are new memory), with the allocation jaxckpt's reader uses."""
     import concurrent.futures as cf
 
     import numpy as np
 
-    out = np.empty(n, dtype=np.uint8)
-    out.fill(0)
+    from jaxckpt import memory, readplan
+
+    out = readplan.empty_aligned((n,), np.uint8) if fresh else np.empty(n, dtype=np.uint8)
+    if not fresh:
+        out.fill(0)
     view = memoryview(out)
+
+    def get(a: int) -> None:
+        if fresh:
+            memory.prefault(view[a:a + PART])
+        client.get_range(key, view[a:a + PART], a)
+
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(threads) as ex:
-        list(ex.map(lambda a: client.get_range(key, view[a:a + PART], a), range(0, n, PART)))
+        list(ex.map(get, range(0, n, PART)))
     return out, time.perf_counter() - t0
 
 
@@ -375,6 +395,10 @@ def phase_client(spec: dict) -> dict:
             del out
     best_put = min(puts, key=lambda c: puts[c]["s"])
     best_get = min(gets, key=lambda t: gets[t]["s"])
+    out, fresh_get = _get_parallel(client, key, len(view), int(best_get), fresh=True)
+    if not np.array_equal(out, data):
+        raise measure.RestoreMismatch(f"{spec['store']}: the object read back into fresh memory differs")
+    del out
     python_get = None
     if spec["store"] == "gs":  # for comparison: the same reads through google-cloud-storage (gcsclient's library)
         client.python_reads = True
@@ -382,7 +406,7 @@ def phase_client(spec: dict) -> dict:
     client.delete([key, warm])
     return {"bytes": len(view), "puts": puts, "gets": gets, "put_concurrency": int(best_put),
             "get_threads": int(best_get), "total_s": puts[best_put]["s"], "restore_s": gets[best_get]["s"],
-            "parts_s": puts[best_put].get("parts_s"), "gcs_python_get_s": python_get,
+            "parts_s": puts[best_put].get("parts_s"), "gcs_python_get_s": python_get, "fresh_get_s": fresh_get,
             "put_mibps": len(view) / puts[best_put]["s"] / 2**20,
             "get_mibps": len(view) / gets[best_get]["s"] / 2**20}
 
@@ -892,7 +916,7 @@ def _figure(data, workload, method, what) -> dict[int, float]:
     """Per round: 'save' (total), 'blocking', 'restore', 'rss_save', 'rss_restore'."""
     if method.startswith("client-"):
         recs = _records(data, workload, method, "client")
-        key = {"save": "total_s", "restore": "restore_s"}.get(what)
+        key = {"save": "total_s", "restore": "restore_s", "restore_fresh": "fresh_get_s"}.get(what)
     else:
         phase = "restore" if what in ("restore", "rss_restore") else "save"
         recs = _records(data, workload, method, phase)
@@ -982,13 +1006,15 @@ def render(data: dict) -> str:
             lines.append(f"| {label} | {_s(f.get('blocking'))} | {_s(f['save'])} | {_s(f['restore'])} | "
                          f"{_b(f.get('rss_save'))} | {_b(f.get('rss_restore'))} | {rate(f['save'])} | "
                          f"{rate(f['restore'])} |")
-        lines += ["", "| store | jaxckpt save / client put | jaxckpt restore / client get | orbax save / jaxckpt "
+        lines += ["", "| store | jaxckpt save / client put | jaxckpt restore / client get | jaxckpt restore / "
+                  "client get into fresh memory | orbax save / jaxckpt "
                   "| orbax restore / jaxckpt | jaxckpt save / local save | jaxckpt restore / local restore |",
-                  "|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|"]
         for store in data["stores"]:
             j = f"jaxckpt-{store}"
             lines.append(f"| {store} | {_x(_ratio(data, wname, j, 'save', f'client-{store}'))} | "
                          f"{_x(_ratio(data, wname, j, 'restore', f'client-{store}'))} | "
+                         f"{_x(_ratio(data, wname, j, 'restore', f'client-{store}', 'restore_fresh'))} | "
                          f"{_x(_ratio(data, wname, f'orbax-{store}', 'save', j))} | "
                          f"{_x(_ratio(data, wname, f'orbax-{store}', 'restore', j))} | "
                          f"{_x(_ratio(data, wname, j, 'save', 'jaxckpt-local'))} | "
