@@ -96,8 +96,13 @@ def fingerprint(key: bytes) -> str:
     return _derive(key, b"", _FP_INFO, 8).hex()
 
 
-def _aad(name: str, offset: int, length: int) -> bytes:
-    return b"jaxckpt chunk\0" + name.encode() + b"\0" + offset.to_bytes(8, "little") + length.to_bytes(8, "little")
+def _aad_head(name: str) -> bytes:
+    """The first bytes of a chunk's associated data in file ``name`` (FORMAT.md §12)."""
+    return b"jaxckpt chunk\0" + name.encode() + b"\0"
+
+
+def _aad(head: bytes, offset: int, length: int) -> bytes:
+    return head + offset.to_bytes(8, "little") + length.to_bytes(8, "little")
 
 
 def _nonce(index: int) -> bytes:
@@ -120,12 +125,13 @@ class FileCipher:
         self.salt = os.urandom(16) if salt is None else salt
         self._key = _derive(key, self.salt, _DATA_INFO)
         self._aead = self.lib.AESGCM(self._key)  # small chunks in one call each (5 us vs 30 us a stream here)
+        self._head = _aad_head(name)
 
     def encrypt_small(self, index: int, offset: int, src: memoryview, dst: memoryview) -> bytes:
         """Encrypt a chunk of at most ``PIECE`` bytes in one call into ``dst``, which
         has room for 16 bytes more (overwritten: the tag, returned)."""
         n = len(src)
-        self._aead.encrypt_into(_nonce(index), src, _aad(self.name, offset, n), dst[:n + TAG])
+        self._aead.encrypt_into(_nonce(index), src, _aad(self._head, offset, n), dst[:n + TAG])
         return bytes(dst[n:n + TAG])
 
     def encryptor(self, index: int, offset: int, length: int) -> Any:
@@ -133,7 +139,7 @@ class FileCipher:
         ``update_into(src, dst)`` piece by piece, then ``finalize()`` and ``.tag``."""
         lib = self.lib
         enc = lib.Cipher(lib.algorithms.AES(self._key), lib.modes.GCM(_nonce(index))).encryptor()
-        enc.authenticate_additional_data(_aad(self.name, offset, length))
+        enc.authenticate_additional_data(_aad(self._head, offset, length))
         return enc
 
     def encrypt(self, index: int, offset: int, src: memoryview, dst: memoryview) -> bytes:
@@ -148,10 +154,10 @@ class FileCipher:
         lib = self.lib
         try:
             if len(buf) <= PIECE:  # one call (the input is a copy: ciphertext and tag must be contiguous)
-                self._aead.decrypt_into(_nonce(index), bytes(buf) + tag, _aad(self.name, offset, len(buf)), buf)
+                self._aead.decrypt_into(_nonce(index), b"".join((buf, tag)), _aad(self._head, offset, len(buf)), buf)
                 return
             dec = lib.Cipher(lib.algorithms.AES(self._key), lib.modes.GCM(_nonce(index), tag)).decryptor()
-            dec.authenticate_additional_data(_aad(self.name, offset, len(buf)))
+            dec.authenticate_additional_data(_aad(self._head, offset, len(buf)))
             _pieces(dec, buf, buf)
             dec.finalize()
         except lib.InvalidTag:
