@@ -120,7 +120,7 @@ def pread_direct_into(direct_fd: int, fd: int, buf: memoryview, offset: int, pat
     Returns False where the filesystem refused O_DIRECT at read time (EINVAL):
     the whole buffer was then read through ``fd``."""
     head = len(buf) // memory.ALIGN * memory.ALIGN
-    if offset % memory.ALIGN or memory.address(buf) % memory.ALIGN:
+    if head and (offset % memory.ALIGN or memory.address(buf) % memory.ALIGN):
         head = 0
     done, ok = 0, True
     while done < head:

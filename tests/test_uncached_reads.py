@@ -55,6 +55,7 @@ def datafile(tmp_path):
     (PAGE, PAGE * 8, 64),           # unaligned buffer: all buffered
     (PAGE * 300, 5 * PAGE * 64 + 123 - PAGE * 300, 0),  # up to the end of the file
     (PAGE, 100, 0),                 # less than one block
+    (PAGE, 0, 0),                   # nothing
 ])
 def test_uncached_reads_return_the_files_bytes(datafile, offset, length, shift):
     path, data = datafile
