@@ -517,7 +517,9 @@ class FaultProxy:
       ``random.Random(seed)``) is answered by the proxy itself with 500
       ``InternalError`` or 503 ``SlowDown`` and an S3-style XML body; the
       request body is read and dropped first, the connection kept.
-      ``fail_methods`` (a set, or None for all) limits which methods may fail.
+      ``fail_methods`` (a set, or None for all) limits which methods may fail,
+      ``fail_query`` (a query parameter name, or None) to requests carrying
+      it (``"partNumber"``: multipart part uploads only).
     * ``fail_after_bytes``: once that many request-body bytes in all have
       been forwarded, the proxy "dies": the connection being uploaded on is
       reset (TCP RST) mid-body and every later connection is reset at once,
@@ -530,7 +532,7 @@ class FaultProxy:
     """
 
     def __init__(self, upstream_endpoint: str, fail_fraction: float = 0.0, seed: int = 0,
-                 fail_after_bytes: int | None = None, fail_methods=None):
+                 fail_after_bytes: int | None = None, fail_methods=None, fail_query: str | None = None):
         url = urllib.parse.urlsplit(upstream_endpoint)
         if url.scheme != "http":
             raise ValueError(f"FaultProxy speaks plain http only, not {upstream_endpoint!r}")
@@ -538,6 +540,7 @@ class FaultProxy:
         self.fail_fraction = fail_fraction
         self.fail_after_bytes = fail_after_bytes
         self.fail_methods = fail_methods
+        self.fail_query = fail_query
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
@@ -611,11 +614,14 @@ class FaultProxy:
         with self._lock:
             (self._live.add if live else self._live.discard)(sock)
 
-    def _received(self, method: str) -> int | None:
+    def _received(self, method: str, path: str) -> int | None:
         """Count a request; return the status to fail it with, or None."""
         with self._lock:
             self._counts[method] = self._counts.get(method, 0) + 1
-            eligible = self.fail_methods is None or method in self.fail_methods
+            eligible = ((self.fail_methods is None or method in self.fail_methods)
+                        and (self.fail_query is None
+                             or self.fail_query in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query,
+                                                                         keep_blank_values=True)))
             if not (eligible and self.fail_fraction > 0 and self._rng.random() < self.fail_fraction):
                 return None
             self._faults[method] = self._faults.get(method, 0) + 1
@@ -705,7 +711,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ one request
     def _relay(self) -> None:
-        fail_status = self.proxy._received(self.command)
+        fail_status = self.proxy._received(self.command, self.path)
         if fail_status is not None:
             self._drain_body()
             self._send_fault(fail_status)

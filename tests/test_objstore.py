@@ -317,6 +317,23 @@ def test_a_server_that_dies_mid_upload_fails_the_save_cleanly_within_its_timeout
         jaxckpt.restore(f"{url}/dies", storage_options=opts)
 
 
+def test_a_save_whose_part_uploads_fail_leaves_no_unfinished_multipart_upload(moto, bucket):
+    """Every part upload refused (5xx, past the retries): the save fails, and
+    its multipart upload is aborted, not left behind to bill."""
+    url, opts, s3, name = bucket
+    proxy = objservers.FaultProxy(moto.endpoint, fail_fraction=1.0, fail_methods={"PUT"}, fail_query="partNumber")
+    try:
+        popts = dict(opts, endpoint=proxy.endpoint, retry_timeout=2, max_retries=2)
+        with pytest.raises(jaxckpt.CheckpointError) as e:
+            jaxckpt.save(f"s3://{name}/refused", {"w": np.ones(40 << 20, np.uint8)}, storage_options=popts)
+        assert f"s3://{name}/refused" in str(e.value)
+        assert proxy.faults.get("PUT", 0) > 0 and proxy.counts.get("POST", 0) >= 1  # parts refused, upload begun
+        assert s3.list_multipart_uploads(Bucket=name).get("Uploads", []) == []
+    finally:
+        proxy.stop()
+    assert not any(k.endswith(MANIFEST_NAME) or "data-" in k for k in keys(s3, name, "refused/"))
+
+
 # ----------------------------------------------------------------------------- CLI
 def test_cli_ls_show_verify_on_a_bucket(bucket, monkeypatch, capsys):
     url, opts, s3, name = bucket
