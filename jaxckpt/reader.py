@@ -13,6 +13,7 @@ files (no links, no FIFOs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from jaxckpt.errors import CorruptCheckpointError
 
 MAX_MAPS = 16384  # mappings one reader makes at most (vm.max_map_count is 65530 by default)
 UNCACHED_BYTES = 1 << 20  # encrypted chunks this large are read past the page cache (_fill_op)
+SERIAL_DECRYPT = 64 << 10  # runs of encrypted chunks smaller than this on average decrypt one at a time
 
 
 class CheckpointReader:
@@ -62,6 +64,7 @@ class CheckpointReader:
         self._starts: dict[int, list[int]] | None = None  # shard offsets per file, built on first use
         self._maps = 0  # mappings made (MAX_MAPS)
         self._lock = threading.Lock()
+        self._decrypting = threading.Lock()  # runs of small encrypted chunks, one thread at a time (_check_parts)
 
     # ------------------------------------------------------------ files
     def _file(self, file: int) -> storage.DataSource:
@@ -139,6 +142,22 @@ class CheckpointReader:
         else:
             f.read_into(op.dest, op.offset, where)
 
+    def _check_parts(self, file: int, base: int, dest, parts: list) -> None:
+        """Decrypt (if encrypted) and check each part of a run of small shards read
+        into ``dest``. Encrypted runs of chunks averaging under ``SERIAL_DECRYPT``
+        bytes take turns (``_decrypting``): ``cryptography`` releases the GIL
+        around each call, and reader threads handing it to each other at every
+        small chunk cost more than the calls (a 10,000-leaf read: 0.25 s one run
+        at a time vs 0.29-0.37 s all at once, 8 threads on 2 cores)."""
+        checksum = fmt.checksum
+        serial = self._opener is not None and len(dest) < SERIAL_DECRYPT * len(parts)
+        with self._decrypting if serial else contextlib.nullcontext():
+            for lo, hi, want, leaf, chunk in parts:
+                if self._opener is not None:
+                    self._opener.decrypt(file, base + lo, dest[lo:hi], want, self._name, leaf)
+                if want is not None and checksum(dest[lo:hi]) != want:
+                    self._check(file, base + lo, dest[lo:hi], want, leaf, chunk)  # raises
+
     def _run(self, group: list[readplan.Op]) -> int:
         """Read one group of ops; returns the bytes read. A group of several
         ops (small neighbours in one file) is read with one scatter read
@@ -151,12 +170,7 @@ class CheckpointReader:
             which = (f"leaf {parts[0][3]!r}" if parts[0][3] == parts[-1][3]
                      else f"leaves {parts[0][3]!r} .. {parts[-1][3]!r}")
             self._fill_op(f, first, f"{name} ({which})")
-            checksum = fmt.checksum
-            for lo, hi, want, leaf, chunk in parts:
-                if self._opener is not None:
-                    self._opener.decrypt(first.file, base + lo, dest[lo:hi], want, self._name, leaf)
-                if want is not None and checksum(dest[lo:hi]) != want:
-                    self._check(first.file, base + lo, dest[lo:hi], want, leaf, chunk)  # raises
+            self._check_parts(first.file, base, dest, parts)
             return sum(hi - lo for lo, hi, *_ in parts)
         if len(group) == 1:
             self._fill_op(f, first, f"{name} (leaf {first.leaf!r})")
