@@ -29,6 +29,11 @@ round starts from a different one):
   object in parallel (obstore's GCS PUTs fail on fake-gcs-server); obstore
   reads it back with parallel ranged GETs, and the same reads through
   google-cloud-storage are timed once more for comparison.
+* ``curl-<store>``: the server's own limit, no Python client at all: curl
+  uploads the state's bytes as 16 MiB objects over 4, 8 and 16 connections
+  and downloads them into ``/dev/null``; the best of each
+  (``benchmarks/curlref.py``). The report sets it against what "2x faster
+  than orbax" asks for. Skipped when curl (7.75 or later) is missing.
 * ``jaxckpt-<store>``: ``AsyncCheckpointer(storage_options=...).save`` to
   ``<store>://bench/...``: blocking and total time until committed, peak
   extra RSS; then (fresh process) ``jaxckpt.restore`` into an abstract target
@@ -69,7 +74,7 @@ import time
 import uuid
 from pathlib import Path
 
-from . import machine, measure, workloads
+from . import curlref, machine, measure, workloads
 from .subproc import REPO, Runner, tail
 
 HERE = Path(__file__).resolve().parent
@@ -644,7 +649,13 @@ def phase_count(spec: dict) -> dict:
     return out
 
 
-PHASES = {"describe": phase_describe, "reference": phase_reference, "client": phase_client,
+def phase_curl(spec: dict) -> dict:
+    """The server's limit with curl (see ``benchmarks/curlref.py``), for the state's bytes."""
+    nbytes = get_workload(spec["workload"], spec["scale"]).nbytes
+    return curlref.phase_curl(spec | {"region": REGION}, nbytes, BUCKET)
+
+
+PHASES = {"describe": phase_describe, "reference": phase_reference, "client": phase_client, "curl": phase_curl,
           "jaxckpt_save": phase_jaxckpt_save, "jaxckpt_restore": phase_jaxckpt_restore,
           "orbax_save": phase_orbax_save, "orbax_restore": phase_orbax_restore, "count": phase_count}
 
@@ -734,9 +745,9 @@ class Servers:
             h.stop()
 
 
-def _method_list(stores: list[str], wanted: list[str] | None, jaxckpt_gcs_ok: bool) -> list[str]:
-    names = [f"{kind}-{store}" for store in stores for kind in ("client", "jaxckpt", "orbax")
-             if not (kind == "jaxckpt" and store == "gs" and not jaxckpt_gcs_ok)]
+def _method_list(stores: list[str], wanted: list[str] | None, jaxckpt_gcs_ok: bool, curl_ok: bool) -> list[str]:
+    names = [f"{kind}-{store}" for store in stores for kind in ("curl", "client", "jaxckpt", "orbax")
+             if not (kind == "jaxckpt" and store == "gs" and not jaxckpt_gcs_ok) and not (kind == "curl" and not curl_ok)]
     names.append("jaxckpt-local")
     return [n for n in names if wanted is None or n in wanted]
 
@@ -825,7 +836,9 @@ def measure_all(run: Run, workload_names: list[str], methods: list[str]) -> None
                 prefix = f"r{r}/{wname}/{method}-{uuid.uuid4().hex[:8]}"
                 base = {"round": r, "workload": wname, "method": method}
                 common = {"store": store, "workload": wname, "prefix": prefix, "digests": digests}
-                if kind == "client":
+                if kind == "curl":
+                    run.call(common | {"phase": "curl"}, base | {"phase": "curl"})
+                elif kind == "client":
                     tuned = run.data["tuning"][f"{store}/{wname}"]
                     run.call(common | {"phase": "client", "put_concurrency": [tuned["put_concurrency"]],
                                        "get_threads": [tuned["get_threads"]]}, base | {"phase": "client"})
@@ -914,8 +927,8 @@ def _records(data: dict, workload: str, method: str, phase: str) -> dict[int, di
 
 def _figure(data, workload, method, what) -> dict[int, float]:
     """Per round: 'save' (total), 'blocking', 'restore', 'rss_save', 'rss_restore'."""
-    if method.startswith("client-"):
-        recs = _records(data, workload, method, "client")
+    if method.startswith(("client-", "curl-")):
+        recs = _records(data, workload, method, method.split("-")[0])
         key = {"save": "total_s", "restore": "restore_s", "restore_fresh": "fresh_get_s"}.get(what)
     else:
         phase = "restore" if what in ("restore", "rss_restore") else "save"
@@ -993,7 +1006,7 @@ def render(data: dict) -> str:
         for method in data["methods"]:
             f = {w: _med(_figure(data, wname, method, w).values())
                  for w in ("blocking", "save", "restore", "rss_save", "rss_restore")} if not method.startswith(
-                "client-") else {"save": _med(_figure(data, wname, method, "save").values()),
+                ("client-", "curl-")) else {"save": _med(_figure(data, wname, method, "save").values()),
                                  "restore": _med(_figure(data, wname, method, "restore").values())}
             if not any(v is not None for v in f.values()):
                 errors = [r for r in data["records"] if r["workload"] == wname and r["method"] == method
@@ -1002,7 +1015,7 @@ def render(data: dict) -> str:
                 lines.append(f"| {method} | failed: {why} | | | | | | |")
                 continue
             rate = lambda s: "n/a" if not s else f"{wd['bytes'] / s / 2**20:.0f}"  # noqa: E731
-            label = method + (" (put / get)" if method.startswith("client-") else "")
+            label = method + (" (put / get)" if method.startswith(("client-", "curl-")) else "")
             lines.append(f"| {label} | {_s(f.get('blocking'))} | {_s(f['save'])} | {_s(f['restore'])} | "
                          f"{_b(f.get('rss_save'))} | {_b(f.get('rss_restore'))} | {rate(f['save'])} | "
                          f"{rate(f['restore'])} |")
@@ -1020,6 +1033,7 @@ def render(data: dict) -> str:
                          f"{_x(_ratio(data, wname, j, 'save', 'jaxckpt-local'))} | "
                          f"{_x(_ratio(data, wname, j, 'restore', 'jaxckpt-local'))} |")
         lines.append("")
+        lines += _ceiling_lines(data, wname, wd["bytes"])
         parts = _med([r.get("parts_s") for r in _records(data, wname, "client-gs", "client").values()])
         put = _med(_figure(data, wname, "client-gs", "save").values())
         if parts is not None and put is not None:
@@ -1060,6 +1074,31 @@ def render(data: dict) -> str:
         lines += [f"* round {r['round'] + 1} {r['workload']} {r['method']} {r['phase']}: "
                   f"{r['error'].strip().splitlines()[-1][:300] if r['error'].strip() else '?'}" for r in failures]
     return "\n".join(lines) + "\n"
+
+
+def _ceiling_lines(data: dict, wname: str, nbytes: int) -> list[str]:
+    """What "2x faster than orbax" asks of a store against the fastest any client
+    moved the same bytes in this run (curl or the client alone; medians over rounds)."""
+    lines = []
+    for store in data["stores"]:
+        curl = _records(data, wname, f"curl-{store}", "curl")
+        if not curl:
+            continue
+        parts = []
+        for what, verb in (("save", "put"), ("restore", "get")):
+            c, k = (_med(_figure(data, wname, f"{m}-{store}", what).values()) for m in ("curl", "client"))
+            best = min(x for x in (c, k) if x)
+            text = (f"{verb}: curl {nbytes / c / 2**20:.0f} MiB/s" + (f", client alone {nbytes / k / 2**20:.0f} MiB/s"
+                                                                     if k else ""))
+            orbax = _med(_figure(data, wname, f"orbax-{store}", what).values())
+            if orbax:
+                need = orbax / 2
+                text += (f"; 2x faster than orbax's {what} ({_s(orbax)}) needs {_s(need)}, "
+                         f"{nbytes / need / 2**20:.0f} MiB/s: {best / need:.2f}x the fastest {verb}")
+            parts.append(text)
+        lines += [f"{store}, the fastest clients of this server (curl: C, 16 MiB objects, best of "
+                  f"{'/'.join(map(str, curlref.CONNECTIONS))} connections): " + "; ".join(parts) + ".", ""]
+    return lines
 
 
 def _tried(values: dict) -> str:
@@ -1131,7 +1170,7 @@ def main(argv: list[str] | None = None) -> int:
         if not desc["ok"]:
             raise SystemExit(f"describe failed: {desc['error']}")
         methods = _method_list(args.stores, args.methods.split(",") if args.methods else None,
-                               desc["jaxckpt_gcs"] is None)
+                               desc["jaxckpt_gcs"] is None, curlref.unavailable() is None)
         run.data.update({
             "command": "python -m benchmarks.objstore " + " ".join(shlex.quote(a) for a in argv
                                                                 if a != "--in-netns"),
