@@ -5,10 +5,15 @@ multipart uploads). Implements ``objclient.ObjectClient``.
 Configuration, as AWS tools read it: the standard environment
 (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
 ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``, ...; obstore reads
-them), then the user's ``storage_options``, which win: any key of obstore's
+them), the named profile of ``~/.aws/credentials`` / ``~/.aws/config``
+(``AWS_PROFILE``; read by ``jaxckpt.awsprofile``, which obstore does not), then
+the user's ``storage_options``, which win: ``profile``, any key of obstore's
 ``S3Config`` (``endpoint``, ``region``, ``access_key_id``, ...), of its
 ``ClientConfig`` (``allow_http``, ``timeout``, ``connect_timeout``, ...), and
-``max_retries`` / ``retry_timeout`` (seconds) for its ``RetryConfig``.
+``max_retries`` / ``retry_timeout`` (seconds) for its ``RetryConfig``. With
+nothing configured, obstore asks the instance metadata service, unless
+``AWS_EC2_METADATA_DISABLED=true`` (the AWS SDKs' switch), which makes that an
+immediate ``StorageAccessError``.
 
 Integrity: requests are signed with SigV4 over the payload's SHA-256 (the
 server refuses a body that does not match); ``checksum_algorithm="sha256"``
@@ -21,7 +26,7 @@ import datetime
 import os
 from typing import Any, Iterable
 
-from jaxckpt import objclient
+from jaxckpt import awsprofile, objclient
 from jaxckpt.errors import BucketNotFoundError, StorageAccessError, StorageError, UnsupportedLocationError
 from jaxckpt.objclient import Conflict, NotFound, ObjectInfo
 
@@ -54,7 +59,10 @@ def credential_source(options: dict) -> str:
         return "web identity (AWS_WEB_IDENTITY_TOKEN_FILE)"
     if os.environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
         return "container credentials (AWS_CONTAINER_CREDENTIALS_*)"
-    return "the instance metadata service (no credentials were configured)"
+    return IMDS
+
+
+IMDS = "the instance metadata service (no credentials were configured)"
 
 
 def _split_options(options: dict) -> tuple[dict, dict, dict]:
@@ -78,13 +86,26 @@ class S3Client(objclient.ObjectClient):
         self._ob = _obstore()
         self.url = f"s3://{bucket}"
         self.bucket = bucket
-        self.credentials = credential_source(options)
+        try:
+            profile = awsprofile.resolve(options)
+        except StorageAccessError as e:
+            raise StorageAccessError(f"{self.url}: {e}") from None
+        options = {k: v for k, v in options.items() if k != "profile"}
+        self.credentials = profile.source if profile else credential_source(options)
+        if self.credentials == IMDS and os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
+            raise StorageAccessError(
+                f"{self.url}: no AWS credentials: none in storage_options, the environment (AWS_ACCESS_KEY_ID) or "
+                "an AWS profile (~/.aws/credentials), and AWS_EC2_METADATA_DISABLED=true rules out the instance "
+                "metadata service; for a public bucket pass storage_options={'skip_signature': True}")
         config, client, retry = _split_options(options)
+        if profile:
+            config = {**profile.config, **config}
         if "endpoint" in config and str(config["endpoint"]).startswith("http://"):
             client.setdefault("allow_http", True)
+        extra = {"credential_provider": profile.provider} if profile and profile.provider else {}
         try:
             self._store = self._ob.store.S3Store(bucket, config=config or None, client_options=client or None,
-                                                 retry_config=retry or None)
+                                                 retry_config=retry or None, **extra)
         except Exception as e:  # unknown option keys, malformed values
             raise UnsupportedLocationError(f"{self.url}: bad storage_options: {e}") from None
 

@@ -79,3 +79,31 @@ def test_wrong_credentials_say_which_source_and_never_the_secret(weed, monkeypat
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "also-wrong")
     with pytest.raises(jaxckpt.StorageAccessError, match=r"credentials from the environment \(AWS_ACCESS_KEY_ID\)"):
         jaxckpt.restore("s3://ckpts/denied")
+
+
+def test_credentials_from_an_aws_profile_are_signed_and_named(weed, tmp_path, monkeypatch):
+    """Keys in ~/.aws/credentials (AWS_PROFILE), keys from a credential_process
+    (resolved by boto3), and a profile with a wrong secret, against a server that
+    checks every signature."""
+    from test_awsprofile import credential_process
+
+    creds, conf = tmp_path / "credentials", tmp_path / "config"
+    creds.write_text(f"[ci]\naws_access_key_id = {weed.access_key}\naws_secret_access_key = {weed.secret_key}\n"
+                     f"[bad]\naws_access_key_id = {weed.access_key}\naws_secret_access_key = not-the-secret-value\n")
+    conf.write_text("[profile proc]\n" + credential_process(tmp_path, weed.access_key, weed.secret_key))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(conf))
+    monkeypatch.setenv("AWS_PROFILE", "ci")
+    where = {"endpoint": weed.endpoint, "region": "us-east-1"}
+    tree = {"w": np.arange(10_000, dtype=np.float32), "step": 7}
+    jaxckpt.save("s3://ckpts/profile/1", tree, storage_options=where)
+    out = jaxckpt.restore("s3://ckpts/profile/1", storage_options={**where, "profile": "proc"})
+    assert out["w"].tobytes() == tree["w"].tobytes() and out["step"] == 7
+    with pytest.raises(jaxckpt.StorageAccessError) as e:
+        jaxckpt.restore("s3://ckpts/profile/1", storage_options={**where, "profile": "bad"})
+    msg = str(e.value)
+    assert msg.startswith("s3://ckpts/profile/1/manifest.msgpack: access denied while trying to look up; credentials "
+                          f"from AWS profile 'bad' (storage_options['profile']) in {creds}: ")
+    assert "not-the-secret-value" not in msg and weed.secret_key not in msg
