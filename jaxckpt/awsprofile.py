@@ -43,6 +43,7 @@ _DELEGATED = ("role_arn", "credential_process", "sso_session", "sso_start_url", 
 _REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
 _OPTION_KEYS = {"access_key_id", "aws_access_key_id", "secret_access_key", "aws_secret_access_key"}
+IMDS = "the instance metadata service (no credentials were configured)"  # obstore's last resort
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,8 @@ class Profile:
 
 
 def resolve(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Profile | None:
-    """The profile for ``options`` (``storage_options`` without ``profile`` popped), or None."""
+    """The profile that applies to ``options`` (the user's ``storage_options``, ``profile``
+    included) in ``environ``, or None where none does."""
     explicit = options.get("profile")
     if explicit is not None and (not isinstance(explicit, str) or not explicit):
         raise StorageAccessError(f"storage_options['profile'] must be a profile name, not {explicit!r}")
@@ -92,7 +94,7 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ)
         raise StorageAccessError(f"{source}: no credentials in it (aws_access_key_id and aws_secret_access_key, "
                                  f"or one of {', '.join(_DELEGATED)})")
     else:
-        source = "the instance metadata service (no credentials were configured)"  # the profile set only region
+        source = IMDS  # the profile sets a region or endpoint only
     return Profile(source, config, provider)
 
 

@@ -62,7 +62,7 @@ def credential_source(options: dict) -> str:
     return IMDS
 
 
-IMDS = "the instance metadata service (no credentials were configured)"
+IMDS = awsprofile.IMDS
 
 
 def _split_options(options: dict) -> tuple[dict, dict, dict]:

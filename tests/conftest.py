@@ -13,6 +13,8 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
                "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "NO_GCE_CHECK": "true",
                "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}.items():
     os.environ[_k] = _v
+for _k in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):  # no developer's ~/.aws profile either
+    os.environ[_k] = os.devnull
 os.environ.pop("AWS_SESSION_TOKEN", None)
 os.environ.pop("AWS_PROFILE", None)
 
