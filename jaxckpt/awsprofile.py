@@ -13,10 +13,11 @@ found:
   ``[profile name]``); a key in the credentials file wins over the same key
   in the config file;
 * static keys (``aws_access_key_id``, ``aws_secret_access_key``,
-  ``aws_session_token``) become obstore's ``access_key_id`` /
-  ``secret_access_key`` / ``session_token``; ``region`` and ``endpoint_url`` fill
-  ``region`` / ``endpoint`` where neither ``storage_options`` nor the
-  environment set them;
+  ``aws_session_token``) reach obstore as a credential provider, so that no
+  ``AWS_*`` variable mixes in (obstore would otherwise add a stray
+  ``AWS_SESSION_TOKEN`` to the profile's keys); ``region`` and
+  ``endpoint_url`` fill ``region`` / ``endpoint`` where neither
+  ``storage_options`` nor the environment set them;
 * a profile that gets its credentials another way (``role_arn``, ``sso_*``,
   ``credential_process``, ``web_identity_token_file``) is resolved by boto3
   (``obstore.auth.boto3.Boto3CredentialProvider``, refreshed by obstore):
@@ -37,8 +38,6 @@ from typing import Any, Mapping
 
 from jaxckpt.errors import StorageAccessError
 
-_STATIC = {"aws_access_key_id": "access_key_id", "aws_secret_access_key": "secret_access_key",
-           "aws_session_token": "session_token"}
 _DELEGATED = ("role_arn", "credential_process", "sso_session", "sso_start_url", "web_identity_token_file")
 _REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
@@ -48,9 +47,9 @@ IMDS = "the instance metadata service (no credentials were configured)"  # obsto
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
-    """What a profile adds to obstore's ``S3Config`` (``config``; secrets in it are
-    never shown), its credential provider where boto3 resolves it, and where it
-    came from, in words (``source``, for error messages)."""
+    """What a profile adds to obstore's ``S3Config`` (``config``: region, endpoint),
+    its credentials as an obstore credential provider (None: the profile has
+    none), and where it came from, in words (``source``, for error messages)."""
 
     source: str
     config: dict
@@ -87,7 +86,8 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ)
         missing = [k for k in ("aws_access_key_id", "aws_secret_access_key") if not merged.get(k)]
         if missing:
             raise StorageAccessError(f"{source}: {' and '.join(missing)} missing or empty")
-        config.update({_STATIC[k]: merged[k] for k in _STATIC if merged.get(k)})
+        provider = StaticCredentials(merged["aws_access_key_id"], merged["aws_secret_access_key"],
+                                     merged.get("aws_session_token") or None)
     elif any(k in merged for k in _DELEGATED):
         provider = _boto3_provider(name, source, [k for k in _DELEGATED if k in merged], creds_path, config_path)
     elif named:
@@ -96,6 +96,19 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ)
     else:
         source = IMDS  # the profile sets a region or endpoint only
     return Profile(source, config, provider)
+
+
+class StaticCredentials:
+    """An obstore credential provider of fixed keys (they never expire); its repr shows no secret."""
+
+    def __init__(self, key_id: str, secret: str, token: str | None):
+        self._creds = {"access_key_id": key_id, "secret_access_key": secret, "token": token, "expires_at": None}
+
+    def __call__(self) -> dict:
+        return dict(self._creds)
+
+    def __repr__(self) -> str:
+        return f"StaticCredentials(access_key_id={self._creds['access_key_id'][:4]}...)"
 
 
 def _settings(merged: dict, options: Mapping[str, Any], environ: Mapping[str, str]) -> dict:

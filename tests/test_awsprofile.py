@@ -26,26 +26,28 @@ def test_static_keys_of_the_named_profile_and_what_wins(tmp_path):
                 "[profile ci]\nregion = eu-west-3\nendpoint_url = http://127.0.0.1:9000\n"
                 "aws_access_key_id = AKCONF\naws_secret_access_key = sconf\n")
     p = awsprofile.resolve({}, {**env, "AWS_PROFILE": "ci"})
-    assert p.config == {"access_key_id": "AKCI", "secret_access_key": "sci", "session_token": "tci",
-                        "region": "eu-west-3", "endpoint": "http://127.0.0.1:9000"}  # the credentials file wins
-    assert p.source == f"AWS profile 'ci' (AWS_PROFILE) in {tmp_path / 'credentials'}" and p.provider is None
+    assert p.provider() == {"access_key_id": "AKCI", "secret_access_key": "sci", "token": "tci",
+                            "expires_at": None}  # the credentials file wins
+    assert p.config == {"region": "eu-west-3", "endpoint": "http://127.0.0.1:9000"}
+    assert p.source == f"AWS profile 'ci' (AWS_PROFILE) in {tmp_path / 'credentials'}"
+    assert "sci" not in repr(p) and "tci" not in repr(p)
     # the environment's region and endpoint, or the options', win over the profile's
     p = awsprofile.resolve({"region": "us-east-2"}, {**env, "AWS_PROFILE": "ci", "AWS_ENDPOINT_URL": "http://x"})
     assert "region" not in p.config and "endpoint" not in p.config
     p = awsprofile.resolve({}, env)
-    assert p.config == {"access_key_id": "AKDEF", "secret_access_key": "sdef"}
+    assert p.config == {} and p.provider()["access_key_id"] == "AKDEF" and p.provider()["token"] is None
     assert p.source == f"AWS profile 'default' (the default profile) in {tmp_path / 'credentials'}"
     # keys given directly win over AWS_PROFILE (as in the AWS CLI); a profile named in the options wins over them
     assert awsprofile.resolve({}, {**env, "AWS_PROFILE": "ci", "AWS_ACCESS_KEY_ID": "AKENV"}) is None
     assert awsprofile.resolve({"access_key_id": "AKOPT"}, {**env, "AWS_PROFILE": "ci"}) is None
     p = awsprofile.resolve({"profile": "ci"}, {**env, "AWS_ACCESS_KEY_ID": "AKENV"})
-    assert p.config["access_key_id"] == "AKCI" and "storage_options['profile']" in p.source
+    assert p.provider()["access_key_id"] == "AKCI" and "storage_options['profile']" in p.source
 
 
 def test_a_profile_only_in_the_config_file(tmp_path):
     env = files(tmp_path, "", "[profile dev]\naws_access_key_id = AKD\naws_secret_access_key = sd\nregion = ap-south-1\n")
     p = awsprofile.resolve({"profile": "dev"}, env)
-    assert p.config == {"access_key_id": "AKD", "secret_access_key": "sd", "region": "ap-south-1"}
+    assert p.config == {"region": "ap-south-1"} and p.provider()["secret_access_key"] == "sd"
     assert p.source == f"AWS profile 'dev' (storage_options['profile']) in {tmp_path / 'config'}"
 
 
@@ -60,7 +62,7 @@ def test_missing_and_broken_profiles_are_named(tmp_path):
         awsprofile.resolve({}, {**env, "AWS_PROFILE": "ci"})
     # the default profile holding only a region: no credentials from it, the region still applies
     p = awsprofile.resolve({}, env)
-    assert p.config == {"region": "us-west-1"} and p.source == s3client.IMDS
+    assert p.config == {"region": "us-west-1"} and p.provider is None and p.source == s3client.IMDS
     # no files at all, no profile named: nothing
     assert awsprofile.resolve({}, {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
                                    "AWS_CONFIG_FILE": str(tmp_path / "none")}) is None
@@ -85,7 +87,7 @@ def test_a_profile_with_a_role_or_process_is_resolved_by_boto3(tmp_path, monkeyp
                 + "[profile sso]\nsso_session = corp\nsso_account_id = 1\n")
     p = awsprofile.resolve({"profile": "proc"}, env)
     from obstore.auth.boto3 import Boto3CredentialProvider
-    assert isinstance(p.provider, Boto3CredentialProvider) and "access_key_id" not in p.config
+    assert isinstance(p.provider, Boto3CredentialProvider) and p.config == {}
     assert p.provider()["access_key_id"] == "AKPROC"
     with pytest.raises(jaxckpt.StorageAccessError) as e:
         awsprofile.resolve({"profile": "sso"}, env)

@@ -96,6 +96,7 @@ def test_credentials_from_an_aws_profile_are_signed_and_named(weed, tmp_path, mo
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(conf))
     monkeypatch.setenv("AWS_PROFILE", "ci")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "left-over-from-another-login")  # must not mix with the profile's keys
     where = {"endpoint": weed.endpoint, "region": "us-east-1"}
     tree = {"w": np.arange(10_000, dtype=np.float32), "step": 7}
     jaxckpt.save("s3://ckpts/profile/1", tree, storage_options=where)
