@@ -42,16 +42,31 @@ _DELEGATED = ("role_arn", "credential_process", "sso_session", "sso_start_url", 
 _REGION_ENV = ("AWS_REGION", "AWS_DEFAULT_REGION")
 _ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_ENDPOINT")
 _OPTION_KEYS = {"access_key_id", "aws_access_key_id", "secret_access_key", "aws_secret_access_key"}
-IMDS = "the instance metadata service (no credentials were configured)"  # obstore's last resort
+IMDS = "the instance metadata service (no credentials were configured)"  # obstore's last resort (s3client)
+
+
+def direct_source(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> str | None:
+    """The credentials given directly, which win over a profile not named in
+    ``options`` (as in the AWS CLI), in words (never a secret); None if none."""
+    if options.get("skip_signature"):
+        return "none (skip_signature: anonymous requests)"
+    if _OPTION_KEYS & set(options):
+        return "storage_options['access_key_id']"
+    if environ.get("AWS_ACCESS_KEY_ID"):
+        return "the environment (AWS_ACCESS_KEY_ID)"
+    if environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+        return "web identity (AWS_WEB_IDENTITY_TOKEN_FILE)"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
 class Profile:
     """What a profile adds to obstore's ``S3Config`` (``config``: region, endpoint),
-    its credentials as an obstore credential provider (None: the profile has
-    none), and where it came from, in words (``source``, for error messages)."""
+    its credentials as an obstore credential provider, and where they came from,
+    in words (``source``, for error messages); both None for a profile that
+    holds no credentials (a region only): obstore then looks further."""
 
-    source: str
+    source: str | None
     config: dict
     provider: Any = None
 
@@ -63,9 +78,8 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ)
     if explicit is not None and (not isinstance(explicit, str) or not explicit):
         raise StorageAccessError(f"storage_options['profile'] must be a profile name, not {explicit!r}")
     named = explicit or environ.get("AWS_PROFILE") or environ.get("AWS_DEFAULT_PROFILE")
-    if not explicit and (_OPTION_KEYS & set(options) or options.get("skip_signature")
-                         or environ.get("AWS_ACCESS_KEY_ID")):
-        return None  # keys given directly win over a profile, as in the AWS CLI
+    if not explicit and direct_source(options, environ):
+        return None
     name = named or "default"
     how = "storage_options['profile']" if explicit else ("AWS_PROFILE" if named else "the default profile")
     creds_path = _path(environ, "AWS_SHARED_CREDENTIALS_FILE", "~/.aws/credentials")
@@ -94,7 +108,7 @@ def resolve(options: Mapping[str, Any], environ: Mapping[str, str] = os.environ)
         raise StorageAccessError(f"{source}: no credentials in it (aws_access_key_id and aws_secret_access_key, "
                                  f"or one of {', '.join(_DELEGATED)})")
     else:
-        source = IMDS  # the profile sets a region or endpoint only
+        source = None  # the profile sets a region or endpoint only
     return Profile(source, config, provider)
 
 

@@ -47,22 +47,17 @@ def _obstore() -> Any:
     return obstore
 
 
+IMDS = awsprofile.IMDS
+
+
 def credential_source(options: dict) -> str:
-    """Which credentials obstore will use, in words (never a secret)."""
-    if options.get("skip_signature"):
-        return "none (skip_signature: anonymous requests)"
-    if "access_key_id" in options or "aws_access_key_id" in options:
-        return "storage_options['access_key_id']"
-    if os.environ.get("AWS_ACCESS_KEY_ID"):
-        return "the environment (AWS_ACCESS_KEY_ID)"
-    if os.environ.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
-        return "web identity (AWS_WEB_IDENTITY_TOKEN_FILE)"
+    """Which credentials obstore will use when no AWS profile supplies them, in words (never a secret)."""
+    direct = awsprofile.direct_source(options)
+    if direct:
+        return direct
     if os.environ.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or os.environ.get("AWS_CONTAINER_CREDENTIALS_FULL_URI"):
         return "container credentials (AWS_CONTAINER_CREDENTIALS_*)"
     return IMDS
-
-
-IMDS = awsprofile.IMDS
 
 
 def _split_options(options: dict) -> tuple[dict, dict, dict]:
@@ -91,7 +86,7 @@ class S3Client(objclient.ObjectClient):
         except StorageAccessError as e:
             raise StorageAccessError(f"{self.url}: {e}") from None
         options = {k: v for k, v in options.items() if k != "profile"}
-        self.credentials = profile.source if profile else credential_source(options)
+        self.credentials = (profile and profile.source) or credential_source(options)
         if self.credentials == IMDS and os.environ.get("AWS_EC2_METADATA_DISABLED", "").lower() == "true":
             raise StorageAccessError(
                 f"{self.url}: no AWS credentials: none in storage_options, the environment (AWS_ACCESS_KEY_ID) or "

@@ -62,7 +62,7 @@ def test_missing_and_broken_profiles_are_named(tmp_path):
         awsprofile.resolve({}, {**env, "AWS_PROFILE": "ci"})
     # the default profile holding only a region: no credentials from it, the region still applies
     p = awsprofile.resolve({}, env)
-    assert p.config == {"region": "us-west-1"} and p.provider is None and p.source == s3client.IMDS
+    assert p.config == {"region": "us-west-1"} and p.provider is None and p.source is None
     # no files at all, no profile named: nothing
     assert awsprofile.resolve({}, {"AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
                                    "AWS_CONFIG_FILE": str(tmp_path / "none")}) is None
@@ -117,3 +117,20 @@ def test_no_credentials_with_the_metadata_service_disabled_fail_at_once(tmp_path
     with pytest.raises(jaxckpt.StorageAccessError, match=r"^s3://no-creds-bucket: AWS profile 'gone' \(from "
                                                          r"AWS_PROFILE\) is in neither /dev/null nor /dev/null$"):
         jaxckpt.restore("s3://no-creds-bucket/run/1", storage_options={"endpoint": "http://127.0.0.1:9"})
+
+
+def test_a_profile_without_credentials_leaves_the_source_to_the_rest_of_the_chain(tmp_path, monkeypatch):
+    """A default profile that sets only a region must not hide web identity or
+    container credentials (nor, with the metadata service disabled, raise)."""
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in files(tmp_path, "", "[default]\nregion = us-west-1\n").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONTAINER_CREDENTIALS_FULL_URI", "http://127.0.0.1:9/creds")
+    c = s3client.S3Client("region-only-bucket", {"endpoint": "http://127.0.0.1:9"})
+    assert c.credentials == "container credentials (AWS_CONTAINER_CREDENTIALS_*)"
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", str(tmp_path / "token"))
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::123456789012:role/r")
+    assert s3client.S3Client("region-only-bucket", {"endpoint": "http://127.0.0.1:9"}).credentials == \
+        "web identity (AWS_WEB_IDENTITY_TOKEN_FILE)"
