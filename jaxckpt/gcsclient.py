@@ -9,8 +9,14 @@ ranged data reads through obstore (the XML API).
   not verify it). A conditional put carries a one-off token in its custom
   metadata: when a retry meets 412 because the first attempt landed (its
   answer lost), the token shows the object is ours: no false ``Conflict``.
-* ``put_stream``: above ``PART_BYTES``, parts ``<key>.part-NNNNN`` (8 in
-  flight) composed into ``key`` (32 sources per compose, in rounds), then
+* ``put_stream`` (data objects): up to ``SINGLE_BYTES``, one media upload
+  (``uploadType=media``, through google-auth's ``AuthorizedSession``: one
+  request, the body sent straight from the snapshot's buffers, its CRC32C in
+  ``X-Goog-Hash`` for GCS to check, and checked again in the answer). The
+  writer cuts each process's data into objects of about ``FILE_BYTES``
+  (``file_bytes``), so a save is many such uploads at once and no compose.
+  Above ``SINGLE_BYTES`` (one leaf's shards larger than that), parts
+  ``<key>.part-NNNNN`` (media uploads, 8 in flight) composed into ``key`` (32 sources per compose, in rounds), then
   deleted, also on failure (best effort). The last compose is one request:
   the object appears whole or not at all. Sources are pinned by generation,
   so parts replaced by a concurrent writer of the key fail the call rather
@@ -44,7 +50,7 @@ import types
 import uuid
 from typing import Iterable, Iterator
 
-from jaxckpt import errors, gcsread, objclient
+from jaxckpt import errors, gcsread, gcsupload, objclient
 
 # ``storage_options`` keys GcsClient accepts (see GcsClient's docstring).
 OPTION_KEYS = frozenset({"project", "endpoint", "credentials", "anonymous", "timeout", "retry_deadline"})
@@ -52,6 +58,10 @@ OPTION_KEYS = frozenset({"project", "endpoint", "credentials", "anonymous", "tim
 DEFAULT_TIMEOUT = 60.0          # seconds per HTTP request (google's default)
 DEFAULT_RETRY_DEADLINE = 120.0  # seconds of retries per call (google's default)
 IN_FLIGHT = 8                   # concurrent part uploads / deletes
+# Data objects of about 32 MiB: 8-10 in flight for a 300 MB save, each one
+# request (see jaxckpt/gcsupload.py for what was measured).
+FILE_BYTES = 32 << 20
+SINGLE_BYTES = 64 << 20         # the largest object sent in one request (larger: parts and a compose)
 COMPOSE_MAX = 32                # GCS limit of sources per compose request
 GET_ATTEMPTS = 5                # re-reads of an object replaced during a get
 TOKEN_KEY = "jaxckpt-put"       # custom-metadata key of a conditional put's token
@@ -112,6 +122,8 @@ class GcsClient(objclient.ObjectClient):
     Otherwise: application-default credentials (``google.auth.default()``);
     ``credential_source`` says which. ``list_page_size``: objects per ``list``."""
 
+    file_bytes = FILE_BYTES
+
     def __init__(self, bucket: str, options: dict | None = None, *, list_page_size: int = 1000):
         self.url = f"gs://{bucket}"
         self._g = _load_google(self.url)
@@ -130,6 +142,8 @@ class GcsClient(objclient.ObjectClient):
         self._client_options = {"api_endpoint": endpoint} if endpoint else None
         self._reader = gcsread.GcsReader(self.url, bucket, endpoint, self._credentials,  # the ranged data reads
                                          self.credential_source, self._timeout, deadline, self._bucket_missing)
+        self._uploader = gcsupload.MediaUploader(self.url, bucket, endpoint, self._credentials, self._timeout,
+                                                 self._retry)
         self._local = threading.local()
         self._lock = threading.Lock()
         self._clients: list = []
@@ -165,6 +179,7 @@ class GcsClient(objclient.ObjectClient):
             executor.shutdown(wait=True)
         for client in clients:
             client.close()
+        self._uploader.close()
 
     # ------------------------------------------------------------------ errors
     @contextlib.contextmanager
@@ -211,12 +226,12 @@ class GcsClient(objclient.ObjectClient):
                 raise ValueError(f"{self.describe(key)}: if_match must be a GCS generation, not {if_match!r}")
             match = int(if_match)
         with self._translated(key):
-            return self._upload(key, [_byte_view(data)], generation_match=match)
+            return self._upload(key, [gcsupload.byte_view(data)], generation_match=match)
 
     def _upload(self, key: str, views: list[memoryview], generation_match: int | None = None) -> str:
         """Upload ``views`` (in order) as ``key``, CRC32C-checked; returns the generation."""
         blob = self._bucket().blob(key)
-        crc = _crc32c(self._g, views)
+        crc = gcsupload.crc32c(views)
         blob.crc32c = crc  # sent in the object's metadata: the server checks the body against it
         token = uuid.uuid4().hex if generation_match is not None else None
         if token:
@@ -248,16 +263,15 @@ class GcsClient(objclient.ObjectClient):
         return str(blob.generation) if (blob.metadata or {}).get(TOKEN_KEY) == token else None
 
     def put_stream(self, key: str, chunks: Iterable[memoryview], size: int) -> None:
-        parts = _split(chunks, objclient.PART_BYTES, self.describe(key), size)
-        if size <= objclient.PART_BYTES:
-            views = [v for part in parts for v in part]
-            with self._translated(key):
-                self._upload(key, views)
+        if size <= SINGLE_BYTES:
+            views = [v for part in gcsupload.split(chunks, size or 1, self.describe(key), size) for v in part]
+            self._media(key, views)
             return
+        parts = gcsupload.split(chunks, objclient.PART_BYTES, self.describe(key), size)
         temporary: list[str] = []  # every part object started: deleted at the end
         try:
             sources, crc = self._upload_parts(key, parts, temporary)
-            self._compose(key, sources, crc, temporary)
+            _compose(self._pool(), self._compose_into, key, sources, crc, temporary)
         finally:
             self._delete_quietly(temporary)
 
@@ -281,23 +295,11 @@ class GcsClient(objclient.ObjectClient):
         return sources, base64.b64encode(crc.digest()).decode()
 
     def _upload_part(self, name: str, views: list[memoryview]) -> str:
-        with self._translated(name):
-            return self._upload(name, views)
+        return self._media(name, views)
 
-    def _compose(self, key: str, sources: list[tuple[str, str]], crc: str, temporary: list[str]) -> None:
-        """Compose ``sources`` (name, generation) into ``key``, 32 at a time
-        through intermediate objects ``<key>.part-rR-NNNNN`` (named in
-        ``temporary``); check the result's CRC32C against ``crc``."""
-        rnd = 0
-        while len(sources) > COMPOSE_MAX:
-            groups = [sources[i:i + COMPOSE_MAX] for i in range(0, len(sources), COMPOSE_MAX)]
-            names = [f"{key}.part-r{rnd}-{j:05d}" for j in range(len(groups))]
-            temporary.extend(names)
-            futures = [self._pool().submit(self._compose_into, n, grp) for n, grp in zip(names, groups)]
-            concurrent.futures.wait(futures)
-            sources = [(n, f.result()) for n, f in zip(names, futures)]
-            rnd += 1
-        self._compose_into(key, sources, crc)
+    def _media(self, key: str, views: list[memoryview]) -> str:
+        with self._translated(key):
+            return self._uploader.upload(key, views)
 
     def _compose_into(self, key: str, sources: list[tuple[str, str]], crc: str | None = None) -> str:
         """One compose request of ``sources`` pinned to their generations; returns the generation."""
@@ -338,7 +340,7 @@ class GcsClient(objclient.ObjectClient):
                                   f"{GET_ATTEMPTS} reads")
 
     def read_into(self, key: str, buf: memoryview, offset: int) -> int:
-        view = _byte_view(buf)
+        view = gcsupload.byte_view(buf)
         if not view.nbytes:
             return 0
         if gcsread.parsable(key):
@@ -395,6 +397,22 @@ class GcsClient(objclient.ObjectClient):
 
 
 # ---------------------------------------------------------------------- helpers
+def _compose(pool, compose_into, key: str, sources: list[tuple[str, str]], crc: str, temporary: list[str]) -> None:
+    """Compose ``sources`` (name, generation) into ``key`` with ``compose_into``
+    (one request), 32 at a time on ``pool`` through intermediate objects
+    ``<key>.part-rR-NNNNN`` (named in ``temporary``); the result's CRC32C is checked against ``crc``."""
+    rnd = 0
+    while len(sources) > COMPOSE_MAX:
+        groups = [sources[i:i + COMPOSE_MAX] for i in range(0, len(sources), COMPOSE_MAX)]
+        names = [f"{key}.part-r{rnd}-{j:05d}" for j in range(len(groups))]
+        temporary.extend(names)
+        futures = [pool.submit(compose_into, n, grp) for n, grp in zip(names, groups)]
+        concurrent.futures.wait(futures)
+        sources = [(n, f.result()) for n, f in zip(names, futures)]
+        rnd += 1
+    compose_into(key, sources, crc)
+
+
 def _resolve_auth(g: types.SimpleNamespace, url: str, options: dict):
     """(endpoint or None, credentials, project or None, description of the source),
     for google's clients and the obstore reader alike."""
@@ -433,43 +451,6 @@ def _message(exc: Exception) -> str:
     return str(getattr(exc, "message", None) or exc)
 
 
-def _byte_view(data) -> memoryview:
-    """A flat unsigned-byte view of ``data`` (no copy)."""
-    view = memoryview(data)
-    if view.ndim != 1 or view.format != "B":
-        view = view.cast("B")
-    return view
-
-
-def _crc32c(g, views: list[memoryview]) -> str:
-    """Base64 of the big-endian CRC32C of the concatenated ``views`` (GCS's form)."""
-    crc = g.crc32c.Checksum()
-    for view in views:
-        crc.update(g.np.frombuffer(view, dtype=g.np.uint8))  # the C extension refuses memoryviews
-    return base64.b64encode(crc.digest()).decode()
-
-
-def _split(chunks: Iterable[memoryview], part: int, where: str, size: int) -> Iterator[list[memoryview]]:
-    """Regroup ``chunks`` into lists of views of ``part`` bytes each (the last
-    shorter), slicing without copying; ``ValueError`` unless they hold ``size``."""
-    group: list[memoryview] = []
-    have = total = 0
-    for chunk in chunks:
-        view = _byte_view(chunk)
-        total += view.nbytes
-        while view.nbytes:
-            take = min(part - have, view.nbytes)
-            group.append(view[:take])
-            view, have = view[take:], have + take
-            if have == part:
-                yield group
-                group, have = [], 0
-    if total != size:
-        raise ValueError(f"{where}: the chunks hold {total} bytes, not the {size} announced")
-    if group or size == 0:
-        yield group
-
-
 class _ViewWriter(io.RawIOBase):
     """A write-only file filling a byte view from its start; refuses to overflow it."""
 
@@ -482,7 +463,7 @@ class _ViewWriter(io.RawIOBase):
         return True
 
     def write(self, data) -> int:
-        piece = _byte_view(data)
+        piece = gcsupload.byte_view(data)
         end = self.written + piece.nbytes
         if end > self._view.nbytes:
             raise ValueError(f"the server sent more than the {self._view.nbytes} bytes asked for")

@@ -1,7 +1,9 @@
 """What one process writes where, and how a run of it is written.
 
 ``plan`` lays every unique shard of a snapshot out in ONE data file per
-process: shards of 64 KiB or more start on a 4096-byte boundary (O_DIRECT,
+process, or, where the storage asks for files of a target size (object
+stores whose multipart uploads cost a compose: GCS), in several, cut between
+leaves by ``file_groups``: shards of 64 KiB or more start on a 4096-byte boundary (O_DIRECT,
 page-aligned reads), smaller ones on 64 bytes. Shards are cut into
 ``chunk_bytes`` units, each with its own checksum, and ``split_runs`` splits
 the units into contiguous runs of nearly equal size, one per worker, cut only
@@ -32,8 +34,27 @@ from jaxckpt.snapshot import Snapshot
 
 _SMALL = 64 << 10
 STAGING_BYTES = 8 << 20
-def data_file_name(process_index: int) -> str:
-    return f"data-{process_index:05d}.bin"
+def data_file_name(process_index: int, part: int = 0) -> str:
+    """``data-<process>.bin``; the further files of a process split by ``file_groups``: ``data-<process>-<part>.bin``."""
+    return f"data-{process_index:05d}.bin" if part == 0 else f"data-{process_index:05d}-{part:05d}.bin"
+
+
+def file_groups(snap: Snapshot, file_bytes: int | None) -> list[range]:
+    """The leaves (by index, consecutive) of each data file of this process:
+    all in one file if ``file_bytes`` is None, else cut before a leaf where
+    the file holds ``file_bytes`` or more (so a file exceeds the target by at
+    most one leaf's shards: a shard never spans files)."""
+    n = len(snap.leaves)
+    if file_bytes is None:
+        return [range(n)]
+    groups, start, acc = [], 0, 0
+    for li, leaf in enumerate(snap.leaves):
+        if acc >= file_bytes:
+            groups.append(range(start, li))
+            start, acc = li, 0
+        acc += sum(arr.nbytes for _, arr in leaf.shards)
+    groups.append(range(start, n))
+    return groups
 
 
 def _align(x: int, a: int) -> int:
@@ -53,15 +74,19 @@ class Unit(NamedTuple):
 @dataclasses.dataclass(frozen=True)
 class Layout:
     units: tuple[Unit, ...]
-    shard_offsets: tuple[tuple[int, ...], ...]  # per leaf, per shard
+    shard_offsets: tuple[tuple[int, ...], ...]  # per leaf, per shard (empty for leaves of other files)
     size: int  # data file size
+    leaves: range  # the leaves whose shards this file holds
 
 
-def plan(snap: Snapshot, chunk_bytes: int) -> Layout:
+def plan(snap: Snapshot, chunk_bytes: int, leaves: range | None = None) -> Layout:
+    """The layout of one data file holding the shards of ``leaves`` (default: all)."""
+    leaves = range(len(snap.leaves)) if leaves is None else leaves
     units: list[Unit] = []
-    offsets: list[tuple[int, ...]] = []
+    offsets: list[tuple[int, ...]] = [()] * len(snap.leaves)
     pos = 0
-    for li, leaf in enumerate(snap.leaves):
+    for li in leaves:
+        leaf = snap.leaves[li]
         if not li & 31:
             let_others_run()
         offs = []
@@ -77,8 +102,8 @@ def plan(snap: Snapshot, chunk_bytes: int) -> Layout:
                     for ci, a in enumerate(range(0, n, chunk_bytes)):
                         units.append(Unit(pos + a, raw[a:a + chunk_bytes], li, si, ci))
             pos += n
-        offsets.append(tuple(offs))
-    return Layout(tuple(units), tuple(offsets), pos)
+        offsets[li] = tuple(offs)
+    return Layout(tuple(units), tuple(offsets), pos, leaves)
 
 
 def let_others_run() -> None:

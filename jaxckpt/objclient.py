@@ -64,6 +64,9 @@ class ObjectClient(abc.ABC):
     """One bucket of one object store. ``url`` (``s3://bucket``) is how messages name it."""
 
     url: str
+    # Data objects of about this size (a process's data cut between leaves,
+    # ``layout.file_groups``), or None for one object per process.
+    file_bytes: int | None = None
 
     def describe(self, key: str) -> str:
         return f"{self.url}/{key}"

@@ -8,7 +8,9 @@ A checkpoint at ``s3://bucket/run/100`` is the objects under ``run/100/``:
   without it is not a checkpoint: never listed, read or counted.
 * ``data-<process>-<attempt>.bin``: each process's data, one object per
   process, uploaded as a multipart stream straight from the snapshot's host
-  buffers. Names are unique to the save attempt (16 hex digits), so an
+  buffers; where the client sets ``file_bytes`` (GCS), several objects of
+  about that size, ``data-<process>-<part>-<attempt>.bin`` after the first,
+  each uploaded in one request. Names are unique to the save attempt (16 hex digits), so an
   overwrite never touches the data the old manifest names; that data is
   deleted after the new manifest is published.
 * ``.jaxckpt-tmp-<attempt>``: the marker of a save in flight (who writes it,
@@ -45,9 +47,9 @@ from jaxckpt.storage import Location
 
 MARK = ".jaxckpt-tmp-"
 _ATTEMPT = r"[0-9a-f]{16}"
-_OURS_RE = re.compile(rf"^(?:data-\d{{5}}-(?P<data>{_ATTEMPT})\.bin(?:\.part-\d{{5}})?|"
+_OURS_RE = re.compile(rf"^(?:data-\d{{5}}(?:-\d{{5}})?-(?P<data>{_ATTEMPT})\.bin(?:\.part-\d{{5}})?|"
                       rf"\.jaxckpt-tmp-(?P<mark>{_ATTEMPT}))$")
-_NAMED_RE = re.compile(rb"data-\d{5}-(" + _ATTEMPT.encode() + rb")\.bin")
+_NAMED_RE = re.compile(rb"data-\d{5}(?:-\d{5})?-(" + _ATTEMPT.encode() + rb")\.bin")
 MARKER_CAP = 64 << 10
 UNMANAGED_STALE_SECONDS = 24 * 3600  # a save's marker written outside any lock is abandoned after this long
 logger = logging.getLogger("jaxckpt")
@@ -104,6 +106,7 @@ class ObjectStaging(storage.Staging):
     def __init__(self, backend: "ObjectBackend", loc: Location, attempt: str):
         self.backend, self.loc, self.token = backend, loc, attempt
         self.client = backend.client
+        self.file_bytes = self.client.file_bytes
         self.prefix = key_of(loc)
         self._manifest: bytes | None = None
 

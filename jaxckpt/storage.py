@@ -211,6 +211,9 @@ class Staging(abc.ABC):
     """One save attempt, between ``begin_save`` and ``commit`` (module docstring, steps 2-6)."""
 
     token: str  # what another process passes to ``join_save`` to write into this attempt
+    # The size each process's data should be cut into files of (between
+    # leaves), or None for one file per process; see ``layout.file_groups``.
+    file_bytes: int | None = None
 
     def data_name(self, base: str) -> str:
         """The name a data file called ``base`` (``data-00000.bin``) gets in this

@@ -1,7 +1,8 @@
 """Writer: a host snapshot -> a committed checkpoint, on a thread pool.
 
 1. (every process) ``write_data``: lay out this process's shards in one data
-   file and write it in parallel runs (``jaxckpt/layout.py``: what goes where,
+   file (or several, where the storage asks for files of a target size) and
+   write it in parallel runs (``jaxckpt/layout.py``: what goes where,
    how a run is written), then finish it (durable).
 2. (process 0) build the manifest from every process's shard records, refuse
    one our own reader would reject, write it (durable).
@@ -69,13 +70,14 @@ class Job:
             self._committing = True
 
 
-def _own_shards(snap: Snapshot, layout: layout_mod.Layout, sums: list[list[list[int]]]) -> list[tuple]:
-    """This process's shard records: (leaf, box, offset, length, checksums)."""
+def _own_shards(snap: Snapshot, files: list["DataFile"], sums: list[list[list[int]]]) -> list[tuple]:
+    """This process's shard records: (index into ``files``, (leaf, box, offset, length, checksums))."""
     # Zero-byte shards are left out: an empty array has no shards, and a
     # checkpoint holding only empty arrays lists no data file to point at.
     with gcpause.paused():
-        return [(li, box, layout.shard_offsets[li][si], arr.nbytes, tuple(sums[li][si]))
-                for li, leaf in enumerate(snap.leaves) for si, (box, arr) in enumerate(leaf.shards) if arr.nbytes]
+        return [(fi, (li, box, f.layout.shard_offsets[li][si], arr.nbytes, tuple(sums[li][si])))
+                for fi, f in enumerate(files) for li in f.layout.leaves
+                for si, (box, arr) in enumerate(snap.leaves[li].shards) if arr.nbytes]
 
 
 def _from_report(shard: list) -> tuple:
@@ -158,29 +160,46 @@ def with_per_process(metadata: Any, per_process: tuple[str, Any] | None, values:
     return {**(metadata or {}), per_process[0]: values}
 
 
-def write_data(snap: Snapshot, staging: storage.Staging, file_name: str, ctx: Context, direct: bool = True
-               ) -> tuple[layout_mod.Layout, list[list[list[int]]], tuple[bytes, bytes] | None]:
-    """(every process) Write this process's shards into the data file ``file_name``
-    of ``staging``. Returns the layout, the checksums and, when encrypting, the
-    file's (salt, tags)."""
+@dataclasses.dataclass
+class DataFile:
+    """One data file this process wrote: its name in the staging area, its
+    layout and, when encrypting, its (salt, tags)."""
+    name: str
+    layout: layout_mod.Layout
+    sealed: tuple[bytes, bytes] | None = None
+
+
+def write_data(snap: Snapshot, staging: storage.Staging, process: int, ctx: Context, direct: bool = True
+               ) -> tuple[list[DataFile], list[list[list[int]]]]:
+    """(every process) Write this process's shards into its data files: one, or
+    several of about ``staging.file_bytes`` each (written at once, on the
+    pool). Returns the files that hold bytes, and the checksums."""
     with gcpause.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/gcpause.py
-        layout = layout_mod.plan(snap, fmt.CHUNK_BYTES)
+        layouts = [layout_mod.plan(snap, fmt.CHUNK_BYTES, group)
+                   for group in layout_mod.file_groups(snap, staging.file_bytes)]
         sums = [[[0] * fmt.chunk_count(arr.nbytes, fmt.CHUNK_BYTES) for _, arr in leaf.shards] for leaf in snap.leaves]
-    if layout.size == 0:
-        return layout, sums, None
-    seal = None if ctx.encryption_key is None else layout_mod.Sealing(
-        crypto.FileCipher(ctx.encryption_key, file_name), [b""] * len(layout.units))
-    f = staging.create(file_name, direct=direct)
-    futures: list[Future] = []
+    files = [DataFile(staging.data_name(layout_mod.data_file_name(process, k)), lay)
+             for k, lay in enumerate([lay for lay in layouts if lay.size])]
+    seals = [None if ctx.encryption_key is None else layout_mod.Sealing(
+        crypto.FileCipher(ctx.encryption_key, f.name), [b""] * len(f.layout.units)) for f in files]
+    sinks: list[storage.DataSink] = []
+    futures: list[list[Future]] = []
     try:
-        futures = _start_writes(f, layout, sums, ctx, seal)
-        ctx.wait(futures)
+        for f, seal in zip(files, seals):
+            sinks.append(staging.create(f.name, direct=direct))
+            futures.append(_start_writes(sinks[-1], f.layout, sums, ctx, seal))
+        ctx.wait([fut for per_file in futures for fut in per_file])
         ctx.job.abort.check()
-        futures.append(ctx.pool.submit(f.finish, layout.size))
-        ctx.wait(futures[-1:])
+        for sink, f, per_file in zip(sinks, files, futures):
+            per_file.append(ctx.pool.submit(sink.finish, f.layout.size))
+        ctx.wait([per_file[-1] for per_file in futures])
     finally:
-        _close_when_done(f, futures)
-    return layout, sums, None if seal is None else (seal.cipher.salt, b"".join(seal.tags))
+        for sink, per_file in zip(sinks, futures + [[]] * (len(sinks) - len(futures))):
+            _close_when_done(sink, per_file)
+    for f, seal in zip(files, seals):
+        if seal is not None:
+            f.sealed = (seal.cipher.salt, b"".join(seal.tags))
+    return files, sums
 
 
 def _start_writes(f: storage.DataSink, layout: layout_mod.Layout, sums: list[list[list[int]]], ctx: Context,
@@ -255,14 +274,14 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
         # set off: 40-130 ms of a 10,000-leaf save. The pause is process-wide,
         # so it is kept to such trees, whose saves are short.
         with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
-            name = staging.data_name(layout_mod.data_file_name(0))
-            layout, sums, sealed = write_data(snap, staging, name, ctx)
-            files = [fmt.FileRecord(name, layout.size)] if layout.size else []
+            written, sums = write_data(snap, staging, 0, ctx)
+            files = [fmt.FileRecord(f.name, f.layout.size) for f in written]
             metadata = with_per_process(metadata, ctx.per_process, [ctx.per_process and ctx.per_process[1]])
-            manifest = _manifest(snap, metadata, files, [(0, r) for r in _own_shards(snap, layout, sums)], str(loc))
-            size = layout.size
-            del layout, sums  # a unit per shard: gone before the collector runs again
-            _commit(staging, manifest, overwrite, ctx, [sealed] if sealed else [])
+            manifest = _manifest(snap, metadata, files, _own_shards(snap, written, sums), str(loc))
+            size = sum(f.size for f in files)
+            sealed = [f.sealed for f in written if f.sealed is not None]
+            del written, sums  # a unit per shard: gone before the collector runs again
+            _commit(staging, manifest, overwrite, ctx, sealed)
             return WriteResult(size, len(files) + 1)
     except BaseException:
         ctx.job.try_abort()  # stop workers still writing into the staging area
@@ -275,7 +294,8 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
     """Multi-process save (the steps of ``jaxckpt/storage.py``, over the coordination service).
 
     1. (primary) begin the save, publish its staging token.
-    2. (all) write own shards into ``data-<process>.bin``; publish a report
+    2. (all) write own shards into ``data-<process>.bin`` (and, where the
+       storage splits, ``data-<process>-<part>.bin``); publish a report
        (shard records, or the error).
     3. (primary) gather every report (failing fast on an error report, a dead
        process or the deadline), check the files are visible, write the
@@ -287,11 +307,11 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
     try:
         if staging is None:
             staging = _join_multi(loc, ctx)
-        name = staging.data_name(layout_mod.data_file_name(coord.process_index))
-        layout, sums, sealed = write_data(snap, staging, name, ctx)
-        report = {"ok": True, "file": name, "size": layout.size, "value": ctx.per_process and ctx.per_process[1],
-                  "sealed": list(sealed) if sealed else None,
-                  "shards": _own_shards(snap, layout, sums)}
+        written, sums = write_data(snap, staging, coord.process_index, ctx)
+        report = {"ok": True, "files": [[f.name, f.layout.size] for f in written],
+                  "value": ctx.per_process and ctx.per_process[1],
+                  "sealed": [list(f.sealed) for f in written] if ctx.encryption_key is not None else None,
+                  "shards": _own_shards(snap, written, sums)}
     except BaseException as e:
         ctx.job.try_abort()
         coord.set(f"{key}/report/{coord.process_index}",
@@ -305,7 +325,7 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
                                             from_process=0))
         if not outcome["ok"]:
             raise CheckpointError(f"{coord.tag()} save of {label} failed: {outcome['error']}")
-        return WriteResult(layout.size, 1 if layout.size else 0)
+        return WriteResult(sum(size for _, size in report["files"]), len(report["files"]))
     try:
         written = _commit_multi(snap, staging, report, metadata, overwrite, loc, ctx)
     except BaseException as e:
@@ -346,12 +366,13 @@ def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metada
     for p, r in enumerate(reports):
         if not r["ok"]:
             raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
-        if r["size"]:
-            staging.check_visible(r["file"], r["size"], p)
-            shards.extend((len(files), s if p == 0 else _from_report(s)) for s in r["shards"])
-            files.append(fmt.FileRecord(r["file"], r["size"]))
-            if ctx.encryption_key is not None:
-                sealed.append(tuple(r["sealed"]))
+        for name, size in r["files"]:
+            staging.check_visible(name, size, p)
+        first = len(files)
+        shards.extend((first + fi, s if p == 0 else _from_report(s)) for fi, s in r["shards"])
+        files.extend(fmt.FileRecord(name, size) for name, size in r["files"])
+        if ctx.encryption_key is not None:
+            sealed.extend(tuple(x) for x in r["sealed"])
     metadata = with_per_process(metadata, ctx.per_process, [r.get("value") for r in reports])
     manifest = _manifest(snap, metadata, files, shards, str(loc), full_check=True)
     _commit(staging, manifest, overwrite, ctx, sealed)

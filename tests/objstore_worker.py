@@ -125,6 +125,27 @@ def scenario_save(ctx: dict) -> dict:
 ENCRYPTION_KEY = bytes(range(32))
 
 
+def scenario_split(ctx: dict) -> dict:
+    """``split/1`` and (encrypted) ``splitenc/1``: the tree of ``run/1`` with each
+    process's data cut into objects of about 64 bytes (as GcsClient cuts it into
+    32 MiB ones; set here on the S3 client, which keeps one object by default)."""
+    import jaxckpt
+    from jax.sharding import PartitionSpec as P
+    from jaxckpt import s3client
+
+    s3client.S3Client.file_bytes = 64
+    m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
+    v = global_values()
+    tree = {"params": {"w": _place(v["params"]["w"], m, P("x", "y")), "v": _place(v["params"]["v"], m, P("y", "x")),
+                       "b": _place(v["params"]["b"], m, P("y"))},
+            "replicated": _place(v["replicated"], m, P()), "host": v["host"], "step": v["step"]}
+    _in_step()
+    jaxckpt.save(f"s3://{ctx['bucket']}/split/1", tree)
+    _in_step()
+    jaxckpt.save(f"s3://{ctx['bucket']}/splitenc/1", tree, encryption_key=ENCRYPTION_KEY)
+    return {"saved": ["split/1", "splitenc/1"]}
+
+
 def scenario_manager(ctx: dict) -> dict:
     """Steps 0, 1, 2 with ``max_to_keep=2`` into ``s3://BUCKET/mgr``."""
     import jaxckpt
@@ -173,7 +194,8 @@ def scenario_late_joiner(ctx: dict) -> dict:
     return out
 
 
-SCENARIOS = {"save": scenario_save, "manager": scenario_manager, "late_joiner": scenario_late_joiner}
+SCENARIOS = {"save": scenario_save, "manager": scenario_manager, "late_joiner": scenario_late_joiner,
+             "split": scenario_split}
 
 
 def multi_main(argv: list[str]) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import objservers
-from jaxckpt import errors, gcsclient, objclient
+from jaxckpt import errors, gcsclient, gcsupload, objclient
 
 pytest.importorskip("google.cloud.storage")
 import google.auth.credentials  # noqa: E402
@@ -150,9 +150,12 @@ def test_get_checks_the_cap_before_fetching_the_bytes(gcs, proxy, prefix):
 def test_a_damaged_upload_is_detected(client, prefix, monkeypatch):
     # GCS refuses a body that does not match the CRC32C sent; the emulator
     # stores it and answers its own CRC32C, which the client compares.
-    monkeypatch.setattr(gcsclient, "_crc32c", lambda g, views: "AAAAAA==")
+    monkeypatch.setattr(gcsupload, "crc32c", lambda views: "AAAAAA==")
     with pytest.raises(errors.StorageError, match="CRC32C"):
         client.put(prefix + "x", b"data")
+    with pytest.raises(errors.StorageError, match=f"{prefix}y: the server stored 4 bytes with CRC32C "
+                                                  r"\S+, the data has 4 with AAAAAA==: damaged in transit"):
+        client.put_stream(prefix + "y", [memoryview(b"data")], 4)
 
 
 # ---------------------------------------------------------------------- read_into
@@ -327,13 +330,16 @@ def test_delete_ignores_missing_objects(client, prefix):
 
 
 # ---------------------------------------------------------------------- put_stream
-def test_put_stream_of_40_mib_in_three_parts_is_bit_exact(gcs, proxy, prefix):
+@pytest.mark.parametrize("single_mib, posts", [(64, 1), (32, 3 + 1)])  # (parts: then deleted)
+def test_put_stream_of_40_mib_is_bit_exact(gcs, proxy, prefix, monkeypatch, single_mib, posts):
+    # Up to SINGLE_BYTES one media upload; above, three part uploads and one compose.
+    monkeypatch.setattr(gcsclient, "SINGLE_BYTES", single_mib * MIB)
     c = make_client(proxy.endpoint)
     data = random_bytes(40 * MIB, seed=1)
     view = memoryview(data)
     step = 3 * MIB + 7  # chunks that straddle the part boundaries
     c.put_stream(prefix + "ck", (view[i:i + step] for i in range(0, len(view), step)), data.nbytes)
-    assert proxy.counts.get("POST", 0) == 3 + 1  # three part uploads, one compose
+    assert proxy.counts.get("POST") == posts and proxy.counts.get("DELETE", 0) == (posts > 1) * 3
     assert c.head(prefix + "ck").size == data.nbytes
     out = np.zeros_like(data)
     assert c.read_into(prefix + "ck", memoryview(out), 0) == data.nbytes
@@ -354,6 +360,7 @@ def test_put_stream_up_to_a_part_is_one_object(client, prefix):
 
 def test_put_stream_composes_in_rounds(client, prefix, monkeypatch):
     monkeypatch.setattr(objclient, "PART_BYTES", 1000)
+    monkeypatch.setattr(gcsclient, "SINGLE_BYTES", 1000)
     monkeypatch.setattr(gcsclient, "COMPOSE_MAX", 4)  # 19 parts -> 5 -> 2 -> the object
     data = random_bytes(18_500, seed=3).tobytes()
     client.put_stream(prefix + "r", [memoryview(data)], len(data))
@@ -380,6 +387,7 @@ def test_a_failed_put_stream_deletes_its_parts(client, prefix, monkeypatch):
         return upload(name, views)
 
     monkeypatch.setattr(client, "_upload_part", flaky)
+    monkeypatch.setattr(gcsclient, "SINGLE_BYTES", objclient.PART_BYTES)
     data = memoryview(bytes(4 * objclient.PART_BYTES))
     with pytest.raises(errors.StorageError, match="injected"):
         client.put_stream(prefix + "f", [data], data.nbytes)
@@ -405,9 +413,12 @@ def test_transient_errors_are_retried(gcs, prefix):
         data = random_bytes(5000).tobytes()
         gens = [c.put(f"{prefix}{i}", data, create=True) for i in range(2)]
         assert [c.get(f"{prefix}{i}", cap=5000) for i in range(2)] == [(data, g) for g in gens]
+        for i in range(4):  # media uploads, retried as a whole
+            c.put_stream(f"{prefix}s{i}", [memoryview(data)[:100], memoryview(data)[100:]], len(data))
+            assert c.get(f"{prefix}s{i}", cap=5000)[0] == data
         buf = bytearray(10)
         assert c.read_into(prefix + "0", memoryview(buf), 20) == 10 and buf == data[20:30]
-        assert keys(c.list(prefix)) == [prefix + "0", prefix + "1"]
+        assert keys(c.list(prefix)) == [prefix + "0", prefix + "1"] + [f"{prefix}s{i}" for i in range(4)]
         assert p.faults.get("POST", 0) > 0 and p.faults.get("GET", 0) > 0
         c.close()
 

@@ -243,7 +243,9 @@ def test_leftovers_of_abandoned_saves_are_cleaned_by_the_next_manager(bucket):
     dead = {"kind": "jaxckpt-save", **_dead_process(), "time": time.time(), "lock": None}
     s3.put_object(Bucket=name, Key="cl/2/.jaxckpt-tmp-00000000000000aa", Body=msgpack.packb(dead))
     s3.put_object(Bucket=name, Key="cl/2/data-00000-00000000000000aa.bin", Body=b"partial")
+    s3.put_object(Bucket=name, Key="cl/2/data-00000-00003-00000000000000aa.bin", Body=b"partial, 4th object")
     s3.put_object(Bucket=name, Key="cl/1/data-00000-00000000000000bb.bin", Body=b"old version")
+    s3.put_object(Bucket=name, Key="cl/1/data-00001-00002-00000000000000bb.bin", Body=b"old version")
     s3.put_object(Bucket=name, Key="cl/3/data-00001-00000000000000cc.bin", Body=b"deleting")  # no manifest, no marker
     s3.put_object(Bucket=name, Key="cl/1/notes.txt", Body=b"the user's")  # not ours: kept
     with jaxckpt.CheckpointManager(f"{url}/cl", storage_options=opts) as mgr:

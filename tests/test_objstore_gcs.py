@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 import objservers
-from jaxckpt import cli, storage
+from jaxckpt import cli, gcsclient, storage
+from jaxckpt.reader import CheckpointReader
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -72,6 +73,33 @@ def test_a_sharded_state_round_trips_on_gcs(gcs, bucket):
     assert np.array_equal(jax.random.key_data(out["key"]), jax.random.key_data(tree["key"]))
     assert all(a.tobytes() == b.tobytes() for a, b in zip(out["small"], tree["small"]))
     assert jaxckpt.inspect(f"{url}/run/1", storage_options=opts).total_bytes == w.nbytes + sum(range(200)) + 8
+
+
+def test_each_process_data_is_cut_into_objects_of_about_file_bytes(gcs, bucket, monkeypatch):
+    # GCS data objects go up in one request each, never composed: the writer
+    # cuts the data between leaves into objects of about file_bytes (1 MiB here).
+    monkeypatch.setattr(gcsclient.GcsClient, "file_bytes", 1 << 20)
+    url, opts, name = bucket
+    rng = np.random.default_rng(5)
+    tree = {"a": [rng.standard_normal(150_000, dtype=np.float32) for _ in range(6)],  # 600 KB each
+            "big": rng.integers(0, 255, 3 << 20, dtype=np.uint8),  # larger than file_bytes: one object of its own
+            "small": [np.arange(i, dtype=np.int16) for i in range(50)], "step": 3}
+    for path, key in (("plain", None), ("sealed", bytes(range(32)))):
+        jaxckpt.save(f"{url}/{path}", tree, storage_options=opts, encryption_key=key)
+        found = names(gcs, name, f"{path}/")
+        data = [n for n in found if n != f"{path}/manifest.msgpack"]
+        attempt = data[0][-20:-4]
+        assert data == sorted([f"{path}/data-00000-{attempt}.bin"] + [
+            f"{path}/data-00000-{k:05d}-{attempt}.bin" for k in range(1, len(data))]), found  # no parts
+        with CheckpointReader(f"{url}/{path}", storage_options=opts, encryption_key=key) as r:
+            sizes = [f.size for f in r.manifest.files]
+        assert len(sizes) == 5 and 3 << 20 in sizes and all(s < 2 << 20 for s in sizes if s != 3 << 20), sizes
+        out = jaxckpt.restore(f"{url}/{path}", storage_options=opts, encryption_key=key)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(out["a"] + out["small"] + [out["big"]],
+                                                           tree["a"] + tree["small"] + [tree["big"]]))
+        part = jaxckpt.restore(f"{url}/{path}", {"a": [np.zeros(150_000, np.float32)] * 6}, partial=True,
+                               storage_options=opts, encryption_key=key)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(part["a"], tree["a"]))
 
 
 def test_manager_rotation_overwrite_and_lock_on_gcs(gcs, bucket):

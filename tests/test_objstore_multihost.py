@@ -190,6 +190,27 @@ def test_an_encrypted_save_by_two_processes_restores_resharded(moto, saved):
         jaxckpt.restore(f"s3://{BUCKET}/enc/1", storage_options=options(moto))
 
 
+def test_each_process_data_cut_into_several_objects_restores_resharded(moto, tmp_path):
+    # The layout GCS uses (objects of about file_bytes, cut between leaves), on
+    # two processes; here with 64-byte objects on S3 (set in the workers).
+    run_job(moto, "split", tmp_path)
+    mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("a", "b"))
+    specs = {"w": P("b", "a"), "v": P(None, "a"), "b": P(("a", "b")), "replicated": P("a")}
+    split_re = re.compile(r"^data-(?P<process>\d{5})(?:-(?P<part>\d{5}))?-(?P<attempt>[0-9a-f]{16})\.bin$")
+    for prefix, key in (("split/1/", None), ("splitenc/1/", ow.ENCRYPTION_KEY)):
+        objs = list_bucket(moto, prefix)
+        data = {n: split_re.match(n) for n in objs if n != "manifest.msgpack"}
+        assert all(data.values()), sorted(objs)
+        per_process = [sorted(int(m["part"] or 0) for m in data.values() if int(m["process"]) == p) for p in (0, 1)]
+        assert all(len(parts) >= 2 and parts == list(range(len(parts))) for parts in per_process), per_process
+        assert len({m["attempt"] for m in data.values()}) == 1
+        with CheckpointReader(f"s3://{BUCKET}/{prefix}", storage_options=options(moto), encryption_key=key) as r:
+            assert {f.name: f.size for f in r.manifest.files} == {n: objs[n] for n in data}
+        got = jaxckpt.restore(f"s3://{BUCKET}/{prefix}", _target(mesh, specs), storage_options=options(moto),
+                              encryption_key=key)
+        assert same(got, ow.global_values()), prefix
+
+
 def test_restore_without_target_as_numpy(moto, saved):
     got = jaxckpt.restore(f"s3://{BUCKET}/run/1", storage_options=options(moto))
     assert same(got, ow.global_values())
