@@ -61,6 +61,7 @@ class CheckpointReader:
         self.by_path = {leaf.path: i for i, leaf in enumerate(self.manifest.leaves)}
         self.max_workers = max_workers or config.read_workers()
         self._files: dict[int, storage.DataSource] = {}
+        self._opening: dict[int, threading.Lock] = {}  # one lock per file being opened (``_file``)
         self._starts: dict[int, list[int]] | None = None  # shard offsets per file, built on first use
         self._maps = 0  # mappings made (MAX_MAPS)
         self._lock = threading.Lock()
@@ -68,13 +69,39 @@ class CheckpointReader:
 
     # ------------------------------------------------------------ files
     def _file(self, file: int) -> storage.DataSource:
-        """Data file ``file`` of the manifest, opened once (checked to hold at least the recorded size)."""
+        """Data file ``file`` of the manifest, opened once (checked to hold at
+        least the recorded size). Different files open at once: in a bucket
+        each open is a round trip (a HEAD)."""
         with self._lock:
+            f = self._files.get(file)
+            if f is not None:
+                return f
+            once = self._opening.setdefault(file, threading.Lock())
+        with once:
             f = self._files.get(file)
             if f is None:
                 rec = self.manifest.files[file]
-                f = self._files[file] = self._source.open_data(rec.name, rec.size)
+                f = self._source.open_data(rec.name, rec.size)
+                with self._lock:
+                    self._files[file] = f
             return f
+
+    def _open_all(self, requests: list[tuple[int, Box | None]]) -> None:
+        """Open every data file ``requests`` read that is not open yet, in
+        parallel (the plan would open them one by one); raises the error of
+        the first file, in leaf order, that cannot be opened."""
+        need: dict[int, str] = {}
+        for li, _ in requests:
+            leaf = self.manifest.leaves[li]
+            for s in leaf.shards:
+                if s.length and s.file not in self._files:
+                    need.setdefault(s.file, leaf.path)
+        if len(need) < 2 or self.max_workers <= 1:
+            return
+        with ThreadPoolExecutor(min(len(need), self.max_workers), thread_name_prefix="jaxckpt-open") as pool:
+            futures = [pool.submit(self._file_for, file, path) for file, path in need.items()]
+            for fut in futures:
+                fut.result()
 
     def _file_for(self, file: int, leaf: str) -> storage.DataSource:
         """``_file`` for reading ``leaf``: a missing or short file error names the leaf too."""
@@ -211,6 +238,7 @@ class CheckpointReader:
         if self._starts is None:
             self._starts = readplan.shard_starts(self.manifest)
         plan = readplan.Plan(self.manifest, self._starts, verify or self.encrypted, self._try_map)
+        self._open_all(requests)
         plan.add(requests, flags, self._files, self._file_for)
         groups = plan.groups()
         if len(groups) <= 2 or self.max_workers <= 1:
