@@ -362,12 +362,14 @@ def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metada
     reports = [report] + [
         msgpack.unpackb(coord.get(f"{key}/report/{p}", ctx.deadline, f"process {p} to write its shards of {label}",
                                   from_process=p)) for p in range(1, coord.process_count)]
-    files, shards, sealed = [], [], []
     for p, r in enumerate(reports):
         if not r["ok"]:
             raise CheckpointError(f"save of {label} failed on process {p}: {r['error']}")
-        for name, size in r["files"]:
-            staging.check_visible(name, size, p)
+    # One request per file on an object store (a HEAD): all at once, on the pool.
+    ctx.wait([ctx.pool.submit(staging.check_visible, name, size, p)
+              for p, r in enumerate(reports) for name, size in r["files"]])
+    files, shards, sealed = [], [], []
+    for p, r in enumerate(reports):
         first = len(files)
         shards.extend((first + fi, s if p == 0 else _from_report(s)) for fi, s in r["shards"])
         files.extend(fmt.FileRecord(name, size) for name, size in r["files"])
