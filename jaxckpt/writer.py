@@ -202,14 +202,26 @@ def write_data(snap: Snapshot, staging: storage.Staging, process: int, ctx: Cont
     return files, sums
 
 
+# An encrypted object's ciphertext is held until its upload is sent (a whole
+# object where the store sends each in one request, GCS): at most this many
+# such streams at once, in the whole process (~4 x 32 MiB).
+_SEALED_STREAMS = threading.BoundedSemaphore(4)
+
+
+def _sealed_stream(f: storage.DataSink, chunks, size: int) -> None:
+    with _SEALED_STREAMS:
+        f.write_stream(chunks, size)
+
+
 def _start_writes(f: storage.DataSink, layout: layout_mod.Layout, sums: list[list[list[int]]], ctx: Context,
                   seal: layout_mod.Sealing | None) -> list[Future]:
     """Submit the writes of one data file: one stream (objects), or parallel runs (files)."""
     abort = ctx.job.abort
     if f.sequential:  # an object: one streamed upload (the client runs its parts in parallel)
-        chunks = (layout_mod.stream_units(layout, sums, abort) if seal is None
-                  else layout_mod.stream_sealed(layout, sums, abort, seal))
-        return [ctx.pool.submit(f.write_stream, chunks, layout.size)]
+        if seal is None:
+            return [ctx.pool.submit(f.write_stream, layout_mod.stream_units(layout, sums, abort), layout.size)]
+        chunks = layout_mod.stream_sealed(layout, sums, abort, seal)
+        return [ctx.pool.submit(_sealed_stream, f, chunks, layout.size)]
     runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))
     if seal is None:
         return [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, abort) for run in runs]

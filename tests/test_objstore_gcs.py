@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import gc
 import re
+import threading
+import time
 import warnings
 
 import jax
@@ -100,6 +102,37 @@ def test_each_process_data_is_cut_into_objects_of_about_file_bytes(gcs, bucket, 
         part = jaxckpt.restore(f"{url}/{path}", {"a": [np.zeros(150_000, np.float32)] * 6}, partial=True,
                                storage_options=opts, encryption_key=key)
         assert all(a.tobytes() == b.tobytes() for a, b in zip(part["a"], tree["a"]))
+
+
+def test_encrypted_uploads_holding_ciphertext_run_at_most_four_at_once(gcs, bucket, monkeypatch):
+    # Each GCS data object is one request: an encrypted one holds its ciphertext
+    # until sent, so at most 4 run at once; plain ones (views of the snapshot) are not held back.
+    monkeypatch.setattr(gcsclient.GcsClient, "file_bytes", 64 << 10)
+    url, opts, _ = bucket
+    state = {"now": 0, "most": 0}
+    lock = threading.Lock()
+    put_stream = gcsclient.GcsClient.put_stream
+
+    def counting(self, key, chunks, size):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            time.sleep(0.05)  # long enough for the others to start
+            return put_stream(self, key, chunks, size)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(gcsclient.GcsClient, "put_stream", counting)
+    tree = [np.full(20_000, i, np.float32) for i in range(24)]  # 80 KB each: 24 objects
+    for key, most in ((bytes(range(32)), 4), (None, 8)):
+        state["most"] = 0
+        with jaxckpt.AsyncCheckpointer(max_workers=8, storage_options=opts, encryption_key=key) as ck:
+            ck.save(f"{url}/conc-{most}", tree).result()
+        assert state["most"] == most, (key is not None, state)
+        out = jaxckpt.restore(f"{url}/conc-{most}", storage_options=opts, encryption_key=key)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(out, tree))
 
 
 def test_manager_rotation_overwrite_and_lock_on_gcs(gcs, bucket):
