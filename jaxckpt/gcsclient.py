@@ -10,14 +10,15 @@ ranged data reads through obstore (the XML API).
   metadata: when a retry meets 412 because the first attempt landed (its
   answer lost), the token shows the object is ours: no false ``Conflict``.
 * ``put_stream`` (data objects): up to ``SINGLE_BYTES``, one media upload
-  (``uploadType=media``, through google-auth's ``AuthorizedSession``: one
-  request, the body sent straight from the snapshot's buffers, its CRC32C in
-  ``X-Goog-Hash`` for GCS to check, and checked again in the answer). The
-  writer cuts each process's data into objects of about ``FILE_BYTES``
-  (``file_bytes``), so a save is many such uploads at once and no compose.
-  Above ``SINGLE_BYTES`` (one leaf's shards larger than that), parts
-  ``<key>.part-NNNNN`` (media uploads, 8 in flight) composed into ``key`` (32 sources per compose, in rounds), then
-  deleted, also on failure (best effort). The last compose is one request:
+  (``jaxckpt/gcsupload.py``: one request through google-auth's
+  ``AuthorizedSession``, the body sent straight from the snapshot's buffers,
+  its CRC32C in ``X-Goog-Hash`` for GCS to check, and checked again in the
+  answer). The writer cuts each process's data into objects of about
+  ``FILE_BYTES`` (``file_bytes``), so a save is many such uploads at once and
+  no compose. Above ``SINGLE_BYTES`` (one leaf's shards larger than that),
+  parts ``<key>.part-NNNNN`` (media uploads, 8 in flight) composed into
+  ``key`` (32 sources per compose, in rounds), then deleted, also on failure
+  (best effort). The last compose is one request:
   the object appears whole or not at all. Sources are pinned by generation,
   so parts replaced by a concurrent writer of the key fail the call rather
   than mix. (Nearline/Coldline buckets bill parts their minimum duration.)
