@@ -5,7 +5,9 @@
    write it in parallel runs (``jaxckpt/layout.py``: what goes where,
    how a run is written), then finish it (durable).
 2. (process 0) build the manifest from every process's shard records, refuse
-   one our own reader would reject, write it (durable).
+   one our own reader would reject (one process: as soon as every checksum
+   is known, while the data is still being uploaded or fsynced), write it
+   (durable) once the data is.
 3. (process 0) commit (``storage.Staging.commit``; on POSIX: fsync dir,
    rename, fsync parent), unless the save timed out meanwhile (``Job``).
 
@@ -21,9 +23,10 @@ import dataclasses
 import hashlib
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import concurrent.futures
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import msgpack
 
@@ -169,11 +172,15 @@ class DataFile:
     sealed: tuple[bytes, bytes] | None = None
 
 
-def write_data(snap: Snapshot, staging: storage.Staging, process: int, ctx: Context, direct: bool = True
-               ) -> tuple[list[DataFile], list[list[list[int]]]]:
+def write_data(snap: Snapshot, staging: storage.Staging, process: int, ctx: Context, direct: bool = True,
+               meanwhile: Callable[[list[DataFile], list[list[list[int]]]], Any] | None = None
+               ) -> tuple[list[DataFile], list[list[list[int]]], Any]:
     """(every process) Write this process's shards into its data files: one, or
     several of about ``staging.file_bytes`` each (written at once, on the
-    pool). Returns the files that hold bytes, and the checksums."""
+    pool). Returns the files that hold bytes, the checksums, and what
+    ``meanwhile(files, checksums)`` returned: it runs on this thread as soon as
+    every checksum is known, while the bytes may still be on their way (an
+    upload in flight, a file's fsync)."""
     with gcpause.paused():  # a unit and an array view per shard, acyclic: see jaxckpt/gcpause.py
         layouts = [layout_mod.plan(snap, fmt.CHUNK_BYTES, group)
                    for group in layout_mod.file_groups(snap, staging.file_bytes)]
@@ -183,23 +190,51 @@ def write_data(snap: Snapshot, staging: storage.Staging, process: int, ctx: Cont
     seals = [None if ctx.encryption_key is None else layout_mod.Sealing(
         crypto.FileCipher(ctx.encryption_key, f.name), [b""] * len(f.layout.units)) for f in files]
     sinks: list[storage.DataSink] = []
-    futures: list[list[Future]] = []
+    futures: list[list[Future]] = []  # per file: its writes, then its finish
+    hashed: list[Future] = []  # done once the file's checksums are all known
     try:
         for f, seal in zip(files, seals):
             sinks.append(staging.create(f.name, direct=direct))
-            futures.append(_start_writes(sinks[-1], f.layout, sums, ctx, seal))
+            writes, done_hashing = _start_writes(sinks[-1], f.layout, sums, ctx, seal)
+            futures.append(writes)
+            hashed.extend(done_hashing)
+        ctx.wait(hashed)
+        finishes = _finish_written(sinks, files, futures, [None] * len(files), ctx)
+        result = None if meanwhile is None else _meanwhile(meanwhile, files, sums, futures, ctx)
         ctx.wait([fut for per_file in futures for fut in per_file])
-        ctx.job.abort.check()
-        for sink, f, per_file in zip(sinks, files, futures):
-            per_file.append(ctx.pool.submit(sink.finish, f.layout.size))
-        ctx.wait([per_file[-1] for per_file in futures])
+        ctx.wait(_finish_written(sinks, files, futures, finishes, ctx))
     finally:
         for sink, per_file in zip(sinks, futures + [[]] * (len(sinks) - len(futures))):
             _close_when_done(sink, per_file)
     for f, seal in zip(files, seals):
         if seal is not None:
             f.sealed = (seal.cipher.salt, b"".join(seal.tags))
-    return files, sums
+    return files, sums, result
+
+
+def _finish_written(sinks: list[storage.DataSink], files: list[DataFile], futures: list[list[Future]],
+                    finishes: list[Future | None], ctx: Context) -> list[Future | None]:
+    """Start ``finish`` (durable) of each file whose writes have all succeeded
+    and that is not finishing yet (its future joins the file's list)."""
+    for i, (sink, f, per_file) in enumerate(zip(sinks, files, futures)):
+        if finishes[i] is None and all(w.done() and not w.cancelled() and w.exception() is None for w in per_file):
+            ctx.job.abort.check()
+            finishes[i] = ctx.pool.submit(sink.finish, f.layout.size)
+            per_file.append(finishes[i])
+    return finishes
+
+
+def _meanwhile(fn: Callable, files: list[DataFile], sums: list, futures: list[list[Future]], ctx: Context) -> Any:
+    """``fn(files, sums)``; if it fails, the writes in flight are stopped and
+    waited for (until the deadline) first, so that the caller's cleanup finds
+    every object they create."""
+    try:
+        return fn(files, sums)
+    except BaseException:
+        ctx.job.try_abort()
+        timeout = None if ctx.deadline is None else max(ctx.deadline - time.monotonic(), 0)
+        concurrent.futures.wait([fut for per_file in futures for fut in per_file], timeout=timeout)
+        raise
 
 
 # An encrypted object's ciphertext is held until its upload is sent (a whole
@@ -214,20 +249,48 @@ def _sealed_stream(f: storage.DataSink, chunks, size: int) -> None:
 
 
 def _start_writes(f: storage.DataSink, layout: layout_mod.Layout, sums: list[list[list[int]]], ctx: Context,
-                  seal: layout_mod.Sealing | None) -> list[Future]:
-    """Submit the writes of one data file: one stream (objects), or parallel runs (files)."""
+                  seal: layout_mod.Sealing | None) -> tuple[list[Future], list[Future]]:
+    """Submit the writes of one data file: one stream (objects), or parallel
+    runs (files). Returns their futures, and futures done once every
+    checksum of the file is known (a stream's: as soon as it is read to the
+    end, maybe well before its upload is)."""
     abort = ctx.job.abort
     if f.sequential:  # an object: one streamed upload (the client runs its parts in parallel)
+        hashed: Future = Future()
         if seal is None:
-            return [ctx.pool.submit(f.write_stream, layout_mod.stream_units(layout, sums, abort), layout.size)]
-        chunks = layout_mod.stream_sealed(layout, sums, abort, seal)
-        return [ctx.pool.submit(_sealed_stream, f, chunks, layout.size)]
+            chunks = _signal_end(layout_mod.stream_units(layout, sums, abort), hashed)
+            upload = ctx.pool.submit(f.write_stream, chunks, layout.size)
+        else:
+            chunks = _signal_end(layout_mod.stream_sealed(layout, sums, abort, seal), hashed)
+            upload = ctx.pool.submit(_sealed_stream, f, chunks, layout.size)
+        upload.add_done_callback(lambda fut: _settle(hashed, fut))
+        return [upload], [hashed]
     runs = layout_mod.split_runs(layout.units, layout_mod.parallelism(layout, ctx.n_workers))
     if seal is None:
-        return [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, abort) for run in runs]
+        writes = [ctx.pool.submit(layout_mod.write_run, f, run, sums, ctx.staging, abort) for run in runs]
+        return writes, writes
     firsts = [sum(len(r) for r in runs[:i]) for i in range(len(runs))]
-    return [ctx.pool.submit(layout_mod.write_sealed, f, run, first, sums, ctx.staging, abort, seal)
-            for run, first in zip(runs, firsts)]
+    writes = [ctx.pool.submit(layout_mod.write_sealed, f, run, first, sums, ctx.staging, abort, seal)
+              for run, first in zip(runs, firsts)]
+    return writes, writes
+
+
+def _signal_end(chunks: Iterator, hashed: Future) -> Iterator:
+    """``chunks``, then ``hashed`` done: every checksum was computed on the way."""
+    yield from chunks
+    _settle(hashed, None)
+
+
+def _settle(hashed: Future, upload: Future | None) -> None:
+    """Settle ``hashed`` (once): done, or failed as ``upload`` failed (a stream's
+    upload may end without reading it to the end, or fail before)."""
+    try:
+        if upload is None or (not upload.cancelled() and upload.exception() is None):
+            hashed.set_result(None)
+        else:
+            hashed.set_exception(CancelledError() if upload.cancelled() else upload.exception())
+    except InvalidStateError:  # settled already (or cancelled by a waiter)
+        pass
 
 
 def _close_when_done(f: storage.DataSink, futures: list[Future]) -> None:
@@ -286,10 +349,14 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
         # set off: 40-130 ms of a 10,000-leaf save. The pause is process-wide,
         # so it is kept to such trees, whose saves are short.
         with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
-            written, sums = write_data(snap, staging, 0, ctx)
-            files = [fmt.FileRecord(f.name, f.layout.size) for f in written]
             metadata = with_per_process(metadata, ctx.per_process, [ctx.per_process and ctx.per_process[1]])
-            manifest = _manifest(snap, metadata, files, _own_shards(snap, written, sums), str(loc))
+
+            def describe(written: list[DataFile], sums: list) -> tuple[list[fmt.FileRecord], bytes]:
+                # While the uploads are still in flight (or the files' fsyncs run).
+                files = [fmt.FileRecord(f.name, f.layout.size) for f in written]
+                return files, _manifest(snap, metadata, files, _own_shards(snap, written, sums), str(loc))
+
+            written, sums, (files, manifest) = write_data(snap, staging, 0, ctx, meanwhile=describe)
             size = sum(f.size for f in files)
             sealed = [f.sealed for f in written if f.sealed is not None]
             del written, sums  # a unit per shard: gone before the collector runs again
@@ -319,7 +386,7 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
     try:
         if staging is None:
             staging = _join_multi(loc, ctx)
-        written, sums = write_data(snap, staging, coord.process_index, ctx)
+        written, sums, _ = write_data(snap, staging, coord.process_index, ctx)
         report = {"ok": True, "files": [[f.name, f.layout.size] for f in written],
                   "value": ctx.per_process and ctx.per_process[1],
                   "sealed": [list(f.sealed) for f in written] if ctx.encryption_key is not None else None,

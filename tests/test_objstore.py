@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 
 import jax
@@ -259,6 +260,72 @@ def test_leftovers_of_abandoned_saves_are_cleaned_by_the_next_manager(bucket):
     assert len(named) == 1 and [k for k in left if "data-" in k] == named
     assert "cl/1/notes.txt" in left and not any("tmp" in k or k.startswith(("cl/2/", "cl/3/")) for k in left)
     assert same(jaxckpt.restore(f"{url}/cl/1", storage_options=opts)["x"], np.arange(5))
+
+
+def _hold_uploads(monkeypatch, until: threading.Event, after_s: float = 0.0) -> list[bool]:
+    """Make each data upload read its whole stream (every checksum computed),
+    then wait for ``until`` (at most 10 s) and ``after_s`` more before it
+    sends the bytes; returns, per upload, whether ``until`` came in time."""
+    from jaxckpt import objstore
+    came: list[bool] = []
+    send = objstore.ObjectSink.write_stream
+
+    def held(self, chunks, size):
+        chunks = list(chunks)
+        came.append(until.wait(10))
+        time.sleep(after_s)
+        send(self, iter(chunks), size)
+
+    monkeypatch.setattr(objstore.ObjectSink, "write_stream", held)
+    return came
+
+
+def test_the_manifest_is_built_while_the_data_is_still_uploading(bucket, monkeypatch):
+    """The manifest (all of a 10,000-leaf tree's records) is encoded as soon as
+    every checksum is known, not after the uploads: here no upload is sent
+    before it is, and the save still commits and restores bit-exactly."""
+    from jaxckpt import format as fmt
+    url, opts, s3, name = bucket
+    encoded = threading.Event()
+    encode = fmt.encode_manifest
+
+    def encode_then_tell(manifest):
+        out = encode(manifest)
+        encoded.set()
+        return out
+
+    monkeypatch.setattr(fmt, "encode_manifest", encode_then_tell)
+    came = _hold_uploads(monkeypatch, encoded)
+    rng = np.random.default_rng(3)
+    tree = {f"l{i}": rng.random(int(rng.integers(4, 64)), dtype=np.float32) for i in range(10_000)}
+    jaxckpt.save(f"{url}/early", tree, storage_options=opts)
+    assert came == [True]
+    out = jaxckpt.restore(f"{url}/early", storage_options=opts)
+    assert all(same(out[k], tree[k]) for k in tree)
+
+
+def test_a_manifest_refused_during_the_upload_leaves_no_object(bucket, monkeypatch):
+    """Metadata above the manifest's caps fails the save while its data is
+    still on its way: the save waits for that upload, then removes it."""
+    from jaxckpt import writer
+    url, opts, s3, name = bucket
+    refused = threading.Event()
+    build = writer._manifest
+
+    def build_then_tell(*args, **kwargs):
+        try:
+            return build(*args, **kwargs)
+        finally:
+            refused.set()
+
+    monkeypatch.setattr(writer, "_manifest", build_then_tell)
+    came = _hold_uploads(monkeypatch, refused, after_s=0.3)  # lands after a cleanup that did not wait
+    with pytest.raises(jaxckpt.UnsupportedValueError, match="cannot be read back"):
+        jaxckpt.save(f"{url}/big-meta", {"w": np.arange(1000.0)}, metadata={"note": "m" * (2**20 + 1)},
+                     storage_options=opts)
+    assert came == [True]
+    time.sleep(0.5)
+    assert keys(s3, name) == []
 
 
 def _dead_process() -> dict:
