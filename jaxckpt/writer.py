@@ -18,12 +18,12 @@ host buffers.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import hashlib
 import threading
 import time
-import concurrent.futures
 from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Iterator
@@ -34,11 +34,10 @@ from jaxckpt import crypto
 from jaxckpt import gcpause
 from jaxckpt import format as fmt
 from jaxckpt import layout as layout_mod
+from jaxckpt import manifests
 from jaxckpt import multihost
 from jaxckpt import storage
-from jaxckpt import tree as tree_mod
-from jaxckpt import version
-from jaxckpt.errors import CheckpointError, CorruptCheckpointError, SaveTimeoutError, UnsupportedValueError
+from jaxckpt.errors import CheckpointError, SaveTimeoutError
 from jaxckpt.snapshot import Snapshot
 
 @dataclasses.dataclass(frozen=True)
@@ -73,67 +72,6 @@ class Job:
             self._committing = True
 
 
-def _own_shards(snap: Snapshot, files: list["DataFile"], sums: list[list[list[int]]]) -> list[tuple]:
-    """This process's shard records: (index into ``files``, (leaf, box, offset, length, checksums))."""
-    # Zero-byte shards are left out: an empty array has no shards, and a
-    # checkpoint holding only empty arrays lists no data file to point at.
-    with gcpause.paused():
-        return [(fi, (li, box, f.layout.shard_offsets[li][si], arr.nbytes, tuple(sums[li][si])))
-                for fi, f in enumerate(files) for li in f.layout.leaves
-                for si, (box, arr) in enumerate(snap.leaves[li].shards) if arr.nbytes]
-
-
-def _from_report(shard: list) -> tuple:
-    """A shard record received from another process (msgpack lists) as tuples."""
-    li, box, offset, length, sums = shard
-    return li, tuple(tuple(b) for b in box), offset, length, tuple(sums)
-
-
-def _manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], shards: list[tuple[int, list]],
-              path: str, full_check: bool = False) -> bytes:
-    """Encode the manifest from the snapshot's tree and every process's shard
-    records (``(file index, [leaf, box, offset, length, checksums])``).
-
-    Never returns a manifest our own reader would reject: with shards from
-    other processes the full decoder checks that they tile every array; else
-    the cheaper ``check_writable`` checks the caps on what the user stored.
-    """
-    with gcpause.paused():  # ~5 objects per leaf, acyclic: see jaxckpt/gcpause.py
-        manifest = _build_manifest(snap, metadata, files, shards)
-        data = fmt.encode_manifest(manifest)
-        try:
-            if full_check:
-                fmt.decode_manifest(data, f"{path} (manifest being written)")
-            else:
-                fmt.check_writable(manifest, data, f"{path} (manifest being written)")
-        except CorruptCheckpointError as e:
-            raise UnsupportedValueError(f"refusing to write a checkpoint that cannot be read back: {e}") from None
-        return data
-
-
-def _build_manifest(snap: Snapshot, metadata: Any, files: list[fmt.FileRecord], shards: list[tuple[int, list]]
-                    ) -> fmt.Manifest:
-    tree_desc, paths = tree_mod.describe(snap.treedef)
-    if len(set(paths)) != len(paths):
-        dup = next(p for p in paths if paths.count(p) > 1)
-        raise UnsupportedValueError(f"leaf {dup!r}: two leaves have the same key path (e.g. keys 1 and '1')")
-    per_leaf: list[list[fmt.ShardRecord]] = [[] for _ in snap.leaves]
-    for file_index, (li, box, offset, length, sums) in shards:
-        per_leaf[li].append(fmt.ShardRecord(box, file_index, offset, length, sums))
-    records = []
-    for i, (leaf, path, mine) in enumerate(zip(snap.leaves, paths, per_leaf)):
-        if not i & 63:
-            layout_mod.let_others_run()
-        if leaf.kind == "value":
-            records.append(fmt.LeafRecord(path, "value", value=leaf.value))
-        else:
-            if len(mine) > 1:
-                mine.sort(key=lambda r: r.box)
-            records.append(fmt.LeafRecord(path, leaf.kind, leaf.dtype, tuple(leaf.shape), tuple(mine), impl=leaf.impl))
-    return fmt.Manifest(fmt.FORMAT_VERSION, f"jaxckpt {version.VERSION}", time.time(), fmt.CHUNK_BYTES,
-                        tuple(files), tree_desc, tuple(records), metadata)
-
-
 @dataclasses.dataclass
 class Context:
     """How one save runs: the I/O pool, its waiting rule, and (multi-process) coordination.
@@ -149,18 +87,9 @@ class Context:
     coord: multihost.Coordinator = multihost.LOCAL
     key: str = ""
     deadline: float | None = None
-    per_process: tuple[str, Any] | None = None  # (key, this process's value): see ``with_per_process``
+    per_process: tuple[str, Any] | None = None  # (key, this process's value): see ``manifests.with_per_process``
     encryption_key: bytes | None = None  # encrypt data and manifest (jaxckpt/crypto.py)
     modes: storage.Modes = storage.Modes()  # permission bits of what the save creates
-
-
-def with_per_process(metadata: Any, per_process: tuple[str, Any] | None, values: list[Any]) -> Any:
-    """The metadata to commit: ``metadata`` (a dict) with ``key: [value of each process]``."""
-    if per_process is None:
-        return metadata
-    if metadata is not None and not isinstance(metadata, dict):
-        raise UnsupportedValueError(f"per-process values need dict metadata, found {type(metadata).__name__}")
-    return {**(metadata or {}), per_process[0]: values}
 
 
 @dataclasses.dataclass
@@ -195,8 +124,9 @@ def write_data(snap: Snapshot, staging: storage.Staging, process: int, ctx: Cont
     try:
         for f, seal in zip(files, seals):
             sinks.append(staging.create(f.name, direct=direct))
+            futures.append([])
             writes, done_hashing = _start_writes(sinks[-1], f.layout, sums, ctx, seal)
-            futures.append(writes)
+            futures[-1].extend(writes)
             hashed.extend(done_hashing)
         ctx.wait(hashed)
         finishes = _finish_written(sinks, files, futures, [None] * len(files), ctx)
@@ -204,7 +134,7 @@ def write_data(snap: Snapshot, staging: storage.Staging, process: int, ctx: Cont
         ctx.wait([fut for per_file in futures for fut in per_file])
         ctx.wait(_finish_written(sinks, files, futures, finishes, ctx))
     finally:
-        for sink, per_file in zip(sinks, futures + [[]] * (len(sinks) - len(futures))):
+        for sink, per_file in zip(sinks, futures):
             _close_when_done(sink, per_file)
     for f, seal in zip(files, seals):
         if seal is not None:
@@ -349,12 +279,12 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
         # set off: 40-130 ms of a 10,000-leaf save. The pause is process-wide,
         # so it is kept to such trees, whose saves are short.
         with gcpause.paused() if len(snap.leaves) >= _PAUSE_WHOLE_SAVE_LEAVES else contextlib.nullcontext():
-            metadata = with_per_process(metadata, ctx.per_process, [ctx.per_process and ctx.per_process[1]])
+            metadata = manifests.with_per_process(metadata, ctx.per_process, [ctx.per_process and ctx.per_process[1]])
 
             def describe(written: list[DataFile], sums: list) -> tuple[list[fmt.FileRecord], bytes]:
                 # While the uploads are still in flight (or the files' fsyncs run).
                 files = [fmt.FileRecord(f.name, f.layout.size) for f in written]
-                return files, _manifest(snap, metadata, files, _own_shards(snap, written, sums), str(loc))
+                return files, manifests.encode(snap, metadata, files, manifests.shard_records(snap, [f.layout for f in written], sums), str(loc))
 
             written, sums, (files, manifest) = write_data(snap, staging, 0, ctx, meanwhile=describe)
             size = sum(f.size for f in files)
@@ -390,7 +320,7 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
         report = {"ok": True, "files": [[f.name, f.layout.size] for f in written],
                   "value": ctx.per_process and ctx.per_process[1],
                   "sealed": [list(f.sealed) for f in written] if ctx.encryption_key is not None else None,
-                  "shards": _own_shards(snap, written, sums)}
+                  "shards": manifests.shard_records(snap, [f.layout for f in written], sums)}
     except BaseException as e:
         ctx.job.try_abort()
         coord.set(f"{key}/report/{coord.process_index}",
@@ -450,12 +380,12 @@ def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metada
     files, shards, sealed = [], [], []
     for p, r in enumerate(reports):
         first = len(files)
-        shards.extend((first + fi, s if p == 0 else _from_report(s)) for fi, s in r["shards"])
+        shards.extend((first + fi, s if p == 0 else manifests.from_report(s)) for fi, s in r["shards"])
         files.extend(fmt.FileRecord(name, size) for name, size in r["files"])
         if ctx.encryption_key is not None:
             sealed.extend(tuple(x) for x in r["sealed"])
-    metadata = with_per_process(metadata, ctx.per_process, [r.get("value") for r in reports])
-    manifest = _manifest(snap, metadata, files, shards, str(loc), full_check=True)
+    metadata = manifests.with_per_process(metadata, ctx.per_process, [r.get("value") for r in reports])
+    manifest = manifests.encode(snap, metadata, files, shards, str(loc), full_check=True)
     _commit(staging, manifest, overwrite, ctx, sealed)
     return WriteResult(sum(f.size for f in files), len(files) + 1)
 

@@ -307,10 +307,10 @@ def test_the_manifest_is_built_while_the_data_is_still_uploading(bucket, monkeyp
 def test_a_manifest_refused_during_the_upload_leaves_no_object(bucket, monkeypatch):
     """Metadata above the manifest's caps fails the save while its data is
     still on its way: the save waits for that upload, then removes it."""
-    from jaxckpt import writer
+    from jaxckpt import manifests
     url, opts, s3, name = bucket
     refused = threading.Event()
-    build = writer._manifest
+    build = manifests.encode
 
     def build_then_tell(*args, **kwargs):
         try:
@@ -318,7 +318,7 @@ def test_a_manifest_refused_during_the_upload_leaves_no_object(bucket, monkeypat
         finally:
             refused.set()
 
-    monkeypatch.setattr(writer, "_manifest", build_then_tell)
+    monkeypatch.setattr(manifests, "encode", build_then_tell)
     came = _hold_uploads(monkeypatch, refused, after_s=0.3)  # lands after a cleanup that did not wait
     with pytest.raises(jaxckpt.UnsupportedValueError, match="cannot be read back"):
         jaxckpt.save(f"{url}/big-meta", {"w": np.arange(1000.0)}, metadata={"note": "m" * (2**20 + 1)},
