@@ -106,31 +106,13 @@ def plan(snap: Snapshot, chunk_bytes: int, leaves: range | None = None) -> Layou
     return Layout(tuple(units), tuple(offsets), pos, leaves)
 
 
-# How long a background loop may hold the GIL between two releases: a tenth
-# of the interpreter's 5 ms switch interval, the longest a training thread's
-# next dispatch then waits behind it.
-YIELD_EVERY_S = 0.0005
-_last_yield = threading.local()
-
-
 def let_others_run() -> None:
-    """Release the GIL for a moment, if this thread has not for ``YIELD_EVERY_S``.
-
-    Background loops over many small items call this every few items: a
-    training loop's next dispatch otherwise waits up to the interpreter's 5 ms
-    switch interval for the GIL each time (measured: a niced pure-Python
-    thread slowed a 11 ms jitted step by 62%, the same thread sleeping 0 s
-    every ~50 us by 9%). Each release costs 0.13-0.46 ms of wall time here (a
-    ``time.sleep(0)``), so releasing every few items made a 10,000-leaf save
-    spend most of its time asleep: measured against a jitted step running
-    meanwhile, saves took 0.92 s and slowed the steps during them by 15%,
-    against 0.31 s and 43% releasing at most every 0.5 ms, the same steps
-    lost in all (70 against 68); the GIL is then held at most ~0.5 ms at a time.
-    """
-    now = time.perf_counter()
-    if now - getattr(_last_yield, "t", 0.0) >= YIELD_EVERY_S:
-        time.sleep(0)
-        _last_yield.t = time.perf_counter()
+    """Release the GIL for a moment. Background loops over many small items
+    call this every few items: a training loop's next dispatch otherwise
+    waits up to the interpreter's 5 ms switch interval for the GIL each time
+    (measured: a niced pure-Python thread slowed a 11 ms jitted step by 62%,
+    the same thread sleeping 0 s every ~50 us by 9%)."""
+    time.sleep(0)
 
 
 _PYTHON_BOUND_UNIT = 256 << 10
