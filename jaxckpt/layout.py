@@ -111,7 +111,11 @@ def let_others_run() -> None:
     call this every few items: a training loop's next dispatch otherwise
     waits up to the interpreter's 5 ms switch interval for the GIL each time
     (measured: a niced pure-Python thread slowed a 11 ms jitted step by 62%,
-    the same thread sleeping 0 s every ~50 us by 9%)."""
+    the same thread sleeping 0 s every ~50 us by 9%). Each sleep costs 0.13-0.46
+    ms of wall time on the benchmark VM; releasing at most every 0.5 ms instead
+    made a 10,000-leaf save alone 26% faster (0.31 -> 0.23 s), but the
+    benchmark's matmul loop 12% slower during saves, against 1% (W2, 3 rounds
+    each, 2026-12-03): not kept, training comes first."""
     time.sleep(0)
 
 
