@@ -206,6 +206,10 @@ def multihost(scenario, pid, nproc, port, workdir):
     jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid, heartbeat_timeout_seconds=30,
                                initialization_timeout=60)
     out = SCENARIOS[scenario](pid, workdir)
+    # Process 0 hosts the coordination service: leaving before the others
+    # have read its last values fails them ("Connection reset by peer").
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("scenario done")
     print("RESULT " + json.dumps(out), flush=True)
     os._exit(0)  # skip jax.distributed shutdown barriers
 
