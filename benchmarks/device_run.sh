@@ -2,36 +2,49 @@
 # The GPU benchmark as one prepared script, for a lent accelerator host that
 # has jax, flax, orbax-checkpoint and msgpack but no network:
 #   OUT=/some/dir bash benchmarks/device_run.sh [seconds]
-# (used through the device tool as: bash benchmarks/device_run.sh 480)
-# Installs jaxckpt without dependencies, records the card, checks bit-exact
-# round trips after donation (gpu_smoke), asks where the time goes
-# (gpu_probe snapshot on W1 and W2: pinned-host vs copy_to_host_async snapshots
-# over three saves of fresh device arrays in one process),
-# then runs the short harness: W1 and W3 with jaxckpt async and orbax async,
-# W2 with jaxckpt async only (orbax takes ~25 s per W2 save or restore there).
-# The harness gets what is left of the budget (default 480 s); a run cut
-# short keeps every measurement made so far in its JSON. Results go to $OUT.
+# (used through the device tool as: bash benchmarks/device_run.sh 560)
+# Installs jaxckpt without dependencies, records the card, then, each step
+# under its own time limit so that one failure or overrun leaves the others:
+#   1. gpu_probe first W2 / W1: the first and second save of a process, fresh
+#      processes, jaxckpt as is, jaxckpt after AsyncCheckpointer.prepare, orbax
+#      (W2: 10,000 small leaves, the packed path; every jaxckpt save restored
+#      and compared bit for bit);
+#   2. gpu_probe restore W3 (GPU_PROBE_ROUNDS=1): restores to the device in
+#      fresh processes from the page cache, jaxckpt's transfer settings
+#      side by side with orbax, each checked bit for bit, and the limit
+#      (page-cache read bandwidth, pinned host -> device bandwidth);
+#   3. the short harness: W1 with jaxckpt async and orbax async, W2 with
+#      jaxckpt async (save, restore warm and cold, concurrent loop).
+# QUICK=--quick runs it all on tiny workloads (a check of the script).
+# Everything lands in $OUT/gpu-results.tgz (the device tool brings back at
+# most 8 files) and the log in $OUT/run.log.
 set -u
 OUT=${OUT:-benchmarks/results}
-budget=${1:-480}
+budget=${1:-560}
 start=$SECONDS
 left() { echo $(( budget - (SECONDS - start) )); }
-python3 -m pip install --no-deps --no-build-isolation -q -e . > "$OUT/pip.log" 2>&1 \
+R=$(mktemp -d /tmp/gpu-results.XXXX)
+exec > >(tee "$OUT/run.log") 2>&1
+export PYTHONUNBUFFERED=1
+python3 -m pip install --no-deps --no-build-isolation -q -e . > "$R/pip.log" 2>&1 \
   || echo "install failed (see pip.log): running from the source tree, which python -m puts on sys.path"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/card.txt"
-python3 -c "import jax, orbax.checkpoint as o; print('jax', jax.__version__, 'orbax', o.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$OUT/card.txt"
-timeout 60 python3 -m benchmarks.gpu_smoke 2>&1 | tee "$OUT/gpu-smoke.txt"
-for w in W1 W2; do
-  timeout 90 python3 -m benchmarks.gpu_probe snapshot "$w" "$OUT/gpu-probe-snapshot-$w.json" > "$OUT/gpu-probe-snapshot-$w.log" 2>&1
-  echo "gpu_probe snapshot $w exit status: $?"; head -8 "$OUT/gpu-probe-snapshot-$w.log"
-done
-t=$(( $(left) - 75 ))
-echo "harness W1,W3 with ${t} s"
-timeout "$t" python3 -m benchmarks.run --short --workloads W1,W3 --methods jaxckpt-async,orbax-async \
-  --results "$OUT" --no-results-md 2>&1 | tail -5
-echo "benchmark exit status: ${PIPESTATUS[0]}"
-t=$(( $(left) - 10 ))
-echo "harness W2 with ${t} s"
-timeout "$t" python3 -m benchmarks.run --short --workloads W2 --methods jaxckpt-async \
-  --results "$OUT" --no-results-md 2>&1 | tail -5
-echo "benchmark exit status: ${PIPESTATUS[0]}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$R/card.txt"
+python3 -c "import jax, jaxlib, orbax.checkpoint as o; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, 'orbax', o.__version__, jax.devices())" 2>&1 | tail -1 | tee -a "$R/card.txt"
+lscpu | grep -E "^Model name|^CPU\(s\)" | tee -a "$R/card.txt"
+step() {  # step LIMIT NAME COMMAND...
+  local limit=$1 name=$2; shift 2
+  local l; l=$(left)
+  (( limit > l - 15 )) && limit=$(( l - 15 ))
+  if (( limit < 20 )); then echo "== $name: skipped, $l s left"; return; fi
+  echo "== $name (limit ${limit} s, $(left) s left)"
+  timeout "$limit" "$@" > "$R/$name.log" 2>&1
+  echo "== $name exit status $? after $(( SECONDS - start )) s"; tail -12 "$R/$name.log"
+}
+step 150 first-W2 python3 -m benchmarks.gpu_probe first W2 ${QUICK:-} "$R/first-W2.json"
+step 90 first-W1 python3 -m benchmarks.gpu_probe first W1 ${QUICK:-} "$R/first-W1.json"
+GPU_PROBE_ROUNDS=1 step 150 restore-W3 python3 -m benchmarks.gpu_probe restore W3 ${QUICK:-} "$R/restore-W3.json"
+step 150 harness-W1 python3 -m benchmarks.run --short ${QUICK:-} --workloads W1 --methods jaxckpt-async,orbax-async \
+  --results "$R" --no-results-md
+step 90 harness-W2 python3 -m benchmarks.run --short ${QUICK:-} --workloads W2 --methods jaxckpt-async \
+  --results "$R" --no-results-md
+tar czf "$OUT/gpu-results.tgz" -C "$R" . && echo "packed $(ls "$R" | wc -l) files after $(( SECONDS - start )) s"

@@ -286,6 +286,19 @@ class AsyncCheckpointer:
                                          self.timeout if timeout is None else timeout, loc, per_process, enc_key))
         return handle
 
+    def prepare(self, tree: Any) -> Future:
+        """Get ready, in the background, to save trees shaped like ``tree`` (its
+        arrays, or ``jax.ShapeDtypeStruct`` leaves as ``jax.eval_shape`` gives),
+        so that the first save blocks no longer than later ones: on GPU/TPU the
+        pinned host memory the snapshot copies into is allocated (the first
+        save of a process otherwise pays it: 1.1 s for 1.1 GB on an H200 host)
+        and the on-device packing of small shards is compiled
+        (``jaxckpt/accelcopy.py``). Returns at once; the future resolves when
+        that is done (failures are logged; saves work without it). Nothing to
+        do on the CPU backend."""
+        return snapshot_mod.prepare(tree, process_index=self._multi.process_index,
+                                process_count=self._multi.process_count)
+
     def wait_until_finished(self) -> None:
         """Block until every save finished; raise a not-yet-reported background error."""
         for h in list(self._handles):

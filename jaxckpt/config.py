@@ -27,6 +27,11 @@ class Tuning:
     """``pinned_min_bytes``: device shards smaller than this skip the
     pinned-host snapshot path and use ``copy_to_host_async`` (0: every shard
     is pinned; see ``jaxckpt/snapshot.py``).
+    ``pack_max_bytes``: accelerator shards of at most this many bytes are
+    packed on their device into chunks moved to the host in one transfer
+    each (0: none; see ``jaxckpt/accelcopy.py``).
+    ``accel_put_threads``: threads that issue a restore's host-to-accelerator
+    windows (1: one after the other; see ``jaxckpt/placement.py``).
     ``map_for_accelerators``: whether a restore's host arrays bound for an
     accelerator may be copy-on-write mappings of the file, like those that
     stay on the host (off until measured on a GPU: ``python -m
@@ -38,18 +43,23 @@ class Tuning:
     holds without renewal (its holder renews it every third of that); a
     lease expired by twice this is taken over (``jaxckpt/objlock.py``)."""
     pinned_min_bytes: int = 0
+    pack_max_bytes: int = 1 << 20
+    accel_put_threads: int = 1
     map_for_accelerators: bool = False
     accel_window_bytes: int = 256 << 20
     lease_seconds: float = 60.0
 
     def __post_init__(self) -> None:
-        for name in ("pinned_min_bytes", "accel_window_bytes"):
+        for name in ("pinned_min_bytes", "pack_max_bytes", "accel_window_bytes"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {v!r}")
         if isinstance(self.lease_seconds, bool) or not isinstance(self.lease_seconds, (int, float)) \
                 or not self.lease_seconds > 0:
             raise ValueError(f"lease_seconds must be a number > 0, got {self.lease_seconds!r}")
+        if isinstance(self.accel_put_threads, bool) or not isinstance(self.accel_put_threads, int) \
+                or self.accel_put_threads < 1:
+            raise ValueError(f"accel_put_threads must be an int >= 1, got {self.accel_put_threads!r}")
         if not isinstance(self.map_for_accelerators, bool):
             raise ValueError(f"map_for_accelerators must be a bool, got {self.map_for_accelerators!r}")
 

@@ -158,19 +158,18 @@ class CheckpointManager:
     (otherwise ``save()`` returns after the commit). ``read_only``: list and
     restore only; takes no lock, deletes and cleans nothing.
 
-    Extra keywords: ``step_format`` / ``step_prefix`` name the step directories
-    (default ``"{step}"``; with a prefix ``"{prefix}_{step}"``; MindSpore's
-    layout is ``step_format="{prefix}-{epoch}_{step}"`` with
-    ``step_prefix="resnet"``; ``{step:08d}`` zero-pads). ``save_timeout``:
-    seconds after which a background save is abandoned with
-    ``SaveTimeoutError``. ``copy_cpu_arrays``: see ``AsyncCheckpointer``.
-    ``storage_options``: passed to the object-store client of an ``s3://`` /
-    ``gs://`` directory (see the README, "Checkpointing to S3 and GCS").
-    ``encryption_key``: steps are saved encrypted and read with it (bytes or a
-    callable, see ``AsyncCheckpointer``); ``file_mode`` / ``dir_mode``: the
-    permission bits of step files and directories, the lock and markers. ``_clock``: the wall clock (tests inject one); it
-    drives ``save_interval_seconds``, the auto interval's measurements and
-    the step timestamps, hence ``keep_time_interval``.
+    Extra keywords: ``step_format`` / ``step_prefix`` name the step directories (default ``"{step}"``; with
+    a prefix ``"{prefix}_{step}"``; MindSpore's layout is ``step_format="{prefix}-{epoch}_{step}"`` with
+    ``step_prefix="resnet"``; ``{step:08d}`` zero-pads). ``save_timeout``: seconds after which a background
+    save is abandoned with ``SaveTimeoutError``. ``copy_cpu_arrays``: see ``AsyncCheckpointer``.
+    ``storage_options``: passed to the object-store client of an ``s3://`` / ``gs://`` directory (see the
+    README, "Checkpointing to S3 and GCS"). ``encryption_key``: steps are saved encrypted and read with it
+    (bytes or a callable, see ``AsyncCheckpointer``); ``file_mode`` / ``dir_mode``: the permission bits of
+    step files and directories, the lock and markers. ``expected_state``: a state (or ``jax.eval_shape``) to
+    prepare the first save for in the background (``AsyncCheckpointer.prepare``; else the first ``save()``
+    that does not save does). ``_clock``: the wall clock (tests inject one); it drives
+    ``save_interval_seconds``, the auto interval's measurements and the step timestamps, hence
+    ``keep_time_interval``.
     """
 
     def __init__(self, directory: str | os.PathLike, save_interval_steps: int | str | None = None,
@@ -184,7 +183,7 @@ class CheckpointManager:
                  copy_cpu_arrays: bool | None = None, save_policy: SavePolicy | None = None,
                  keep_policy: KeepPolicy | None = None, storage_options: dict | None = None,
                  encryption_key: Any = None, file_mode: int | None = None, dir_mode: int | None = None,
-                 _clock: Callable[[], float] = time.time):
+                 expected_state: Any = None, _clock: Callable[[], float] = time.time):
         self._root = storage.Location.parse(directory, storage_options)
         self._backend = storage.backend(self._root)
         self.directory = str(self._root)
@@ -197,8 +196,7 @@ class CheckpointManager:
         self._naming = StepNaming.build(step_format, step_prefix)
         self.save_on_exception, self.async_save, self.read_only = bool(save_on_exception), bool(async_save), bool(
             read_only)
-        self._clock = _clock
-        self._multi = multihost.coordinator()
+        self._clock, self._multi = _clock, multihost.coordinator()
         self._agree = multihost.Agreement(self._multi, f"jaxckpt/mgr/{next(_manager_ids)}")
         self._auto = AutoInterval.build(self._policy, _clock, self._multi, self._agree.prefix)
         self._steps = StepTable(self._root)
@@ -223,6 +221,7 @@ class CheckpointManager:
         if save_on_preemption and not self.read_only and not self._agree.jax_preemption:
             self._watch.install()  # (multi-process jobs with JAX's preemption service use its SIGTERM handler)
         self._save_on_preemption = bool(save_on_preemption)
+        self._saver.prepare(expected_state)
 
     # ------------------------------------------------------------------ listing
     def reload(self) -> None:
@@ -310,6 +309,7 @@ class CheckpointManager:
             self._auto.before(step, state, self._steps.in_flight)
         reason = self._decide(step, force)
         if reason is None:
+            self._saver.prepare(state)
             return False
         if data_iterator is not None and taken is None:
             req = dataclasses.replace(req, per_process=dataiter.take(data_iterator))

@@ -26,7 +26,9 @@ weak type) and that the fast path is active on the pinned JAX version.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -95,6 +97,9 @@ def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Arra
     windows = _windows(arrays, shardings)
     if len(windows) == 1:
         return _put(arrays, shardings)
+    threads = config.current().accel_put_threads
+    if threads > 1:
+        return _put_in_parallel(arrays, shardings, windows, threads)
     out: list[jax.Array] = []
     previous: list[jax.Array] = []
     for lo, hi in windows:
@@ -102,6 +107,31 @@ def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Arra
         jax.block_until_ready(previous)  # the window before this one has landed
         out.extend(placed)
         previous = placed
+    return out
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _put_in_parallel(arrays: Sequence[np.ndarray], shardings: Sequence[Any], windows: list[tuple[int, int]],
+                     threads: int) -> list[jax.Array]:
+    """The windows issued from ``threads`` threads, each waiting for its window
+    to land before it takes the next (``threads`` windows in flight): the
+    runtime's copy of each window into its staging memory then runs on
+    several cores at once."""
+    with _pools_lock:
+        pool = _pools.get(threads)
+        if pool is None:
+            pool = _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="jaxckpt-put")
+
+    def window(bounds: tuple[int, int]) -> list[jax.Array]:
+        lo, hi = bounds
+        return jax.block_until_ready(_put(arrays[lo:hi], shardings[lo:hi]))
+
+    out: list[jax.Array] = []
+    for placed in pool.map(window, windows):
+        out.extend(placed)
     return out
 
 

@@ -88,6 +88,14 @@ class StepSaver:
         self._directory = directory
         self.last_save_time = started
         self.last_stats: StepSaveStats | None = None
+        self._prepared = False
+
+    def prepare(self, state: Any) -> None:
+        """Start the checkpointer's background preparation of the first save of
+        ``state`` (``AsyncCheckpointer.prepare``): once, and only for a state."""
+        if state is not None and self._ckptr is not None and not self._prepared:
+            self._prepared = True
+            self._ckptr.prepare(state)
 
     def save(self, req: SaveRequest, reason: str, overwrite: bool, wait: bool, timeout: float | None = None) -> None:
         """Save ``req`` as ``reason``: steps 1-2 of the module docstring, and 3 for a synchronous save."""

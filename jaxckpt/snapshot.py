@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from concurrent.futures import Future
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
 
+from jaxckpt import accelcopy
 from jaxckpt import arrayinfo
 from jaxckpt import config
 from jaxckpt import gcpause
@@ -112,56 +115,80 @@ def _python_value(v: Any) -> bool:
 # pinned save of a process, which allocates the pinned memory, blocked for
 # 1.1-3.5 s (``python -m benchmarks.gpu_probe snapshot W1``).
 
-_NO_PINNED = object()
-_pinned: dict[Any, Any] = {}  # device -> its pinned_host SingleDeviceSharding, or _NO_PINNED
-
-
-def _pinned_sharding(device: Any) -> Any:
-    s = _pinned.get(device)
-    if s is None:
-        try:
-            kinds = {m.kind for m in device.addressable_memories()}
-        except Exception:  # noqa: BLE001 - a runtime without memory kinds
-            kinds = set()
-        s = _pinned[device] = (jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-                               if "pinned_host" in kinds else _NO_PINNED)
-    return s
-
-
 def has_pinned_host(device: Any) -> bool:
     """Whether snapshots of arrays on ``device`` go through its pinned host memory."""
-    return _pinned_sharding(device) is not _NO_PINNED
+    return accelcopy.pinned_sharding(device) is not None
 
 
 def _device_put(arrays: list[jax.Array], shardings: list[Any]) -> list[jax.Array]:
     return jax.device_put(arrays, shardings)  # (one place for tests to refuse it)
 
 
-def _start_transfers(arrays: list[jax.Array]) -> dict[int, jax.Array]:
+def _pack_small(direct: list[jax.Array], targets: list[Any]) -> tuple[list[jax.Array], list[Any], list]:
+    """Replace the small shards of ``direct`` whose chunk function is compiled by
+    their packed chunks (``jaxckpt/accelcopy.py``); chunks not compiled yet are
+    queued for compiling and stay shard by shard. Returns (arrays to transfer,
+    their targets, [(position of a packed chunk in them, its sources, shapes)])."""
+    items = [(next(iter(d.sharding.device_set)), d.shape, d.dtype, d.nbytes) for d in direct]
+    chunks = accelcopy.chunks(items, config.current().pack_max_bytes)
+    if not chunks:
+        return direct, targets, []
+    packed_away: set[int] = set()
+    moves, move_targets, packs = [], [], []
+    for chunk in chunks:
+        fn = accelcopy.packers.get(chunk.key)
+        if fn is None:
+            continue
+        sources = [direct[i] for i in chunk.indices]
+        try:
+            moves.append(fn(*sources))
+        except Exception as e:  # noqa: BLE001 - e.g. a sharding or layout the compiled function refuses
+            logger.info("jaxckpt: packing %d small shards failed (%s: %s); they are copied one by one",
+                        len(sources), type(e).__name__, e)
+            accelcopy.packers.drop(chunk.key)  # not tried again
+            continue
+        move_targets.append(targets[chunk.indices[0]])
+        packs.append((len(moves) - 1, sources, chunk.key[2]))
+        packed_away.update(chunk.indices)
+    rest = [i for i in range(len(direct)) if i not in packed_away]
+    base = len(rest)
+    packs = [(base + pos, sources, shapes) for pos, sources, shapes in packs]
+    return [direct[i] for i in rest] + moves, [targets[i] for i in rest] + move_targets, packs
+
+
+def _start_transfers(arrays: list[jax.Array]) -> dict[int, Any]:
     """Start the device->host copy of every (single-device) array before any is
-    waited on. Returns, by ``id`` of the source, the pinned-host copy to read;
-    sources missing from it had ``copy_to_host_async`` started instead."""
+    waited on. Returns, by ``id`` of the source, the pinned-host copy to read
+    (a jax.Array, or a numpy view of a packed chunk's copy); sources missing
+    from it had ``copy_to_host_async`` started instead."""
     direct: list[jax.Array] = []
     targets: list[Any] = []
     min_bytes = config.current().pinned_min_bytes
     for d in arrays:
-        s = _pinned_sharding(next(iter(d.sharding.device_set)))
-        if s is _NO_PINNED or d.nbytes < min_bytes:
+        s = accelcopy.pinned_sharding(next(iter(d.sharding.device_set)))
+        if s is None or d.nbytes < min_bytes:
             d.copy_to_host_async()
         else:
             direct.append(d)
             targets.append(s)
     if not direct:
         return {}
+    moves, move_targets, packs = _pack_small(direct, targets)
     try:
-        copies = _device_put(direct, targets)
+        copies = _device_put(moves, move_targets)
     except Exception as e:  # noqa: BLE001 - e.g. pinned host memory exhausted: the slow path still works
         logger.debug("transfer to pinned host memory refused (%s: %s); using copy_to_host_async",
                      type(e).__name__, e)
         for d in direct:
             d.copy_to_host_async()
         return {}
-    return {id(d): c for d, c in zip(direct, copies)}
+    unpacked = len(moves) - len(packs)  # the packed chunks come last
+    out: dict[int, Any] = {id(d): c for d, c in zip(moves[:unpacked], copies[:unpacked])}
+    for pos, sources, shapes in packs:
+        host = np.asarray(copies[pos])
+        for d, view in zip(sources, accelcopy.unpack(host, shapes)):
+            out[id(d)] = view
+    return out
 
 
 class _Placement(NamedTuple):
@@ -288,3 +315,73 @@ def _take(tree: Any, copy_numpy: bool, process_index: int, process_count: int,
             host = tuple((box, np.asarray(copies.get(id(d), d))) for box, d in parts)
         out[i] = _record(HostLeaf, ("key" if impl else "array", name, shape, host, None, impl, cpu))
     return Snapshot(treedef, tuple(out))
+
+
+def _planned_parts(shape: tuple[int, ...], sharding: Any, p: _Placement) -> list[tuple[Any, tuple[int, ...]]]:
+    """(device, shard shape) of each transfer ``_first_pass`` makes for an
+    array of ``shape`` with ``sharding``, in the same order."""
+    if p.part == "skip":
+        return []
+    if p.part == "whole":
+        return [(next(iter(sharding.addressable_devices_indices_map(shape))), shape)]
+    me = jax.process_index()
+    seen: set[tuple] = set()
+    out = []
+    for device, index in sharding.devices_indices_map(shape).items():
+        box = arrayinfo.index_box(index, shape)
+        if box in seen:
+            continue  # not replica 0 of its shard
+        seen.add(box)
+        if device.process_index == me:
+            out.append((device, tuple(hi - lo for lo, hi in box)))
+    return out
+
+
+def planned_transfers(tree: Any, process_index: int = 0, process_count: int = 1
+                      ) -> list[tuple[Any, tuple[int, ...], np.dtype, int]]:
+    """(device, shape, dtype, bytes) of each device->host transfer a snapshot of
+    ``tree`` starts, in order; ``tree`` may hold ``jax.ShapeDtypeStruct`` leaves
+    (as ``jax.eval_shape`` gives; without a sharding: the default device)."""
+    leaves, _ = tree_mod.flatten(tree)
+    others_take_local = process_count > 1 and process_index != 0
+    placements: dict[Any, _Placement] = {}
+    items = []
+    for x in leaves:
+        if not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+            continue
+        shape, dtype, extra = tuple(x.shape), x.dtype, ()
+        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+            data = jax.eval_shape(jax.random.key_data, x)
+            extra, dtype = tuple(data.shape[len(shape):]), data.dtype
+        if arrayinfo.DTYPE_NAMES.get(np.dtype(dtype)) is None:
+            continue
+        sharding = getattr(x, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        p = placements.get(sharding)
+        if p is None:
+            p = placements[sharding] = _placement(sharding, others_take_local)
+        if not p.accelerator:
+            continue
+        itemsize = np.dtype(dtype).itemsize
+        for device, part in _planned_parts(shape, sharding, p):
+            full = part + extra
+            items.append((device, full, np.dtype(dtype), math.prod(full) * itemsize))
+    return items
+
+
+def prepare(tree: Any, *, process_index: int = 0, process_count: int = 1) -> Future:
+    """(any thread; returns at once) Get ready, in the background, to snapshot
+    trees shaped like ``tree``: warm the pinned host memory its transfers
+    take and compile the packing of its small accelerator shards
+    (``jaxckpt/accelcopy.py``). Even the tree is looked at on the background
+    thread. The future resolves when all that is done."""
+
+    def plan() -> tuple[list[tuple], list[tuple[Any, int]]]:
+        items = planned_transfers(tree, process_index, process_count)
+        chunks = accelcopy.chunks(items, config.current().pack_max_bytes)
+        packed = {i for c in chunks for i in c.indices}
+        min_bytes = config.current().pinned_min_bytes
+        sizes = [(d, n) for i, (d, _, _, n) in enumerate(items) if i not in packed and n >= min_bytes]
+        sizes += [(c.key[0], sum(items[i][3] for i in c.indices)) for c in chunks]
+        return [c.key for c in chunks], sizes
+
+    return accelcopy.prepare(plan)

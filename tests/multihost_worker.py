@@ -227,6 +227,11 @@ SCENARIOS = {
 
 if __name__ == "__main__":
     out = SCENARIOS[scenario]()
+    if scenario not in ("kill", "exception_one_process"):  # where every process gets here
+        # Process 0 hosts the coordination service: leaving before the others
+        # have read the outcome of its last commit would fail them.
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("scenario done")
     print("RESULT " + json.dumps(out), flush=True)
     sys.stdout.flush()
     os._exit(0)  # skip jax.distributed shutdown barriers: a killed peer would stall them

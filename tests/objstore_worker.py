@@ -209,6 +209,10 @@ def multi_main(argv: list[str]) -> None:
     ctx = {"pid": pid, "nproc": nproc, "ndev": ndev, "bucket": bucket,
            "options": {"endpoint": os.environ["AWS_ENDPOINT_URL"]}}
     out = SCENARIOS[scenario](ctx)
+    # Process 0 hosts the coordination service: leaving before the others
+    # have read the outcome of its last commit would fail them.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("scenario done")
     print("RESULT " + json.dumps(out), flush=True)
     os._exit(0)  # skip jax.distributed shutdown barriers
 

@@ -16,7 +16,7 @@ LAYERS: list[set[str]] = [
     {"errors", "version", "config", "gcpause", "arrayinfo", "display", "libc", "procs", "memory", "progress",
      "multihost"},
     {"tree"},                                          # pytree flattening
-    {"snapshot", "hostcopy"},                          # device -> host
+    {"snapshot", "hostcopy", "accelcopy"},             # device -> host
     {"format", "crypto"},                              # manifest <-> bytes, pure; encryption
     {"storage", "posix", "posixdirs", "posixfs", "lock",
      "objclient", "objstore", "objlock", "s3client", "awsprofile", "gcsclient", "gcsread", "gcsupload"},  # bytes <-> files (objects), the commit

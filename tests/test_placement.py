@@ -151,3 +151,29 @@ def test_transfers_to_an_accelerator_go_in_windows_with_two_in_flight(fresh_fast
         assert waited == [0] + [hi - lo for lo, hi in windows[:-1]]
         for a, b in zip(got, jax.device_put(arrays, shardings)):
             _same(a, b)
+
+
+def test_windows_issued_from_several_threads_give_the_same_arrays_in_order(fresh_fast_path, monkeypatch):
+    """accel_put_threads > 1: every window is placed by a pool thread that waits
+    for it to land; the result is identical to jax.device_put, in order."""
+    import threading
+
+    arrays = _host_arrays() * 4
+    shardings = [SingleDeviceSharding(jax.devices()[i % 3]) for i in range(len(arrays))]
+    monkeypatch.setattr(arrayinfo, "on_accelerator", lambda d: True)
+    threads: set[str] = set()
+    real_put = placement._put
+    monkeypatch.setattr(placement, "_put", lambda a, s: threads.add(threading.current_thread().name) or real_put(a, s))
+    with config.tuned(accel_window_bytes=1000, accel_put_threads=3):
+        windows = placement._windows(arrays, shardings)
+        assert len(windows) > 3
+        got = placement.put(arrays, shardings)
+    assert threads and all(name.startswith("jaxckpt-put") for name in threads)
+    assert len(got) == len(arrays)
+    for a, b in zip(got, jax.device_put(arrays, shardings)):
+        _same(a, b)
+
+
+def test_put_threads_must_be_positive():
+    with pytest.raises(ValueError, match="accel_put_threads must be an int >= 1, got 0"):
+        config.configure(accel_put_threads=0)

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import jaxckpt
-from jaxckpt import arrayinfo, snapshot
+from jaxckpt import accelcopy, arrayinfo, snapshot
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_refused_pinned_transfer_falls_back_to_copy_to_host_async(as_accelerator
 def test_devices_without_pinned_host_memory_use_copy_to_host_async(as_accelerator, monkeypatch):
     tree = _tree()
     want = _expected(tree)
-    monkeypatch.setattr(snapshot, "_pinned_sharding", lambda device: snapshot._NO_PINNED)
+    monkeypatch.setattr(accelcopy, "pinned_sharding", lambda device: None)
     assert not snapshot.has_pinned_host(jax.devices()[0])
     called = []
     monkeypatch.setattr(snapshot, "_device_put", lambda *a, **k: called.append(1))
