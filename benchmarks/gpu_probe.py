@@ -50,11 +50,14 @@ MIB = 1 << 20
 ROUNDS = int(os.environ.get("GPU_PROBE_ROUNDS", "2"))
 SNAPSHOT_PATHS = {"pinned": 0, "copy_to_host_async": 1 << 62, "hybrid_1MiB": MIB}
 # label -> (config.Tuning.accel_window_bytes, map_for_accelerators, accel_put_threads)
-RESTORE_CONFIGS = {"window 256 MiB (default)": (256 * MIB, False, 1),
-                   "window 256 MiB, mapped": (256 * MIB, True, 1),
-                   "window 64 MiB, mapped, 4 threads": (64 * MIB, True, 4),
-                   "window 64 MiB, 4 threads": (64 * MIB, False, 4),
-                   "window 32 MiB, mapped, 8 threads": (32 * MIB, True, 8)}
+# label: (accel_window_bytes, map_for_accelerators, accel_put_threads, accel_stage_pinned)
+RESTORE_CONFIGS = {"window 256 MiB (default)": (256 * MIB, False, 1, False),
+                   "window 256 MiB, mapped": (256 * MIB, True, 1, False),
+                   "window 64 MiB, mapped, 4 threads": (64 * MIB, True, 4, False),
+                   "window 64 MiB, 4 threads": (64 * MIB, False, 4, False),
+                   "window 32 MiB, mapped, 8 threads": (32 * MIB, True, 8, False),
+                   "window 256 MiB, mapped, pinned staging": (256 * MIB, True, 1, True),
+                   "window 64 MiB, mapped, pinned staging, 4 threads": (64 * MIB, True, 4, True)}
 
 
 def _fresh(state):
@@ -128,13 +131,13 @@ def probe_restore(name: str, quick: bool, device) -> dict:
         out["limit"] = _child(["_limit", str(root / "jaxckpt-sync")])
         print(f"limit: {out['limit']}", flush=True)
         for rnd in range(ROUNDS):
-            for label, (window, mapped, threads) in RESTORE_CONFIGS.items():
+            for label, (window, mapped, threads, staged) in RESTORE_CONFIGS.items():
                 r = _child(["_restore", name, str(root / "jaxckpt-sync"), "jaxckpt-sync", str(window),
-                            str(digests), str(int(mapped)), str(threads), *q])
+                            str(digests), str(int(mapped)), str(threads), str(int(staged)), *q])
                 r |= {"method": "jaxckpt", "config": label, "round": rnd}
                 out["runs"].append(r)
                 print(json.dumps(r), flush=True)
-            r = _child(["_restore", name, str(root / "orbax-async"), "orbax-async", "0", str(digests), "0", "1", *q])
+            r = _child(["_restore", name, str(root / "orbax-async"), "orbax-async", "0", str(digests), "0", "1", "0", *q])
             r |= {"method": "orbax", "config": "CheckpointManager", "round": rnd}
             out["runs"].append(r)
             print(json.dumps(r), flush=True)
@@ -159,14 +162,15 @@ def _save_step(name: str, root: str, method: str, quick: bool) -> dict:
 
 
 def _restore_step(name: str, root: str, method: str, window: int, digests: str, mapped: bool,
-                  threads: int, quick: bool) -> dict:
+                  threads: int, staged: bool, quick: bool) -> dict:
     import jax
 
     from jaxckpt import config
 
     from . import measure, methods, workloads
 
-    config.configure(accel_window_bytes=window, map_for_accelerators=mapped, accel_put_threads=threads)
+    config.configure(accel_window_bytes=window, map_for_accelerators=mapped, accel_put_threads=threads,
+                     accel_stage_pinned=staged)
     workload = workloads.get(name, quick)
     abstract = workloads.abstract_state(workload)
     m = methods.get(method)(Path(root))
@@ -289,7 +293,7 @@ def main(argv: list[str]) -> int:
         return 0
     if args and args[0] == "_restore":
         print(json.dumps(_restore_step(args[1], args[2], args[3], int(args[4]), args[5], args[6] == "1",
-                                       int(args[7]), quick)))
+                                       int(args[7]), args[8] == "1", quick)))
         return 0
     if args and args[0] == "_limit":
         print(json.dumps(_limit_step(args[1])))

@@ -32,6 +32,10 @@ class Tuning:
     each (0: none; see ``jaxckpt/accelcopy.py``).
     ``accel_put_threads``: threads that issue a restore's host-to-accelerator
     windows (1: one after the other; see ``jaxckpt/placement.py``).
+    ``accel_stage_pinned``: whether those windows go through the device's
+    pinned host memory (host -> pinned -> device) instead of straight from
+    pageable memory (off: not yet measured on a GPU; ``python -m
+    benchmarks.gpu_probe restore W3`` compares both).
     ``map_for_accelerators``: whether a restore's host arrays bound for an
     accelerator may be copy-on-write mappings of the file, like those that
     stay on the host (off until measured on a GPU: ``python -m
@@ -45,6 +49,7 @@ class Tuning:
     pinned_min_bytes: int = 0
     pack_max_bytes: int = 1 << 20
     accel_put_threads: int = 1
+    accel_stage_pinned: bool = False
     map_for_accelerators: bool = False
     accel_window_bytes: int = 256 << 20
     lease_seconds: float = 60.0
@@ -60,6 +65,8 @@ class Tuning:
         if isinstance(self.accel_put_threads, bool) or not isinstance(self.accel_put_threads, int) \
                 or self.accel_put_threads < 1:
             raise ValueError(f"accel_put_threads must be an int >= 1, got {self.accel_put_threads!r}")
+        if not isinstance(self.accel_stage_pinned, bool):
+            raise ValueError(f"accel_stage_pinned must be a bool, got {self.accel_stage_pinned!r}")
         if not isinstance(self.map_for_accelerators, bool):
             raise ValueError(f"map_for_accelerators must be a bool, got {self.map_for_accelerators!r}")
 

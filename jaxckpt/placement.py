@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxckpt import accelcopy
 from jaxckpt import arrayinfo
 from jaxckpt import config
 
@@ -103,7 +104,7 @@ def put(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Arra
     out: list[jax.Array] = []
     previous: list[jax.Array] = []
     for lo, hi in windows:
-        placed = _put(arrays[lo:hi], shardings[lo:hi])
+        placed = _put_window(arrays[lo:hi], shardings[lo:hi])
         jax.block_until_ready(previous)  # the window before this one has landed
         out.extend(placed)
         previous = placed
@@ -127,11 +128,42 @@ def _put_in_parallel(arrays: Sequence[np.ndarray], shardings: Sequence[Any], win
 
     def window(bounds: tuple[int, int]) -> list[jax.Array]:
         lo, hi = bounds
-        return jax.block_until_ready(_put(arrays[lo:hi], shardings[lo:hi]))
+        return jax.block_until_ready(_put_window(arrays[lo:hi], shardings[lo:hi]))
 
     out: list[jax.Array] = []
     for placed in pool.map(window, windows):
         out.extend(placed)
+    return out
+
+
+STAGE_MIN_BYTES = 1 << 20  # smaller arrays go straight to the device (one runtime call each is cheaper)
+
+
+def _put_window(arrays: Sequence[np.ndarray], shardings: Sequence[Any]) -> list[jax.Array]:
+    """One window of transfers; with ``config.Tuning.accel_stage_pinned``, host
+    arrays of at least ``STAGE_MIN_BYTES`` bound for one accelerator go first to
+    its pinned host memory (one batched call), then from there to the device
+    (a DMA at ~50 GB/s on an H200 host, where pageable memory moved at ~2 GB/s)."""
+    if not config.current().accel_stage_pinned:
+        return _put(arrays, shardings)
+    staged, pinned = [], []
+    for i, (a, s) in enumerate(zip(arrays, shardings)):
+        if type(a) is np.ndarray and a.nbytes >= STAGE_MIN_BYTES and type(s) is jax.sharding.SingleDeviceSharding:
+            p = accelcopy.pinned_sharding(arrayinfo.single_device(s))
+            if p is not None:
+                staged.append(i)
+                pinned.append(p)
+    if not staged:
+        return _put(arrays, shardings)
+    out: list[Any] = [None] * len(arrays)
+    picked = set(staged)
+    rest = [i for i in range(len(arrays)) if i not in picked]
+    for i, x in zip(rest, _put([arrays[i] for i in rest], [shardings[i] for i in rest]) if rest else ()):
+        out[i] = x
+    on_host = jax.device_put([arrays[i] for i in staged], pinned)
+    moved = jax.device_put(on_host, [shardings[i] for i in staged], may_alias=False)
+    for i, x in zip(staged, moved):
+        out[i] = x
     return out
 
 

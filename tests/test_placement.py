@@ -177,3 +177,29 @@ def test_windows_issued_from_several_threads_give_the_same_arrays_in_order(fresh
 def test_put_threads_must_be_positive():
     with pytest.raises(ValueError, match="accel_put_threads must be an int >= 1, got 0"):
         config.configure(accel_put_threads=0)
+
+
+def test_windows_staged_through_pinned_host_memory_give_the_same_arrays(fresh_fast_path, monkeypatch):
+    """accel_stage_pinned: arrays of >= STAGE_MIN_BYTES go host -> pinned host ->
+    device (the CPU backend has pinned host memory too); smaller ones and other
+    shardings the direct way; all identical to jax.device_put, in order."""
+    rng = np.random.default_rng(3)
+    big = [rng.standard_normal(300_000).astype(np.float32), rng.integers(0, 9, (700, 700)).astype(np.int32),
+           rng.standard_normal(2 << 20).astype(ml_dtypes.bfloat16)]
+    arrays = _host_arrays() + big + _host_arrays()
+    shardings = [SingleDeviceSharding(jax.devices()[i % 3]) for i in range(len(arrays))]
+    monkeypatch.setattr(arrayinfo, "on_accelerator", lambda d: True)
+    kinds = []
+    real = jax.device_put
+    monkeypatch.setattr(placement.jax, "device_put", lambda x, s=None, **kw: (
+        kinds.append(sorted({t.memory_kind for t in s})), real(x, s, **kw))[1])
+    for threads in (1, 2):
+        kinds.clear()
+        with config.tuned(accel_window_bytes=4 << 20, accel_put_threads=threads, accel_stage_pinned=True):
+            got = placement.put(arrays, shardings)
+        assert ["pinned_host"] in kinds  # the big ones went through pinned host memory
+        monkeypatch.setattr(placement.jax, "device_put", real)
+        for a, b in zip(got, jax.device_put(arrays, shardings)):
+            _same(a, b)
+        monkeypatch.setattr(placement.jax, "device_put", lambda x, s=None, **kw: (
+            kinds.append(sorted({t.memory_kind for t in s})), real(x, s, **kw))[1])
