@@ -373,10 +373,14 @@ def prepare(tree: Any, *, process_index: int = 0, process_count: int = 1) -> Fut
     trees shaped like ``tree``: warm the pinned host memory its transfers
     take and compile the packing of its small accelerator shards
     (``jaxckpt/accelcopy.py``). Even the tree is looked at on the background
-    thread. The future resolves when all that is done."""
+    thread. The future resolves when all that is done. ``tree`` is let go of
+    once planned, before the compiles: holding a state's arrays that long
+    would keep a replaced state alive on a full device."""
+    held = [tree]
+    del tree
 
     def plan() -> tuple[list[tuple], list[tuple[Any, int]]]:
-        items = planned_transfers(tree, process_index, process_count)
+        items = planned_transfers(held.pop(), process_index, process_count)
         chunks = accelcopy.chunks(items, config.current().pack_max_bytes)
         packed = {i for c in chunks for i in c.indices}
         min_bytes = config.current().pinned_min_bytes

@@ -203,3 +203,34 @@ def test_a_packing_that_fails_on_real_arrays_falls_back_and_is_not_tried_again(a
     for snap in (first, second):
         for (k, v), leaf in zip(sorted(tree.items()), snap.leaves):
             np.testing.assert_array_equal(leaf.shards[0][1], np.asarray(v), err_msg=k)
+
+
+def test_prepare_lets_go_of_the_tree_once_it_is_planned(monkeypatch):
+    """The state given to prepare is not held while the (slow) compiles run:
+    on a full accelerator, keeping the first state's arrays alive that long
+    would double its memory."""
+    import gc
+    import threading
+    import weakref
+
+    class Marker:  # a leaf that can be watched (snapshots skip it when planning)
+        pass
+
+    compiling, release = threading.Event(), threading.Event()
+
+    def slow_compile(keys):
+        compiling.set()
+        release.wait(30)
+
+    monkeypatch.setattr(accelcopy.packers, "compile_now", slow_compile)
+    marker = Marker()
+    watch = weakref.ref(marker)
+    future = snapshot.prepare({"w": jnp.ones(3), "m": marker})
+    del marker
+    try:
+        assert compiling.wait(30)
+        gc.collect()
+        assert watch() is None, "prepare still holds the tree while compiling"
+    finally:
+        release.set()
+    future.result(30)
