@@ -124,12 +124,13 @@ def _device_put(arrays: list[jax.Array], shardings: list[Any]) -> list[jax.Array
     return jax.device_put(arrays, shardings)  # (one place for tests to refuse it)
 
 
-def _pack_small(direct: list[jax.Array], targets: list[Any]) -> tuple[list[jax.Array], list[Any], list]:
+def _pack_small(direct: list[jax.Array], devices: list[Any], targets: list[Any]
+                ) -> tuple[list[jax.Array], list[Any], list]:
     """Replace the small shards of ``direct`` whose chunk function is compiled by
     their packed chunks (``jaxckpt/accelcopy.py``); chunks not compiled yet are
     queued for compiling and stay shard by shard. Returns (arrays to transfer,
     their targets, [(position of a packed chunk in them, its sources, shapes)])."""
-    items = [(next(iter(d.sharding.device_set)), d.shape, d.dtype, d.nbytes) for d in direct]
+    items = [(dev, d.shape, d.dtype, d.nbytes) for d, dev in zip(direct, devices)]
     chunks = accelcopy.chunks(items, config.current().pack_max_bytes)
     if not chunks:
         return direct, targets, []
@@ -162,18 +163,21 @@ def _start_transfers(arrays: list[jax.Array]) -> dict[int, Any]:
     (a jax.Array, or a numpy view of a packed chunk's copy); sources missing
     from it had ``copy_to_host_async`` started instead."""
     direct: list[jax.Array] = []
+    devices: list[Any] = []
     targets: list[Any] = []
     min_bytes = config.current().pinned_min_bytes
     for d in arrays:
-        s = accelcopy.pinned_sharding(next(iter(d.sharding.device_set)))
+        device = next(iter(d.sharding.device_set))
+        s = accelcopy.pinned_sharding(device)
         if s is None or d.nbytes < min_bytes:
             d.copy_to_host_async()
         else:
             direct.append(d)
+            devices.append(device)
             targets.append(s)
     if not direct:
         return {}
-    moves, move_targets, packs = _pack_small(direct, targets)
+    moves, move_targets, packs = _pack_small(direct, devices, targets)
     try:
         copies = _device_put(moves, move_targets)
     except Exception as e:  # noqa: BLE001 - e.g. pinned host memory exhausted: the slow path still works
