@@ -6,13 +6,16 @@
     python3 dev.py bench    # create .venv, install, run the quick benchmark
 
 The virtual environment is (re)installed only when pyproject.toml or
-constraints.txt changed.
+constraints.txt changed. ``test`` also installs the az:// tests' server,
+Azurite (a Node.js package), with ``npm ci`` into tests/azurite/node_modules
+when its package-lock.json changed: it needs Node.js (>= 18) and npm.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -21,6 +24,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(ROOT, ".venv")
 PY = os.path.join(VENV, "bin", "python")
 STAMP = os.path.join(VENV, ".jaxckpt-installed")
+AZURITE = os.path.join(ROOT, "tests", "azurite")
 
 
 def _fingerprint() -> str:
@@ -46,11 +50,31 @@ def ensure_venv() -> None:
         f.write(want)
 
 
+def ensure_azurite() -> None:
+    """Azurite (the Azure Storage emulator the az:// tests start on 127.0.0.1),
+    at the versions of its package-lock.json."""
+    with open(os.path.join(AZURITE, "package-lock.json"), "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    stamp = os.path.join(AZURITE, "node_modules", ".jaxckpt-installed")
+    if os.path.exists(stamp) and open(stamp).read() == want:
+        return
+    npm = shutil.which("npm")
+    if npm is None:
+        raise SystemExit("dev.py: npm not found: the az:// tests need Node.js (>= 18) and npm to install "
+                         "their server, Azurite (e.g. apt-get install nodejs npm)")
+    print("installing Azurite (npm ci in tests/azurite) ...", flush=True)
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], check=True, cwd=AZURITE)
+    with open(stamp, "w") as f:
+        f.write(want)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in ("demo", "test", "bench"):
         print(__doc__)
         return 2
     ensure_venv()
+    if argv[0] == "test":
+        ensure_azurite()
     env = dict(os.environ)
     cmd = {
         "demo": [PY, "-m", "examples.demo"],

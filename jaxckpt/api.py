@@ -33,11 +33,11 @@ def save(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overwrite:
          storage_options: dict | None = None, encryption_key: crypto.Key | None = None,
          file_mode: int | None = None, dir_mode: int | None = None) -> None:
     """Write ``tree`` to the checkpoint directory ``path`` (a local path, or an
-    ``s3://`` / ``gs://`` URL), atomically and durably.
+    ``s3://`` / ``gs://`` / ``az://`` URL), atomically and durably.
 
     ``metadata``: msgpack-able plain values stored with the checkpoint.
     Raises ``CheckpointExistsError`` if ``path`` exists and ``overwrite`` is False.
-    ``storage_options``: for ``s3://`` / ``gs://`` paths, passed to the object-store client (endpoint, region, credentials...; see the README).
+    ``storage_options``: for ``s3://`` / ``gs://`` / ``az://`` paths, passed to the object-store client (endpoint, region, credentials...; see the README).
     ``encryption_key``: 16, 24 or 32 bytes (or a callable returning them): the
     checkpoint is encrypted, arrays and manifest (docs/FORMAT.md §12).
     ``file_mode`` / ``dir_mode``: permission bits of what is created (default: umask).
@@ -149,7 +149,7 @@ def _read_all(r: reader_mod.CheckpointReader, indices: list[int], verify: bool,
 def restore(path: str | os.PathLike, target: Any = None, *, partial: bool = False, verify: bool = True,
             progress: bool | None = None, mmap: bool = True, storage_options: dict | None = None,
             encryption_key: crypto.Key | None = None) -> Any:
-    """Read a checkpoint (a local path, or an ``s3://`` / ``gs://`` URL).
+    """Read a checkpoint (a local path, or an ``s3://`` / ``gs://`` / ``az://`` URL).
 
     ``target=None``: plain dict/list/tuple containers with numpy leaves.
     ``target`` a pytree of ``jax.Array`` / ``numpy.ndarray`` /

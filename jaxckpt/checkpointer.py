@@ -191,7 +191,7 @@ class AsyncCheckpointer:
     for the oldest to finish (host memory stays bounded by that many snapshots).
     ``timeout``: seconds after which a background save is abandoned with
     ``SaveTimeoutError`` (nothing is committed).
-    ``storage_options``: for ``s3://`` / ``gs://`` paths, passed to the
+    ``storage_options``: for ``s3://`` / ``gs://`` / ``az://`` paths, passed to the
     object-store client (see the README, "Checkpointing to S3 and GCS").
     ``encryption_key``: 16, 24 or 32 bytes, or a zero-argument callable
     returning them (asked at each save): every save is encrypted (AES-GCM;

@@ -1,9 +1,10 @@
 """The ``jaxckpt`` command: ``verify``, ``ls``, ``show`` and ``convert``.
 
-Every path may be an ``s3://`` or ``gs://`` URL; the object-store client is
+Every path may be an ``s3://``, ``gs://`` or ``az://`` URL; the object-store client is
 configured from the standard environment (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ..., ``STORAGE_EMULATOR_HOST``, application-default
-credentials), as the clouds' own command-line tools are.
+credentials, ``AZURE_STORAGE_ACCOUNT_NAME``, ``AZURE_STORAGE_ACCOUNT_KEY``, ...),
+as the clouds' own command-line tools are.
 
 A thin layer over the public API: ``show`` prints ``jaxckpt.inspect``, ``ls``
 prints a read-only ``CheckpointManager``'s step records, and ``verify`` re-reads

@@ -62,7 +62,7 @@ class StorageAccessError(StorageError, PermissionError):
 
 
 class BucketNotFoundError(CheckpointNotFoundError):
-    """The bucket of an ``s3://`` / ``gs://`` location does not exist."""
+    """The bucket (Azure: container) of an ``s3://`` / ``gs://`` / ``az://`` location does not exist."""
 
 
 class DecryptionError(CheckpointError):

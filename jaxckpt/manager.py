@@ -162,7 +162,7 @@ class CheckpointManager:
     a prefix ``"{prefix}_{step}"``; MindSpore's layout is ``step_format="{prefix}-{epoch}_{step}"`` with
     ``step_prefix="resnet"``; ``{step:08d}`` zero-pads). ``save_timeout``: seconds after which a background
     save is abandoned with ``SaveTimeoutError``. ``copy_cpu_arrays``: see ``AsyncCheckpointer``.
-    ``storage_options``: passed to the object-store client of an ``s3://`` / ``gs://`` directory (see the
+    ``storage_options``: passed to the object-store client of an ``s3://`` / ``gs://`` / ``az://`` directory (see the
     README, "Checkpointing to S3 and GCS"). ``encryption_key``: steps are saved encrypted and read with it
     (bytes or a callable, see ``AsyncCheckpointer``); ``file_mode`` / ``dir_mode``: the permission bits of
     step files and directories, the lock and markers. ``expected_state``: a state (or ``jax.eval_shape``) to

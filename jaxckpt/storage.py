@@ -66,9 +66,11 @@ from typing import Any, Callable, Iterable
 from jaxckpt.errors import UnsupportedLocationError
 
 _URL_RE = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.DOTALL)
-_OBJECT_STORES = {"s3": "s3", "gs": "gs", "gcs": "gs"}  # scheme -> backend
-_UNSUPPORTED_STORES = ("az", "abfs", "azure", "r2", "oss", "hf")
-_SUPPORTED = "local paths, file://, s3:// and gs://"
+_OBJECT_STORES = {"s3": "s3", "gs": "gs", "gcs": "gs", "az": "az"}  # scheme -> backend
+_UNSUPPORTED_STORES = ("abfs", "abfss", "azure", "adl", "r2", "oss", "hf")
+_SUPPORTED = "local paths, file://, s3://, gs:// and az://"
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]")
+_AZURE_CONTAINER = re.compile(r"[a-z0-9](?:[a-z0-9]|-(?!-)){1,61}[a-z0-9]")
 
 
 def _hashable(options: dict | None) -> tuple:
@@ -100,7 +102,7 @@ class Location:
     @classmethod
     def parse(cls, where: "str | os.PathLike | Location", options: dict | None = None) -> "Location":
         """A location from what a user passed: a local path (relative ones are
-        made absolute now), a ``file://``, ``s3://`` or ``gs://`` URL, or a
+        made absolute now), a ``file://``, ``s3://``, ``gs://`` or ``az://`` URL, or a
         Location. Another scheme raises ``UnsupportedLocationError``: a URL
         never becomes a local path."""
         if isinstance(where, Location):
@@ -119,10 +121,13 @@ class Location:
                                                f"found host {host!r}")
             return cls("file", os.path.abspath("/" + path), _hashable(options))
         if scheme in _OBJECT_STORES:
-            return cls(_OBJECT_STORES[scheme], _object_path(text, rest), _hashable(options))
+            backend = _OBJECT_STORES[scheme]
+            return cls(backend, _object_path(text, rest, backend), _hashable(options))
         if scheme in _UNSUPPORTED_STORES:
+            azure = scheme in ("abfs", "abfss", "azure", "adl")
+            hint = " (for Azure Blob Storage write az://container/path)" if azure else ""
             raise UnsupportedLocationError(f"{text}: {scheme}:// object storage is not supported by this version "
-                                           f"of jaxckpt (supported: {_SUPPORTED})")
+                                           f"of jaxckpt{hint} (supported: {_SUPPORTED})")
         raise UnsupportedLocationError(f"{text}: unknown storage scheme {scheme + '://'!r} "
                                        f"(supported: {_SUPPORTED})")
 
@@ -150,15 +155,19 @@ class Location:
         return dataclasses.replace(self, path=os.path.join(self.path, name))
 
 
-def _object_path(text: str, rest: str) -> str:
-    """``bucket/key/prefix`` from the part of an object-store URL after ``://``."""
+def _object_path(text: str, rest: str, backend: str) -> str:
+    """``bucket/key/prefix`` from the part of an object-store URL after ``://``
+    (``az://``: ``container/key/prefix``)."""
     parts = [p for p in rest.split("/") if p]
     if not parts:
         raise UnsupportedLocationError(f"{text}: no bucket named (expected e.g. s3://bucket/run/100)")
     bad = [p for p in parts if p in (".", "..")]
     if bad or "\0" in rest:
         raise UnsupportedLocationError(f"{text}: '.' and '..' are not path components in a bucket")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]", parts[0]):
+    if backend == "az" and not _AZURE_CONTAINER.fullmatch(parts[0]):
+        raise UnsupportedLocationError(f"{text}: {parts[0]!r} is not a valid Azure container name (3-63 "
+                                       "characters: lowercase letters, digits and single '-' between them)")
+    if not _BUCKET_NAME.fullmatch(parts[0]):
         raise UnsupportedLocationError(f"{text}: {parts[0]!r} is not a valid bucket name (3-63 characters: "
                                        "lowercase letters, digits, '.', '-', '_')")
     return "/".join(parts)
@@ -358,4 +367,7 @@ def _object_backend(scheme: str, bucket: str, options: dict) -> "Backend":
     if scheme == "gs":
         from jaxckpt import gcsclient
         return objstore.ObjectBackend(gcsclient.GcsClient(bucket, options))
+    if scheme == "az":
+        from jaxckpt import azclient
+        return objstore.ObjectBackend(azclient.AzureClient(bucket, options))
     raise UnsupportedLocationError(f"{scheme}://{bucket}: no storage backend for {scheme}://")

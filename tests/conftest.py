@@ -11,12 +11,16 @@ for _k, _v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing
                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ALLOW_HTTP": "true",
                "AWS_EC2_METADATA_DISABLED": "true", "GOOGLE_CLOUD_PROJECT": "test",
                "STORAGE_EMULATOR_HOST": "http://127.0.0.1:9", "NO_GCE_CHECK": "true",
-               "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9"}.items():
+               "GCE_METADATA_HOST": "127.0.0.1:9", "GCE_METADATA_IP": "127.0.0.1:9",
+               "AZURE_STORAGE_ENDPOINT": "http://127.0.0.1:9/devstoreaccount1",
+               "AZURE_MSI_ENDPOINT": "http://127.0.0.1:9/metadata/identity/oauth2/token"}.items():
     os.environ[_k] = _v
 for _k in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):  # no developer's ~/.aws profile either
     os.environ[_k] = os.devnull
 os.environ.pop("AWS_SESSION_TOKEN", None)
 os.environ.pop("AWS_PROFILE", None)
+for _k in [k for k in os.environ if k.startswith("AZURE_") and k not in ("AZURE_STORAGE_ENDPOINT", "AZURE_MSI_ENDPOINT")]:
+    os.environ.pop(_k)  # no developer's Azure account or credentials
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -62,7 +62,8 @@ _DEAD_ENDPOINT = "127.0.0.1:9"
 # Google: no ADC file (GOOGLE_APPLICATION_CREDENTIALS unset, gcloud config dir
 # that cannot exist), no GCE probe (NO_GCE_CHECK, metadata host pointed at a
 # closed local port), a fixed project. Pass
-# ``google.auth.credentials.AnonymousCredentials()`` explicitly anyway.
+# ``google.auth.credentials.AnonymousCredentials()`` explicitly anyway. Azure:
+# no account or credential variables, managed identity at a closed local port.
 # Proxies: 127.0.0.1 is never sent through an HTTP proxy.
 NO_CLOUD_ENV: dict[str, str | None] = {
     "AWS_ACCESS_KEY_ID": TEST_ACCESS_KEY,
@@ -96,6 +97,16 @@ NO_CLOUD_ENV: dict[str, str | None] = {
     "GCE_METADATA_HOST": _DEAD_ENDPOINT,
     "GCE_METADATA_IP": _DEAD_ENDPOINT,
     "STORAGE_EMULATOR_HOST": None,
+    # Azure: every credential and endpoint variable obstore reads, unset;
+    # managed identity (its last resort) pointed at a closed local port
+    **{name: None for name in (
+        "AZURE_STORAGE_ACCOUNT_NAME", "AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY",
+        "AZURE_STORAGE_MASTER_KEY", "AZURE_STORAGE_TOKEN", "AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN",
+        "AZURE_STORAGE_CLIENT_ID", "AZURE_CLIENT_ID", "AZURE_STORAGE_CLIENT_SECRET", "AZURE_CLIENT_SECRET",
+        "AZURE_STORAGE_TENANT_ID", "AZURE_TENANT_ID", "AZURE_FEDERATED_TOKEN_FILE", "AZURE_USE_AZURE_CLI",
+        "AZURE_STORAGE_USE_EMULATOR", "AZURE_SKIP_SIGNATURE", "AZURE_STORAGE_ENDPOINT", "AZURE_ENDPOINT",
+        "AZURE_CONTAINER_NAME", "AZURE_IDENTITY_ENDPOINT", "AZURE_MSI_RESOURCE_ID", "AZURE_OBJECT_ID")},
+    "AZURE_MSI_ENDPOINT": "http://" + _DEAD_ENDPOINT + "/metadata/identity/oauth2/token",
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
 }

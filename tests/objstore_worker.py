@@ -7,8 +7,9 @@ Two kinds, both started by the tests as plain ``python`` processes:
 
       python tests/objstore_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS BUCKET
 
-  with the server's endpoint in ``AWS_ENDPOINT_URL`` and its own, unshared
-  working directory. Scenarios: ``save`` (``run/1``, ``run/2``), ``manager``
+  with the server's endpoint in ``AWS_ENDPOINT_URL`` (or, with
+  ``OBJSTORE_TEST_SCHEME=az``, an Azurite account in ``AZURE_STORAGE_*``) and
+  its own, unshared working directory. Scenarios: ``save`` (``run/1``, ``run/2``), ``manager``
   (``mgr``), ``late_joiner`` (``run/3``). Prints one line ``RESULT <json>``
   (``"error"`` set where the scenario reports a failure).
 * the endless training loop that tests/test_objstore_crash.py kills with
@@ -31,6 +32,8 @@ import sys
 import time
 
 import numpy as np
+
+SCHEME = os.environ.get("OBJSTORE_TEST_SCHEME", "s3")  # "az": the same scenarios on an Azure container
 
 # ----------------------------------------------------------------------------- values (tests import these)
 MESH_AXES = ("x", "y")  # the saving job's mesh: (processes, devices per process)
@@ -111,14 +114,14 @@ def scenario_save(ctx: dict) -> dict:
         "step": v["step"],
     }
     _in_step()
-    jaxckpt.save(f"s3://{ctx['bucket']}/run/1", tree, metadata={"by": ctx["nproc"]})
+    jaxckpt.save(f"{SCHEME}://{ctx['bucket']}/run/1", tree, metadata={"by": ctx["nproc"]})
     r = replicated_values()
     rtree = {"r": _place(r["r"], m, P()), "host": r["host"], "n": r["n"]}
     _in_step()
     with jaxckpt.AsyncCheckpointer(timeout=60, storage_options=ctx["options"]) as ck:
-        ck.save(f"s3://{ctx['bucket']}/run/2", rtree).result()
+        ck.save(f"{SCHEME}://{ctx['bucket']}/run/2", rtree).result()
     _in_step()  # the same tree encrypted: each process encrypts its own data, process 0 the manifest
-    jaxckpt.save(f"s3://{ctx['bucket']}/enc/1", tree, encryption_key=ENCRYPTION_KEY)
+    jaxckpt.save(f"{SCHEME}://{ctx['bucket']}/enc/1", tree, encryption_key=ENCRYPTION_KEY)
     return {"saved": ["run/1", "run/2", "enc/1"]}
 
 
@@ -140,9 +143,9 @@ def scenario_split(ctx: dict) -> dict:
                        "b": _place(v["params"]["b"], m, P("y"))},
             "replicated": _place(v["replicated"], m, P()), "host": v["host"], "step": v["step"]}
     _in_step()
-    jaxckpt.save(f"s3://{ctx['bucket']}/split/1", tree)
+    jaxckpt.save(f"{SCHEME}://{ctx['bucket']}/split/1", tree)
     _in_step()
-    jaxckpt.save(f"s3://{ctx['bucket']}/splitenc/1", tree, encryption_key=ENCRYPTION_KEY)
+    jaxckpt.save(f"{SCHEME}://{ctx['bucket']}/splitenc/1", tree, encryption_key=ENCRYPTION_KEY)
     return {"saved": ["split/1", "splitenc/1"]}
 
 
@@ -152,7 +155,7 @@ def scenario_manager(ctx: dict) -> dict:
     from jax.sharding import PartitionSpec as P
 
     m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
-    url = f"s3://{ctx['bucket']}/mgr"
+    url = f"{SCHEME}://{ctx['bucket']}/mgr"
     with jaxckpt.CheckpointManager(url, max_to_keep=2, save_timeout=60, storage_options=ctx["options"]) as mgr:
         for step in range(3):
             s = step_values(step)
@@ -175,7 +178,7 @@ def scenario_late_joiner(ctx: dict) -> dict:
     m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
     v = global_values()
     tree = {"w": _place(v["params"]["w"], m, P("x", "y")), "step": v["step"]}
-    url = f"s3://{ctx['bucket']}/run/3"
+    url = f"{SCHEME}://{ctx['bucket']}/run/3"
     out: dict = {"error": None}
     try:
         with jaxckpt.AsyncCheckpointer(timeout=10, storage_options=ctx["options"]) as ck:
@@ -207,7 +210,7 @@ def multi_main(argv: list[str]) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid, heartbeat_timeout_seconds=30,
                                initialization_timeout=60)
     ctx = {"pid": pid, "nproc": nproc, "ndev": ndev, "bucket": bucket,
-           "options": {"endpoint": os.environ["AWS_ENDPOINT_URL"]}}
+           "options": {"endpoint": os.environ["AZURE_STORAGE_ENDPOINT" if SCHEME == "az" else "AWS_ENDPOINT_URL"]}}
     out = SCENARIOS[scenario](ctx)
     # Process 0 hosts the coordination service: leaving before the others
     # have read the outcome of its last commit would fail them.

@@ -66,7 +66,7 @@ def test_no_cloud_env_pins_credentials(monkeypatch):
     assert os.environ["GOOGLE_CLOUD_PROJECT"] == "test"
     assert "AWS_PROFILE" not in os.environ and "GOOGLE_APPLICATION_CREDENTIALS" not in os.environ
     # every metadata endpoint we set points at 127.0.0.1
-    for name in ("AWS_METADATA_ENDPOINT", "GCE_METADATA_HOST", "GCE_METADATA_IP"):
+    for name in ("AWS_METADATA_ENDPOINT", "GCE_METADATA_HOST", "GCE_METADATA_IP", "AZURE_MSI_ENDPOINT"):
         assert "127.0.0.1" in os.environ[name]
 
 

@@ -1,6 +1,8 @@
-"""Checkpoints in an S3 bucket (issue 16), against a real S3 server on
-127.0.0.1 (moto's ThreadedMotoServer, started here; nothing mocked in
-process). The objects are listed with boto3, independently of jaxckpt."""
+"""Checkpoints in an S3 bucket (issue 16) and an Azure container, against
+real servers on 127.0.0.1 (moto's ThreadedMotoServer; Azurite), started
+here; nothing mocked in process. Each test that is not about one store runs on
+both. The objects are looked at with the store's own client (boto3; Azure's
+REST API signed in ``azservers``), independently of jaxckpt."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import azservers
 import jaxckpt
 import objservers
 from jaxckpt import cli, config
@@ -27,6 +30,37 @@ from jaxckpt.reader import CheckpointReader
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+class Objects:
+    """One bucket's objects, through the server's own client, not jaxckpt's."""
+
+    def __init__(self, scheme: str, endpoint: str, name: str):
+        self.scheme, self.endpoint, self.name = scheme, endpoint, name
+        self.s3 = objservers.s3_client(endpoint) if scheme == "s3" else None
+
+    def keys(self, prefix: str = "") -> list[str]:
+        if self.s3 is None:
+            return azservers.list_blobs(self.endpoint, self.name, prefix)
+        out, token = [], None
+        while True:
+            kw = {"Bucket": self.name, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
+            r = self.s3.list_objects_v2(**kw)
+            out += [o["Key"] for o in r.get("Contents", [])]
+            if not r.get("IsTruncated"):
+                return sorted(out)
+            token = r["NextContinuationToken"]
+
+    def put(self, key: str, body: bytes) -> None:
+        if self.s3 is None:
+            azservers.put_blob(self.endpoint, self.name, key, body)
+        else:
+            self.s3.put_object(Bucket=self.name, Key=key, Body=body)
+
+    def get(self, key: str) -> bytes:
+        if self.s3 is None:
+            return azservers.get_blob(self.endpoint, self.name, key)
+        return self.s3.get_object(Bucket=self.name, Key=key)["Body"].read()
+
+
 @pytest.fixture(scope="module")
 def moto():
     srv = objservers.start_moto()
@@ -34,28 +68,54 @@ def moto():
     srv.stop()
 
 
+@pytest.fixture(scope="module", params=["s3", "az"])
+def store(request, tmp_path_factory):
+    """moto (``s3://``) or Azurite (``az://``): ``(scheme, endpoint, options for an endpoint)``."""
+    if request.param == "s3":
+        srv = request.getfixturevalue("moto")
+
+        def options(endpoint: str) -> dict:
+            return {"endpoint": endpoint, "access_key_id": "testing", "secret_access_key": "testing",
+                    "region": "us-east-1"}
+        yield "s3", srv.endpoint, options
+        return
+    srv = azservers.start_azurite(tmp_path_factory.mktemp("azurite"))
+
+    def options(endpoint: str) -> dict:
+        return {"account_name": azservers.ACCOUNT, "account_key": azservers.KEY,
+                "endpoint": endpoint + "/" + azservers.ACCOUNT if endpoint.count("/") == 2 else endpoint}
+    yield "az", srv.endpoint, options
+    srv.stop()
+
+
 _buckets = iter(range(10**6))
 
 
-@pytest.fixture
-def bucket(moto):
-    """A fresh bucket; ``(url prefix, storage_options, boto3 client, name)``."""
+def _bucket(scheme: str, endpoint: str, options) -> tuple:
     name = f"bucket-{next(_buckets)}"
-    objservers.make_bucket(moto.endpoint, name)
-    opts = {"endpoint": moto.endpoint, "access_key_id": "testing", "secret_access_key": "testing",
-            "region": "us-east-1"}
-    return f"s3://{name}", opts, objservers.s3_client(moto.endpoint), name
+    if scheme == "s3":
+        objservers.make_bucket(endpoint, name)
+    else:
+        azservers.make_container(endpoint, name)
+    return f"{scheme}://{name}", options(endpoint), Objects(scheme, endpoint, name), name
 
 
-def keys(client, name: str, prefix: str = "") -> list[str]:
-    out, token = [], None
-    while True:
-        kw = {"Bucket": name, "Prefix": prefix, **({"ContinuationToken": token} if token else {})}
-        r = client.list_objects_v2(**kw)
-        out += [o["Key"] for o in r.get("Contents", [])]
-        if not r.get("IsTruncated"):
-            return sorted(out)
-        token = r["NextContinuationToken"]
+@pytest.fixture
+def bucket(store):
+    """A fresh bucket (container); ``(url prefix, storage_options, Objects, name)``."""
+    return _bucket(*store)
+
+
+@pytest.fixture
+def s3bucket(moto):
+    """A fresh S3 bucket on moto, for what only S3 has (multipart uploads)."""
+    return _bucket("s3", moto.endpoint, lambda e: {"endpoint": e, "access_key_id": "testing",
+                                                   "secret_access_key": "testing", "region": "us-east-1"})
+
+
+def upstream(store) -> str:
+    """The server's scheme, host and port (what a FaultProxy forwards to)."""
+    return "/".join(store[1].split("/")[:3])
 
 
 def same(a, b) -> bool:
@@ -83,7 +143,7 @@ def every_dtype_tree():
 
 # ----------------------------------------------------------------------------- round trips
 def test_every_dtype_and_container_round_trips_bit_exactly(bucket):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     tree = every_dtype_tree()
     jaxckpt.save(f"{url}/run/1", tree, storage_options=opts)
     out = jaxckpt.restore(f"{url}/run/1", storage_options=opts)
@@ -93,7 +153,7 @@ def test_every_dtype_and_container_round_trips_bit_exactly(bucket):
     assert same(out["scalar"], tree["scalar"]) and same(out["big"], tree["big"])
     assert same(out["tuple"][0], tree["tuple"][0]) and out["tuple"][1][0].shape == (0,)
     assert same(jax.random.key_data(out["key"]), jax.random.key_data(tree["key"]))
-    found = keys(s3, name)
+    found = objs.keys()
     assert len(found) == 2 and found[1] == "run/1/manifest.msgpack"
     assert re.fullmatch(r"run/1/data-00000-[0-9a-f]{16}\.bin", found[0])  # one data object, named per attempt
     flat = jaxckpt.load_checkpoint(f"{url}/run/1", storage_options=opts)
@@ -118,22 +178,28 @@ def test_sharded_partial_and_load_into_on_a_bucket(bucket):
 
 
 def test_async_checkpointer_and_overwrite_replace_the_manifest_atomically(bucket):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     with jaxckpt.AsyncCheckpointer(storage_options=opts) as ck:
         ck.save(f"{url}/a", {"x": np.arange(10)}).wait()
         with pytest.raises(jaxckpt.CheckpointExistsError, match=f"{url}/a: a checkpoint already exists"):
             ck.save(f"{url}/a", {"x": np.arange(3)})
-        old = keys(s3, name)
+        old = objs.keys()
         ck.save(f"{url}/a", {"x": np.arange(3)}, overwrite=True).wait()
-    new = keys(s3, name)
+    new = objs.keys()
     assert len(new) == 2 and set(new) & set(old) == {"a/manifest.msgpack"}  # old data deleted after the commit
     assert same(jaxckpt.restore(f"{url}/a", storage_options=opts)["x"], np.arange(3))
 
 
+def environment(scheme: str, endpoint: str) -> dict[str, str]:
+    """What a user sets to reach this server with no storage_options (the
+    conftest has set fixed AWS credentials already)."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ALLOW_HTTP": "true"} if scheme == "s3" else azservers.env_for(endpoint)
+
+
 def test_options_from_the_standard_environment(bucket, monkeypatch):
-    url, opts, _, _ = bucket
-    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["endpoint"])
-    monkeypatch.setenv("AWS_ALLOW_HTTP", "true")
+    url, opts, objs, _ = bucket
+    for k, v in environment(objs.scheme, opts["endpoint"]).items():
+        monkeypatch.setenv(k, v)
     jaxckpt.save(f"{url}/env", {"x": np.arange(4)})
     assert same(jaxckpt.restore(f"{url}/env")["x"], np.arange(4))
 
@@ -141,10 +207,12 @@ def test_options_from_the_standard_environment(bucket, monkeypatch):
 # ----------------------------------------------------------------------------- errors
 def test_missing_bucket_and_missing_checkpoint_name_the_url(bucket):
     _, opts, _, _ = bucket
-    with pytest.raises(jaxckpt.BucketNotFoundError, match="s3://no-such-bucket: the bucket does not exist"):
-        jaxckpt.save("s3://no-such-bucket/run/1", {"x": np.arange(3)}, storage_options=opts)
-    with pytest.raises(jaxckpt.BucketNotFoundError, match="s3://no-such-bucket: the bucket does not exist"):
-        jaxckpt.restore("s3://no-such-bucket/run/1", storage_options=opts)
+    scheme = bucket[2].scheme
+    missing = f"{scheme}://no-such-bucket: the {'bucket' if scheme == 's3' else 'container'} does not exist"
+    with pytest.raises(jaxckpt.BucketNotFoundError, match=missing):
+        jaxckpt.save(f"{scheme}://no-such-bucket/run/1", {"x": np.arange(3)}, storage_options=opts)
+    with pytest.raises(jaxckpt.BucketNotFoundError, match=missing):
+        jaxckpt.restore(f"{scheme}://no-such-bucket/run/1", storage_options=opts)
     url = bucket[0]
     with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
         jaxckpt.restore(f"{url}/nothing", storage_options=opts)
@@ -152,54 +220,54 @@ def test_missing_bucket_and_missing_checkpoint_name_the_url(bucket):
 
 
 def test_a_corrupted_object_names_the_object_and_the_leaf(bucket):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     jaxckpt.save(f"{url}/c", {"w": np.arange(100_000, dtype=np.int64)}, storage_options=opts)
-    data_key = next(k for k in keys(s3, name) if "data-" in k)
-    body = bytearray(s3.get_object(Bucket=name, Key=data_key)["Body"].read())
+    data_key = next(k for k in objs.keys() if "data-" in k)
+    body = bytearray(objs.get(data_key))
     body[12345] ^= 1
-    s3.put_object(Bucket=name, Key=data_key, Body=bytes(body))
+    objs.put(data_key, bytes(body))
     with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
         jaxckpt.restore(f"{url}/c", storage_options=opts)
     assert f"{url}/{data_key.partition('/')[2]}" in str(e.value).replace(f"{url}/c/", f"{url}/") or \
-        f"s3://{name}/{data_key}" in str(e.value)
+        f"{url}/{data_key}" in str(e.value)
     assert "'w'" in str(e.value) and "checksum" in str(e.value)
-    s3.put_object(Bucket=name, Key=data_key, Body=bytes(body[:1000]))  # truncated
-    with pytest.raises(jaxckpt.CorruptCheckpointError, match=rf"s3://{name}/{data_key}: truncated"):
+    objs.put(data_key, bytes(body[:1000]))  # truncated
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=rf"{url}/{data_key}: truncated"):
         jaxckpt.restore(f"{url}/c", storage_options=opts)
 
 
 def test_a_prefix_without_manifest_is_not_a_checkpoint(bucket):
-    url, opts, s3, name = bucket
-    s3.put_object(Bucket=name, Key="run/5/data-00000-0123456789abcdef.bin", Body=b"x" * 10)
-    s3.put_object(Bucket=name, Key="run/6/manifest.msgpack", Body=b"junk")
+    url, opts, objs, name = bucket
+    objs.put("run/5/data-00000-0123456789abcdef.bin", b"x" * 10)
+    objs.put("run/6/manifest.msgpack", b"junk")
     mgr = jaxckpt.CheckpointManager(f"{url}/run", read_only=True, storage_options=opts)
     assert mgr.all_steps() == [6]  # 5 has no manifest: never listed
-    with pytest.raises(jaxckpt.CorruptCheckpointError, match=f"s3://{name}/run/6/manifest.msgpack"):
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=f"{url}/run/6/manifest.msgpack"):
         jaxckpt.restore(f"{url}/run/6", storage_options=opts)
 
 
 # ----------------------------------------------------------------------------- manager, lock, cleaning
 def test_manager_policies_rotation_and_metadata_on_a_bucket(bucket):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     with jaxckpt.CheckpointManager(f"{url}/mgr", save_interval_steps=2, max_to_keep=2, storage_options=opts) as mgr:
         for step in range(7):
             mgr.save(step, {"x": np.full(1000, step)}, metrics={"loss": 1.0 / (step + 1)})
         mgr.wait_until_finished()
         assert mgr.all_steps() == [4, 6]
         assert mgr.metadata(6).metrics == {"loss": 1.0 / 7}
-        assert ".jaxckpt-lock" in [k.rpartition("/")[2] for k in keys(s3, name)]
+        assert ".jaxckpt-lock" in [k.rpartition("/")[2] for k in objs.keys()]
     assert same(jaxckpt.CheckpointManager(f"{url}/mgr", read_only=True, storage_options=opts)
                 .restore()["x"], np.full(1000, 6))
-    found = keys(s3, name)
+    found = objs.keys()
     assert [k.split("/")[1] for k in found if k.endswith(MANIFEST_NAME)] == ["4", "6"]
     assert "mgr/.jaxckpt-lock" not in found and not any(".jaxckpt-tmp-" in k for k in found)
 
 
 def test_a_second_writer_is_refused_and_an_expired_lease_is_taken_over(bucket, caplog):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     with config.tuned(lease_seconds=1.0):
         first = jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
-        with pytest.raises(jaxckpt.CheckpointLockedError, match=rf"s3://{name}/lk/.jaxckpt-lock: another writer "
+        with pytest.raises(jaxckpt.CheckpointLockedError, match=rf"{url}/lk/.jaxckpt-lock: another writer "
                                                                  r"holds this directory \(host "):
             jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
         time.sleep(2.5)  # still renewed by its holder: still refused
@@ -209,50 +277,50 @@ def test_a_second_writer_is_refused_and_an_expired_lease_is_taken_over(bucket, c
     # A lease left by a holder on another host that stopped renewing: taken over once expired (plus grace).
     rec = {"kind": "jaxckpt-lease", "host": "elsewhere", "pid": 1, "start": 1, "token": "t" * 32,
            "time": time.time() - 160, "expires": time.time() - 100}  # a 60 s lease, run out 100 s ago
-    s3.put_object(Bucket=name, Key="lk/.jaxckpt-lock", Body=msgpack.packb(rec))
+    objs.put("lk/.jaxckpt-lock", msgpack.packb(rec))
     with caplog.at_level(logging.WARNING, logger="jaxckpt"):
         with jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts) as mgr:
             mgr.save(1, {"x": np.arange(3)}, force=True)
     assert "took over the lock of a writer that is gone (host 'elsewhere', pid 1)" in caplog.text
     rec["expires"] = time.time() + 60  # a live lease elsewhere: refused
-    s3.put_object(Bucket=name, Key="lk/.jaxckpt-lock", Body=msgpack.packb(rec))
+    objs.put("lk/.jaxckpt-lock", msgpack.packb(rec))
     with pytest.raises(jaxckpt.CheckpointLockedError, match="host 'elsewhere', pid 1, lease until"):
         jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
 
 
 def test_a_holder_that_lost_its_lease_does_not_commit(bucket, caplog):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     with config.tuned(lease_seconds=0.6):  # renewed every 0.2 s
         mgr = jaxckpt.CheckpointManager(f"{url}/lost", storage_options=opts, async_save=False)
     rec = {"kind": "jaxckpt-lease", "host": "elsewhere", "pid": 1, "start": 1, "token": "u" * 32,
            "time": time.time(), "expires": time.time() + 60}
-    s3.put_object(Bucket=name, Key="lost/.jaxckpt-lock", Body=msgpack.packb(rec))  # taken over meanwhile
+    objs.put("lost/.jaxckpt-lock", msgpack.packb(rec))  # taken over meanwhile
     time.sleep(1.0)  # the holder's next renewal finds the lock changed
-    assert f"lost the writer lock s3://{name}/lost/.jaxckpt-lock: another writer took the lock over" in caplog.text
-    with pytest.raises(jaxckpt.CheckpointLockedError, match=f"s3://{name}/lost/.jaxckpt-lock: this writer lost "
+    assert f"lost the writer lock {url}/lost/.jaxckpt-lock: another writer took the lock over" in caplog.text
+    with pytest.raises(jaxckpt.CheckpointLockedError, match=f"{url}/lost/.jaxckpt-lock: this writer lost "
                                                             "the lock"):
         mgr.save(1, {"x": np.arange(3)}, force=True)
-    assert not any(k.endswith(MANIFEST_NAME) for k in keys(s3, name, "lost/"))
+    assert not any(k.endswith(MANIFEST_NAME) for k in objs.keys("lost/"))
     mgr.close()
-    assert msgpack.unpackb(s3.get_object(Bucket=name, Key="lost/.jaxckpt-lock")["Body"].read())["host"] == \
+    assert msgpack.unpackb(objs.get("lost/.jaxckpt-lock"))["host"] == \
         "elsewhere"  # closing did not delete the new holder's lock
 
 
 def test_leftovers_of_abandoned_saves_are_cleaned_by_the_next_manager(bucket):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     with jaxckpt.CheckpointManager(f"{url}/cl", storage_options=opts) as mgr:
         mgr.save(1, {"x": np.arange(5)}, force=True)
     dead = {"kind": "jaxckpt-save", **_dead_process(), "time": time.time(), "lock": None}
-    s3.put_object(Bucket=name, Key="cl/2/.jaxckpt-tmp-00000000000000aa", Body=msgpack.packb(dead))
-    s3.put_object(Bucket=name, Key="cl/2/data-00000-00000000000000aa.bin", Body=b"partial")
-    s3.put_object(Bucket=name, Key="cl/2/data-00000-00003-00000000000000aa.bin", Body=b"partial, 4th object")
-    s3.put_object(Bucket=name, Key="cl/1/data-00000-00000000000000bb.bin", Body=b"old version")
-    s3.put_object(Bucket=name, Key="cl/1/data-00001-00002-00000000000000bb.bin", Body=b"old version")
-    s3.put_object(Bucket=name, Key="cl/3/data-00001-00000000000000cc.bin", Body=b"deleting")  # no manifest, no marker
-    s3.put_object(Bucket=name, Key="cl/1/notes.txt", Body=b"the user's")  # not ours: kept
+    objs.put("cl/2/.jaxckpt-tmp-00000000000000aa", msgpack.packb(dead))
+    objs.put("cl/2/data-00000-00000000000000aa.bin", b"partial")
+    objs.put("cl/2/data-00000-00003-00000000000000aa.bin", b"partial, 4th object")
+    objs.put("cl/1/data-00000-00000000000000bb.bin", b"old version")
+    objs.put("cl/1/data-00001-00002-00000000000000bb.bin", b"old version")
+    objs.put("cl/3/data-00001-00000000000000cc.bin", b"deleting")  # no manifest, no marker
+    objs.put("cl/1/notes.txt", b"the user's")  # not ours: kept
     with jaxckpt.CheckpointManager(f"{url}/cl", storage_options=opts) as mgr:
         assert mgr.all_steps() == [1]
-    left = keys(s3, name, "cl/")
+    left = objs.keys("cl/")
     # Only the data the committed manifest names is left (matched by name: a
     # random attempt may itself contain "bb", which made a filter on it flaky).
     with CheckpointReader(f"{url}/cl/1", storage_options=opts) as r:
@@ -285,7 +353,7 @@ def test_the_manifest_is_built_while_the_data_is_still_uploading(bucket, monkeyp
     every checksum is known, not after the uploads: here no upload is sent
     before it is, and the save still commits and restores bit-exactly."""
     from jaxckpt import format as fmt
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     encoded = threading.Event()
     encode = fmt.encode_manifest
 
@@ -308,7 +376,7 @@ def test_a_manifest_refused_during_the_upload_leaves_no_object(bucket, monkeypat
     """Metadata above the manifest's caps fails the save while its data is
     still on its way: the save waits for that upload, then removes it."""
     from jaxckpt import manifests
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     refused = threading.Event()
     build = manifests.encode
 
@@ -325,7 +393,7 @@ def test_a_manifest_refused_during_the_upload_leaves_no_object(bucket, monkeypat
                      storage_options=opts)
     assert came == [True]
     time.sleep(0.5)
-    assert keys(s3, name) == []
+    assert objs.keys() == []
 
 
 def _dead_process() -> dict:
@@ -338,16 +406,16 @@ def _dead_process() -> dict:
 
 
 # ----------------------------------------------------------------------------- requests, faults
-def test_requests_scale_with_bytes_not_leaves(moto, bucket):
-    _, opts, _, name = bucket
-    proxy = objservers.FaultProxy(moto.endpoint)
+def test_requests_scale_with_bytes_not_leaves(store, bucket):
+    url, _, _, _ = bucket
+    proxy = objservers.FaultProxy(upstream(store))
     try:
-        popts = dict(opts, endpoint=proxy.endpoint)
+        popts = store[2](proxy.endpoint)
         rng = np.random.default_rng(1)
         tree = {f"l{i}": rng.random(int(rng.integers(16, 512)), dtype=np.float32) for i in range(10_000)}
-        jaxckpt.save(f"s3://{name}/w2", tree, storage_options=popts)
+        jaxckpt.save(f"{url}/w2", tree, storage_options=popts)
         saved = dict(proxy.counts)
-        out = jaxckpt.restore(f"s3://{name}/w2", storage_options=popts)
+        out = jaxckpt.restore(f"{url}/w2", storage_options=popts)
         read = {k: proxy.counts.get(k, 0) - saved.get(k, 0) for k in proxy.counts}
     finally:
         proxy.stop()
@@ -356,44 +424,44 @@ def test_requests_scale_with_bytes_not_leaves(moto, bucket):
     assert sum(read.values()) <= 12, read
 
 
-def test_transient_server_errors_are_retried(moto, bucket):
-    _, opts, _, name = bucket
-    proxy = objservers.FaultProxy(moto.endpoint, fail_fraction=0.3, seed=5)
+def test_transient_server_errors_are_retried(store, bucket):
+    url, _, _, _ = bucket
+    proxy = objservers.FaultProxy(upstream(store), fail_fraction=0.3, seed=5)
     try:
-        popts = dict(opts, endpoint=proxy.endpoint, retry_timeout=30)
+        popts = dict(store[2](proxy.endpoint), retry_timeout=30)
         tree = {"w": np.arange(3_000_000, dtype=np.float32), "s": [np.arange(i) for i in range(20)]}
         for i in range(3):
-            jaxckpt.save(f"s3://{name}/flaky/{i}", tree, storage_options=popts)
-            out = jaxckpt.restore(f"s3://{name}/flaky/{i}", storage_options=popts)
+            jaxckpt.save(f"{url}/flaky/{i}", tree, storage_options=popts)
+            out = jaxckpt.restore(f"{url}/flaky/{i}", storage_options=popts)
             assert same(out["w"], tree["w"]) and all(same(a, b) for a, b in zip(out["s"], tree["s"]))
         assert sum(proxy.faults.values()) > 5  # failures were injected, and retried through
     finally:
         proxy.stop()
 
 
-def test_a_server_that_dies_mid_upload_fails_the_save_cleanly_within_its_timeout(moto, bucket):
-    url, opts, s3, name = bucket
-    proxy = objservers.FaultProxy(moto.endpoint, fail_after_bytes=20 << 20)
+def test_a_server_that_dies_mid_upload_fails_the_save_cleanly_within_its_timeout(store, bucket):
+    url, opts, objs, name = bucket
+    proxy = objservers.FaultProxy(upstream(store), fail_after_bytes=20 << 20)
     try:
-        popts = dict(opts, endpoint=proxy.endpoint, retry_timeout=3, max_retries=2)
+        popts = dict(store[2](proxy.endpoint), retry_timeout=3, max_retries=2)
         with jaxckpt.AsyncCheckpointer(storage_options=popts, timeout=30) as ck:
             t0 = time.monotonic()
-            h = ck.save(f"s3://{name}/dies", {"w": np.ones(64 << 20, np.uint8)})
+            h = ck.save(f"{url}/dies", {"w": np.ones(64 << 20, np.uint8)})
             with pytest.raises(jaxckpt.CheckpointError) as e:
                 h.result()
             assert time.monotonic() - t0 < 30
-            assert f"s3://{name}/dies" in str(e.value)
+            assert f"{url}/dies" in str(e.value)
     finally:
         proxy.stop()
-    assert not any(k.endswith(MANIFEST_NAME) for k in keys(s3, name, "dies/"))
+    assert not any(k.endswith(MANIFEST_NAME) for k in objs.keys("dies/"))
     with pytest.raises(jaxckpt.CheckpointNotFoundError):
         jaxckpt.restore(f"{url}/dies", storage_options=opts)
 
 
-def test_a_save_whose_part_uploads_fail_leaves_no_unfinished_multipart_upload(moto, bucket):
+def test_a_save_whose_part_uploads_fail_leaves_no_unfinished_multipart_upload(moto, s3bucket):
     """Every part upload refused (5xx, past the retries): the save fails, and
     its multipart upload is aborted, not left behind to bill."""
-    url, opts, s3, name = bucket
+    url, opts, objs, name = s3bucket
     proxy = objservers.FaultProxy(moto.endpoint, fail_fraction=1.0, fail_methods={"PUT"}, fail_query="partNumber")
     try:
         popts = dict(opts, endpoint=proxy.endpoint, retry_timeout=2, max_retries=2)
@@ -401,19 +469,20 @@ def test_a_save_whose_part_uploads_fail_leaves_no_unfinished_multipart_upload(mo
             jaxckpt.save(f"s3://{name}/refused", {"w": np.ones(40 << 20, np.uint8)}, storage_options=popts)
         assert f"s3://{name}/refused" in str(e.value)
         assert proxy.faults.get("PUT", 0) > 0 and proxy.counts.get("POST", 0) >= 1  # parts refused, upload begun
-        assert s3.list_multipart_uploads(Bucket=name).get("Uploads", []) == []
+        assert objs.s3.list_multipart_uploads(Bucket=name).get("Uploads", []) == []
     finally:
         proxy.stop()
-    assert not any(k.endswith(MANIFEST_NAME) or "data-" in k for k in keys(s3, name, "refused/"))
+    assert not any(k.endswith(MANIFEST_NAME) or "data-" in k for k in objs.keys("refused/"))
 
 
 # ----------------------------------------------------------------------------- CLI
 def test_cli_ls_show_verify_on_a_bucket(bucket, monkeypatch, capsys):
-    url, opts, s3, name = bucket
+    url, opts, objs, name = bucket
     with jaxckpt.CheckpointManager(f"{url}/cli", storage_options=opts) as mgr:
         for step in (1, 2):
             mgr.save(step, {"x": np.arange(10) * step}, force=True)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", opts["endpoint"])
+    for k, v in environment(objs.scheme, opts["endpoint"]).items():
+        monkeypatch.setenv(k, v)
     assert cli.main(["ls", f"{url}/cli"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].split() == ["STEP", "EPOCH", "TIME", "SIZE", "METRICS", "REASON"]
@@ -422,8 +491,8 @@ def test_cli_ls_show_verify_on_a_bucket(bucket, monkeypatch, capsys):
     assert capsys.readouterr().out.startswith(f"{url}/cli/2\n")
     assert cli.main(["verify", f"{url}/cli"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "2 of 2 checkpoints OK"
-    data_key = next(k for k in keys(s3, name, "cli/1/") if "data-" in k)
-    s3.put_object(Bucket=name, Key=data_key, Body=b"\0" * 80)
+    data_key = next(k for k in objs.keys("cli/1/") if "data-" in k)
+    objs.put(data_key, b"\0" * 80)
     assert cli.main(["verify", f"{url}/cli"]) == 1
     assert f"FAILED  {url}/cli/1: " in capsys.readouterr().out
 

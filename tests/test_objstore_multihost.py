@@ -57,18 +57,21 @@ def list_bucket(moto, prefix: str = "") -> dict[str, int]:
     return out
 
 
-def run_job(moto, scenario: str, tmp_path, nproc: int = 2, ndev: int = 4, timeout: float = 60) -> list[dict]:
+def run_job(moto, scenario: str, tmp_path, nproc: int = 2, ndev: int = 4, timeout: float = 60,
+            env: dict | None = None) -> list[dict]:
     """Run ``scenario`` in ``nproc`` processes, each in its own empty directory;
     return their results (failing with the logs if any process gave none).
-    Afterwards every directory is still empty: nothing went to local disk."""
+    Afterwards every directory is still empty: nothing went to local disk.
+    ``env``: the server's settings (default: ``AWS_ENDPOINT_URL``, moto's)."""
     port = objservers.free_ports(1)[0]
+    env_extra = env
     base = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     procs, logs, homes = [], [], []
     for i in range(nproc):
         home = tmp_path / f"{scenario}-p{i}" / "cwd"
         home.mkdir(parents=True)
         homes.append(home)
-        env = dict(base, AWS_ENDPOINT_URL=moto.endpoint, TMPDIR=str(home))
+        env = dict(base, **(env_extra or {"AWS_ENDPOINT_URL": moto.endpoint}), TMPDIR=str(home))
         log = open(home.parent / "log.txt", "w+")
         logs.append(log)
         procs.append(subprocess.Popen([sys.executable, WORKER, scenario, str(i), str(nproc), str(port), str(ndev),
@@ -153,7 +156,7 @@ def test_a_process_without_data_of_its_own_writes_no_object(moto, saved):
     assert same(got, ow.replicated_values())
 
 
-def _target(mesh, specs: dict) -> dict:
+def resharded_target(mesh, specs: dict) -> dict:
     v = ow.global_values()
 
     def sds(x, spec):
@@ -170,7 +173,7 @@ def _target(mesh, specs: dict) -> dict:
 ], ids=["4x2-transposed", "8-one-axis"])
 def test_restore_in_one_process_with_other_shardings(moto, saved, shape, specs):
     mesh = Mesh(np.array(jax.devices()).reshape(shape), ("a", "b") if len(shape) == 2 else ("d",))
-    tgt = _target(mesh, specs)
+    tgt = resharded_target(mesh, specs)
     got = jaxckpt.restore(f"s3://{BUCKET}/run/1", tgt, storage_options=options(moto))
     assert same(got, ow.global_values())
     for k in ("w", "v", "b"):
@@ -183,7 +186,7 @@ def test_an_encrypted_save_by_two_processes_restores_resharded(moto, saved):
     assert sorted(data_objects(names)) == [0, 1]  # each process encrypted and uploaded its own shards
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
     specs = {"w": P("b", "a"), "v": P("a"), "b": P(None), "replicated": P("b")}
-    got = jaxckpt.restore(f"s3://{BUCKET}/enc/1", _target(mesh, specs),
+    got = jaxckpt.restore(f"s3://{BUCKET}/enc/1", resharded_target(mesh, specs),
                           storage_options=options(moto), encryption_key=ow.ENCRYPTION_KEY)
     assert same(got, ow.global_values())
     with pytest.raises(jaxckpt.DecryptionError):
@@ -206,7 +209,7 @@ def test_each_process_data_cut_into_several_objects_restores_resharded(moto, tmp
         assert len({m["attempt"] for m in data.values()}) == 1
         with CheckpointReader(f"s3://{BUCKET}/{prefix}", storage_options=options(moto), encryption_key=key) as r:
             assert {f.name: f.size for f in r.manifest.files} == {n: objs[n] for n in data}
-        got = jaxckpt.restore(f"s3://{BUCKET}/{prefix}", _target(mesh, specs), storage_options=options(moto),
+        got = jaxckpt.restore(f"s3://{BUCKET}/{prefix}", resharded_target(mesh, specs), storage_options=options(moto),
                               encryption_key=key)
         assert same(got, ow.global_values()), prefix
 

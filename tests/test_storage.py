@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -32,6 +33,9 @@ def test_object_store_urls_are_bucket_and_key_never_local_paths():
     assert "s3cr3t" not in repr(loc) and "s3cr3t" not in str(loc)  # options may hold secrets
     assert loc.join("m").options == loc.options
     assert Location.parse("gcs://bucket1/x") == Location.parse("gs://bucket1/x")
+    az = Location.parse("az://my-container/run/7")
+    assert (az.scheme, az.path, str(az), str(az.parent)) == ("az", "my-container/run/7", "az://my-container/run/7",
+                                                             "az://my-container/run")
 
 
 def test_a_checkpoint_saved_through_a_file_url_restores_from_its_path(tmp_path):
@@ -39,11 +43,18 @@ def test_a_checkpoint_saved_through_a_file_url_restores_from_its_path(tmp_path):
     assert jaxckpt.restore(tmp_path / "ck")["a"].tobytes() == TREE["a"].tobytes()
 
 
-SUPPORTED = "(supported: local paths, file://, s3:// and gs://)"
+SUPPORTED = "(supported: local paths, file://, s3://, gs:// and az://)"
 
 
 @pytest.mark.parametrize("url, found", [
-    ("az://container/run/100", f"az:// object storage is not supported by this version of jaxckpt {SUPPORTED}"),
+    ("abfs://container@account.dfs.core.windows.net/run", "abfs:// object storage is not supported by this version "
+                                                          f"of jaxckpt (for Azure Blob Storage write "
+                                                          f"az://container/path) {SUPPORTED}"),
+    ("r2://bucket/run/100", f"r2:// object storage is not supported by this version of jaxckpt {SUPPORTED}"),
+    ("az://my--container/run", "'my--container' is not a valid Azure container name (3-63 characters: lowercase "
+                               "letters, digits and single '-' between them)"),
+    ("az://my_container/run", "'my_container' is not a valid Azure container name (3-63 characters: lowercase "
+                              "letters, digits and single '-' between them)"),
     ("hdfs://namenode/run", f"unknown storage scheme 'hdfs://' {SUPPORTED}"),
     ("s3://", "no bucket named (expected e.g. s3://bucket/run/100)"),
     ("s3://Bucket/run", "'Bucket' is not a valid bucket name (3-63 characters: lowercase letters, digits, '.', '-', "
@@ -72,7 +83,17 @@ def test_a_url_never_becomes_a_local_directory(tmp_path, monkeypatch, url, found
 @pytest.mark.parametrize("command", ["ls", "show", "verify"])
 def test_the_cli_refuses_a_url_it_cannot_read(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)
-    assert cli.main([command, "az://bucket/run"]) == cli.EXIT_FAILED
-    assert capsys.readouterr().err == (f"jaxckpt {command}: az://bucket/run: az:// object storage is not supported "
+    assert cli.main([command, "r2://bucket/run"]) == cli.EXIT_FAILED
+    assert capsys.readouterr().err == (f"jaxckpt {command}: r2://bucket/run: r2:// object storage is not supported "
                                        f"by this version of jaxckpt {SUPPORTED}\n")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("url, extra", [("s3://no-extra-1/run", "s3"), ("az://no-extra-2/run", "azure"),
+                                        ("gs://no-extra-3/run", "gcs")])
+def test_a_missing_extra_names_its_install_line(monkeypatch, url, extra):
+    for module in ("obstore", "google.cloud.storage"):
+        monkeypatch.setitem(sys.modules, module, None)  # what an environment without the package sees
+    with pytest.raises(jaxckpt.UnsupportedLocationError) as e:
+        jaxckpt.restore(url)
+    assert str(e.value).startswith(f"{url.rpartition('/')[0]}: ") and f"pip install 'jaxckpt[{extra}]'" in str(e.value)
