@@ -19,7 +19,8 @@ LAYERS: list[set[str]] = [
     {"snapshot", "hostcopy", "accelcopy"},             # device -> host
     {"format", "crypto"},                              # manifest <-> bytes, pure; encryption
     {"storage", "posix", "posixdirs", "posixfs", "lock",
-     "objclient", "objstore", "objlock", "s3client", "awsprofile", "gcsclient", "gcsread", "gcsupload"},  # bytes <-> files (objects), the commit
+     "objclient", "objstore", "objlock", "obstoreclient", "s3client", "azclient", "awsprofile", "gcsclient", "gcsread",
+     "gcsupload"},  # bytes <-> files (objects), the commit
     {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
     {"layout", "manifests", "writer", "readplan", "reader", "placement"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
