@@ -77,6 +77,9 @@ class AzureClient(obstoreclient.ObstoreClient):
     BUCKET = "container"
     MISSING_BUCKET = ("ContainerNotFound",)
     DENIED = ("AuthorizationFailure", "AuthenticationFailed", "AuthorizationPermissionMismatch", "403 Forbidden")
+    MAX_PARTS = 50_000  # blocks of one blob, of at most 4000 MiB each
+    MAX_PART_BYTES = 4000 << 20
+    MAX_OBJECT_BYTES = 50_000 * (4000 << 20)
 
     def __init__(self, container: str, options: dict):
         self.url = f"az://{container}"

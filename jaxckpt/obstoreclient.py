@@ -69,6 +69,9 @@ class ObstoreClient(objclient.ObjectClient):
     BUCKET = "bucket"  # what the store calls a bucket, in messages
     MISSING_BUCKET: tuple[str, ...] = ()  # text in an error that means the bucket does not exist
     DENIED: tuple[str, ...] = ("403 Forbidden",)  # text in an error that means the credentials were refused
+    MAX_PARTS = 10_000  # parts (blocks) of one multipart upload, the most bytes of one, of an object
+    MAX_PART_BYTES = 5 << 30
+    MAX_OBJECT_BYTES = 5 << 40
 
     # ------------------------------------------------------------------ errors
     def _error(self, e: Exception, key: str, what: str) -> Exception:
@@ -109,9 +112,23 @@ class ObstoreClient(objclient.ObjectClient):
         return r["e_tag"]
 
     def put_stream(self, key: str, chunks: Iterable[memoryview], size: int) -> None:
-        multipart = size > objclient.PART_BYTES
-        self._call("write", key, self._ob.put, self._store, key, iter(chunks), use_multipart=multipart,
-                   chunk_size=objclient.PART_BYTES, max_concurrency=UPLOAD_CONCURRENCY)
+        part = self.part_bytes(key, size)
+        self._call("write", key, self._ob.put, self._store, key, iter(chunks), use_multipart=size > part,
+                   chunk_size=part, max_concurrency=UPLOAD_CONCURRENCY)
+
+    def part_bytes(self, key: str, size: int) -> int:
+        """The part size of a ``size``-byte upload: ``PART_BYTES``, or larger
+        (whole MiB) where the store's part count would not otherwise suffice
+        (S3: 10,000 parts, so 16 MiB parts end at 156 GiB per object);
+        ``StorageError`` before anything is sent if the object cannot be stored."""
+        part = max(objclient.PART_BYTES, -(-size // self.MAX_PARTS))
+        part = -(-part // (1 << 20)) << 20
+        if part > self.MAX_PART_BYTES or size > self.MAX_OBJECT_BYTES:
+            raise StorageError(f"{self.describe(key)}: {size} bytes is more than one object can hold here "
+                               f"({self.MAX_PARTS} parts of at most {self.MAX_PART_BYTES >> 20} MiB, "
+                               f"{self.MAX_OBJECT_BYTES >> 30} GiB in all); save from more processes, or cut the "
+                               "state into several checkpoints")
+        return part
 
     def get(self, key: str, cap: int) -> tuple[bytes, str | None]:
         r = self._call("read", key, self._ob.get, self._store, key)

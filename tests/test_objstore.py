@@ -506,3 +506,23 @@ def test_a_get_body_is_copied_into_place_and_a_longer_one_is_refused():
     with pytest.raises(jaxckpt.StorageError) as e:
         objclient.copy_into(out, bytes(11), "s3://b/k")
     assert str(e.value) == "s3://b/k: the server sent 11 bytes, 10 were asked for"
+
+
+def test_parts_grow_past_16_mib_where_the_part_count_would_not_suffice(s3bucket, monkeypatch):
+    # S3 takes 10,000 parts of an upload: 16 MiB parts end at 156 GiB per
+    # process. Here with the count made 3: a 100 MiB object goes up in 3 parts
+    # of 34 MiB, and one that 3 largest parts cannot hold fails before a byte is sent.
+    from jaxckpt import obstoreclient
+    url, opts, objs, name = s3bucket
+    monkeypatch.setattr(obstoreclient.ObstoreClient, "MAX_PARTS", 3)
+    w = np.random.default_rng(2).integers(0, 255, 100 << 20, dtype=np.uint8)
+    jaxckpt.save(f"{url}/big", {"w": w}, storage_options=opts)
+    data_key = next(k for k in objs.keys("big/") if "data-" in k)
+    head = objs.s3.head_object(Bucket=name, Key=data_key, PartNumber=1)
+    assert (head["PartsCount"], head["ContentLength"]) == (3, 34 << 20)
+    assert same(jaxckpt.restore(f"{url}/big", storage_options=opts)["w"], w)
+    monkeypatch.setattr(obstoreclient.ObstoreClient, "MAX_PART_BYTES", 32 << 20)
+    with pytest.raises(jaxckpt.StorageError, match=rf"{url}/big2/data-00000-[0-9a-f]{{16}}\.bin: {w.nbytes} bytes "
+                                                   r"is more than one object can hold here \(3 parts of at most 32 MiB, "):
+        jaxckpt.save(f"{url}/big2", {"w": w}, storage_options=opts)
+    assert objs.keys("big2/") == []
