@@ -2,6 +2,10 @@
 
     python -m benchmarks.objstore [--workloads W1,W2] [--rounds 3] [--scale S] [--stores s3,gs]
 
+``--stores az`` adds Azure Blob Storage on Azurite (``tests/azservers.py``;
+installed by ``python3 dev.py test``): the client alone (obstore) and
+jaxckpt only, as orbax has no Azure backend and curl cannot sign its requests.
+
 Servers, all on 127.0.0.1, started fresh for the run (``tests/objservers.py``):
 SeaweedFS ``weed mini`` (S3, signatures checked) and, for gs, fake-gcs-server
 (the GCS JSON API). Every endpoint and credential is pinned in this process
@@ -88,7 +92,7 @@ TUNE_PUT = (4, 8, 16)  # put concurrency values tuned once per store and workloa
 TUNE_GET = (8, 16, 32)  # ranged-GET thread counts tuned alike
 TUNE_MAX_BYTES = 256 << 20  # the tuning passes move at most this much per value and pass
 TUNE_PASSES = 2  # each value tried twice (order alternated), its best time kept
-STORES = ("s3", "gs")
+STORES = ("s3", "gs", "az")
 TARGET_RSS_FRACTION, TARGET_RSS_FIXED = 0.25, 256 << 20
 
 
@@ -117,6 +121,9 @@ def _options(spec: dict, store: str, endpoint: str | None = None) -> dict | None
                 "secret_access_key": s3["secret_key"], "region": REGION}
     if store == "gs":
         return {"endpoint": endpoint or spec["servers"]["gs"]["endpoint"], "anonymous": True}
+    if store == "az":
+        az = spec["servers"]["az"]
+        return {"endpoint": endpoint or az["endpoint"], "account_name": az["account"], "account_key": az["key"]}
     return None
 
 
@@ -192,11 +199,16 @@ def _host_buffer(w: workloads.Workload):
 
 
 class _S3Alone:
-    """obstore on one S3 bucket: multipart put, parallel ranged GETs."""
+    """obstore on one S3 bucket (``_AzureAlone``: an Azure container): multipart put, parallel ranged GETs."""
 
     def __init__(self, spec: dict):
-        from obstore.store import S3Store
+        from obstore.store import AzureStore, S3Store
 
+        if spec["store"] == "az":
+            az = spec["servers"]["az"]
+            self.store = AzureStore(BUCKET, endpoint=az["endpoint"], account_name=az["account"],
+                                    account_key=az["key"], client_options={"allow_http": True})
+            return
         s3 = spec["servers"]["s3"]
         self.store = S3Store(BUCKET, endpoint=s3["endpoint"], access_key_id=s3["access_key"],
                              secret_access_key=s3["secret_key"], region=REGION,
@@ -361,7 +373,7 @@ def phase_client(spec: dict) -> dict:
     import numpy as np
 
     w = get_workload(spec["workload"], spec["scale"])
-    client = (_S3Alone if spec["store"] == "s3" else _GcsAlone)(spec)
+    client = (_GcsAlone if spec["store"] == "gs" else _S3Alone)(spec)
     data = _host_buffer(w)
     if spec.get("max_bytes"):
         data = data[:spec["max_bytes"]]
@@ -715,9 +727,17 @@ class Servers:
             objservers.make_gcs_bucket(g.endpoint, BUCKET)
             self.handles.append(g)
             self.info["gs"] = {"endpoint": g.endpoint, "startup_s": g.startup_s, "command": g.command}
+        if "az" in stores:
+            import azservers  # beside objservers, in tests/
+
+            a = azservers.start_azurite(root)
+            azservers.make_container(a.endpoint, BUCKET)
+            self.handles.append(a)
+            self.info["az"] = {"endpoint": a.endpoint, "account": azservers.ACCOUNT, "key": azservers.KEY,
+                               "startup_s": a.startup_s, "command": a._proc.argv}
 
     def public(self) -> dict:
-        return {k: {kk: vv for kk, vv in v.items() if kk != "secret_key"} for k, v in self.info.items()}
+        return {k: {kk: vv for kk, vv in v.items() if kk not in ("secret_key", "key")} for k, v in self.info.items()}
 
     def delete_prefix(self, store: str, prefix: str) -> None:
         """Remove everything a method left under ``prefix`` (and its warm-up prefixes)."""
@@ -732,6 +752,13 @@ class Servers:
                 keys = [m["path"] for page in obstore.list(st, prefix) for m in page]
                 for i in range(0, len(keys), 1000):
                     obstore.delete(st, keys[i:i + 1000])
+            elif store == "az":
+                import obstore
+
+                st = _S3Alone({"store": "az", "servers": self.info}).store
+                keys = [m["path"] for page in obstore.list(st, prefix) for m in page]
+                if keys:
+                    obstore.delete(st, keys)
             elif store == "gs":
                 client = _objservers().gcs_client(self.info["gs"]["endpoint"])
                 for blob in client.list_blobs(BUCKET, prefix=prefix):
@@ -746,7 +773,8 @@ class Servers:
 
 def _method_list(stores: list[str], wanted: list[str] | None, jaxckpt_gcs_ok: bool, curl_ok: bool) -> list[str]:
     names = [f"{kind}-{store}" for store in stores for kind in ("curl", "client", "jaxckpt", "orbax")
-             if not (kind == "jaxckpt" and store == "gs" and not jaxckpt_gcs_ok) and not (kind == "curl" and not curl_ok)]
+             if not (kind == "jaxckpt" and store == "gs" and not jaxckpt_gcs_ok) and not (kind == "curl" and not curl_ok)
+             and not (store == "az" and kind in ("curl", "orbax"))]
     names.append("jaxckpt-local")
     return [n for n in names if wanted is None or n in wanted]
 

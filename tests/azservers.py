@@ -118,19 +118,26 @@ def make_container(endpoint: str, name: str) -> None:
         raise RuntimeError(f"creating container {name}: {status} {body[:300]!r}")
 
 
-def list_blobs(endpoint: str, container: str, prefix: str = "") -> list[str]:
-    """Every blob name in ``container`` under ``prefix``, sorted (all pages)."""
-    names, marker = [], ""
+def blob_sizes(endpoint: str, container: str, prefix: str = "") -> dict[str, int]:
+    """Every blob in ``container`` under ``prefix``: name -> size (all pages)."""
+    out, marker = {}, ""
     while True:
         q = urllib.parse.urlencode({"restype": "container", "comp": "list", "prefix": prefix, "marker": marker})
         status, body = request("GET", f"{endpoint}/{container}?{q}")
         if status != 200:
             raise RuntimeError(f"listing {container}: {status} {body[:300]!r}")
         text = body.decode()
-        names += re.findall(r"<Blob><Name>([^<]*)</Name>", text)
+        for blob in re.findall(r"<Blob>(.*?)</Blob>", text, re.S):
+            name = re.search(r"<Name>([^<]*)</Name>", blob)[1]
+            out[name] = int(re.search(r"<Content-Length>(\d+)</Content-Length>", blob)[1])
         marker = (re.findall(r"<NextMarker>([^<]*)</NextMarker>", text) or [""])[0]
         if not marker:
-            return sorted(names)
+            return out
+
+
+def list_blobs(endpoint: str, container: str, prefix: str = "") -> list[str]:
+    """Every blob name in ``container`` under ``prefix``, sorted."""
+    return sorted(blob_sizes(endpoint, container, prefix))
 
 
 def put_blob(endpoint: str, container: str, name: str, data: bytes) -> None:
