@@ -31,21 +31,20 @@ INSTALL = "pip install 'jaxckpt[azure]'"
 MANAGED_IDENTITY = "the VM's managed identity (instance metadata service; no credentials were configured)"
 
 # (storage_options keys, environment variables, what it is in words): the
-# credentials obstore tries, in its order; the first one configured is named in
-# access errors (its name only, never its value).
+# credentials obstore (object_store's Azure builder) takes, in its order; the
+# first one configured is named in access errors (its name only, never its value).
 _CREDENTIALS = (
+    (("skip_signature",), ("AZURE_SKIP_SIGNATURE",), "no credentials (unsigned requests)"),
+    (("token", "bearer_token"), ("AZURE_STORAGE_TOKEN",), "a bearer token"),
     (("account_key", "access_key", "master_key"),
      ("AZURE_STORAGE_ACCOUNT_KEY", "AZURE_STORAGE_ACCESS_KEY", "AZURE_STORAGE_MASTER_KEY"), "the account key"),
-    (("token", "bearer_token"), ("AZURE_STORAGE_TOKEN",), "a bearer token"),
-    (("sas_key", "sas_token"), ("AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN"), "a SAS token"),
+    (("federated_token_file",), ("AZURE_FEDERATED_TOKEN_FILE",), "workload identity (a federated token file)"),
     (("client_secret",), ("AZURE_STORAGE_CLIENT_SECRET", "AZURE_CLIENT_SECRET"),
      "a service principal's client secret"),
-    (("federated_token_file",), ("AZURE_FEDERATED_TOKEN_FILE",), "workload identity (a federated token file)"),
+    (("sas_key", "sas_token"), ("AZURE_STORAGE_SAS_KEY", "AZURE_STORAGE_SAS_TOKEN"), "a SAS token"),
     (("use_azure_cli",), ("AZURE_USE_AZURE_CLI",), "the Azure CLI's login"),
     (("use_emulator",), ("AZURE_STORAGE_USE_EMULATOR",), "the storage emulator's well-known account key"),
-    (("skip_signature",), ("AZURE_SKIP_SIGNATURE",), "no credentials (unsigned requests)"),
 )
-
 
 def _option(options: dict, name: str):
     """``storage_options[name]``, also under obstore's ``azure_`` / ``azure_storage_`` spellings."""

@@ -29,3 +29,22 @@ def flip_bit(path, offset: int, bit: int = 0) -> None:
         b = f.read(1)[0]
         f.seek(offset)
         f.write(bytes([b ^ (1 << bit)]))
+
+
+def check_conditional_commit(url: str, options: dict) -> None:
+    """A second writer's manifest for a step committed meanwhile is refused
+    (the commit is a conditional create) and the first one still restores."""
+    import numpy as np
+    import pytest
+
+    import jaxckpt
+    from jaxckpt import storage
+
+    jaxckpt.save(f"{url}/once", {"x": np.arange(3)}, storage_options=options)
+    loc = storage.Location.parse(f"{url}/once", options)
+    staging = storage.backend(loc).begin_save(loc)
+    staging.write_manifest(b"another manifest")
+    with pytest.raises(jaxckpt.CheckpointExistsError, match="committed here by another writer meanwhile"):
+        staging.commit(overwrite=False)
+    staging.abandon()
+    assert jaxckpt.restore(f"{url}/once", storage_options=options)["x"].tolist() == [0, 1, 2]

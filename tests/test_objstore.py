@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import azservers
+import helpers
 import jaxckpt
 import objservers
 from jaxckpt import cli, config
@@ -234,6 +235,10 @@ def test_a_corrupted_object_names_the_object_and_the_leaf(bucket):
     objs.put(data_key, bytes(body[:1000]))  # truncated
     with pytest.raises(jaxckpt.CorruptCheckpointError, match=rf"{url}/{data_key}: truncated"):
         jaxckpt.restore(f"{url}/c", storage_options=opts)
+
+
+def test_the_manifest_commit_is_a_conditional_create(bucket):
+    helpers.check_conditional_commit(bucket[0], bucket[1])
 
 
 def test_a_prefix_without_manifest_is_not_a_checkpoint(bucket):

@@ -16,9 +16,10 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import jaxckpt
 import objservers
-from jaxckpt import cli, gcsclient, storage
+from jaxckpt import cli, gcsclient
 from jaxckpt.reader import CheckpointReader
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -153,15 +154,7 @@ def test_manager_rotation_overwrite_and_lock_on_gcs(gcs, bucket):
 
 
 def test_the_manifest_commit_is_a_conditional_create_on_gcs(bucket):
-    url, opts, _ = bucket
-    jaxckpt.save(f"{url}/once", {"x": np.arange(3)}, storage_options=opts)
-    loc = storage.Location.parse(f"{url}/once", opts)
-    staging = storage.backend(loc).begin_save(loc)
-    staging.write_manifest(b"another manifest")
-    with pytest.raises(jaxckpt.CheckpointExistsError, match="committed here by another writer meanwhile"):
-        staging.commit(overwrite=False)
-    staging.abandon()
-    assert jaxckpt.restore(f"{url}/once", storage_options=opts)["x"].tolist() == [0, 1, 2]
+    helpers.check_conditional_commit(bucket[0], bucket[1])
 
 
 def test_missing_bucket_and_cli_on_gcs(gcs, bucket, monkeypatch, capsys):
