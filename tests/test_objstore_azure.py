@@ -135,3 +135,13 @@ def test_two_processes_save_to_a_container_and_one_restores_resharded(azurite, t
     got = jaxckpt.restore(f"az://{mh.BUCKET}/enc/1", storage_options=azurite.options(),
                           encryption_key=ow.ENCRYPTION_KEY)
     assert mh.same(got, ow.global_values())
+
+
+def test_the_emulator_switch_needs_no_account_or_key(azurite, container, monkeypatch):
+    # AZURE_STORAGE_USE_EMULATOR: Azurite's well-known account and key, at AZURITE_BLOB_STORAGE_URL.
+    url, _, _ = container
+    monkeypatch.setenv("AZURITE_BLOB_STORAGE_URL", azurite.endpoint.rpartition("/")[0])
+    monkeypatch.setenv("AZURE_STORAGE_USE_EMULATOR", "true")
+    jaxckpt.save(f"{url}/emu", {"x": np.arange(5)})
+    assert jaxckpt.restore(f"{url}/emu")["x"].tolist() == [0, 1, 2, 3, 4]
+    assert azclient.credential_source({}) == "the storage emulator's well-known account key (AZURE_STORAGE_USE_EMULATOR)"
