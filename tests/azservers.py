@@ -112,9 +112,9 @@ def request(method: str, url: str, body: bytes = b"", headers: dict[str, str] | 
         return e.code, e.read()
 
 
-def make_container(endpoint: str, name: str) -> None:
+def make_container(endpoint: str, name: str, exist_ok: bool = False) -> None:
     status, body = request("PUT", f"{endpoint}/{name}?restype=container")
-    if status != 201:
+    if status != 201 and not (exist_ok and status == 409):
         raise RuntimeError(f"creating container {name}: {status} {body[:300]!r}")
 
 

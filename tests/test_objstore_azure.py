@@ -122,7 +122,7 @@ def test_two_processes_save_to_a_container_and_one_restores_resharded(azurite, t
     # environment alone: nothing shared but the container.
     import objstore_worker as ow
     import test_objstore_multihost as mh
-    azservers.make_container(azurite.endpoint, mh.BUCKET)
+    azservers.make_container(azurite.endpoint, mh.BUCKET, exist_ok=True)
     mh.run_job(None, "save", tmp_path, env={"OBJSTORE_TEST_SCHEME": "az", **azservers.env_for(azurite.endpoint)})
     names = azservers.list_blobs(azurite.endpoint, mh.BUCKET, "run/1/")
     attempts = mh.data_objects([n.rpartition("/")[2] for n in names])
@@ -145,3 +145,10 @@ def test_the_emulator_switch_needs_no_account_or_key(azurite, container, monkeyp
     jaxckpt.save(f"{url}/emu", {"x": np.arange(5)})
     assert jaxckpt.restore(f"{url}/emu")["x"].tolist() == [0, 1, 2, 3, 4]
     assert azclient.credential_source({}) == "the storage emulator's well-known account key (AZURE_STORAGE_USE_EMULATOR)"
+
+
+def test_two_processes_restore_only_the_byte_ranges_they_need(azurite, tmp_path):
+    import test_objstore_multihost as mh
+    azservers.make_container(azurite.endpoint, mh.BUCKET, exist_ok=True)
+    env = {"OBJSTORE_TEST_SCHEME": "az", **azservers.env_for(azurite.endpoint)}
+    mh.check_reads_only_its_half(mh.run_job(None, "restore", tmp_path, env=env))

@@ -248,3 +248,18 @@ def test_manager_across_two_processes_keeps_two_steps_and_releases_the_lock(moto
             assert sorted(attempts) == [0, 1] and len(set(attempts.values())) == 1, sorted(mine)
             assert len(mine) == 3, sorted(mine)  # two data objects and the manifest
             assert same(ro.restore(step), ow.step_values(step))
+
+
+def check_reads_only_its_half(results: list[dict]) -> None:
+    """(``restore`` scenario) Each of 2 processes restored the rows the other
+    saved, reading only that object, about half the 16 MiB."""
+    half = 4096 * 1024 * 4 // 2
+    for pid, r in enumerate(results):
+        assert r["ok"], r
+        assert r["first_rows"][0] == (1 - pid) * 2048, r  # the halves are swapped
+        assert len(r["objects_read"]) == 1 and r["objects_read"][0].startswith(f"data-{1 - pid:05d}-"), r
+        assert half <= r["read_bytes"] <= half + (1 << 20), r  # its half, not the whole 16 MiB
+
+
+def test_two_processes_restore_only_the_byte_ranges_they_need(moto, tmp_path):
+    check_reads_only_its_half(run_job(moto, "restore", tmp_path))
