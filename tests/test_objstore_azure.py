@@ -7,7 +7,6 @@ both in tests/test_objstore.py.) Blobs are looked at through Azure's REST API
 from __future__ import annotations
 
 import re
-import time
 
 import jax
 import numpy as np
@@ -82,6 +81,7 @@ def test_credentials_from_the_environment_are_named_by_variable(azurite, contain
         jaxckpt.restore("az://ckpts-wrong-key/env")
 
 
+@pytest.mark.timeout(60)  # the token requests give up (max_retries 1), not obstore's default 3 minutes
 def test_no_account_and_no_credentials_are_access_errors(azurite, container):
     url, _, _ = container
     with pytest.raises(jaxckpt.StorageAccessError) as e:
@@ -90,11 +90,9 @@ def test_no_account_and_no_credentials_are_access_errors(azurite, container):
                             "storage_options={'account_name': ...}")
     # An account but no credential: obstore asks the managed identity endpoint
     # (here a closed local port, set by the conftest) and gives up.
-    t0 = time.monotonic()
     with pytest.raises(jaxckpt.StorageAccessError) as e:
         jaxckpt.restore(f"{url}/x", storage_options={"account_name": azservers.ACCOUNT, "endpoint": azurite.endpoint,
                                                      "max_retries": 1, "retry_timeout": 2})
-    assert time.monotonic() - t0 < 20
     assert f"could not obtain credentials from {azclient.MANAGED_IDENTITY}" in str(e.value)
 
 
