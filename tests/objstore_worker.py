@@ -8,8 +8,9 @@ Two kinds, both started by the tests as plain ``python`` processes:
       python tests/objstore_worker.py SCENARIO PROCESS_ID NUM_PROCESSES PORT DEVICES_PER_PROCESS BUCKET
 
   with the server's endpoint in ``AWS_ENDPOINT_URL`` (or, with
-  ``OBJSTORE_TEST_SCHEME=az``, an Azurite account in ``AZURE_STORAGE_*``) and
-  its own, unshared working directory. Scenarios: ``save`` (``run/1``, ``run/2``), ``manager``
+  ``OBJSTORE_TEST_SCHEME=az``, an Azurite account in ``AZURE_STORAGE_*``;
+  ``=gs``, fake-gcs-server in ``STORAGE_EMULATOR_HOST``) and its own, unshared
+  working directory. Scenarios: ``save`` (``run/1``, ``run/2``), ``manager``
   (``mgr``), ``late_joiner`` (``run/3``). Prints one line ``RESULT <json>``
   (``"error"`` set where the scenario reports a failure).
 * the endless training loop that tests/test_objstore_crash.py kills with
@@ -207,20 +208,21 @@ def scenario_restore(ctx: dict) -> dict:
     import jaxckpt
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
-    from jaxckpt import obstoreclient
+    from jaxckpt import azclient, gcsclient, s3client
 
     big = np.arange(4096 * 1024, dtype=np.float32).reshape(4096, 1024)
     m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
     _in_step()
     jaxckpt.save(f"{SCHEME}://{ctx['bucket']}/big/1", {"w": _place(big, m, P("x", None))})
     reads: list[tuple[str, int, int]] = []
-    read_into = obstoreclient.ObstoreClient.read_into
+    client = {"s3": s3client.S3Client, "az": azclient.AzureClient, "gs": gcsclient.GcsClient}[SCHEME]
+    read_into = client.read_into
 
     def counted(self, key, buf, offset):
         reads.append((key, offset, len(buf)))
         return read_into(self, key, buf, offset)
 
-    obstoreclient.ObstoreClient.read_into = counted
+    client.read_into = counted
     swapped = NamedSharding(Mesh(np.array(jax.devices()).reshape(ctx["nproc"], ctx["ndev"])[::-1], MESH_AXES),
                             P("x", None))
     _in_step()
@@ -246,7 +248,8 @@ def multi_main(argv: list[str]) -> None:
     jax.distributed.initialize(f"127.0.0.1:{port}", nproc, pid, heartbeat_timeout_seconds=30,
                                initialization_timeout=60)
     ctx = {"pid": pid, "nproc": nproc, "ndev": ndev, "bucket": bucket,
-           "options": {"endpoint": os.environ["AZURE_STORAGE_ENDPOINT" if SCHEME == "az" else "AWS_ENDPOINT_URL"]}}
+           "options": {"endpoint": os.environ[{"az": "AZURE_STORAGE_ENDPOINT", "gs": "STORAGE_EMULATOR_HOST"}
+                                              .get(SCHEME, "AWS_ENDPOINT_URL")]}}
     out = SCENARIOS[scenario](ctx)
     # Process 0 hosts the coordination service: leaving before the others
     # have read the outcome of its last commit would fail them.

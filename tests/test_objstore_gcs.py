@@ -165,3 +165,10 @@ def test_missing_bucket_and_cli_on_gcs(gcs, bucket, monkeypatch, capsys):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.endpoint)
     assert cli.main(["verify", f"{url}/c"]) == 0
     assert capsys.readouterr().out.splitlines() == [f"OK  {url}/c/1  (1 leaf, 56 B)", "1 of 1 checkpoints OK"]
+
+
+def test_two_processes_restore_only_the_byte_ranges_they_need(gcs, tmp_path):
+    import test_objstore_multihost as mh
+    objservers.make_gcs_bucket(gcs.endpoint, mh.BUCKET)
+    env = {"OBJSTORE_TEST_SCHEME": "gs", "STORAGE_EMULATOR_HOST": gcs.endpoint}
+    mh.check_reads_only_its_half(mh.run_job(None, "restore", tmp_path, env=env))
