@@ -3,10 +3,11 @@
 Azure configuration into the store.
 
 Configuration, as Azure tools read it: the standard environment
-(``AZURE_STORAGE_ACCOUNT_NAME``, then one credential: ``AZURE_STORAGE_ACCOUNT_KEY``,
-``AZURE_STORAGE_SAS_TOKEN``, ``AZURE_STORAGE_TOKEN``, a service principal's
-``AZURE_CLIENT_ID`` / ``AZURE_CLIENT_SECRET`` / ``AZURE_TENANT_ID``, workload
-identity's ``AZURE_FEDERATED_TOKEN_FILE``, ``AZURE_USE_AZURE_CLI=true``;
+(``AZURE_STORAGE_ACCOUNT_NAME``, then one credential, in ``_CREDENTIALS``'s
+order: ``AZURE_STORAGE_TOKEN``, ``AZURE_STORAGE_ACCOUNT_KEY``, workload
+identity's ``AZURE_FEDERATED_TOKEN_FILE``, a service principal's
+``AZURE_CLIENT_ID`` / ``AZURE_CLIENT_SECRET`` / ``AZURE_TENANT_ID``,
+``AZURE_STORAGE_SAS_TOKEN``, ``AZURE_USE_AZURE_CLI=true``;
 ``AZURE_STORAGE_ENDPOINT`` for another endpoint, ``AZURE_STORAGE_USE_EMULATOR``
 for Azurite; obstore reads them), then the user's ``storage_options``, which
 win: any key of obstore's ``AzureConfig`` (``account_name``, ``account_key``,
