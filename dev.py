@@ -7,8 +7,9 @@
 
 The virtual environment is (re)installed only when pyproject.toml or
 constraints.txt changed. ``test`` also installs the az:// tests' server,
-Azurite (a Node.js package), with ``npm ci`` into tests/azurite/node_modules
-when its package-lock.json changed: it needs Node.js (>= 18) and npm.
+Azurite (a Node.js package, pinned by tests/azurite/package-lock.json), with
+``npm ci`` into .venv/azurite when that lock file changed: it needs Node.js
+(>= 18) and npm.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 VENV = os.path.join(ROOT, ".venv")
 PY = os.path.join(VENV, "bin", "python")
 STAMP = os.path.join(VENV, ".jaxckpt-installed")
-AZURITE = os.path.join(ROOT, "tests", "azurite")
+AZURITE_PINS = os.path.join(ROOT, "tests", "azurite")  # package.json, package-lock.json
+AZURITE = os.path.join(VENV, "azurite")  # where npm installs it, with the other installed dependencies
 
 
 def _fingerprint() -> str:
@@ -53,7 +55,7 @@ def ensure_venv() -> None:
 def ensure_azurite() -> None:
     """Azurite (the Azure Storage emulator the az:// tests start on 127.0.0.1),
     at the versions of its package-lock.json."""
-    with open(os.path.join(AZURITE, "package-lock.json"), "rb") as f:
+    with open(os.path.join(AZURITE_PINS, "package-lock.json"), "rb") as f:
         want = hashlib.sha256(f.read()).hexdigest()
     stamp = os.path.join(AZURITE, "node_modules", ".jaxckpt-installed")
     if os.path.exists(stamp) and open(stamp).read() == want:
@@ -62,7 +64,10 @@ def ensure_azurite() -> None:
     if npm is None:
         raise SystemExit("dev.py: npm not found: the az:// tests need Node.js (>= 18) and npm to install "
                          "their server, Azurite (e.g. apt-get install nodejs npm)")
-    print("installing Azurite (npm ci in tests/azurite) ...", flush=True)
+    print("installing Azurite (npm ci into .venv/azurite) ...", flush=True)
+    os.makedirs(AZURITE, exist_ok=True)
+    for name in ("package.json", "package-lock.json"):
+        shutil.copyfile(os.path.join(AZURITE_PINS, name), os.path.join(AZURITE, name))
     subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], check=True, cwd=AZURITE)
     with open(stamp, "w") as f:
         f.write(want)

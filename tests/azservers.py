@@ -4,7 +4,7 @@ urllib) so that tests create containers and look at blobs independently of
 jaxckpt and obstore.
 
 Azurite is a Node.js package: ``python3 dev.py test`` installs it with
-``npm ci`` into ``tests/azurite/node_modules`` (pinned by
+``npm ci`` into ``.venv/azurite`` (pinned by
 ``tests/azurite/package-lock.json``). It runs with telemetry off
 (``--disableTelemetry``: otherwise it reports to a host off this machine),
 in memory, bound to 127.0.0.1.
@@ -27,14 +27,14 @@ import objservers
 
 ACCOUNT = "devstoreaccount1"  # Azurite's well-known account and key (public, in Azure's docs)
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
-_BIN = Path(__file__).parent / "azurite" / "node_modules" / ".bin" / "azurite-blob"
+_BIN = Path(__file__).resolve().parent.parent / ".venv" / "azurite" / "node_modules" / ".bin" / "azurite-blob"
 _API_VERSION = "2021-08-06"
 
 
 def azurite_binary() -> str:
     if not _BIN.exists():
         raise objservers.ServerStartError(f"{_BIN} is missing: run `python3 dev.py test` once (it installs Azurite "
-                                          "with npm ci in tests/azurite; needs Node.js >= 18 and npm)")
+                                          "with npm ci into .venv/azurite; needs Node.js >= 18 and npm)")
     return str(_BIN)
 
 
