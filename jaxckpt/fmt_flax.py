@@ -43,7 +43,6 @@ bin leaves and empty maps are left out of the tensors and listed by ``describe``
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterator
 from typing import Any, NamedTuple
@@ -52,7 +51,7 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
-from jaxckpt import fmt_safetensors, posixfs
+from jaxckpt import fmt_safetensors, storage
 from jaxckpt.errors import CorruptCheckpointError
 
 NAME = "flax"
@@ -64,7 +63,6 @@ MAX_STR = 1 << 20  # M3: bytes of one str key or value
 MAX_NDIM = 64  # M5: numpy's own limit
 MAX_ARRAY_BYTES = 1 << 48  # M5: as jaxckpt.format
 CHUNKED_KEY = "__msgpack_chunked_array__"
-_WINDOW = 1 << 16  # bytes read ahead while walking the structure
 
 _NUMPY_NAMES = ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                 "float16", "float32", "float64", "complex64", "complex128")
@@ -109,8 +107,8 @@ class _Stream:
     """Positioned reads of one open file with a read-ahead window; every length is
     checked against the bytes left (M2) before anything is read or skipped."""
 
-    def __init__(self, fd: int, size: int, where: str):
-        self.fd, self.size, self.where = fd, size, where
+    def __init__(self, src: storage.FileSource):
+        self.src, self.size, self.where = src, src.size, src.where
         self.pos, self.base, self.buf = 0, 0, b""
         self.nodes = 0
 
@@ -130,7 +128,7 @@ class _Stream:
         start = self.pos - self.base
         if start + n > len(self.buf):
             self.base, start = self.pos, 0
-            self.buf = os.pread(self.fd, max(n, _WINDOW), self.pos)
+            self.buf = self.src.pread(max(n, self.src.read_ahead), self.pos)
             if len(self.buf) < n:  # M7: the file shrank under us
                 raise self.fail(f"truncated: expected {n} bytes at offset {self.pos}, found {len(self.buf)}")
         self.pos += n
@@ -281,7 +279,7 @@ def _ext(s: _Stream, code: int, n: int) -> Any:
     if code == 3:  # a numpy scalar: read now (at most 16 bytes)
         if ref.shape:
             raise s.fail(f"numpy scalar at offset {end - n} has shape {list(ref.shape)}, expected []")
-        data = np.frombuffer(bytearray(os.pread(s.fd, ref.nbytes, ref.offset)), np.uint8)  # writable
+        data = np.frombuffer(bytearray(s.src.pread(ref.nbytes, ref.offset)), np.uint8)  # writable
         return _from_bytes(s, ref, data)
     return ref
 
@@ -408,10 +406,10 @@ def _chunked(s: _Stream, node: dict, key: str) -> ChunkedRef:
     return ChunkedRef(parts[0].dtype, dims, parts)
 
 
-def _index(fd: int, size: int, where: str) -> _Index:
+def _index(src: storage.FileSource) -> _Index:
     """The whole file walked (M1-M6): its leaves in order, and what is not a tensor."""
-    s = _Stream(fd, size, where)
-    first = os.pread(fd, 1, 0)
+    s, size = _Stream(src), src.size
+    first = src.pread(1, 0)
     if not first or not (0x80 <= first[0] <= 0x8f or first[0] in (0xde, 0xdf)):  # M1
         raise s.fail("not a flax msgpack file: it does not start with a msgpack map")
     tree = _value(s, 0)
@@ -428,8 +426,8 @@ def _index(fd: int, size: int, where: str) -> _Index:
 
 
 # --------------------------------------------------------------------- the contract
-def sniff(path: str, head: bytes) -> bool:
-    """Whether ``path`` looks like a flax msgpack file, from its first bytes only.
+def sniff(size: int, head: bytes) -> bool:
+    """Whether a ``size``-byte file starting with ``head`` looks like a flax msgpack file.
 
     The heuristic: the file starts with a msgpack map header (0x80-0x8f, 0xde,
     0xdf) whose first key (if any) is a str or int; and it is neither a jaxckpt
@@ -438,7 +436,7 @@ def sniff(path: str, head: bytes) -> bool:
     safetensors file (whose header length's low byte can fall in 0x80-0x8f).
     A full parse would be the only certain test, and it costs a pass over the file.
     """
-    if not head or fmt_safetensors.sniff(path, head):
+    if not head or fmt_safetensors.sniff(size, head):
         return False
     b = head[0]
     if 0x80 <= b <= 0x8f:
@@ -459,18 +457,18 @@ def describe(path: str) -> tuple[list[tuple[str, str, tuple[int, ...], int]], di
     """The leaves of ``path`` as ``(key, dtype name, shape, nbytes)`` in file order,
     and ``{"none_leaves": [key], "empty_nodes": [key], "skipped_leaves": {key: what}}``
     for what :func:`read` leaves out (None, empty maps, str and bin values)."""
-    with fmt_safetensors.open_file(path) as (fd, size):
-        index = _index(fd, size, path)
+    with storage.open_file(path) as src:
+        index = _index(src)
     return [(k, _NAMES[v.dtype], tuple(v.shape), int(v.nbytes)) for k, v in index.leaves], index.extra
 
 
 def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
     """``(key, array)`` in file order, one array in memory at a time (a chunked
     array assembled in place, chunk by chunk)."""
-    with fmt_safetensors.open_file(path) as (fd, size):
-        index = _index(fd, size, path)
+    with storage.open_file(path) as src:
+        index = _index(src)
         for key, leaf in index.leaves:
-            yield key, _load(fd, leaf, path)
+            yield key, _load(src, leaf)
 
 
 def read(path: str) -> dict[str, np.ndarray]:
@@ -478,7 +476,7 @@ def read(path: str) -> dict[str, np.ndarray]:
     return dict(iter_tensors(path))
 
 
-def _load(fd: int, leaf: Any, where: str) -> np.ndarray:
+def _load(src: storage.FileSource, leaf: Any) -> np.ndarray:
     """One indexed leaf as a new array (a chunked one filled chunk by chunk)."""
     if isinstance(leaf, np.ndarray):
         return leaf
@@ -487,9 +485,10 @@ def _load(fd: int, leaf: Any, where: str) -> np.ndarray:
     flat = out.reshape(-1).view(np.uint8)
     done = 0
     for p in parts:
-        posixfs.pread_into(fd, memoryview(flat[done:done + p.nbytes]), p.offset, where)  # M7
+        src.read_into(memoryview(flat[done:done + p.nbytes]), p.offset, src.where)  # M7
         done += p.nbytes
     if out.dtype == np.bool_ and out.size and flat.max() > 1:  # M7
-        raise CorruptCheckpointError(f"{where}: bool array at offset {parts[0].offset} holds bytes other than 0 and 1")
+        raise CorruptCheckpointError(f"{src.where}: bool array at offset {parts[0].offset} holds bytes other "
+                                     "than 0 and 1")
     return out
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 import codecs
 import contextlib
 import math
-import os
-import tempfile
 import zlib
 from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
-from jaxckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, DecryptionError, UnsupportedValueError
+from jaxckpt import storage
+from jaxckpt.errors import CorruptCheckpointError, DecryptionError, UnsupportedValueError
 from jaxckpt.fmt_mindspore_crypto import BLOCK_BYTES, MODE_OF, BlockReader, BlockWriter, check_enc_options, check_key
 
 # Hard caps on what is read from disk.
@@ -324,13 +323,8 @@ def _read_full(src, mv: memoryview) -> int:
 
 @contextlib.contextmanager
 def _opened(path, dec_key: bytes | None, dec_mode: str) -> Iterator[_Stream]:
-    where = os.fspath(path)
-    try:
-        f = open(where, "rb")
-    except FileNotFoundError as e:
-        raise CheckpointNotFoundError(f"{where}: no such MindSpore checkpoint") from e
-    with f:
-        size = os.fstat(f.fileno()).st_size
+    with storage.open_file(path) as src, src.reader() as f:
+        where, size = src.where, src.size
         if size > MAX_FILE_BYTES:
             raise CorruptCheckpointError(f"{where}: {size} bytes, above the cap of {MAX_FILE_BYTES}")
         mode = MODE_OF.get(int.from_bytes(f.read(4), "little")) if size >= 4 else None
@@ -475,25 +469,15 @@ def write(path, items: Iterable[tuple[str, Any]], *, enc_key: bytes | None = Non
     (u)int8-64, float16/32/64, bfloat16 (any shape but ``(0,)``) and 0-d str; anything else raises
     :class:`UnsupportedValueError` naming the key. ``enc_key`` (16/24/32 bytes; 16 for SM4-CBC) encrypts with
     ``enc_mode``; ``crc_check`` appends MindSpore's CRC-32 trailer (not with ``enc_key``). Slices of
-    ``slice_bytes`` and blocks of ``block_bytes``, as MindSpore's. Written under a temporary name in the same
-    folder, synced and renamed: a reader never sees a partial file."""
+    ``slice_bytes`` and blocks of ``block_bytes``, as MindSpore's. ``path``: a local path or a URL, written
+    atomically (``storage.write_file``): a reader never sees a partial file."""
     if enc_key is not None:
         check_enc_options(enc_key, enc_mode, block_bytes, crc_check)
     if not 1 <= slice_bytes <= 1 << 30:
         raise ValueError("slice_bytes must be in 1..2**30")
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            crc = _write_records(f, items, enc_key, enc_mode, slice_bytes, block_bytes)
-            if crc_check:
-                f.write(_CRC_MARK + crc.to_bytes(10, "big"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+
+    def fill(f: BinaryIO) -> None:
+        crc = _write_records(f, items, enc_key, enc_mode, slice_bytes, block_bytes)
+        if crc_check:
+            f.write(_CRC_MARK + crc.to_bytes(10, "big"))
+    storage.write_file(path, fill)

@@ -38,20 +38,16 @@ PyTorch's ``Float4_e2m1fn_x2``) is unpacked to ml_dtypes' one-byte-per-element
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
-import secrets
-import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
-from jaxckpt import posixfs
-from jaxckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedValueError
+from jaxckpt import storage
+from jaxckpt.errors import CorruptCheckpointError, UnsupportedValueError
 
 NAME = "safetensors"
 INSTALL = None  # read and written with numpy and ml_dtypes, both core dependencies
@@ -113,10 +109,11 @@ class _HeaderError(Exception):
 
 
 # --------------------------------------------------------------------- reading
-def sniff(path: str, head: bytes) -> bool:
-    """Whether ``path`` looks like a safetensors file: a plausible header length
-    (S1) that fits in the file, and a header that opens with ``{`` (and, when the
-    header lies inside ``head``, closes with ``}`` and trailing spaces)."""
+def sniff(size: int, head: bytes) -> bool:
+    """Whether a ``size``-byte file starting with ``head`` looks like a safetensors
+    file: a plausible header length (S1) that fits in the file, and a header that
+    opens with ``{`` (and, when the header lies inside ``head``, closes with ``}``
+    and trailing spaces)."""
     if len(head) < 10:
         return False
     n = int.from_bytes(head[:8], "little")
@@ -124,63 +121,45 @@ def sniff(path: str, head: bytes) -> bool:
         return False
     if 8 + n <= len(head) and not head[8:8 + n].rstrip(b" ").endswith(b"}"):
         return False
-    try:
-        return 8 + n <= os.stat(path).st_size
-    except OSError:
-        return False
+    return 8 + n <= size
 
 
-def describe(path: str) -> tuple[list[tuple[str, str, tuple[int, ...], int]], dict]:
-    """The tensors of ``path`` as ``(name, numpy dtype name, shape, nbytes)`` in
-    file order, and ``{"metadata": the __metadata__ dict or None}``."""
-    with open_file(path) as (fd, size):
-        tensors, metadata = read_header(fd, size, path)
+def describe(path: Any) -> tuple[list[tuple[str, str, tuple[int, ...], int]], dict]:
+    """The tensors of ``path`` (a local path or a URL) as ``(name, numpy dtype
+    name, shape, nbytes)`` in file order, and ``{"metadata": the __metadata__
+    dict or None}``."""
+    with storage.open_file(path) as src:
+        tensors, metadata = read_header(src)
     return [(t.name, t.dtype.name, t.shape, t.nbytes) for t in tensors], {"metadata": metadata}
 
 
-def iter_tensors(path: str) -> Iterator[tuple[str, np.ndarray]]:
+def iter_tensors(path: Any) -> Iterator[tuple[str, np.ndarray]]:
     """``(name, array)`` in file order, one tensor in memory at a time; each array
     is freshly allocated (not a view of the file)."""
-    with open_file(path) as (fd, size):
-        tensors, _ = read_header(fd, size, path)
+    with storage.open_file(path) as src:
+        tensors, _ = read_header(src)
         for t in tensors:
-            yield t.name, _load(fd, t, path)
+            yield t.name, _load(src, t)
 
 
-def read(path: str) -> dict[str, np.ndarray]:
+def read(path: Any) -> dict[str, np.ndarray]:
     """Every tensor of ``path``, by name."""
     return dict(iter_tensors(path))
 
 
-@contextlib.contextmanager
-def open_file(path: str) -> Iterator[tuple[int, int]]:
-    """``(fd, size)`` of a regular file (symlinks followed: the Hugging Face cache links
-    its snapshots to blobs; ``O_NONBLOCK`` so that a FIFO cannot hang the open)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path}: no such file") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise CorruptCheckpointError(f"{path}: not a regular file (mode {stat.filemode(st.st_mode)})")
-        yield fd, st.st_size
-    finally:
-        os.close(fd)
-
-
-def read_header(fd: int, size: int, where: str) -> tuple[list[TensorInfo], dict[str, str] | None]:
+def read_header(src: storage.FileSource) -> tuple[list[TensorInfo], dict[str, str] | None]:
     """The checked tensor table (sorted by offset) and ``__metadata__`` of an open file."""
+    where, size = src.where, src.size
     if size < 8:  # S1
         raise CorruptCheckpointError(f"{where}: truncated: {size} bytes, a safetensors file has at least 8")
-    n = int.from_bytes(os.pread(fd, 8, 0), "little")
+    n = int.from_bytes(src.pread(8, 0), "little")
     if n > MAX_HEADER_BYTES:  # S1
         raise CorruptCheckpointError(f"{where}: header length {n} is above the cap of {MAX_HEADER_BYTES} bytes")
     if 8 + n > size:  # S1
         raise CorruptCheckpointError(f"{where}: truncated: the header claims {n} bytes, the file has {size - 8} "
                                      "after the length")
     raw = bytearray(n)
-    posixfs.pread_into(fd, memoryview(raw), 8, where)  # S9
+    src.read_into(memoryview(raw), 8, where)  # S9
     top = _parse_json(raw, where)
     metadata = _check_metadata(top.pop(_METADATA_KEY, None), where)
     data_start = 8 + n
@@ -300,18 +279,19 @@ def _check_layout(tensors: list[TensorInfo], data_start: int, size: int, where: 
                                      "(the buffer must be fully indexed)")
 
 
-def _load(fd: int, t: TensorInfo, where: str) -> np.ndarray:
+def _load(src: storage.FileSource, t: TensorInfo) -> np.ndarray:
     """Tensor ``t`` read into a new array (S8, S9)."""
+    where = src.where
     if t.st_dtype == "F4":
         packed = np.empty(t.end - t.begin, np.uint8)
-        posixfs.pread_into(fd, memoryview(packed), t.begin, where)
+        src.read_into(memoryview(packed), t.begin, where)
         out = np.empty(2 * packed.size, np.uint8)
         out[0::2] = packed & 0x0F  # the first element in the low nibble
         out[1::2] = packed >> 4
         return out.view(t.dtype).reshape(t.shape)
     out = np.empty(t.shape, t.dtype)
     if out.size:
-        posixfs.pread_into(fd, memoryview(out.reshape(-1).view(np.uint8)), t.begin, where)
+        src.read_into(memoryview(out.reshape(-1).view(np.uint8)), t.begin, where)
     if t.st_dtype == "BOOL" and out.size and out.view(np.uint8).max() > 1:  # S8
         raise CorruptCheckpointError(f"{where}: tensor {t.name!r:.200}: a BOOL tensor holds bytes other than 0 and 1")
     return out
@@ -326,10 +306,11 @@ class _Planned(NamedTuple):
     file_bytes: int
 
 
-def write(path: str, items: Iterable[tuple[str, Any]] | Mapping[str, Any], *,
+def write(path: Any, items: Iterable[tuple[str, Any]] | Mapping[str, Any], *,
           metadata: dict[str, str] | None = None) -> None:
-    """Write ``(name, array)`` pairs to a safetensors file at ``path``, atomically
-    (a temporary file in the same directory, fsynced, renamed over ``path``).
+    """Write ``(name, array)`` pairs to a safetensors file at ``path`` (a local
+    path or a URL), atomically (``storage.write_file``: a temporary file in the
+    same directory, fsynced, renamed over ``path``; in a bucket one upload).
 
     The header is computed first from each array's dtype and shape, then the
     tensors are written one at a time: memory stays bounded by the largest tensor
@@ -353,7 +334,7 @@ def write(path: str, items: Iterable[tuple[str, Any]] | Mapping[str, Any], *,
             raise UnsupportedValueError(f"tensor name {a.name!r} occurs twice")
     plan.sort(key=lambda p: -_RANK[p.st_dtype])  # stable: names stay sorted within a dtype
     header = _encode_header(plan, metadata)
-    _atomic_write(path, lambda f: _write_body(f, header, plan))
+    storage.write_file(path, lambda f: _write_body(f, header, plan))
 
 
 class _Shape(NamedTuple):
@@ -362,7 +343,7 @@ class _Shape(NamedTuple):
     shape: tuple[int, ...]
 
 
-def write_streamed(path: str, layout: Iterable[tuple[str, Any, tuple[int, ...]]],
+def write_streamed(path: Any, layout: Iterable[tuple[str, Any, tuple[int, ...]]],
                    items: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None) -> None:
     """``write`` for tensors that arrive one at a time (a conversion from another
     file): the header from ``layout`` (``(name, dtype, shape)`` of every tensor),
@@ -392,7 +373,7 @@ def write_streamed(path: str, layout: Iterable[tuple[str, Any, tuple[int, ...]]]
             f.write(data)
         if where:
             raise UnsupportedValueError(f"tensors never given: {sorted(where)[:10]}")
-    _atomic_write(path, fill)
+    storage.write_file(path, fill)
 
 
 def _plan_one(name: Any, value: Any) -> _Planned:
@@ -473,21 +454,3 @@ def _write_body(f: Any, header: bytes, plan: list[_Planned]) -> None:
         data = _tensor_bytes(p)
         if data.size:
             f.write(data)
-
-
-def _atomic_write(path: str, fill: Any) -> None:
-    """Create ``path`` by ``fill(file)`` into a temporary sibling, fsync, rename, fsync the directory."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)  # umask applies
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    posixfs.fsync_dir(directory)

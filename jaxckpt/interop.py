@@ -26,7 +26,7 @@ from jaxckpt import display
 from jaxckpt import progress as progress_mod
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
-from jaxckpt.errors import CheckpointNotFoundError, UnsupportedValueError
+from jaxckpt.errors import CheckpointNotFoundError, UnsupportedLocationError, UnsupportedValueError
 
 FORMATS = ("jaxckpt", "orbax", "flax", "mindspore", "safetensors")
 EXPORTS = ("jaxckpt", "orbax", "safetensors", "mindspore")
@@ -53,28 +53,40 @@ def _module(name: str) -> Any:
 
 # ----------------------------------------------------------------------------- detection
 def detect(path: str | os.PathLike) -> str:
-    """The format of the checkpoint at ``path`` (one of ``FORMATS``)."""
+    """The format of the checkpoint at ``path`` (one of ``FORMATS``): a path or a URL."""
     loc = storage.Location.parse(path)
-    if not loc.is_local:
-        return "jaxckpt"  # buckets hold jaxckpt checkpoints only
-    p = loc.path
-    if os.path.isdir(p):
-        if storage.backend(loc).is_committed(loc, follow=True):
-            return "jaxckpt"
-        if _module("orbax").sniff(p):
-            return "orbax"
-        return "jaxckpt"  # not a checkpoint: jaxckpt's reader says what is missing
-    if not os.path.lexists(p):
-        raise CheckpointNotFoundError(f"{p}: no such file or directory")
-    with open(p, "rb") as f:
-        head = f.read(_HEAD_BYTES)
+    be = storage.backend(loc)
+    if loc.is_local:
+        p = loc.path
+        if os.path.isdir(p):
+            if be.is_committed(loc, follow=True):
+                return "jaxckpt"
+            if _module("orbax").sniff(p):
+                return "orbax"
+            return "jaxckpt"  # not a checkpoint: jaxckpt's reader says what is missing
+        if not os.path.lexists(p):
+            raise CheckpointNotFoundError(f"{p}: no such file or directory")
+    elif be.is_committed(loc):  # first: one request for the common case
+        return "jaxckpt"
+    try:
+        with be.open_file(loc) as f:
+            head, size = f.pread(_HEAD_BYTES, 0), f.size
+    except CheckpointNotFoundError:
+        if loc.is_local:
+            raise
+        return "jaxckpt"  # a prefix, not an object: jaxckpt's reader says what is missing
+    return _sniffed(str(loc), size, head)
+
+
+def _sniffed(where: str, size: int, head: bytes) -> str:
+    """The format of a single file from its size and first bytes."""
     if _module("mindspore").sniff(head):
         return "mindspore"
-    if _module("safetensors").sniff(p, head):
+    if _module("safetensors").sniff(size, head):
         return "safetensors"
-    if _module("flax").sniff(p, head):
+    if _module("flax").sniff(size, head):
         return "flax"
-    raise UnknownFormatError(f"{p}: not a checkpoint of a supported format (found a {len(head)}+ byte file "
+    raise UnknownFormatError(f"{where}: not a checkpoint of a supported format (found a {size}-byte file "
                              f"starting with {head[:8]!r}; supported: a jaxckpt or orbax checkpoint directory, a "
                              "flax msgpack file, a MindSpore .ckpt, a .safetensors file)")
 
@@ -87,10 +99,15 @@ def _format_of(path: Any, format: str | None) -> str:
     return format
 
 
-def _local(path: Any, fmt_name: str) -> str:
-    loc = storage.Location.parse(path)
+def _where(path: Any, fmt_name: str, options: dict | None = None) -> Any:
+    """Where a foreign checkpoint is read or written: the ``Location`` (a path or
+    a URL) of a single-file format; the local directory of an orbax checkpoint."""
+    loc = storage.Location.parse(path, options)
+    if fmt_name != "orbax":
+        return loc
     if not loc.is_local:
-        raise UnsupportedValueError(f"{loc}: {fmt_name} checkpoints are read from local paths only")
+        raise UnsupportedLocationError(f"{loc}: orbax checkpoints are read and written in local directories only; "
+                                       f"copy it to a local directory first (e.g. gcloud storage cp -r {loc} .)")
     return loc.path
 
 
@@ -120,7 +137,8 @@ def load_checkpoint(path: str | os.PathLike, *, format: str | None = None, dec_k
     if fmt_name == "jaxckpt":
         return api.load_checkpoint(path, verify=verify, progress=progress, mmap=mmap,
                                    storage_options=storage_options, encryption_key=encryption_key)
-    return _module(fmt_name).read(_local(path, fmt_name), **_decryption(fmt_name, dec_key, dec_mode))
+    where = _where(path, fmt_name, storage_options)
+    return _module(fmt_name).read(where, **_decryption(fmt_name, dec_key, dec_mode))
 
 
 def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: bytes | None = None,
@@ -133,13 +151,13 @@ def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: byte
                           format)
     if fmt_name == "jaxckpt":
         return api.inspect(path, storage_options=storage_options, encryption_key=encryption_key)
-    p = _local(path, fmt_name)
+    p = _where(path, fmt_name, storage_options)
     m = _module(fmt_name)
     found = m.describe(p, **_decryption(fmt_name, dec_key, dec_mode))
     rows, extra = (found, {}) if fmt_name == "mindspore" else found
     leaves = tuple(api.LeafInfo(name, "array", tuple(shape), str(dtype), int(nbytes))
                    for name, dtype, shape, nbytes in rows)
-    return api.CheckpointInfo(p, None, fmt_name, None, extra or None, sum(x.nbytes for x in leaves), leaves)
+    return api.CheckpointInfo(str(p), None, fmt_name, None, extra or None, sum(x.nbytes for x in leaves), leaves)
 
 
 def restore(path: str | os.PathLike, target: Any = None, *, format: str | None = None, partial: bool = False,
@@ -157,7 +175,7 @@ def restore(path: str | os.PathLike, target: Any = None, *, format: str | None =
     if fmt_name not in ("orbax", "flax"):
         raise UnsupportedValueError(f"{path}: restore() reads jaxckpt, orbax and flax checkpoints; for a "
                                     f"{fmt_name} file use load_checkpoint() or load_into()")
-    p = _local(path, fmt_name)
+    p = _where(path, fmt_name, storage_options)
     if target is None:
         return _nested(_module(fmt_name).read(p))
     if fmt_name == "orbax" and not partial:
@@ -246,23 +264,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
     if dst_key is not None and to != "jaxckpt":
         raise UnsupportedValueError(f"encryption_key / new_encryption_key encrypt jaxckpt destinations; {to} "
                                     "files are written in plaintext (MindSpore: enc_key=)")
+    out = _where(dst, to, storage_options)  # an orbax URL is refused before anything is read
     items = _source_items(src, src_fmt, dec_key, dec_mode, storage_options, encryption_key)
     with progress_mod.progress_bar(f"convert {src} -> {dst}",
                                    _total_bytes(src, src_fmt, storage_options, encryption_key),
                                    enabled=progress, min_bytes=progress_mod.AUTO_MIN_BYTES) as bar:
         items = _counted(items, bar)
+        plain = ((k, _plain(k, v, to)) for k, v in items)
         if to == "mindspore":
-            _module("mindspore").write(_local(dst, to), ((k, _plain(k, v, to)) for k, v in items),
-                                       enc_key=enc_key, enc_mode=enc_mode)
+            _module("mindspore").write(out, plain, enc_key=enc_key, enc_mode=enc_mode)
         elif to == "safetensors" and src_fmt in ("mindspore", "safetensors", "flax"):
-            layout = [(x.path, x.dtype, x.shape) for x in
-                      inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode).leaves]
-            _module("safetensors").write_streamed(_local(dst, to), layout, ((k, _plain(k, v, to)) for k, v in items))
+            info = inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode, storage_options=storage_options)
+            _module("safetensors").write_streamed(out, [(x.path, x.dtype, x.shape) for x in info.leaves], plain)
         elif to == "safetensors":  # jaxckpt / orbax values: mapped files / one restore, not streamed
-            _module("safetensors").write(_local(dst, to), [(k, _plain(k, v, to)) for k, v in items],
+            _module("safetensors").write(out, list(plain),
                                          metadata=_carried_metadata(src, src_fmt, storage_options, encryption_key))
         elif to == "orbax":
-            _module("orbax").write(_local(dst, to), dict(items))
+            _module("orbax").write(out, dict(items))
         elif src_fmt == "jaxckpt":
             tree = api.restore(src, storage_options=storage_options, encryption_key=encryption_key)
             checkpointer.save_sync(dst, tree, storage_options=storage_options, encryption_key=dst_key)
@@ -275,7 +293,8 @@ def _total_bytes(src: Any, src_fmt: str, storage_options: dict | None, encryptio
     if src_fmt in ("jaxckpt", "orbax"):
         return inspect(src, format=src_fmt, storage_options=storage_options,
                        encryption_key=encryption_key).total_bytes
-    return os.path.getsize(_local(src, src_fmt))  # a file: its size is close enough for a bar
+    with storage.open_file(_where(src, src_fmt, storage_options)) as f:
+        return f.size  # a file: its size is close enough for a bar
 
 
 def _carried_metadata(src: Any, src_fmt: str, storage_options: dict | None, encryption_key: Any
@@ -305,7 +324,8 @@ def _source_items(src: Any, src_fmt: str, dec_key: Any, dec_mode: str, storage_o
                   encryption_key: Any) -> Iterator[tuple[str, Any]]:
     if src_fmt == "jaxckpt":
         return iter(api.load_checkpoint(src, storage_options=storage_options, encryption_key=encryption_key).items())
-    return _module(src_fmt).iter_tensors(_local(src, src_fmt), **_decryption(src_fmt, dec_key, dec_mode))
+    where = _where(src, src_fmt, storage_options)
+    return _module(src_fmt).iter_tensors(where, **_decryption(src_fmt, dec_key, dec_mode))
 
 
 def _plain(key: str, value: Any, to: str) -> np.ndarray:

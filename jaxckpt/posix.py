@@ -7,8 +7,9 @@ the writer lock). Implements ``storage.Backend``; see its call order.
 from __future__ import annotations
 
 import os
+import stat
 import threading
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 from jaxckpt import lock
 from jaxckpt import memory
@@ -113,6 +114,32 @@ class PosixData(storage.DataSource):
             self.fd = -1
 
 
+class PosixFile(storage.FileSource):
+    """A single file (a foreign checkpoint), links followed (the Hugging Face
+    cache links its snapshots to blobs), ``O_NONBLOCK`` so that a FIFO cannot
+    hang the open; anything but a regular file is refused."""
+
+    def __init__(self, path: str):
+        self.where = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{path}: no such file") from None
+        st = os.fstat(self.fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise CorruptCheckpointError(f"{path}: not a regular file (mode {stat.filemode(st.st_mode)})")
+        self.size = st.st_size
+
+    def read_into(self, buf: memoryview, offset: int, what: str) -> None:
+        posixfs.pread_into(self.fd, buf, offset, what)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
 class PosixSource(storage.Source):
     """A committed checkpoint directory."""
 
@@ -175,6 +202,12 @@ class PosixBackend(storage.Backend):
 
     def release_lock(self, root: Location, token: str) -> None:
         lock.release(root.path, token)
+
+    def open_file(self, loc: Location) -> PosixFile:
+        return PosixFile(loc.path)
+
+    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None]) -> None:
+        posixfs.write_atomic(loc.path, fill)
 
 
 BACKEND = PosixBackend()

@@ -9,10 +9,12 @@ the file's path (``named``): a user must learn which file the disk failed on.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
 import stat
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import msgpack
 
@@ -150,6 +152,26 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
             raise CorruptCheckpointError(
                 f"{path}: truncated: expected {total} bytes at offset {offset}, found {done}")
         done += n
+
+
+def write_atomic(path: str, fill: Callable[[BinaryIO], None]) -> None:
+    """Create or replace ``path`` by ``fill(file)`` into a temporary sibling
+    (mode 0o666 less the umask, as any new file), fsync, rename over ``path``,
+    fsync the directory; the temporary file is removed if anything fails."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
 
 
 def list_entries(directory: str) -> list[str]:

@@ -1,12 +1,12 @@
 """Storage: where a checkpoint's bytes live, behind one small interface.
 
 The writer, the reader, the manager and the CLI talk to a :class:`Backend`
-and the objects it hands out, never to files directly. One implementation
-today: POSIX file systems (``jaxckpt/posix.py``: rename + fsync). The calls
-are shaped so that an object store (S3, GCS: no rename, no fsync, no
-directories; atomic single-object PUT, conditional create, ranged GET,
-listing by prefix) implements them too: data objects named per attempt, the
-manifest PUT as the commit, ranged GETs for reads.
+and the objects it hands out, never to files directly. Two implementations:
+POSIX file systems (``jaxckpt/posix.py``: rename + fsync) and object stores
+(``jaxckpt/objstore.py`` over the clients of ``jaxckpt/objclient.py``: S3,
+GCS, Azure; no rename, no fsync, no directories, but an atomic single-object
+PUT, conditional create, ranged GET and listing by prefix): data objects
+named per attempt, the manifest PUT as the commit, ranged GETs for reads.
 
 Paths are :class:`Location` values: a scheme and a path, so that a URL is
 never mistaken for a local directory.
@@ -44,6 +44,12 @@ Reading (any process, any thread)::
     f.read_into(buf, offset, what); f.readv_into(bufs, offset, what); f.map(offset, length)
     f.close(); source.close()
 
+Single files, the foreign formats' (safetensors, MindSpore, flax msgpack)::
+
+    with backend.open_file(loc) as f:          # CheckpointNotFoundError if there is none
+        f.size; f.read_into(buf, offset, what); f.pread(n, offset); f.reader()
+    backend.write_file(loc, fill)              # fill(file object); atomic: the old file or the whole new one
+
 Managing a root, a directory of checkpoints ((P0) [T], except ``remove``: [S]
 after a commit)::
 
@@ -58,10 +64,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import io
 import os
 import re
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, BinaryIO, Callable, Iterable
 
 from jaxckpt.errors import UnsupportedLocationError
 
@@ -293,6 +300,87 @@ class Source(abc.ABC):
         pass
 
 
+# ----------------------------------------------------------------------------- single files
+class FileSource(abc.ABC):
+    """One whole file (object) opened for positioned reads: a foreign
+    checkpoint (safetensors, MindSpore, flax msgpack) at a path or a URL."""
+
+    where: str  # how messages name it: the path or the URL
+    size: int
+    read_ahead: int = 1 << 16  # bytes a reader walking small records should fetch at once
+
+    @abc.abstractmethod
+    def read_into(self, buf: memoryview, offset: int, what: str) -> None:
+        """Fill ``buf`` from ``offset``; ``CorruptCheckpointError`` naming ``what`` if the file ends first."""
+
+    def pread(self, n: int, offset: int) -> bytes:
+        """Up to ``n`` bytes from ``offset`` (fewer where the file ends)."""
+        n = max(0, min(n, self.size - offset))
+        buf = bytearray(n)
+        if n:
+            self.read_into(memoryview(buf), offset, self.where)
+        return bytes(buf)
+
+    def reader(self) -> BinaryIO:
+        """A buffered, seekable file object over the same bytes."""
+        return io.BufferedReader(_RawFile(self), max(self.read_ahead, io.DEFAULT_BUFFER_SIZE))
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "FileSource":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _RawFile(io.RawIOBase):
+    """``FileSource`` as a raw stream (what ``io.BufferedReader`` wraps)."""
+
+    def __init__(self, src: FileSource):
+        self.src, self.pos = src, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        view = memoryview(b).cast("B")
+        n = max(0, min(len(view), self.src.size - self.pos))
+        if n:
+            self.src.read_into(view[:n], self.pos, self.src.where)
+        self.pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self.pos, 2: self.src.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self.pos = base + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+def open_file(where: "str | os.PathLike | Location") -> FileSource:
+    """The single file (object) at a path or URL, for reading:
+    ``CheckpointNotFoundError`` if there is none."""
+    loc = Location.parse(where)
+    return backend(loc).open_file(loc)
+
+
+def write_file(where: "str | os.PathLike | Location", fill: Callable[[BinaryIO], None]) -> None:
+    """Create or replace the single file (object) at a path or URL with what
+    ``fill(f)`` writes to the seekable file object ``f``, atomically: a reader
+    sees the old file or the whole new one, and nothing if ``fill`` raises."""
+    loc = Location.parse(where)
+    backend(loc).write_file(loc, fill)
+
+
 # ----------------------------------------------------------------------------- the backend
 class Backend(abc.ABC):
     """One kind of storage; see the module docstring for the call order."""
@@ -337,6 +425,14 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def release_lock(self, root: Location, token: str) -> None: ...
+
+    @abc.abstractmethod
+    def open_file(self, loc: Location) -> FileSource:
+        """``loc`` as one file to read (see ``open_file``)."""
+
+    @abc.abstractmethod
+    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None]) -> None:
+        """``loc`` written as one file, atomically (see ``write_file``)."""
 
 
 _backends: dict[tuple, "Backend"] = {}

@@ -180,7 +180,7 @@ def test_what_a_format_cannot_hold_is_named(tmp_path):
 def test_unknown_formats_and_bad_arguments(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(interop.UnknownFormatError, match=r"notes.txt: not a checkpoint of a supported format "
-                                                          r"\(found a 5\+ byte file starting with b'hello'"):
+                                                          r"\(found a 5-byte file starting with b'hello'"):
         jaxckpt.load_checkpoint(tmp_path / "notes.txt")
     with pytest.raises(interop.UnknownFormatError, match="unknown format 'pickle'"):
         jaxckpt.load_checkpoint(tmp_path / "notes.txt", format="pickle")

@@ -1,0 +1,235 @@
+"""Foreign checkpoint files (safetensors, MindSpore, flax msgpack) in a bucket:
+read, inspected, converted and written at s3://, az:// and gs:// URLs exactly
+as at local paths, against real servers on 127.0.0.1 (moto, Azurite,
+fake-gcs-server). Objects are put and looked at with each store's own client,
+not jaxckpt's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import serialization
+
+import azservers
+import jaxckpt
+import objservers
+from jaxckpt import cli, fmt_safetensors
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+DATA = os.path.join(os.path.dirname(__file__), "data", "mindspore")
+with open(os.path.join(DATA, "expected.json")) as _f:
+    EXPECTED = json.load(_f)["files"]
+
+
+class Store:
+    """One bucket of one server: its URL, jaxckpt's storage_options, and the server's own client."""
+
+    def __init__(self, scheme: str, endpoint: str, name: str):
+        self.scheme, self.endpoint, self.name = scheme, endpoint, name
+        self.url = f"{scheme}://{name}"
+        if scheme == "s3":
+            objservers.make_bucket(endpoint, name)
+            self.options = {"endpoint": endpoint, "access_key_id": "testing", "secret_access_key": "testing",
+                            "region": "us-east-1"}
+            self._s3 = objservers.s3_client(endpoint)
+        elif scheme == "az":
+            azservers.make_container(endpoint, name)
+            at = endpoint + "/" + azservers.ACCOUNT if endpoint.count("/") == 2 else endpoint
+            self.options = {"account_name": azservers.ACCOUNT, "account_key": azservers.KEY, "endpoint": at}
+        else:
+            objservers.make_gcs_bucket(endpoint, name)
+            self.options = {"endpoint": endpoint, "anonymous": True}
+            self._gcs = objservers.gcs_client(endpoint).bucket(name)
+
+    def put(self, key: str, body: bytes) -> None:
+        if self.scheme == "s3":
+            self._s3.put_object(Bucket=self.name, Key=key, Body=body)
+        elif self.scheme == "az":
+            azservers.put_blob(self.endpoint, self.name, key, body)
+        else:
+            self._gcs.blob(key).upload_from_string(body)
+
+    def get(self, key: str) -> bytes:
+        if self.scheme == "s3":
+            return self._s3.get_object(Bucket=self.name, Key=key)["Body"].read()
+        if self.scheme == "az":
+            return azservers.get_blob(self.endpoint, self.name, key)
+        return self._gcs.blob(key).download_as_bytes()
+
+    def keys(self) -> list[str]:
+        if self.scheme == "s3":
+            return sorted(o["Key"] for o in self._s3.list_objects_v2(Bucket=self.name).get("Contents", []))
+        if self.scheme == "az":
+            return azservers.list_blobs(self.endpoint, self.name, "")
+        return sorted(b.name for b in self._gcs.list_blobs())
+
+    def environment(self) -> dict[str, str]:
+        """What a user sets to reach this server with no storage_options (the conftest pins AWS's keys)."""
+        if self.scheme == "s3":
+            return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ALLOW_HTTP": "true"}
+        if self.scheme == "az":
+            return azservers.env_for(self.options["endpoint"])
+        return {"STORAGE_EMULATOR_HOST": self.endpoint}
+
+
+@pytest.fixture(scope="module", params=["s3", "az", "gs"])
+def server(request, tmp_path_factory):
+    if request.param == "s3":
+        srv = objservers.start_moto()
+    elif request.param == "az":
+        srv = azservers.start_azurite(tmp_path_factory.mktemp("azurite"))
+    else:
+        srv = objservers.start_fake_gcs(tmp_path_factory.mktemp("gcs"))
+    yield request.param, srv.endpoint
+    srv.stop()
+
+
+_names = iter(range(10**6))
+
+
+@pytest.fixture
+def store(server) -> Store:
+    return Store(*server, f"foreign-{next(_names)}")
+
+
+def same(a, b) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def same_flat(a: dict, b: dict, ordered: bool = True) -> bool:
+    return (list(a) == list(b) if ordered else sorted(a) == sorted(b)) and all(same(a[k], b[k]) for k in a)
+
+
+def load_kwargs(name: str) -> dict:
+    kw = EXPECTED[name]["load_kwargs"]
+    return {"dec_key": bytes.fromhex(kw["dec_key"]), "dec_mode": kw["dec_mode"]} if "dec_key" in kw else {}
+
+
+def sample_tree() -> dict:
+    rng = np.random.default_rng(7)
+    return {"dense": {"kernel": rng.standard_normal((64, 32), dtype=np.float32),
+                      "bias": rng.standard_normal(32).astype(ml_dtypes.bfloat16)},
+            "mask": rng.integers(0, 2, (5, 3)).astype(bool), "step": np.int64(12),
+            "big": rng.standard_normal(9 << 20 >> 2, dtype=np.float32)}  # 9 MiB: several ranged GETs
+
+
+# ----------------------------------------------------------------------------- reading
+@pytest.mark.parametrize("name", ["net-1_6.ckpt", "crc.ckpt", "enc_gcm_blocks.ckpt", "enc_sm4.ckpt",
+                                  "sliced.ckpt", "net.safetensors"])
+def test_a_foreign_file_in_a_bucket_reads_as_the_local_one(store, name):
+    with open(os.path.join(DATA, name), "rb") as f:
+        store.put(f"models/{name}", f.read())
+    url, kw = f"{store.url}/models/{name}", load_kwargs(name)
+    local = jaxckpt.load_checkpoint(os.path.join(DATA, name), **kw)
+    assert same_flat(jaxckpt.load_checkpoint(url, storage_options=store.options, **kw), local)
+    info = jaxckpt.inspect(url, storage_options=store.options, **kw)
+    assert info.path == url and info.library == ("safetensors" if name.endswith(".safetensors") else "mindspore")
+    assert [(x.path, x.shape, x.dtype) for x in info.leaves] == \
+        [(x.path, x.shape, x.dtype) for x in jaxckpt.inspect(os.path.join(DATA, name), **kw).leaves]
+
+
+def test_safetensors_and_flax_files_restore_and_load_into_a_target(store, tmp_path):
+    tree = sample_tree()
+    flat = {"dense/kernel": tree["dense"]["kernel"], "dense/bias": tree["dense"]["bias"], "mask": tree["mask"],
+            "big": tree["big"]}
+    fmt_safetensors.write(tmp_path / "m.safetensors", flat)
+    store.put("hf/m.safetensors", (tmp_path / "m.safetensors").read_bytes())
+    store.put("flax/state.msgpack", serialization.to_bytes(tree))
+    got = jaxckpt.load_checkpoint(f"{store.url}/hf/m.safetensors", storage_options=store.options)
+    assert same_flat(got, jaxckpt.load_checkpoint(tmp_path / "m.safetensors"))
+    restored = jaxckpt.restore(f"{store.url}/flax/state.msgpack", storage_options=store.options)
+    assert jax.tree.structure(restored) == jax.tree.structure(tree)
+    assert all(same(a, b) for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(tree)))
+    target = {"dense": {"kernel": np.zeros((64, 32), np.float32), "bias": np.zeros(32, ml_dtypes.bfloat16)},
+              "mask": np.zeros((5, 3), bool), "big": np.zeros_like(tree["big"])}
+    filled, report = jaxckpt.load_into(target, f"{store.url}/hf/m.safetensors", storage_options=store.options)
+    assert not report.missing and not report.unexpected
+    assert same(filled["dense"]["kernel"], tree["dense"]["kernel"]) and same(filled["big"], tree["big"])
+
+
+# ----------------------------------------------------------------------------- converting and writing
+@pytest.mark.parametrize("to, suffix", [("safetensors", ".safetensors"), ("mindspore", ".ckpt")])
+def test_convert_writes_the_same_bytes_into_a_bucket_as_to_disk(store, tmp_path, to, suffix):
+    tree = sample_tree()
+    jaxckpt.save(tmp_path / "ck", tree)
+    jaxckpt.convert(tmp_path / "ck", tmp_path / f"out{suffix}", to=to)
+    jaxckpt.convert(tmp_path / "ck", f"{store.url}/exports/out{suffix}", to=to, storage_options=store.options)
+    assert store.get(f"exports/out{suffix}") == (tmp_path / f"out{suffix}").read_bytes()
+    assert store.keys() == [f"exports/out{suffix}"]  # no temporary object left behind
+
+
+def test_bucket_to_bucket_conversions_stream_between_formats(store, tmp_path):
+    with open(os.path.join(DATA, "sliced.ckpt"), "rb") as f:
+        store.put("ms/sliced.ckpt", f.read())
+    src = f"{store.url}/ms/sliced.ckpt"
+    jaxckpt.convert(src, f"{store.url}/hf/sliced.safetensors", to="safetensors", storage_options=store.options)
+    jaxckpt.convert(os.path.join(DATA, "sliced.ckpt"), tmp_path / "sliced.safetensors", to="safetensors")
+    assert store.get("hf/sliced.safetensors") == (tmp_path / "sliced.safetensors").read_bytes()
+    jaxckpt.convert(f"{store.url}/hf/sliced.safetensors", f"{store.url}/ck/sliced", storage_options=store.options)
+    back = jaxckpt.load_checkpoint(f"{store.url}/ck/sliced", storage_options=store.options)
+    assert same_flat(back, jaxckpt.load_checkpoint(os.path.join(DATA, "sliced.ckpt")))
+
+
+def test_a_failed_write_leaves_the_old_object_whole(store, tmp_path):
+    jaxckpt.save(tmp_path / "ck", {"w": np.arange(6, dtype=np.float32)})
+    url = f"{store.url}/out.safetensors"
+    jaxckpt.convert(tmp_path / "ck", url, to="safetensors", storage_options=store.options)
+    before = store.get("out.safetensors")
+    jaxckpt.save(tmp_path / "ck2", {"w": np.ones(3, np.float32), "k": jax.random.key(0)})
+    with pytest.raises(jaxckpt.UnsupportedValueError, match="'k': a PRNG key cannot be carried into safetensors"):
+        jaxckpt.convert(tmp_path / "ck2", url, to="safetensors", storage_options=store.options)
+    layout = [("a", "float32", (4,)), ("b", "float32", (2,))]
+    with pytest.raises(jaxckpt.UnsupportedValueError, match=r"tensors never given: \['b'\]"):
+        fmt_safetensors.write_streamed(jaxckpt.storage.Location.parse(url, store.options), layout,
+                                       [("a", np.zeros(4, np.float32))])
+    assert store.get("out.safetensors") == before and store.keys() == ["out.safetensors"]
+
+
+# ----------------------------------------------------------------------------- errors and the CLI
+def test_errors_name_the_url(store):
+    opts = store.options
+    store.put("notes.txt", b"hello")
+    with pytest.raises(jaxckpt.UnsupportedValueError, match=rf"^{store.url}/notes.txt: not a checkpoint of a "
+                                                            r"supported format \(found a 5-byte file"):
+        jaxckpt.load_checkpoint(f"{store.url}/notes.txt", storage_options=opts)
+    with open(os.path.join(DATA, "net.safetensors"), "rb") as f:
+        store.put("cut.safetensors", f.read()[:-10])
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=rf"^{store.url}/cut.safetensors: "):
+        jaxckpt.load_checkpoint(f"{store.url}/cut.safetensors", storage_options=opts)
+    with pytest.raises(jaxckpt.CheckpointNotFoundError, match=rf"^{store.url}/none.ckpt: no such object$"):
+        jaxckpt.load_checkpoint(f"{store.url}/none.ckpt", format="mindspore", storage_options=opts)
+    with open(os.path.join(DATA, "enc_gcm.ckpt"), "rb") as f:
+        store.put("enc.ckpt", f.read())
+    with pytest.raises(jaxckpt.DecryptionError, match=rf"^{store.url}/enc.ckpt: "):
+        jaxckpt.load_checkpoint(f"{store.url}/enc.ckpt", storage_options=opts)
+    keys = store.keys()
+    with pytest.raises(jaxckpt.UnsupportedLocationError, match=rf"^{store.url}/orbax: orbax checkpoints are read "
+                                                               "and written in local directories only"):
+        jaxckpt.convert(os.path.join(DATA, "net-1_6.ckpt"), f"{store.url}/orbax", to="orbax", storage_options=opts)
+    with pytest.raises(jaxckpt.CheckpointError, match="a file needs a name inside the bucket"):
+        jaxckpt.convert(os.path.join(DATA, "net-1_6.ckpt"), f"{store.url}/", to="mindspore", storage_options=opts)
+    assert store.keys() == keys  # nothing written by the refused calls
+
+
+def test_the_cli_converts_and_shows_foreign_files_in_a_bucket(store, monkeypatch, capsys, tmp_path):
+    for k, v in store.environment().items():
+        monkeypatch.setenv(k, v)
+    shutil.copy(os.path.join(DATA, "net-1_6.ckpt"), tmp_path / "net.ckpt")
+    assert cli.main(["convert", "--no-progress", str(tmp_path / "net.ckpt"), f"{store.url}/net.safetensors",
+                     "--to", "safetensors"]) == 0
+    capsys.readouterr()
+    assert cli.main(["show", f"{store.url}/net.safetensors"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{store.url}/net.safetensors\n") and "dense.weight" in out
+    assert cli.main(["convert", "--no-progress", f"{store.url}/net.safetensors", str(tmp_path / "back.ckpt"),
+                     "--to", "mindspore"]) == 0
+    back = jaxckpt.load_checkpoint(tmp_path / "back.ckpt")
+    assert same_flat(back, jaxckpt.load_checkpoint(tmp_path / "net.ckpt"), ordered=False)  # safetensors sorts
