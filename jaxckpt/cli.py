@@ -431,7 +431,8 @@ def _add_convert(sub: Any) -> None:
     formats = ("jaxckpt", "orbax", "flax", "mindspore", "safetensors")
     p = sub.add_parser("convert", help="convert a checkpoint between jaxckpt, orbax, flax, MindSpore and safetensors",
                        description="Read SRC (any supported format, detected unless --from is given) and write it "
-                                   "as a new checkpoint DST in the format --to (default jaxckpt).")
+                                   "as a new checkpoint DST in the format --to (default jaxckpt). Either may be a "
+                                   "local path or an s3://, gs:// or az:// URL (orbax: local directories only).")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     _key_option(p)

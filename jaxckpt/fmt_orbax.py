@@ -46,6 +46,7 @@ INSTALL = "pip install 'jaxckpt[orbax]'"
 ITER_BATCH_BYTES = 256 << 20
 
 _STEP_META, _TREE_META, _TMP_MARK = "_CHECKPOINT_METADATA", "_METADATA", ".orbax-checkpoint-tmp"
+MARKERS = (_STEP_META, _TREE_META, "manifest.ocdbt")  # files of which one is in every step or item directory
 _STEP_NAME = re.compile(r"^(?:.*_)?(\d+)$")
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 

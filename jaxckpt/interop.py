@@ -74,8 +74,29 @@ def detect(path: str | os.PathLike) -> str:
     except CheckpointNotFoundError:
         if loc.is_local:
             raise
+        _refuse_orbax_in_bucket(be, loc)
         return "jaxckpt"  # a prefix, not an object: jaxckpt's reader says what is missing
     return _sniffed(str(loc), size, head)
+
+
+_COPY_DOWN = {"gs": "gcloud storage cp -r gs://{} .", "s3": "aws s3 cp --recursive s3://{} ./ck",
+              "az": "azcopy copy --recursive https://<account>.blob.core.windows.net/{} ."}
+
+
+def _orbax_is_local(loc: Any) -> str:
+    return (f"orbax checkpoints are read and written in local directories only; copy it to a local directory "
+            f"first (e.g. {_COPY_DOWN[loc.scheme].format(loc.path)})")
+
+
+def _refuse_orbax_in_bucket(be: Any, loc: Any) -> None:
+    """``UnsupportedLocationError`` if the prefix ``loc`` holds one of an orbax step's or item's files."""
+    for name in _module("orbax").MARKERS:
+        try:
+            be.open_file(loc.join(name)).close()
+        except CheckpointNotFoundError:
+            continue
+        raise UnsupportedLocationError(f"{loc}: an orbax checkpoint ({name} is there): {_orbax_is_local(loc)}, "
+                                       "then restore or convert that directory")
 
 
 def _sniffed(where: str, size: int, head: bytes) -> str:
@@ -106,8 +127,7 @@ def _where(path: Any, fmt_name: str, options: dict | None = None) -> Any:
     if fmt_name != "orbax":
         return loc
     if not loc.is_local:
-        raise UnsupportedLocationError(f"{loc}: orbax checkpoints are read and written in local directories only; "
-                                       f"copy it to a local directory first (e.g. gcloud storage cp -r {loc} .)")
+        raise UnsupportedLocationError(f"{loc}: {_orbax_is_local(loc)}")
     return loc.path
 
 

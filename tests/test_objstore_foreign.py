@@ -233,3 +233,25 @@ def test_the_cli_converts_and_shows_foreign_files_in_a_bucket(store, monkeypatch
                      "--to", "mindspore"]) == 0
     back = jaxckpt.load_checkpoint(tmp_path / "back.ckpt")
     assert same_flat(back, jaxckpt.load_checkpoint(tmp_path / "net.ckpt"), ordered=False)  # safetensors sorts
+
+
+def test_an_orbax_checkpoint_in_a_bucket_is_refused_with_what_to_do(store, tmp_path):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "orbax") as mgr:
+        mgr.save(100, args=ocp.args.StandardSave({"w": np.arange(8.0)}))
+    root = tmp_path / "orbax"
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            store.put(f"run/{p.relative_to(root)}", p.read_bytes())
+    url = f"{store.url}/run/100"
+    with pytest.raises(jaxckpt.UnsupportedLocationError) as e:
+        jaxckpt.restore(url, storage_options=store.options)
+    copy = {"s3": f"aws s3 cp --recursive {url} ./ck", "gs": f"gcloud storage cp -r {url} .",
+            "az": f"azcopy copy --recursive https://<account>.blob.core.windows.net/{url[5:]} ."}[store.scheme]
+    assert str(e.value) == (f"{url}: an orbax checkpoint (_CHECKPOINT_METADATA is there): orbax checkpoints are "
+                            f"read and written in local directories only; copy it to a local directory first "
+                            f"(e.g. {copy}), then restore or convert that directory")
+    with pytest.raises(jaxckpt.UnsupportedLocationError, match=r"an orbax checkpoint \(_METADATA is there\)"):
+        jaxckpt.inspect(f"{url}/default", storage_options=store.options)
+    assert same(jaxckpt.restore(root / "100")["w"], np.arange(8.0))  # the local copy reads
