@@ -38,6 +38,7 @@ PyTorch's ``Float4_e2m1fn_x2``) is unpacked to ml_dtypes' one-byte-per-element
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -46,7 +47,7 @@ from typing import Any, NamedTuple
 import ml_dtypes
 import numpy as np
 
-from jaxckpt import storage
+from jaxckpt import prefetch, storage
 from jaxckpt.errors import CorruptCheckpointError, UnsupportedValueError
 
 NAME = "safetensors"
@@ -134,12 +135,15 @@ def describe(path: Any) -> tuple[list[tuple[str, str, tuple[int, ...], int]], di
 
 
 def iter_tensors(path: Any) -> Iterator[tuple[str, np.ndarray]]:
-    """``(name, array)`` in file order, one tensor in memory at a time; each array
-    is freshly allocated (not a view of the file)."""
+    """``(name, array)`` in file order; each array is freshly allocated (not a
+    view of the file). From a bucket the next tensors are read ahead while the
+    caller holds one (``prefetch.ordered``, 64 MiB at most); from a disk one
+    tensor is in memory at a time."""
     with storage.open_file(path) as src:
         tensors, _ = read_header(src)
-        for t in tensors:
-            yield t.name, _load(src, t)
+        loads = ((t.nbytes, functools.partial(_load, src, t)) for t in tensors)
+        for t, array in zip(tensors, prefetch.ordered(loads, src.prefetch_bytes)):
+            yield t.name, array
 
 
 def read(path: Any) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ PKG = pathlib.Path(__file__).resolve().parent.parent / "jaxckpt"
 # Lowest first. A module may import modules of its own layer or of layers below.
 LAYERS: list[set[str]] = [
     {"errors", "version", "config", "gcpause", "arrayinfo", "display", "libc", "procs", "memory", "progress",
-     "multihost"},
+     "multihost", "prefetch"},
     {"tree"},                                          # pytree flattening
     {"snapshot", "hostcopy", "accelcopy"},             # device -> host
     {"format", "crypto"},                              # manifest <-> bytes, pure; encryption
