@@ -423,8 +423,12 @@ class ObjectBackend(storage.Backend):
             raise CheckpointError(f"{loc}: a file needs a name inside the bucket (e.g. "
                                   f"{loc.join('model.safetensors')})")
         with tempfile.TemporaryFile(prefix="jaxckpt-upload-") as f:
-            fill(f)
-            f.flush()
+            try:
+                fill(f)
+                f.flush()
+            except OSError as e:
+                raise CheckpointError(f"{loc}: staging the upload in a temporary file in {tempfile.gettempdir()} "
+                                      f"failed: {e} (set TMPDIR to a disk with room for the whole file)") from e
             size = f.seek(0, os.SEEK_END)
             f.seek(0)
             if size == 0:

@@ -18,7 +18,7 @@ import threading
 from typing import Callable, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
-_THREADS = 8
+_THREADS = 16
 _pool: concurrent.futures.ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 

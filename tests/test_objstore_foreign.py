@@ -255,3 +255,39 @@ def test_an_orbax_checkpoint_in_a_bucket_is_refused_with_what_to_do(store, tmp_p
     with pytest.raises(jaxckpt.UnsupportedLocationError, match=r"an orbax checkpoint \(_METADATA is there\)"):
         jaxckpt.inspect(f"{url}/default", storage_options=store.options)
     assert same(jaxckpt.restore(root / "100")["w"], np.arange(8.0))  # the local copy reads
+
+
+def test_a_full_staging_disk_is_named_with_the_fix(store, tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    real = tempfile.TemporaryFile
+
+    class Full:
+        """A temporary file on a disk that fills up after 1 KiB."""
+
+        def __init__(self, *a, **kw):
+            self.f, self.n = real(*a, **kw), 0
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 1024:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", Full)
+    with pytest.raises(jaxckpt.CheckpointError, match=rf"^{store.url}/big.safetensors: staging the upload in a "
+                       rf"temporary file in {tempfile.gettempdir()} failed: \[Errno 28\] No space left on device "
+                       r"\(set TMPDIR to a disk with room for the whole file\)$"):
+        fmt_safetensors.write(jaxckpt.storage.Location.parse(f"{store.url}/big.safetensors", store.options),
+                              {"w": np.zeros(4096, np.float32)})
+    assert store.keys() == []
