@@ -13,6 +13,7 @@ formats allow it (MindSpore and safetensors sources and destinations).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
@@ -23,6 +24,7 @@ from jaxckpt import arrayinfo
 from jaxckpt import checkpointer
 from jaxckpt import crypto
 from jaxckpt import display
+from jaxckpt import localcopy
 from jaxckpt import progress as progress_mod
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
@@ -74,29 +76,44 @@ def detect(path: str | os.PathLike) -> str:
     except CheckpointNotFoundError:
         if loc.is_local:
             raise
-        _refuse_orbax_in_bucket(be, loc)
-        return "jaxckpt"  # a prefix, not an object: jaxckpt's reader says what is missing
+        return "orbax" if _has_orbax_files(be, loc) else "jaxckpt"  # else jaxckpt's reader says what is missing
     return _sniffed(str(loc), size, head)
 
 
-_COPY_DOWN = {"gs": "gcloud storage cp -r gs://{} .", "s3": "aws s3 cp --recursive s3://{} ./ck",
-              "az": "azcopy copy --recursive https://<account>.blob.core.windows.net/{} ."}
-
-
-def _orbax_is_local(loc: Any) -> str:
-    return (f"orbax checkpoints are read and written in local directories only; copy it to a local directory "
-            f"first (e.g. {_COPY_DOWN[loc.scheme].format(loc.path)})")
-
-
-def _refuse_orbax_in_bucket(be: Any, loc: Any) -> None:
-    """``UnsupportedLocationError`` if the prefix ``loc`` holds one of an orbax step's or item's files."""
+def _has_orbax_files(be: Any, loc: Any) -> bool:
+    """Whether the prefix ``loc`` holds one of the files of an orbax step or item (a HEAD each)."""
     for name in _module("orbax").MARKERS:
         try:
             be.open_file(loc.join(name)).close()
+            return True
         except CheckpointNotFoundError:
             continue
-        raise UnsupportedLocationError(f"{loc}: an orbax checkpoint ({name} is there): {_orbax_is_local(loc)}, "
-                                       "then restore or convert that directory")
+    return False
+
+
+def _orbax_in_bucket(path: Any, fmt_name: str, options: dict | None) -> Any:
+    """The location of an orbax checkpoint in a bucket, which is read through a
+    local copy (``localcopy``: orbax reads local directories); else None."""
+    if fmt_name != "orbax":
+        return None
+    loc = storage.Location.parse(path, options)
+    return None if loc.is_local else loc
+
+
+@contextlib.contextmanager
+def _readable(path: Any, fmt_name: str, options: dict | None) -> Iterator[Any]:
+    """Where a foreign checkpoint is read from: its ``Location`` (a single file),
+    its local directory (orbax), or a local copy of an orbax checkpoint in a bucket."""
+    loc = _orbax_in_bucket(path, fmt_name, options)
+    if loc is None:
+        yield _where(path, fmt_name, options)
+        return
+    with localcopy.copied(loc) as local:
+        yield local
+
+
+_COPY_UP = {"gs": "gcloud storage cp -r ./ck gs://{}", "s3": "aws s3 cp --recursive ./ck s3://{}",
+            "az": "azcopy copy --recursive ./ck https://<account>.blob.core.windows.net/{}"}
 
 
 def _sniffed(where: str, size: int, head: bytes) -> str:
@@ -127,7 +144,8 @@ def _where(path: Any, fmt_name: str, options: dict | None = None) -> Any:
     if fmt_name != "orbax":
         return loc
     if not loc.is_local:
-        raise UnsupportedLocationError(f"{loc}: {_orbax_is_local(loc)}")
+        raise UnsupportedLocationError(f"{loc}: orbax checkpoints are written to local directories only; write it "
+                                       f"to one, then copy it up (e.g. {_COPY_UP[loc.scheme].format(loc.path)})")
     return loc.path
 
 
@@ -157,8 +175,8 @@ def load_checkpoint(path: str | os.PathLike, *, format: str | None = None, dec_k
     if fmt_name == "jaxckpt":
         return api.load_checkpoint(path, verify=verify, progress=progress, mmap=mmap,
                                    storage_options=storage_options, encryption_key=encryption_key)
-    where = _where(path, fmt_name, storage_options)
-    return _module(fmt_name).read(where, **_decryption(fmt_name, dec_key, dec_mode))
+    with _readable(path, fmt_name, storage_options) as where:
+        return _module(fmt_name).read(where, **_decryption(fmt_name, dec_key, dec_mode))
 
 
 def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: bytes | None = None,
@@ -171,13 +189,13 @@ def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: byte
                           format)
     if fmt_name == "jaxckpt":
         return api.inspect(path, storage_options=storage_options, encryption_key=encryption_key)
-    p = _where(path, fmt_name, storage_options)
-    m = _module(fmt_name)
-    found = m.describe(p, **_decryption(fmt_name, dec_key, dec_mode))
+    with _readable(path, fmt_name, storage_options) as where:
+        found = _module(fmt_name).describe(where, **_decryption(fmt_name, dec_key, dec_mode))
     rows, extra = (found, {}) if fmt_name == "mindspore" else found
     leaves = tuple(api.LeafInfo(name, "array", tuple(shape), str(dtype), int(nbytes))
                    for name, dtype, shape, nbytes in rows)
-    return api.CheckpointInfo(str(p), None, fmt_name, None, extra or None, sum(x.nbytes for x in leaves), leaves)
+    return api.CheckpointInfo(str(storage.Location.parse(path)), None, fmt_name, None, extra or None,
+                              sum(x.nbytes for x in leaves), leaves)
 
 
 def restore(path: str | os.PathLike, target: Any = None, *, format: str | None = None, partial: bool = False,
@@ -195,13 +213,13 @@ def restore(path: str | os.PathLike, target: Any = None, *, format: str | None =
     if fmt_name not in ("orbax", "flax"):
         raise UnsupportedValueError(f"{path}: restore() reads jaxckpt, orbax and flax checkpoints; for a "
                                     f"{fmt_name} file use load_checkpoint() or load_into()")
-    p = _where(path, fmt_name, storage_options)
-    if target is None:
-        return _nested(_module(fmt_name).read(p))
-    if fmt_name == "orbax" and not partial:
-        return _module("orbax").read(p, target=target)
-    filled, _ = load_into(target, _module(fmt_name).read(p), strict=not partial)
-    return filled
+    with _readable(path, fmt_name, storage_options) as p:
+        if target is None:
+            return _nested(_module(fmt_name).read(p))
+        if fmt_name == "orbax" and not partial:
+            return _module("orbax").read(p, target=target)
+        filled, _ = load_into(target, _module(fmt_name).read(p), strict=not partial)
+        return filled
 
 
 def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, strict: bool = True,
@@ -275,16 +293,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
     jaxckpt ``dst`` (encrypted with it); ``new_encryption_key``: encrypt a
     jaxckpt ``dst`` with this key instead (key rotation: nothing is written
     in plaintext)."""
-    if to not in EXPORTS:
-        raise UnknownFormatError(f"cannot convert to {to!r} (supported: {', '.join(EXPORTS)})")
+    dst_key = _destination_key(to, enc_key, encryption_key, new_encryption_key)
     src_fmt = _format_of(src if storage_options is None else storage.Location.parse(src, storage_options), format)
-    if enc_key is not None and to != "mindspore":
-        raise UnsupportedValueError("enc_key encrypts MindSpore destinations only")
-    dst_key = encryption_key if new_encryption_key is None else new_encryption_key
-    if dst_key is not None and to != "jaxckpt":
-        raise UnsupportedValueError(f"encryption_key / new_encryption_key encrypt jaxckpt destinations; {to} "
-                                    "files are written in plaintext (MindSpore: enc_key=)")
     out = _where(dst, to, storage_options)  # an orbax URL is refused before anything is read
+    if (bucket := _orbax_in_bucket(src, src_fmt, storage_options)) is not None:
+        with localcopy.copied(bucket) as local:  # one local copy serves the whole conversion
+            return convert(local, dst, to=to, format="orbax", enc_key=enc_key, enc_mode=enc_mode, progress=progress,
+                           storage_options=storage_options, new_encryption_key=dst_key)
     items = _source_items(src, src_fmt, dec_key, dec_mode, storage_options, encryption_key)
     with progress_mod.progress_bar(f"convert {src} -> {dst}",
                                    _total_bytes(src, src_fmt, storage_options, encryption_key),
@@ -307,6 +322,19 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
         else:
             checkpointer.save_sync(dst, _nested(dict(items)), storage_options=storage_options,
                                    encryption_key=dst_key)
+
+
+def _destination_key(to: str, enc_key: Any, encryption_key: Any, new_encryption_key: Any) -> Any:
+    """The key a jaxckpt destination is encrypted with; the arguments checked against ``to``."""
+    if to not in EXPORTS:
+        raise UnknownFormatError(f"cannot convert to {to!r} (supported: {', '.join(EXPORTS)})")
+    if enc_key is not None and to != "mindspore":
+        raise UnsupportedValueError("enc_key encrypts MindSpore destinations only")
+    dst_key = encryption_key if new_encryption_key is None else new_encryption_key
+    if dst_key is not None and to != "jaxckpt":
+        raise UnsupportedValueError(f"encryption_key / new_encryption_key encrypt jaxckpt destinations; {to} "
+                                    "files are written in plaintext (MindSpore: enc_key=)")
+    return dst_key
 
 
 def _total_bytes(src: Any, src_fmt: str, storage_options: dict | None, encryption_key: Any) -> int:

@@ -435,3 +435,8 @@ class ObjectBackend(storage.Backend):
                 self.client.put(key, b"")
             else:
                 self.client.put_stream(key, _file_chunks(f, size), size)
+
+    def list_files(self, loc: Location) -> list[tuple[str, int]]:
+        prefix = key_of(loc).rstrip("/")
+        start = len(prefix) + 1 if prefix else 0
+        return sorted((o.key[start:], o.size) for o in self.client.list(prefix + "/" if prefix else ""))

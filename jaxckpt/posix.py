@@ -209,5 +209,14 @@ class PosixBackend(storage.Backend):
     def write_file(self, loc: Location, fill: Callable[[BinaryIO], None]) -> None:
         posixfs.write_atomic(loc.path, fill)
 
+    def list_files(self, loc: Location) -> list[tuple[str, int]]:
+        found = []
+        for top, _, files in os.walk(loc.path):  # links to directories are not followed
+            for name in files:
+                st = os.lstat(os.path.join(top, name))
+                if stat.S_ISREG(st.st_mode):
+                    found.append((os.path.relpath(os.path.join(top, name), loc.path).replace(os.sep, "/"), st.st_size))
+        return sorted(found)
+
 
 BACKEND = PosixBackend()

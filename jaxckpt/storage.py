@@ -49,6 +49,7 @@ Single files, the foreign formats' (safetensors, MindSpore, flax msgpack)::
     with backend.open_file(loc) as f:          # CheckpointNotFoundError if there is none
         f.size; f.read_into(buf, offset, what); f.pread(n, offset); f.reader()
     backend.write_file(loc, fill)              # fill(file object); atomic: the old file or the whole new one
+    backend.list_files(loc)                    # (relative path, size) of every file under a directory (prefix)
 
 Managing a root, a directory of checkpoints ((P0) [T], except ``remove``: [S]
 after a commit)::
@@ -437,6 +438,11 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def write_file(self, loc: Location, fill: Callable[[BinaryIO], None]) -> None:
         """``loc`` written as one file, atomically (see ``write_file``)."""
+
+    @abc.abstractmethod
+    def list_files(self, loc: Location) -> list[tuple[str, int]]:
+        """Every file under the directory (prefix) ``loc``, at any depth: its path
+        relative to ``loc`` (``/``-separated, as stored: not checked) and size."""
 
 
 _backends: dict[tuple, "Backend"] = {}

@@ -22,7 +22,7 @@ LAYERS: list[set[str]] = [
      "objclient", "objstore", "objlock", "obstoreclient", "s3client", "azclient", "awsprofile", "gcsclient", "gcsread",
      "gcsupload"},  # bytes <-> files (objects), the commit
     {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
-    {"layout", "manifests", "writer", "readplan", "reader", "placement"},  # thread pools; host -> device
+    {"layout", "manifests", "writer", "readplan", "reader", "placement", "localcopy"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
     {"interop"},                                       # every format behind the public functions, convert
     {"policies", "steps", "saving", "preemption", "manager", "interval", "dataiter"},  # when to save, what to keep

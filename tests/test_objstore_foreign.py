@@ -235,26 +235,83 @@ def test_the_cli_converts_and_shows_foreign_files_in_a_bucket(store, monkeypatch
     assert same_flat(back, jaxckpt.load_checkpoint(tmp_path / "net.ckpt"), ordered=False)  # safetensors sorts
 
 
-def test_an_orbax_checkpoint_in_a_bucket_is_refused_with_what_to_do(store, tmp_path):
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(tmp_path / "orbax") as mgr:
-        mgr.save(100, args=ocp.args.StandardSave({"w": np.arange(8.0)}))
-    root = tmp_path / "orbax"
+def upload_tree(store: Store, root, prefix: str) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
-            store.put(f"run/{p.relative_to(root)}", p.read_bytes())
-    url = f"{store.url}/run/100"
+            store.put(f"{prefix}/{p.relative_to(root).as_posix()}", p.read_bytes())
+
+
+def orbax_state():
+    rng = np.random.default_rng(3)
+    return {"params": {"w": rng.standard_normal((16, 8), dtype=np.float32),
+                       "b": rng.standard_normal(8).astype(ml_dtypes.bfloat16)},
+            "step": np.int64(100), "big": rng.standard_normal(5 << 20 >> 2, dtype=np.float32)}
+
+
+def test_an_orbax_checkpoint_in_a_bucket_reads_through_a_local_copy(store, tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    state = orbax_state()
+    with ocp.CheckpointManager(tmp_path / "orbax") as mgr:
+        mgr.save(100, args=ocp.args.StandardSave(state))
+    upload_tree(store, tmp_path / "orbax", "run")
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)  # TMPDIR is read again
+    url, opts = f"{store.url}/run/100", store.options
+    local = jaxckpt.restore(tmp_path / "orbax" / "100")
+    got = jaxckpt.restore(url, storage_options=opts)
+    assert jax.tree.structure(got) == jax.tree.structure(local)
+    assert all(same(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(local)))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("x",))
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), state)
+    target["params"]["w"] = jax.ShapeDtypeStruct((16, 8), np.float32, sharding=shard)
+    into = jaxckpt.restore(url, target, storage_options=opts)
+    assert into["params"]["w"].sharding == shard and same(into["params"]["w"], state["params"]["w"])
+    info = jaxckpt.inspect(url, storage_options=opts)
+    assert info.path == url and info.library == "orbax" and info.total_bytes == local_bytes(local)
+    jaxckpt.convert(url, f"{store.url}/jaxckpt/100", storage_options=opts)
+    back = jaxckpt.restore(f"{store.url}/jaxckpt/100", storage_options=opts)
+    assert all(same(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(local)))
+    assert os.listdir(tmp_path / "tmp") == []  # every local copy removed
     with pytest.raises(jaxckpt.UnsupportedLocationError) as e:
-        jaxckpt.restore(url, storage_options=store.options)
-    copy = {"s3": f"aws s3 cp --recursive {url} ./ck", "gs": f"gcloud storage cp -r {url} .",
-            "az": f"azcopy copy --recursive https://<account>.blob.core.windows.net/{url[5:]} ."}[store.scheme]
-    assert str(e.value) == (f"{url}: an orbax checkpoint (_CHECKPOINT_METADATA is there): orbax checkpoints are "
-                            f"read and written in local directories only; copy it to a local directory first "
-                            f"(e.g. {copy}), then restore or convert that directory")
-    with pytest.raises(jaxckpt.UnsupportedLocationError, match=r"an orbax checkpoint \(_METADATA is there\)"):
-        jaxckpt.inspect(f"{url}/default", storage_options=store.options)
-    assert same(jaxckpt.restore(root / "100")["w"], np.arange(8.0))  # the local copy reads
+        jaxckpt.convert(tmp_path / "orbax" / "100", f"{store.url}/out", to="orbax", storage_options=opts)
+    up = {"s3": "aws s3 cp --recursive ./ck s3://", "gs": "gcloud storage cp -r ./ck gs://",
+          "az": "azcopy copy --recursive ./ck https://<account>.blob.core.windows.net/"}[store.scheme]
+    assert str(e.value) == (f"{store.url}/out: orbax checkpoints are written to local directories only; write it "
+                            f"to one, then copy it up (e.g. {up}{store.name}/out)")
+
+
+def local_bytes(tree) -> int:
+    return sum(np.asarray(x).nbytes for x in jax.tree.leaves(tree))
+
+
+def test_a_bucket_copy_names_the_bucket_in_errors_and_checks_the_disk_first(store, tmp_path, monkeypatch):
+    from jaxckpt import localcopy
+
+    store.put("notorbax/_CHECKPOINT_METADATA", b"{}")
+    store.put("notorbax/readme.txt", b"hello")
+    with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
+        jaxckpt.restore(f"{store.url}/notorbax", storage_options=store.options)
+    message = str(e.value)
+    assert message.startswith(f"{store.url}/notorbax is not an orbax checkpoint") and "jaxckpt-copy" not in message
+    monkeypatch.setattr(localcopy.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 9, 1))
+    with pytest.raises(jaxckpt.CheckpointError, match=rf"^{store.url}/notorbax: a local copy needs 7 bytes in "
+                                                      r".*, 1 are free \(set TMPDIR to a disk with room for it\)$"):
+        jaxckpt.restore(f"{store.url}/notorbax", storage_options=store.options)
+
+
+def test_object_names_that_would_leave_a_local_copy_are_refused():
+    from jaxckpt import localcopy
+
+    loc = jaxckpt.storage.Location.parse("gs://bucket/run/100")
+    assert localcopy.check_name(loc, "default/ocdbt.process_0/d/abc") == ["default", "ocdbt.process_0", "d", "abc"]
+    for bad in ("../escape", "a/../../escape", "a//b", "./a", "a/", "a\0b"):
+        with pytest.raises(jaxckpt.CorruptCheckpointError, match=r"^gs://bucket/run/100/.*: an object name that "
+                                                                 "cannot be a local path"):
+            localcopy.check_name(loc, bad)
 
 
 def test_a_full_staging_disk_is_named_with_the_fix(store, tmp_path, monkeypatch):
