@@ -92,6 +92,8 @@ class ObstoreClient(objclient.ObjectClient):
         if "Error performing token request" in text:
             return StorageAccessError(f"{where}: could not obtain credentials from {self.credentials} "
                                       f"while trying to {what}: {first_line(text)}")
+        if "invalid path" in text:  # an object name the client cannot hold (an empty or '..' segment): no retry
+            return StorageError(f"{where}: could not {what}: {first_line(text)}")
         return StorageError(f"{where}: could not {what} (after retries): {first_line(text)}")
 
     def _call(self, what: str, key: str, fn, *args, **kwargs):

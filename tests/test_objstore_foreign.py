@@ -211,8 +211,8 @@ def test_errors_name_the_url(store):
     with pytest.raises(jaxckpt.DecryptionError, match=rf"^{store.url}/enc.ckpt: "):
         jaxckpt.load_checkpoint(f"{store.url}/enc.ckpt", storage_options=opts)
     keys = store.keys()
-    with pytest.raises(jaxckpt.UnsupportedLocationError, match=rf"^{store.url}/orbax: orbax checkpoints are read "
-                                                               "and written in local directories only"):
+    with pytest.raises(jaxckpt.UnsupportedLocationError, match=rf"^{store.url}/orbax: orbax checkpoints are "
+                                                               "written to local directories only"):
         jaxckpt.convert(os.path.join(DATA, "net-1_6.ckpt"), f"{store.url}/orbax", to="orbax", storage_options=opts)
     with pytest.raises(jaxckpt.CheckpointError, match="a file needs a name inside the bucket"):
         jaxckpt.convert(os.path.join(DATA, "net-1_6.ckpt"), f"{store.url}/", to="mindspore", storage_options=opts)
@@ -301,6 +301,21 @@ def test_a_bucket_copy_names_the_bucket_in_errors_and_checks_the_disk_first(stor
     with pytest.raises(jaxckpt.CheckpointError, match=rf"^{store.url}/notorbax: a local copy needs 7 bytes in "
                                                       r".*, 1 are free \(set TMPDIR to a disk with room for it\)$"):
         jaxckpt.restore(f"{store.url}/notorbax", storage_options=store.options)
+
+
+def test_an_object_name_a_local_copy_cannot_hold_fails_cleanly(store, tmp_path):
+    store.put("odd/_CHECKPOINT_METADATA", b"{}")
+    store.put("odd/a//b", b"x")
+    with pytest.raises(jaxckpt.CheckpointError) as e:
+        jaxckpt.restore(f"{store.url}/odd", storage_options=store.options)
+    if store.scheme == "gs":  # fake-gcs-server stores the name as odd/a/b: the copy holds it, orbax finds no item
+        assert store.keys() == ["odd/_CHECKPOINT_METADATA", "odd/a/b"]
+        assert type(e.value) is jaxckpt.CheckpointNotFoundError
+        assert str(e.value) == f"{store.url}/odd is not an orbax checkpoint (no _METADATA, OCDBT or zarr item found)"
+    else:  # obstore cannot hold an empty path segment: the listing fails, at once, naming it
+        assert store.keys() == ["odd/_CHECKPOINT_METADATA", "odd/a//b"] and type(e.value) is jaxckpt.StorageError
+        assert str(e.value) == (f"{store.url}/odd/: could not list: Encountered object with invalid path: "
+                                'Path "odd/a//b" contained empty path segment')
 
 
 def test_object_names_that_would_leave_a_local_copy_are_refused():
