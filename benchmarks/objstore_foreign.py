@@ -123,12 +123,51 @@ def run_rounds(srv, local: str, flat: dict, rounds: int) -> dict:
                                                                to="safetensors", storage_options=opts)))
     if alone.get("out.safetensors", size).tobytes() != data:
         raise SystemExit("the converted object differs from the local file")
+    t.update(run_orbax_rounds(srv, opts, alone, os.path.dirname(local), flat, rounds))
     ratio = lambda a, b: statistics.median(x / y for x, y in zip(t[a], t[b]))  # noqa: E731
+    orbax_bytes = t.pop("orbax_bytes")
     return {"bytes": size, "tensors": len(flat), "times_s": t,
             "medians_s": {k: statistics.median(v) for k, v in t.items()},
             "read_vs_client": ratio("jaxckpt_read", "client_get"),
             "read_vs_local": ratio("jaxckpt_read", "local_read"),
-            "write_vs_client": ratio("jaxckpt_write", "client_put")}
+            "write_vs_client": ratio("jaxckpt_write", "client_put"), "orbax_bytes": orbax_bytes,
+            "orbax_vs_client": ratio("jaxckpt_orbax", "client_orbax_get"),
+            "orbax_vs_local": ratio("jaxckpt_orbax", "orbax_local")}
+
+
+def run_orbax_rounds(srv, opts: dict, alone: Alone, tmp: str, flat: dict, rounds: int) -> dict:
+    """The same tensors as an orbax step (``CheckpointManager``, OCDBT), uploaded;
+    ``jaxckpt.restore(url)`` (a local copy, then orbax) against the client alone
+    getting every object of the step and against orbax restoring the local step."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    import jaxckpt
+
+    root = Path(tmp) / "orbax"
+    with ocp.CheckpointManager(root) as mgr:
+        mgr.save(7, args=ocp.args.StandardSave({k.replace(".", "_"): v for k, v in flat.items()}))
+    files = [(p, f"orbax/{p.relative_to(root).as_posix()}") for p in sorted(root.rglob("*")) if p.is_file()]
+    for p, key in files:
+        if p.stat().st_size > PART:
+            alone.put(key, p.read_bytes())
+        else:
+            _put_small(alone, key, p.read_bytes())
+    url, local = f"s3://{BUCKET}/orbax/7", root / "7"
+    t = {"client_orbax_get": [], "jaxckpt_orbax": [], "orbax_local": []}
+    outer = concurrent.futures.ThreadPoolExecutor(8)  # one per object; each splits its own GETs on alone.pool
+    for _ in range(rounds):
+        t["client_orbax_get"].append(timed(lambda: list(outer.map(
+            lambda f: alone.get(f[1], f[0].stat().st_size), files))))
+        t["jaxckpt_orbax"].append(timed(lambda: jax.block_until_ready(jaxckpt.restore(url, storage_options=opts))))
+        t["orbax_local"].append(timed(lambda: jax.block_until_ready(jaxckpt.restore(local))))
+    return {**t, "orbax_bytes": sum(p.stat().st_size for p, _ in files)}
+
+
+def _put_small(alone: Alone, key: str, data: bytes) -> None:
+    import obstore
+
+    obstore.put(alone.store, key, data)
 
 
 def render(r: dict) -> str:
@@ -138,14 +177,22 @@ def render(r: dict) -> str:
             ("jaxckpt.load_checkpoint(local copy)", m["local_read"]),
             ("client alone: multipart put", m["client_put"]),
             ("jaxckpt.convert(local, url, to='safetensors')", m["jaxckpt_write"])]
+    orbax = [("client alone: GETs of every object of the orbax step", m["client_orbax_get"]),
+             ("jaxckpt.restore(url of the orbax step): local copy, then orbax", m["jaxckpt_orbax"]),
+             ("jaxckpt.restore(local orbax step)", m["orbax_local"])]
     lines = [f"# A safetensors file in a bucket, {r['stamp']}", "", f"`{r['command']}`", "",
              f"{r['machine']['cpu_model']}, {r['machine']['cores']} cores; SeaweedFS {r['weed']} on 127.0.0.1. "
              f"{mib:.0f} MiB in {r['tensors']} tensors, {r['rounds']} interleaved rounds in one process.", "",
              "| method | median | MiB/s |", "|---|---|---|"]
     lines += [f"| {name} | {s * 1000:.0f} ms | {mib / s:.0f} |" for name, s in rows]
+    omib = r["orbax_bytes"] / 2**20
+    lines += ["", f"The same tensors as an orbax step ({omib:.0f} MiB in its objects):", "",
+              "| method | median | MiB/s |", "|---|---|---|"]
+    lines += [f"| {name} | {s * 1000:.0f} ms | {omib / s:.0f} |" for name, s in orbax]
     lines += ["", f"Medians of per-round ratios: read {r['read_vs_client']:.2f}x the client alone's GETs "
               f"({r['read_vs_local']:.2f}x the local read); write {r['write_vs_client']:.2f}x the client alone's "
-              "put.", ""]
+              f"put; the orbax step {r['orbax_vs_client']:.2f}x the client alone's GETs of its objects "
+              f"({r['orbax_vs_local']:.2f}x restoring the local step).", ""]
     return "\n".join(lines)
 
 

@@ -25,8 +25,8 @@ from jaxckpt import storage
 from jaxckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 
 MAX_FILES = 1_000_000  # files under one prefix at most (zarr stores one per chunk)
-CHUNK_BYTES = 16 << 20  # one ranged GET, one write
-THREADS = 8
+CHUNK_BYTES = 64 << 20  # one read (ranged GETs of 16 MiB in parallel), one write
+THREADS = 4  # objects at once: memory holds THREADS x CHUNK_BYTES
 
 
 def check_name(loc: storage.Location, name: str) -> list[str]:
