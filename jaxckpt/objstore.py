@@ -17,6 +17,11 @@ A checkpoint at ``s3://bucket/run/100`` is the objects under ``run/100/``:
   under which lock), put first and deleted after the commit, so that a later
   cleaner can tell a live save from an abandoned one.
 
+A single file (a foreign checkpoint: safetensors, MindSpore, flax msgpack)
+is one plain object: read with ranged GETs (``ObjectFile``), written by a
+writer into a temporary local file and then uploaded as one object, which
+appears whole or not at all (``write_file``).
+
 Deleting a checkpoint deletes its manifest first (after which it is no
 checkpoint), then the rest. The lock of a directory of checkpoints is a
 lease object (``jaxckpt/objlock.py``). Implements ``storage.Backend`` over
