@@ -338,7 +338,8 @@ def write(path: Any, items: Iterable[tuple[str, Any]] | Mapping[str, Any], *,
             raise UnsupportedValueError(f"tensor name {a.name!r} occurs twice")
     plan.sort(key=lambda p: -_RANK[p.st_dtype])  # stable: names stay sorted within a dtype
     header = _encode_header(plan, metadata)
-    storage.write_file(path, lambda f: _write_body(f, header, plan))
+    size = len(header) + sum(p.file_bytes for p in plan)  # written in order: a bucket streams it up
+    storage.write_file(path, lambda f: _write_body(f, header, plan), size=size)
 
 
 class _Shape(NamedTuple):

@@ -18,9 +18,8 @@ A checkpoint at ``s3://bucket/run/100`` is the objects under ``run/100/``:
   cleaner can tell a live save from an abandoned one.
 
 A single file (a foreign checkpoint: safetensors, MindSpore, flax msgpack)
-is one plain object: read with ranged GETs (``ObjectFile``), written by a
-writer into a temporary local file and then uploaded as one object, which
-appears whole or not at all (``write_file``).
+is one plain object (``jaxckpt/objfiles.py``, which also holds the ranged
+reads of data objects).
 
 Deleting a checkpoint deletes its manifest first (after which it is no
 checkpoint), then the rest. The lock of a directory of checkpoints is a
@@ -30,19 +29,17 @@ an ``objclient.ObjectClient`` (``s3client``, ``gcsclient``).
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import os
 import re
-import tempfile
 import time
 import uuid
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable
 
 import msgpack
 
 from jaxckpt import config
 from jaxckpt import objclient
+from jaxckpt import objfiles
 from jaxckpt import objlock
 from jaxckpt import procs
 from jaxckpt import storage
@@ -50,6 +47,7 @@ from jaxckpt.errors import (CheckpointError, CheckpointExistsError, CheckpointNo
                             CorruptCheckpointError)
 from jaxckpt.format import MANIFEST_NAME
 from jaxckpt.objclient import Conflict, NotFound, ObjectClient
+from jaxckpt.objfiles import key_of
 from jaxckpt.storage import Location
 
 MARK = ".jaxckpt-tmp-"
@@ -61,15 +59,6 @@ MARKER_CAP = 64 << 10
 UNMANAGED_STALE_SECONDS = 24 * 3600  # a save's marker written outside any lock is abandoned after this long
 logger = logging.getLogger("jaxckpt")
 
-# Ranged GETs of one large read run in parallel (the reader's pool already
-# runs different reads at once; this splits a single large one).
-_PARALLEL_READ_BYTES = 2 * objclient.PART_BYTES
-_read_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="jaxckpt-get")
-
-
-def key_of(loc: Location) -> str:
-    """The key prefix of ``loc`` inside its bucket ('' for the bucket itself)."""
-    return loc.path.partition("/")[2]
 
 
 def _join(prefix: str, name: str) -> str:
@@ -172,35 +161,7 @@ class ObjectStaging(storage.Staging):
 
 
 # ----------------------------------------------------------------------------- reading
-class _RangedReads:
-    """Reads of one object (``self.client``, ``self.key``) by ranged GETs, a large one split in parallel."""
-
-    client: ObjectClient
-    key: str
-
-    def _get(self, buf: memoryview, offset: int, what: str) -> None:
-        try:
-            got = self.client.read_into(self.key, buf, offset)
-        except NotFound:
-            raise CheckpointNotFoundError(f"{self.client.describe(self.key)}: deleted or replaced while {what} was "
-                                          "being read") from None
-        if got < len(buf):
-            raise CorruptCheckpointError(f"{self.client.describe(self.key)}: {what}: the object ends at byte "
-                                         f"{offset + got}, before {offset + len(buf)}")
-
-    def read_into(self, buf: memoryview, offset: int, what: str) -> None:
-        buf = memoryview(buf).cast("B") if memoryview(buf).format != "B" else memoryview(buf)
-        n = len(buf)
-        if n <= _PARALLEL_READ_BYTES:
-            self._get(buf, offset, what)
-            return
-        step = objclient.PART_BYTES
-        futures = [_read_pool.submit(self._get, buf[a:a + step], offset + a, what) for a in range(0, n, step)]
-        for f in futures:
-            f.result()
-
-
-class ObjectData(_RangedReads, storage.DataSource):
+class ObjectData(objfiles.RangedReads, storage.DataSource):
     """A data object, read with ranged GETs."""
 
     def __init__(self, client: ObjectClient, key: str, size: int):
@@ -227,34 +188,6 @@ class ObjectData(_RangedReads, storage.DataSource):
 
     def close(self) -> None:
         pass
-
-
-class ObjectFile(_RangedReads, storage.FileSource):
-    """A single object (a foreign checkpoint file), read with ranged GETs."""
-
-    read_ahead = 1 << 20  # a request costs milliseconds: fetch more per walk step than from a disk
-    prefetch_bytes = 64 << 20  # and keep several requests in flight (16 of 4 MiB)
-
-    def __init__(self, client: ObjectClient, loc: Location):
-        self.client, self.key, self.where = client, key_of(loc), str(loc)
-        info = client.head(self.key) if self.key else None
-        if info is None:
-            client.check_bucket()
-            raise CheckpointNotFoundError(f"{loc}: no such object")
-        self.size = info.size
-
-    def close(self) -> None:
-        pass
-
-
-def _file_chunks(f: BinaryIO, size: int) -> Iterator[memoryview]:
-    left = size
-    while left:
-        chunk = f.read(min(objclient.PART_BYTES, left))
-        if not chunk:
-            raise CheckpointError("the temporary copy of the file shrank while it was uploaded")
-        left -= len(chunk)
-        yield memoryview(chunk)
 
 
 class ObjectSource(storage.Source):
@@ -416,32 +349,12 @@ class ObjectBackend(storage.Backend):
             del self._leases[key_of(root)]
             lease.release()
 
-    # ------------------------------------------------------------ single files
-    def open_file(self, loc: Location) -> ObjectFile:
-        return ObjectFile(self.client, loc)
+    # ------------------------------------------------------------ single files (objfiles)
+    def open_file(self, loc: Location) -> objfiles.ObjectFile:
+        return objfiles.ObjectFile(self.client, loc)
 
-    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None]) -> None:
-        """Staged in a temporary local file (``$TMPDIR``; writers seek, an upload
-        cannot), then uploaded as one object: it appears whole or not at all."""
-        key = key_of(loc)
-        if not key or key.endswith("/"):
-            raise CheckpointError(f"{loc}: a file needs a name inside the bucket (e.g. "
-                                  f"{loc.join('model.safetensors')})")
-        with tempfile.TemporaryFile(prefix="jaxckpt-upload-") as f:
-            try:
-                fill(f)
-                f.flush()
-            except OSError as e:
-                raise CheckpointError(f"{loc}: staging the upload in a temporary file in {tempfile.gettempdir()} "
-                                      f"failed: {e} (set TMPDIR to a disk with room for the whole file)") from e
-            size = f.seek(0, os.SEEK_END)
-            f.seek(0)
-            if size == 0:
-                self.client.put(key, b"")
-            else:
-                self.client.put_stream(key, _file_chunks(f, size), size)
+    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None], size: int | None = None) -> None:
+        objfiles.write(self.client, loc, fill, size)
 
     def list_files(self, loc: Location) -> list[tuple[str, int]]:
-        prefix = key_of(loc).rstrip("/")
-        start = len(prefix) + 1 if prefix else 0
-        return sorted((o.key[start:], o.size) for o in self.client.list(prefix + "/" if prefix else ""))
+        return objfiles.list_files(self.client, loc)

@@ -206,7 +206,7 @@ class PosixBackend(storage.Backend):
     def open_file(self, loc: Location) -> PosixFile:
         return PosixFile(loc.path)
 
-    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None]) -> None:
+    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None], size: int | None = None) -> None:
         posixfs.write_atomic(loc.path, fill)
 
     def list_files(self, loc: Location) -> list[tuple[str, int]]:

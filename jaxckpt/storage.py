@@ -48,7 +48,7 @@ Single files, the foreign formats' (safetensors, MindSpore, flax msgpack)::
 
     with backend.open_file(loc) as f:          # CheckpointNotFoundError if there is none
         f.size; f.read_into(buf, offset, what); f.pread(n, offset); f.reader()
-    backend.write_file(loc, fill)              # fill(file object); atomic: the old file or the whole new one
+    backend.write_file(loc, fill, size)        # fill(file object); atomic: the old file or the whole new one
     backend.list_files(loc)                    # (relative path, size) of every file under a directory (prefix)
 
 Managing a root, a directory of checkpoints ((P0) [T], except ``remove``: [S]
@@ -378,12 +378,16 @@ def open_file(where: "str | os.PathLike | Location") -> FileSource:
     return backend(loc).open_file(loc)
 
 
-def write_file(where: "str | os.PathLike | Location", fill: Callable[[BinaryIO], None]) -> None:
+def write_file(where: "str | os.PathLike | Location", fill: Callable[[BinaryIO], None],
+               size: int | None = None) -> None:
     """Create or replace the single file (object) at a path or URL with what
     ``fill(f)`` writes to the seekable file object ``f``, atomically: a reader
-    sees the old file or the whole new one, and nothing if ``fill`` raises."""
+    sees the old file or the whole new one, and nothing if ``fill`` raises.
+    ``size``: the exact number of bytes ``fill`` writes, in order, never
+    seeking (``f`` then has ``write`` alone); a bucket streams them up as they
+    come instead of staging them in a temporary local file."""
     loc = Location.parse(where)
-    backend(loc).write_file(loc, fill)
+    backend(loc).write_file(loc, fill, size)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -436,7 +440,7 @@ class Backend(abc.ABC):
         """``loc`` as one file to read (see ``open_file``)."""
 
     @abc.abstractmethod
-    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None]) -> None:
+    def write_file(self, loc: Location, fill: Callable[[BinaryIO], None], size: int | None = None) -> None:
         """``loc`` written as one file, atomically (see ``write_file``)."""
 
     @abc.abstractmethod

@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"snapshot", "hostcopy", "accelcopy"},             # device -> host
     {"format", "crypto"},                              # manifest <-> bytes, pure; encryption
     {"storage", "posix", "posixdirs", "posixfs", "lock",
-     "objclient", "objstore", "objlock", "obstoreclient", "s3client", "azclient", "awsprofile", "gcsclient", "gcsread",
+     "objclient", "objfiles", "objstore", "objlock", "obstoreclient", "s3client", "azclient", "awsprofile", "gcsclient", "gcsread",
      "gcsupload"},  # bytes <-> files (objects), the commit
     {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
     {"layout", "manifests", "writer", "readplan", "reader", "placement", "localcopy"},  # thread pools; host -> device

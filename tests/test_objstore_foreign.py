@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import types
 
 import jax
 import ml_dtypes
@@ -19,7 +20,7 @@ from flax import serialization
 import azservers
 import jaxckpt
 import objservers
-from jaxckpt import cli, fmt_safetensors
+from jaxckpt import cli, fmt_mindspore, fmt_safetensors, storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -356,10 +357,48 @@ def test_a_full_staging_disk_is_named_with_the_fix(store, tmp_path, monkeypatch)
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(tempfile, "TemporaryFile", Full)
+    from jaxckpt import objfiles  # only jaxckpt's temporary files: moto, in this process, keeps objects in its own
+    monkeypatch.setattr(objfiles, "tempfile", types.SimpleNamespace(TemporaryFile=Full, gettempdir=tempfile.gettempdir))
     with pytest.raises(jaxckpt.CheckpointError, match=rf"^{store.url}/big.safetensors: staging the upload in a "
                        rf"temporary file in {tempfile.gettempdir()} failed: \[Errno 28\] No space left on device "
                        r"\(set TMPDIR to a disk with room for the whole file\)$"):
-        fmt_safetensors.write(jaxckpt.storage.Location.parse(f"{store.url}/big.safetensors", store.options),
-                              {"w": np.zeros(4096, np.float32)})
+        fmt_mindspore.write(jaxckpt.storage.Location.parse(f"{store.url}/big.safetensors", store.options),
+                            [("w", np.zeros(4096, np.float32))])  # MindSpore's size is known only once written
     assert store.keys() == []
+
+
+def test_a_file_of_known_size_streams_up_with_no_local_copy(store, monkeypatch, tmp_path):
+    def no_staging(*a, **kw):
+        raise AssertionError("a streamed upload must not stage a temporary file")
+    rng = np.random.default_rng(5)
+    flat = {f"w{i}": rng.standard_normal(5 << 20 >> 2, dtype=np.float32) for i in range(8)}  # 40 MiB: 3 parts
+    fmt_safetensors.write(tmp_path / "m.safetensors", flat)
+    from jaxckpt import objfiles
+    monkeypatch.setattr(objfiles, "tempfile", types.SimpleNamespace(TemporaryFile=no_staging))
+    fmt_safetensors.write(storage.Location.parse(f"{store.url}/m.safetensors", store.options), flat)
+    assert store.get("m.safetensors") == (tmp_path / "m.safetensors").read_bytes()
+    assert store.keys() == ["m.safetensors"]
+
+
+@pytest.mark.parametrize("how", ["raises", "short", "long"])
+def test_a_streamed_upload_that_goes_wrong_stores_nothing(store, how):
+    loc = storage.Location.parse(f"{store.url}/f.bin", store.options)
+    storage.write_file(loc, lambda f: f.write(b"old"), size=3)
+    chunk = bytes(range(256)) * (1 << 12)  # 1 MiB
+
+    def fill(f):
+        for _ in range(20):  # 20 MiB: a part has gone up before anything goes wrong
+            f.write(chunk)
+        if how == "raises":
+            raise RuntimeError("the converter failed")
+        if how == "long":
+            f.write(b"x")
+    announced = 20 << 20 if how != "short" else (20 << 20) + 5
+    expected = {"raises": "the converter failed",
+                "short": f"{loc}: the writer wrote {20 << 20} bytes, not the {announced} it announced; nothing "
+                         "was stored",
+                "long": f"{loc}: the writer wrote more than the {announced} bytes it announced"}[how]
+    with pytest.raises((RuntimeError, jaxckpt.CheckpointError)) as e:
+        storage.write_file(loc, fill, size=announced)
+    assert str(e.value) == expected
+    assert store.get("f.bin") == b"old" and store.keys() == ["f.bin"]
