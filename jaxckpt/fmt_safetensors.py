@@ -349,12 +349,16 @@ class _Shape(NamedTuple):
 
 
 def write_streamed(path: Any, layout: Iterable[tuple[str, Any, tuple[int, ...]]],
-                   items: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None) -> None:
+                   items: Iterable[tuple[str, Any]], *, metadata: dict[str, str] | None = None,
+                   in_order: bool = False) -> None:
     """``write`` for tensors that arrive one at a time (a conversion from another
     file): the header from ``layout`` (``(name, dtype, shape)`` of every tensor),
     then each tensor of ``items``, in any order, written at its offset as it
     arrives, so memory holds one tensor. Every name of ``layout`` must arrive
-    exactly once, with that dtype and shape (``UnsupportedValueError``)."""
+    exactly once, with that dtype and shape (``UnsupportedValueError``).
+    ``in_order``: ``items`` come in ``layout``'s order; where that is also the
+    file's order the file is written front to back (a bucket streams it up)."""
+    layout = list(layout)
     plan = sorted((_plan_one(n, _Shape(np.dtype(d), tuple(sh))) for n, d, sh in layout), key=lambda p: p.name)
     for a, b in zip(plan, plan[1:]):
         if a.name == b.name:
@@ -365,20 +369,27 @@ def write_streamed(path: Any, layout: Iterable[tuple[str, Any, tuple[int, ...]]]
     for p in plan:
         where[p.name] = (pos, p)
         pos += p.file_bytes
+    sequential = in_order and [p.name for p in plan] == [n for n, _, _ in layout]
 
     def fill(f: Any) -> None:
         f.write(header)
-        f.truncate(pos)
+        if not sequential:
+            f.truncate(pos)
+        expected = len(header)  # where the next tensor starts, when they come in file order
         for name, value in items:
             start, p = where.pop(name, (None, None))
             if p is None:
                 raise UnsupportedValueError(f"tensor {name!r}: not in the layout, or given twice")
             data = _tensor_bytes(p._replace(value=value))
-            f.seek(start)
+            if not sequential:
+                f.seek(start)
+            elif start != expected:
+                raise UnsupportedValueError(f"tensor {name!r} arrived out of the layout's order")
+            expected += p.file_bytes
             f.write(data)
         if where:
             raise UnsupportedValueError(f"tensors never given: {sorted(where)[:10]}")
-    storage.write_file(path, fill)
+    storage.write_file(path, fill, size=pos if sequential else None)
 
 
 def _plan_one(name: Any, value: Any) -> _Planned:

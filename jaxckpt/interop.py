@@ -310,7 +310,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
             _module("mindspore").write(out, plain, enc_key=enc_key, enc_mode=enc_mode)
         elif to == "safetensors" and src_fmt in ("mindspore", "safetensors", "flax"):
             info = inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode, storage_options=storage_options)
-            _module("safetensors").write_streamed(out, [(x.path, x.dtype, x.shape) for x in info.leaves], plain)
+            _module("safetensors").write_streamed(out, [(x.path, x.dtype, x.shape) for x in info.leaves], plain,
+                                                  in_order=True)  # iter_tensors and describe: both file order
         elif to == "safetensors":  # jaxckpt / orbax values: mapped files / one restore, not streamed
             _module("safetensors").write(out, list(plain),
                                          metadata=_carried_metadata(src, src_fmt, storage_options, encryption_key))

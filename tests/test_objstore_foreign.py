@@ -402,3 +402,27 @@ def test_a_streamed_upload_that_goes_wrong_stores_nothing(store, how):
         storage.write_file(loc, fill, size=announced)
     assert str(e.value) == expected
     assert store.get("f.bin") == b"old" and store.keys() == ["f.bin"]
+
+
+def test_a_conversion_whose_source_is_in_file_order_streams_up(store, monkeypatch, tmp_path):
+    from jaxckpt import objfiles
+
+    rng = np.random.default_rng(6)
+    flat = {f"layer{i}.w": rng.standard_normal(3 << 20 >> 2, dtype=np.float32) for i in range(7)}  # 21 MiB
+    flat["norm"] = np.ones(64, ml_dtypes.bfloat16)
+    fmt_safetensors.write(tmp_path / "in.safetensors", flat)  # our writer's order: the order a copy is written in
+    jaxckpt.convert(tmp_path / "in.safetensors", tmp_path / "out.safetensors", to="safetensors")
+
+    def no_staging(*a, **kw):
+        raise AssertionError("a conversion in file order must not stage a temporary file")
+    monkeypatch.setattr(objfiles, "tempfile", types.SimpleNamespace(TemporaryFile=no_staging))
+    jaxckpt.convert(tmp_path / "in.safetensors", f"{store.url}/out.safetensors", to="safetensors",
+                    storage_options=store.options)
+    assert store.get("out.safetensors") == (tmp_path / "out.safetensors").read_bytes()
+    layout = [(k, str(v.dtype), v.shape) for k, v in jaxckpt.load_checkpoint(tmp_path / "in.safetensors").items()]
+    items = [(k, flat[k]) for k, _, _ in reversed(layout)]  # promised in order, given in reverse
+    with pytest.raises(jaxckpt.UnsupportedValueError, match=f"tensor {layout[-1][0]!r} arrived out of the "
+                                                            "layout's order"):
+        fmt_safetensors.write_streamed(storage.Location.parse(f"{store.url}/bad.safetensors", store.options),
+                                       layout, items, in_order=True)
+    assert store.keys() == ["out.safetensors"]
