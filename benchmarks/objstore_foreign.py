@@ -13,11 +13,10 @@ method reads into fresh memory every round):
   against obstore alone getting the same object with 16 parallel 16 MiB ranged
   GETs into fresh memory (the limit of the same run), and against
   ``load_checkpoint`` of the local copy;
-* write: ``jaxckpt.convert`` of the local file to ``url --to safetensors``
-  (the streamed conversion seeks: staged in a temporary local file, then one
-  multipart upload), and of a local jaxckpt checkpoint of the same tensors
-  (written in order: streamed up with no local copy), against obstore alone
-  putting the same bytes as a 16 MiB-part multipart upload.
+* write: ``jaxckpt.convert`` to ``url --to safetensors`` of the local file
+  and of a local jaxckpt checkpoint of the same tensors (both written front
+  to back, so streamed up with no local copy), against obstore alone putting
+  the same bytes as a 16 MiB-part multipart upload.
 
 Medians of the per-round ratios; results in ``benchmarks/results/<stamp>-objstore-foreign.{json,md}``.
 """
@@ -183,8 +182,8 @@ def render(r: dict) -> str:
             ("jaxckpt.load_checkpoint(url)", m["jaxckpt_read"]),
             ("jaxckpt.load_checkpoint(local copy)", m["local_read"]),
             ("client alone: multipart put", m["client_put"]),
-            ("jaxckpt.convert(local file, url, to='safetensors'): staged", m["jaxckpt_write"]),
-            ("jaxckpt.convert(local jaxckpt checkpoint, url, to='safetensors'): streamed", m["jaxckpt_export"])]
+            ("jaxckpt.convert(local safetensors file, url, to='safetensors')", m["jaxckpt_write"]),
+            ("jaxckpt.convert(local jaxckpt checkpoint, url, to='safetensors')", m["jaxckpt_export"])]
     orbax = [("client alone: GETs of every object of the orbax step", m["client_orbax_get"]),
              ("jaxckpt.restore(url of the orbax step): local copy, then orbax", m["jaxckpt_orbax"]),
              ("jaxckpt.restore(local orbax step)", m["orbax_local"])]
@@ -198,8 +197,8 @@ def render(r: dict) -> str:
               "| method | median | MiB/s |", "|---|---|---|"]
     lines += [f"| {name} | {s * 1000:.0f} ms | {omib / s:.0f} |" for name, s in orbax]
     lines += ["", f"Medians of per-round ratios: read {r['read_vs_client']:.2f}x the client alone's GETs "
-              f"({r['read_vs_local']:.2f}x the local read); write {r['write_vs_client']:.2f}x (staged) and "
-              f"{r['export_vs_client']:.2f}x (streamed) the client alone's put; the orbax step {r['orbax_vs_client']:.2f}x the client alone's GETs of its objects "
+              f"({r['read_vs_local']:.2f}x the local read); write {r['write_vs_client']:.2f}x (from the file) and "
+              f"{r['export_vs_client']:.2f}x (from a jaxckpt checkpoint) the client alone's put; the orbax step {r['orbax_vs_client']:.2f}x the client alone's GETs of its objects "
               f"({r['orbax_vs_local']:.2f}x restoring the local step).", ""]
     return "\n".join(lines)
 
