@@ -280,7 +280,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
             dec_key: bytes | None = None, dec_mode: str = "AES-GCM", enc_key: bytes | None = None,
             enc_mode: str = "AES-GCM", progress: bool | None = None,
             storage_options: dict | None = None, encryption_key: crypto.Key | None = None,
-            new_encryption_key: crypto.Key | None = None) -> None:
+            new_encryption_key: crypto.Key | None = None, dst_storage_options: dict | None = None) -> None:
     """Write the checkpoint ``src`` (any supported format) as a new checkpoint
     ``dst`` in format ``to`` (one of ``EXPORTS``). ``dec_key`` / ``dec_mode``:
     an encrypted MindSpore source; ``enc_key`` / ``enc_mode``: encrypt a
@@ -292,37 +292,40 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
     ``encryption_key``: the key of an encrypted jaxckpt ``src``, and of a
     jaxckpt ``dst`` (encrypted with it); ``new_encryption_key``: encrypt a
     jaxckpt ``dst`` with this key instead (key rotation: nothing is written
-    in plaintext)."""
+    in plaintext). ``storage_options``: the client's options for ``src`` and,
+    unless ``dst_storage_options`` is given, for ``dst`` too (two stores, e.g.
+    s3:// to gs://, take one dict each)."""
     dst_key = _destination_key(to, enc_key, encryption_key, new_encryption_key)
-    src_fmt = _format_of(src if storage_options is None else storage.Location.parse(src, storage_options), format)
-    out = _where(dst, to, storage_options)  # an orbax URL is refused before anything is read
-    if (bucket := _orbax_in_bucket(src, src_fmt, storage_options)) is not None:
+    src = storage.Location.parse(src, storage_options)  # each side keeps its own options from here on
+    dst = storage.Location.parse(dst, storage_options if dst_storage_options is None else dst_storage_options)
+    src_fmt = _format_of(src, format)
+    out = _where(dst, to)  # an orbax URL is refused before anything is read
+    if (bucket := _orbax_in_bucket(src, src_fmt, None)) is not None:
         with localcopy.copied(bucket) as local:  # one local copy serves the whole conversion
             return convert(local, dst, to=to, format="orbax", enc_key=enc_key, enc_mode=enc_mode, progress=progress,
-                           storage_options=storage_options, new_encryption_key=dst_key)
-    items = _source_items(src, src_fmt, dec_key, dec_mode, storage_options, encryption_key)
+                           new_encryption_key=dst_key)
+    items = _source_items(src, src_fmt, dec_key, dec_mode, encryption_key)
     with progress_mod.progress_bar(f"convert {src} -> {dst}",
-                                   _total_bytes(src, src_fmt, storage_options, encryption_key),
+                                   _total_bytes(src, src_fmt, encryption_key),
                                    enabled=progress, min_bytes=progress_mod.AUTO_MIN_BYTES) as bar:
         items = _counted(items, bar)
         plain = ((k, _plain(k, v, to)) for k, v in items)
         if to == "mindspore":
             _module("mindspore").write(out, plain, enc_key=enc_key, enc_mode=enc_mode)
         elif to == "safetensors" and src_fmt in ("mindspore", "safetensors", "flax"):
-            info = inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode, storage_options=storage_options)
+            info = inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode)
             _module("safetensors").write_streamed(out, [(x.path, x.dtype, x.shape) for x in info.leaves], plain,
                                                   in_order=True)  # iter_tensors and describe: both file order
         elif to == "safetensors":  # jaxckpt / orbax values: mapped files / one restore, not streamed
             _module("safetensors").write(out, list(plain),
-                                         metadata=_carried_metadata(src, src_fmt, storage_options, encryption_key))
+                                         metadata=_carried_metadata(src, src_fmt, encryption_key))
         elif to == "orbax":
             _module("orbax").write(out, dict(items))
         elif src_fmt == "jaxckpt":
-            tree = api.restore(src, storage_options=storage_options, encryption_key=encryption_key)
-            checkpointer.save_sync(dst, tree, storage_options=storage_options, encryption_key=dst_key)
+            tree = api.restore(src, encryption_key=encryption_key)
+            checkpointer.save_sync(dst, tree, encryption_key=dst_key)
         else:
-            checkpointer.save_sync(dst, _nested(dict(items)), storage_options=storage_options,
-                                   encryption_key=dst_key)
+            checkpointer.save_sync(dst, _nested(dict(items)), encryption_key=dst_key)
 
 
 def _destination_key(to: str, enc_key: Any, encryption_key: Any, new_encryption_key: Any) -> Any:
@@ -338,21 +341,19 @@ def _destination_key(to: str, enc_key: Any, encryption_key: Any, new_encryption_
     return dst_key
 
 
-def _total_bytes(src: Any, src_fmt: str, storage_options: dict | None, encryption_key: Any) -> int:
+def _total_bytes(src: storage.Location, src_fmt: str, encryption_key: Any) -> int:
     if src_fmt in ("jaxckpt", "orbax"):
-        return inspect(src, format=src_fmt, storage_options=storage_options,
-                       encryption_key=encryption_key).total_bytes
-    with storage.open_file(_where(src, src_fmt, storage_options)) as f:
+        return inspect(src, format=src_fmt, encryption_key=encryption_key).total_bytes
+    with storage.open_file(_where(src, src_fmt)) as f:
         return f.size  # a file: its size is close enough for a bar
 
 
-def _carried_metadata(src: Any, src_fmt: str, storage_options: dict | None, encryption_key: Any
-                      ) -> dict[str, str] | None:
+def _carried_metadata(src: storage.Location, src_fmt: str, encryption_key: Any) -> dict[str, str] | None:
     """A jaxckpt source's metadata for safetensors' ``__metadata__`` (str -> str: as JSON)."""
     if src_fmt != "jaxckpt":
         return None
     import json
-    meta = api.inspect(src, storage_options=storage_options, encryption_key=encryption_key).metadata
+    meta = api.inspect(src, encryption_key=encryption_key).metadata
     return {"format": "jaxckpt", "jaxckpt_metadata": json.dumps(display.jsonable(meta), sort_keys=True)}
 
 
@@ -369,11 +370,11 @@ def _nested(flat: dict[str, Any]) -> dict[str, Any]:
         raise UnsupportedValueError(f"cannot nest the flat keys into a tree: {e}") from None
 
 
-def _source_items(src: Any, src_fmt: str, dec_key: Any, dec_mode: str, storage_options: dict | None,
+def _source_items(src: storage.Location, src_fmt: str, dec_key: Any, dec_mode: str,
                   encryption_key: Any) -> Iterator[tuple[str, Any]]:
     if src_fmt == "jaxckpt":
-        return iter(api.load_checkpoint(src, storage_options=storage_options, encryption_key=encryption_key).items())
-    where = _where(src, src_fmt, storage_options)
+        return iter(api.load_checkpoint(src, encryption_key=encryption_key).items())
+    where = _where(src, src_fmt)
     return _module(src_fmt).iter_tensors(where, **_decryption(src_fmt, dec_key, dec_mode))
 
 

@@ -179,6 +179,43 @@ def test_bucket_to_bucket_conversions_stream_between_formats(store, tmp_path):
     assert same_flat(back, jaxckpt.load_checkpoint(os.path.join(DATA, "sliced.ckpt")))
 
 
+@pytest.fixture(scope="module")
+def other_gcs(tmp_path_factory):
+    """A second fake-gcs-server, a store of its own for conversions between two stores."""
+    srv = objservers.start_fake_gcs(tmp_path_factory.mktemp("other-gcs"))
+    yield srv.endpoint
+    srv.stop()
+
+
+@pytest.mark.parametrize("to", ["jaxckpt", "safetensors"])
+def test_a_conversion_between_two_stores_takes_each_ones_options(store, other_gcs, tmp_path, to):
+    """s3:// -> gs://, az:// -> gs:// and gs:// -> another gs server: the source
+    read with ``storage_options``, the destination written with ``dst_storage_options``."""
+    dst = Store("gs", other_gcs, f"dest-{next(_names)}")
+    with open(os.path.join(DATA, "sliced.ckpt"), "rb") as f:
+        store.put("ms/sliced.ckpt", f.read())
+    url = f"{dst.url}/out/model" + (".safetensors" if to == "safetensors" else "")
+    jaxckpt.convert(f"{store.url}/ms/sliced.ckpt", url, to=to, storage_options=store.options,
+                    dst_storage_options=dst.options)
+    jaxckpt.convert(os.path.join(DATA, "sliced.ckpt"), tmp_path / "ref", to=to)
+    if to == "safetensors":
+        assert dst.keys() == ["out/model.safetensors"]
+        assert dst.get("out/model.safetensors") == (tmp_path / "ref").read_bytes()
+    else:
+        assert "out/model/manifest.msgpack" in dst.keys()
+        assert same_flat(jaxckpt.load_checkpoint(url, storage_options=dst.options),
+                         jaxckpt.load_checkpoint(tmp_path / "ref"))
+    assert store.keys() == ["ms/sliced.ckpt"]  # nothing written where the source is
+    # Without dst_storage_options the source's options apply to both sides, as before.
+    if store.scheme != "gs":
+        with pytest.raises(jaxckpt.UnsupportedLocationError, match=rf"^gs://{dst.name}: unknown storage_options "):
+            jaxckpt.convert(f"{store.url}/ms/sliced.ckpt", f"{dst.url}/again", to=to, storage_options=store.options)
+    else:  # the same scheme: the destination is looked for on the source's server
+        with pytest.raises(jaxckpt.BucketNotFoundError, match=rf"^gs://{dst.name}"):
+            jaxckpt.convert(f"{store.url}/ms/sliced.ckpt", f"{dst.url}/again", to=to, storage_options=store.options)
+    assert not [k for k in dst.keys() if k.startswith("again")]
+
+
 def test_a_failed_write_leaves_the_old_object_whole(store, tmp_path):
     jaxckpt.save(tmp_path / "ck", {"w": np.arange(6, dtype=np.float32)})
     url = f"{store.url}/out.safetensors"
