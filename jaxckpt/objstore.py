@@ -162,16 +162,29 @@ class ObjectStaging(storage.Staging):
 
 # ----------------------------------------------------------------------------- reading
 class ObjectData(objfiles.RangedReads, storage.DataSource):
-    """A data object, read with ranged GETs."""
+    """A data object, read with ranged GETs. Opening it sends nothing (a HEAD
+    per object was a round trip before the first byte of every restore): a
+    missing or short object is found by the GETs that need its bytes, and
+    named as the open used to name it."""
 
-    def __init__(self, client: ObjectClient, key: str, size: int):
-        self.client, self.key = client, key
-        info = client.head(key)
-        if info is None:
-            raise CorruptCheckpointError(f"{client.describe(key)}: data object missing (the manifest names it)")
-        if info.size < size:
-            raise CorruptCheckpointError(f"{client.describe(key)}: truncated: the manifest records {size} bytes, "
-                                         f"found {info.size}")
+    def __init__(self, client: ObjectClient, key: str, size: int, manifest_key: str):
+        self.client, self.key, self.size, self._manifest_key = client, key, size, manifest_key
+
+    def _get(self, buf: memoryview, offset: int, what: str) -> None:
+        where = self.client.describe(self.key)
+        detail = what[len(where):].strip() if what.startswith(where) else f"({what})"
+        try:
+            got = self.client.read_into(self.key, buf, offset)
+        except NotFound:
+            if self.client.head(self._manifest_key) is None:  # the whole checkpoint went (a rotation)
+                raise CheckpointNotFoundError(f"{where}: the checkpoint was deleted while being read "
+                                              f"{detail}".rstrip()) from None
+            raise CorruptCheckpointError(f"{where}: data object missing (the manifest names it) "
+                                         f"{detail}".rstrip()) from None
+        if got < len(buf):
+            end = f"at byte {offset + got}" if got else f"at or before byte {offset}"
+            raise CorruptCheckpointError(f"{where}: truncated: the manifest records {self.size} bytes, the object "
+                                         f"ends {end} {detail}".rstrip())
 
     def readv_into(self, bufs: list[memoryview], offset: int, what: str) -> None:
         total = sum(memoryview(b).nbytes for b in bufs)
@@ -194,23 +207,23 @@ class ObjectSource(storage.Source):
     """A committed checkpoint in a bucket."""
 
     def __init__(self, client: ObjectClient, loc: Location):
+        # Nothing is sent yet: read_manifest's GET says whether a checkpoint is committed here.
         self.client, self.location = client, loc
         self.prefix = key_of(loc)
-        if client.head(_join(self.prefix, MANIFEST_NAME)) is None:
-            client.check_bucket()
-            raise CheckpointNotFoundError(f"{loc}: no committed checkpoint here ({MANIFEST_NAME} is missing)")
 
     def read_manifest(self, cap: int) -> bytes:
         key = _join(self.prefix, MANIFEST_NAME)
         try:
             return self.client.get(key, cap)[0]
         except NotFound:
-            raise CheckpointNotFoundError(f"{self.client.describe(key)}: deleted while being opened") from None
+            self.client.check_bucket()
+            raise CheckpointNotFoundError(f"{self.location}: no committed checkpoint here "
+                                          f"({MANIFEST_NAME} is missing)") from None
         except ValueError as e:
             raise CorruptCheckpointError(f"{self.client.describe(key)}: manifest too large: {e}") from None
 
     def open_data(self, name: str, size: int) -> ObjectData:
-        return ObjectData(self.client, _join(self.prefix, name), size)
+        return ObjectData(self.client, _join(self.prefix, name), size, _join(self.prefix, MANIFEST_NAME))
 
     def describe(self, name: str) -> str:
         return self.client.describe(_join(self.prefix, name))

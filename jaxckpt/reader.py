@@ -6,9 +6,9 @@ bytes fill what memory (mappings of the file where the results may be,
 reads straight into final buffers where a saved shard lands contiguously,
 runs of small neighbours in one read); this module opens the data files
 through the storage backend, runs the plan's reads in parallel, and verifies
-each chunk in the thread that read it. Data files are checked at open to hold
-at least as many bytes as the manifest says; on POSIX they must be regular
-files (no links, no FIFOs).
+each chunk in the thread that read it. Data files must hold at least as many
+bytes as the manifest says (on POSIX checked at open, where they must be
+regular files: no links, no FIFOs; in a bucket by the reads themselves).
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ class CheckpointReader:
 
     # ------------------------------------------------------------ files
     def _file(self, file: int) -> storage.DataSource:
-        """Data file ``file`` of the manifest, opened once (checked to hold at
-        least the recorded size). Different files open at once: in a bucket
-        each open is a round trip (a HEAD)."""
+        """Data file ``file`` of the manifest, opened once (on POSIX checked at
+        open to hold at least the recorded size; an object is checked by the
+        reads that need its bytes, so opening one sends nothing)."""
         with self._lock:
             f = self._files.get(file)
             if f is not None:
@@ -85,23 +85,6 @@ class CheckpointReader:
                 with self._lock:
                     self._files[file] = f
             return f
-
-    def _open_all(self, requests: list[tuple[int, Box | None]]) -> None:
-        """Open every data file ``requests`` read that is not open yet, in
-        parallel (the plan would open them one by one); raises the error of
-        the first file, in leaf order, that cannot be opened."""
-        need: dict[int, str] = {}
-        for li, _ in requests:
-            leaf = self.manifest.leaves[li]
-            for s in leaf.shards:
-                if s.length and s.file not in self._files:
-                    need.setdefault(s.file, leaf.path)
-        if len(need) < 2 or self.max_workers <= 1:
-            return
-        with ThreadPoolExecutor(min(len(need), self.max_workers), thread_name_prefix="jaxckpt-open") as pool:
-            futures = [pool.submit(self._file_for, file, path) for file, path in need.items()]
-            for fut in futures:
-                fut.result()
 
     def _file_for(self, file: int, leaf: str) -> storage.DataSource:
         """``_file`` for reading ``leaf``: a missing or short file error names the leaf too."""
@@ -238,7 +221,6 @@ class CheckpointReader:
         if self._starts is None:
             self._starts = readplan.shard_starts(self.manifest)
         plan = readplan.Plan(self.manifest, self._starts, verify or self.encrypted, self._try_map)
-        self._open_all(requests)
         plan.add(requests, flags, self._files, self._file_for)
         groups = plan.groups()
         if len(groups) <= 2 or self.max_workers <= 1:

@@ -39,8 +39,10 @@ process of the job, (P0) process 0 only.
 Reading (any process, any thread)::
 
     source = backend.open(loc)                 # CheckpointNotFoundError if nothing is committed at loc
-    data = source.read_manifest(cap)           # CorruptCheckpointError above cap bytes
+    data = source.read_manifest(cap)           # (or here: a bucket sends nothing before this GET);
+                                               # CorruptCheckpointError above cap bytes
     f = source.open_data(name, size)           # CorruptCheckpointError if missing or shorter than size
+                                               # (a bucket: at the first read that needs those bytes)
     f.read_into(buf, offset, what); f.readv_into(bufs, offset, what); f.map(offset, length)
     f.close(); source.close()
 

@@ -154,6 +154,12 @@ def get_blob(endpoint: str, container: str, name: str) -> bytes:
     return body
 
 
+def delete_blob(endpoint: str, container: str, name: str) -> None:
+    status, body = request("DELETE", f"{endpoint}/{container}/{urllib.parse.quote(name)}")
+    if status != 202:
+        raise RuntimeError(f"deleting {container}/{name}: {status} {body[:300]!r}")
+
+
 def env_for(endpoint: str) -> dict[str, str]:
     """The environment a user sets for the Azurite at ``endpoint``: account, key, endpoint."""
     return {"AZURE_STORAGE_ACCOUNT_NAME": ACCOUNT, "AZURE_STORAGE_ACCOUNT_KEY": KEY, "AZURE_STORAGE_ENDPOINT": endpoint}

@@ -61,6 +61,12 @@ class Objects:
             return azservers.get_blob(self.endpoint, self.name, key)
         return self.s3.get_object(Bucket=self.name, Key=key)["Body"].read()
 
+    def delete(self, key: str) -> None:
+        if self.s3 is None:
+            azservers.delete_blob(self.endpoint, self.name, key)
+        else:
+            self.s3.delete_object(Bucket=self.name, Key=key)
+
 
 @pytest.fixture(scope="module")
 def moto():
@@ -235,6 +241,39 @@ def test_a_corrupted_object_names_the_object_and_the_leaf(bucket):
     objs.put(data_key, bytes(body[:1000]))  # truncated
     with pytest.raises(jaxckpt.CorruptCheckpointError, match=rf"{url}/{data_key}: truncated"):
         jaxckpt.restore(f"{url}/c", storage_options=opts)
+
+
+def test_missing_and_short_data_objects_are_named_by_the_reads_that_need_them(bucket):
+    """Opening a data object sends nothing (no HEAD): a missing or short one is
+    found by the GET that needs its bytes, named with the leaf."""
+    url, opts, objs, name = bucket
+    tree = {"a": np.arange(256, dtype=np.int64), "b": np.arange(1000, dtype=np.float32)}
+    jaxckpt.save(f"{url}/d", tree, storage_options=opts)
+    data_key = next(k for k in objs.keys("d/") if "data-" in k)
+    where, body = f"{url}/{data_key}", objs.get(data_key)
+    with CheckpointReader(f"{url}/d", storage_options=opts) as r:
+        (size,) = [f.size for f in r.manifest.files]
+    objs.put(data_key, body[:1000])  # 'a' (2048 bytes at 0) cut short; 'b' starts past the end
+    with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
+        jaxckpt.restore(f"{url}/d", target={"a": np.zeros(256, np.int64)}, partial=True, storage_options=opts)
+    assert str(e.value) == (f"{where}: truncated: the manifest records {size} bytes, the object ends at byte 1000 "
+                            "(leaf 'a')")
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=re.escape(
+            f"{where}: truncated: the manifest records {size} bytes, the object ends at or before byte ")):
+        jaxckpt.restore(f"{url}/d", target={"b": np.zeros(1000, np.float32)}, partial=True, storage_options=opts)
+    objs.delete(data_key)
+    with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
+        jaxckpt.restore(f"{url}/d", target={"a": np.zeros(256, np.int64)}, partial=True, storage_options=opts)
+    assert str(e.value) == f"{where}: data object missing (the manifest names it) (leaf 'a')"
+    # The manifest gone too, after the reader read it: the checkpoint was deleted (a rotation) mid-restore.
+    with CheckpointReader(f"{url}/d", storage_options=opts) as r:
+        objs.delete("d/manifest.msgpack")
+        with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
+            r.read([(r.by_path["a"], None)])
+    assert str(e.value) == f"{where}: the checkpoint was deleted while being read (leaf 'a')"
+    with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
+        jaxckpt.restore(f"{url}/d", storage_options=opts)
+    assert str(e.value) == f"{url}/d: no committed checkpoint here (manifest.msgpack is missing)"
 
 
 def test_the_manifest_commit_is_a_conditional_create(bucket):
@@ -427,6 +466,9 @@ def test_requests_scale_with_bytes_not_leaves(store, bucket):
     assert all(same(out[k], tree[k]) for k in tree)
     assert sum(saved.values()) <= 12, saved  # exists check, marker, data upload, manifest, cleanup
     assert sum(read.values()) <= 12, read
+    # One HEAD: the format detection of jaxckpt.restore (is a manifest there?); the reader's
+    # manifest GET and its data objects' opens send no HEAD of their own.
+    assert read.get("HEAD", 0) == 1, read
 
 
 def test_transient_server_errors_are_retried(store, bucket):

@@ -172,3 +172,26 @@ def test_two_processes_restore_only_the_byte_ranges_they_need(gcs, tmp_path):
     objservers.make_gcs_bucket(gcs.endpoint, mh.BUCKET)
     env = {"OBJSTORE_TEST_SCHEME": "gs", "STORAGE_EMULATOR_HOST": gcs.endpoint}
     mh.check_reads_only_its_half(mh.run_job(None, "restore", tmp_path, env=env))
+
+
+def test_missing_and_short_data_objects_on_gcs_are_named_by_the_reads(gcs, bucket):
+    """No HEAD per data object: the GETs that need its bytes find a short or
+    missing one (fake-gcs answers a range past the end with 416)."""
+    url, opts, name = bucket
+    jaxckpt.save(f"{url}/d", {"a": np.arange(256, dtype=np.int64), "b": np.arange(1000, dtype=np.float32)},
+                 storage_options=opts)
+    (data_key,) = [k for k in names(gcs, name, "d/") if "data-" in k]
+    blob = objservers.gcs_client(gcs.endpoint).bucket(name).blob(data_key)
+    body, where = blob.download_as_bytes(), f"{url}/{data_key}"
+    blob.upload_from_string(body[:1000])
+    with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
+        jaxckpt.restore(f"{url}/d", target={"a": np.zeros(256, np.int64)}, partial=True, storage_options=opts)
+    assert str(e.value) == (f"{where}: truncated: the manifest records {len(body)} bytes, the object ends at "
+                            "byte 1000 (leaf 'a')")
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=re.escape(
+            f"{where}: truncated: the manifest records {len(body)} bytes, the object ends at or before byte ")):
+        jaxckpt.restore(f"{url}/d", target={"b": np.zeros(1000, np.float32)}, partial=True, storage_options=opts)
+    blob.delete()
+    with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
+        jaxckpt.restore(f"{url}/d", storage_options=opts)
+    assert str(e.value) == f"{where}: data object missing (the manifest names it) (leaves 'a' .. 'b')"

@@ -6,13 +6,12 @@ listed with os, not with jaxckpt."""
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import layout, posix, storage
+from jaxckpt import layout, storage
 from jaxckpt.reader import CheckpointReader
 
 
@@ -56,22 +55,6 @@ def test_a_split_save_restores_bit_exactly_whole_and_partially(tmp_path, split, 
                                            tree["a"] + tree["small"] + [tree["big"]])) and out["step"] == 4
     part = jaxckpt.restore(tmp_path / "ck", {"big": np.zeros(40_000, np.uint8)}, partial=True, encryption_key=key)
     assert _same(part["big"], tree["big"])
-
-
-def test_the_data_files_of_a_restore_are_opened_in_parallel(tmp_path, split, monkeypatch):
-    # Each open is a round trip on an object store: two must be in flight at
-    # once (the barrier breaks, and the restore fails, if they run one by one).
-    jaxckpt.save(tmp_path / "ck", _tree())
-    barrier = threading.Barrier(2, timeout=10)
-    opened = posix.PosixSource.open_data
-
-    def open_data(self, name, size):
-        barrier.wait()
-        return opened(self, name, size)
-
-    monkeypatch.setattr(posix.PosixSource, "open_data", open_data)
-    out = jaxckpt.restore(tmp_path / "ck")
-    assert _same(out["big"], _tree()["big"])
 
 
 def test_a_missing_file_of_a_split_checkpoint_names_the_file_and_a_leaf(tmp_path, split):
