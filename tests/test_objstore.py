@@ -461,6 +461,12 @@ def test_requests_scale_with_bytes_not_leaves(store, bucket):
         saved = dict(proxy.counts)
         out = jaxckpt.restore(f"{url}/w2", storage_options=popts)
         read = {k: proxy.counts.get(k, 0) - saved.get(k, 0) for k in proxy.counts}
+        with jaxckpt.CheckpointManager(f"{url}/mgr", storage_options=popts) as mgr:
+            mgr.save(7, {"w": tree["l0"], "b": tree["l1"]})
+        before = dict(proxy.counts)
+        with jaxckpt.CheckpointManager(f"{url}/mgr", read_only=True, storage_options=popts) as mgr:
+            back = mgr.restore()
+        by_manager = {k: proxy.counts.get(k, 0) - before.get(k, 0) for k in proxy.counts}
     finally:
         proxy.stop()
     assert all(same(out[k], tree[k]) for k in tree)
@@ -469,6 +475,9 @@ def test_requests_scale_with_bytes_not_leaves(store, bucket):
     # One HEAD: the format detection of jaxckpt.restore (is a manifest there?); the reader's
     # manifest GET and its data objects' opens send no HEAD of their own.
     assert read.get("HEAD", 0) == 1, read
+    # A manager lists its steps and reads the latest: GETs alone.
+    assert same(back["w"], tree["l0"]) and same(back["b"], tree["l1"])
+    assert set(k for k, v in by_manager.items() if v) == {"GET"}, by_manager
 
 
 def test_transient_server_errors_are_retried(store, bucket):
