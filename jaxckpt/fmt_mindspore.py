@@ -1,4 +1,5 @@
-"""MindSpore ``.ckpt`` files, read and written by hand: no protobuf, no MindSpore.
+"""MindSpore ``.ckpt`` files, read by hand (written by :mod:`jaxckpt.fmt_mindspore_write`): no protobuf, no
+MindSpore.
 
 The format, from MindSpore 2.x's ``checkpoint.proto`` and ``train/serialization.py``, checked against files
 MindSpore 2.10 writes (``tests/data/mindspore/make.py``): a plain file is the proto2 encoding of ``Checkpoint
@@ -23,14 +24,14 @@ import codecs
 import contextlib
 import math
 import zlib
-from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Iterator, NamedTuple
 
 import ml_dtypes
 import numpy as np
 
 from jaxckpt import storage
 from jaxckpt.errors import CorruptCheckpointError, DecryptionError, UnsupportedValueError
-from jaxckpt.fmt_mindspore_crypto import BLOCK_BYTES, MODE_OF, BlockReader, BlockWriter, check_enc_options, check_key
+from jaxckpt.fmt_mindspore_crypto import MODE_OF, BlockReader, check_key
 
 # Hard caps on what is read from disk.
 MAX_FILE_BYTES = 1 << 44  # 16 TiB
@@ -41,13 +42,13 @@ MAX_TYPE_BYTES = 32  # a tensor_type name
 MAX_NDIM = 64  # numpy's own limit
 SLICE_BYTES = 512 << 20  # MindSpore's SLICE_SIZE: parameters above it are stored in slices
 
-_CRC_MARK, _TRAILER = b"crc_num", 17
+CRC_MARK, CRC_TRAILER = b"crc_num", 17  # the crc_check trailer: the mark, then 10 bytes of CRC-32
 _LOOKAHEAD = 1 << 16  # bytes the reader buffers ahead for varints and small records
-_TYPES = {name: np.dtype(t) for name, t in (
+TYPES = {name: np.dtype(t) for name, t in (
     ("Bool", np.bool_), ("Int8", np.int8), ("Int16", np.int16), ("Int32", np.int32), ("Int64", np.int64),
     ("UInt8", np.uint8), ("UInt16", np.uint16), ("UInt32", np.uint32), ("UInt64", np.uint64),
     ("Float16", np.float16), ("Float32", np.float32), ("Float64", np.float64), ("BFloat16", ml_dtypes.bfloat16))}
-_TYPE_OF = {dtype: name for name, dtype in _TYPES.items()}
+TYPE_OF = {dtype: name for name, dtype in TYPES.items()}
 # Type names we know but do not read: packed 4-bit ints; complex, which MindSpore saves but cannot load.
 _UNREAD = ("Int4", "Complex64", "Complex128")
 
@@ -98,17 +99,6 @@ def _fields(mv: memoryview) -> Iterator[tuple[int, int, Any]]:
                 raise _Bad(f"a field of {n} bytes where {end - pos} remain")
             value, pos = mv[pos:pos + n], pos + n
         yield field, wire, value
-
-
-def _uvarint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
-    return bytes(out + bytes([n]))
-
-
-def _len_field(field: int, data: bytes) -> bytes:
-    return _uvarint(field << 3 | 2) + _uvarint(len(data)) + data
 
 
 # --------------------------------------------------------------------- records
@@ -187,8 +177,8 @@ class _Tensor:
             if rec.dims != (0,) or len(rec.content) % 4:
                 raise _Bad(f"a str with dims {list(rec.dims)} and {len(rec.content)} bytes", rec.tag)
             self.dtype, self.shape, self.nbytes = np.dtype(f"<U{len(rec.content) // 4}"), (), len(rec.content)
-        elif rec.ttype in _TYPES:
-            self.dtype, self.shape = _TYPES[rec.ttype], () if rec.dims == (0,) else rec.dims
+        elif rec.ttype in TYPES:
+            self.dtype, self.shape = TYPES[rec.ttype], () if rec.dims == (0,) else rec.dims
             self.nbytes = math.prod(self.shape) * self.dtype.itemsize
         else:
             known = rec.ttype in _UNREAD
@@ -240,18 +230,18 @@ class _PlainSource:
 
 def _check_crc(f: BinaryIO, size: int, where: str) -> int:
     """The size of the data before a crc trailer (all of it if there is none), once the CRC-32 matches."""
-    f.seek(max(0, size - _TRAILER))
-    tail = f.read(_TRAILER)
-    if len(tail) < _TRAILER or tail[:7] != _CRC_MARK:
+    f.seek(max(0, size - CRC_TRAILER))
+    tail = f.read(CRC_TRAILER)
+    if len(tail) < CRC_TRAILER or tail[:7] != CRC_MARK:
         return size
     f.seek(0)
-    crc, left = 0, size - _TRAILER
+    crc, left = 0, size - CRC_TRAILER
     while left and (chunk := f.read(min(left, 1 << 22))):
         crc, left = zlib.crc32(chunk, crc), left - len(chunk)
     if crc != int.from_bytes(tail[7:], "big"):
         raise CorruptCheckpointError(f"{where}: CRC-32 mismatch: the trailer says {tail[7:].hex()}, the content "
                                      f"gives {crc:#010x}; the file is damaged")
-    return size - _TRAILER
+    return size - CRC_TRAILER
 
 
 # --------------------------------------------------------------------- the record stream
@@ -403,81 +393,3 @@ def describe(path, *, dec_key: bytes | None = None, dec_mode: str = "AES-GCM") -
     is read, and decrypted, one record at a time) but without building the arrays."""
     with _opened(path, dec_key, dec_mode) as stream:
         return list(_tensors(stream, build=False))
-
-
-# --------------------------------------------------------------------- writing
-def _tensor_parts(name: str, value: Any) -> tuple[bytes, list[int], memoryview]:
-    """tensor_type, dims and little-endian content of one value, as MindSpore stores them."""
-    arr = np.asarray(value)
-    if arr.dtype.kind == "U":
-        if arr.ndim:
-            raise UnsupportedValueError(f"{name!r}: MindSpore stores a str as one value, not shape {arr.shape}")
-        return b"str", [0], memoryview(np.array(str(arr.item())).tobytes())
-    ttype = _TYPE_OF.get(arr.dtype.newbyteorder("="))
-    if ttype is None:
-        raise UnsupportedValueError(f"{name!r}: dtype {arr.dtype} cannot be stored in a MindSpore checkpoint; "
-                                    f"it holds {', '.join(str(t) for t in _TYPE_OF)} and str")
-    if arr.shape == (0,):
-        raise UnsupportedValueError(f"{name!r}: shape (0,) is stored as dims [0], which MindSpore reads as 0-d")
-    data = np.asarray(arr, dtype=arr.dtype.newbyteorder("<"), order="C")
-    return ttype.encode(), list(arr.shape), memoryview(data.reshape(-1).view(np.uint8))
-
-
-def _encode(name: str, value: Any, slice_bytes: int) -> Iterator[bytes | memoryview]:
-    """The top-level records of one parameter, as pieces to be written in order (content is not copied)."""
-    try:
-        tag = name.encode("utf-8")
-    except (AttributeError, UnicodeEncodeError) as e:
-        raise UnsupportedValueError(f"key {name!r}: a MindSpore name is a str of UTF-8") from e
-    if not 0 < len(tag) <= MAX_TAG_BYTES:
-        raise UnsupportedValueError(f"key {name[:80]!r}: {len(tag)} bytes of UTF-8, outside 1..{MAX_TAG_BYTES}")
-    ttype, dims, content = _tensor_parts(name, value)
-    item = _TYPES[ttype.decode()].itemsize if ttype != b"str" else 0  # MindSpore cannot read a sliced str
-    step = max(item, slice_bytes // item * item) if item else max(len(content), 1)
-    head = b"".join(b"\x08" + _uvarint(d) for d in dims) + _len_field(2, ttype)
-    for start in range(0, max(len(content), 1), step):
-        piece = content[start:start + step]
-        tensor = head + b"\x1a" + _uvarint(len(piece))
-        record = _len_field(1, tag) + b"\x12" + _uvarint(len(tensor) + len(piece)) + tensor
-        yield b"\x0a" + _uvarint(len(record) + len(piece)) + record
-        yield piece
-
-
-def _write_records(f: BinaryIO, items: Iterable[tuple[str, Any]], enc_key: bytes | None, enc_mode: str,
-                   slice_bytes: int, block_bytes: int) -> int:
-    """Every record to ``f``, plain or encrypted; returns the CRC-32 of the bytes written (if plain)."""
-    cipher = BlockWriter(f, enc_key, enc_mode, block_bytes) if enc_key is not None else None
-    crc, names = 0, set()
-    for name, value in items:
-        if isinstance(name, str) and name in names:
-            raise UnsupportedValueError(f"key {name!r} appears twice")
-        for piece in _encode(name, value, slice_bytes):
-            if cipher is None:
-                f.write(piece)
-                crc = zlib.crc32(piece, crc)
-            else:
-                cipher.write(piece)
-        names.add(name)
-    if cipher is not None:
-        cipher.flush()
-    return crc
-
-
-def write(path, items: Iterable[tuple[str, Any]], *, enc_key: bytes | None = None, enc_mode: str = "AES-GCM",
-          crc_check: bool = False, slice_bytes: int = SLICE_BYTES, block_bytes: int = BLOCK_BYTES) -> None:
-    """Write ``(name, array)`` pairs as a checkpoint that ``mindspore.load_checkpoint`` reads: arrays of bool,
-    (u)int8-64, float16/32/64, bfloat16 (any shape but ``(0,)``) and 0-d str; anything else raises
-    :class:`UnsupportedValueError` naming the key. ``enc_key`` (16/24/32 bytes; 16 for SM4-CBC) encrypts with
-    ``enc_mode``; ``crc_check`` appends MindSpore's CRC-32 trailer (not with ``enc_key``). Slices of
-    ``slice_bytes`` and blocks of ``block_bytes``, as MindSpore's. ``path``: a local path or a URL, written
-    atomically (``storage.write_file``): a reader never sees a partial file."""
-    if enc_key is not None:
-        check_enc_options(enc_key, enc_mode, block_bytes, crc_check)
-    if not 1 <= slice_bytes <= 1 << 30:
-        raise ValueError("slice_bytes must be in 1..2**30")
-
-    def fill(f: BinaryIO) -> None:
-        crc = _write_records(f, items, enc_key, enc_mode, slice_bytes, block_bytes)
-        if crc_check:
-            f.write(_CRC_MARK + crc.to_bytes(10, "big"))
-    storage.write_file(path, fill)

@@ -69,6 +69,17 @@ def _encrypt_block(kit, mode: str, key: bytes, plain: bytes) -> bytes:
     return b"".join((i32(MAGIC[mode]), tag, i32(24 + len(ct)), i32(_IV), iv, i32(len(ct)), ct))
 
 
+def sealed_size(plain: int, mode: str, block_bytes: int) -> int:
+    """The bytes ``BlockWriter`` writes for ``plain`` bytes of plaintext: full
+    blocks of ``block_bytes``, the last one short (``_encrypt_block``'s framing:
+    magic, GCM tag, sizes, IV; CBC pads each block to whole 16-byte blocks)."""
+    def sealed(n: int) -> int:
+        gcm = mode == "AES-GCM"
+        return 32 + (_TAG if gcm else 0) + (n if gcm else (n // 16 + 1) * 16)
+    full, rest = divmod(plain, block_bytes)
+    return full * sealed(block_bytes) + (sealed(rest) if rest else 0)
+
+
 def check_key(where: str, dec_key: bytes | None, dec_mode: str, mode: str) -> None:
     """DecryptionError unless ``dec_key`` and ``dec_mode`` can decrypt a file encrypted with ``mode``."""
     if dec_key is None:

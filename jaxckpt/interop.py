@@ -292,9 +292,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
     ``encryption_key``: the key of an encrypted jaxckpt ``src``, and of a
     jaxckpt ``dst`` (encrypted with it); ``new_encryption_key``: encrypt a
     jaxckpt ``dst`` with this key instead (key rotation: nothing is written
-    in plaintext). ``storage_options``: the client's options for ``src`` and,
-    unless ``dst_storage_options`` is given, for ``dst`` too (two stores, e.g.
-    s3:// to gs://, take one dict each)."""
+    in plaintext). ``storage_options``: for ``src``, and for ``dst`` too unless
+    ``dst_storage_options`` is given (s3:// to gs://: one dict each)."""
     dst_key = _destination_key(to, enc_key, encryption_key, new_encryption_key)
     src = storage.Location.parse(src, storage_options)  # each side keeps its own options from here on
     dst = storage.Location.parse(dst, storage_options if dst_storage_options is None else dst_storage_options)
@@ -309,13 +308,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
                                    _total_bytes(src, src_fmt, encryption_key),
                                    enabled=progress, min_bytes=progress_mod.AUTO_MIN_BYTES) as bar:
         items = _counted(items, bar)
-        plain = ((k, _plain(k, v, to)) for k, v in items)
+        plain, layout = _laid_out(src, src_fmt, to, ((k, _plain(k, v, to)) for k, v in items), dec_key, dec_mode)
         if to == "mindspore":
-            _module("mindspore").write(out, plain, enc_key=enc_key, enc_mode=enc_mode)
-        elif to == "safetensors" and src_fmt in ("mindspore", "safetensors", "flax"):
-            info = inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode)
-            _module("safetensors").write_streamed(out, [(x.path, x.dtype, x.shape) for x in info.leaves], plain,
-                                                  in_order=True)  # iter_tensors and describe: both file order
+            from jaxckpt import fmt_mindspore_write
+
+            fmt_mindspore_write.write(out, plain, enc_key=enc_key, enc_mode=enc_mode, layout=layout)
+        elif to == "safetensors" and layout is not None:
+            _module("safetensors").write_streamed(out, layout, plain, in_order=True)
         elif to == "safetensors":  # jaxckpt / orbax values: mapped files / one restore, not streamed
             _module("safetensors").write(out, list(plain),
                                          metadata=_carried_metadata(src, src_fmt, encryption_key))
@@ -326,6 +325,24 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
             checkpointer.save_sync(dst, tree, encryption_key=dst_key)
         else:
             checkpointer.save_sync(dst, _nested(dict(items)), encryption_key=dst_key)
+
+
+def _laid_out(src: storage.Location, src_fmt: str, to: str, plain: Iterator[tuple[str, np.ndarray]],
+              dec_key: Any, dec_mode: str) -> tuple[Iterable[tuple[str, np.ndarray]], list | None]:
+    """The values to write and, for a tensor-file destination, their (name, dtype,
+    shape) in the order they come: with it the file is written front to back and a
+    bucket streams it up. A file source's come from ``describe`` (in ``iter_tensors``'
+    order, one tensor in memory at a time); a checkpoint's values, all at hand (mapped
+    or read), give their own. Layout None: safetensors from a checkpoint (``write``)."""
+    if to not in ("mindspore", "safetensors"):
+        return plain, None
+    if src_fmt in ("mindspore", "safetensors", "flax"):
+        info = inspect(src, format=src_fmt, dec_key=dec_key, dec_mode=dec_mode)
+        return plain, [(x.path, x.dtype, x.shape) for x in info.leaves]
+    if to == "safetensors":
+        return plain, None
+    values = list(plain)
+    return values, [(k, v.dtype, v.shape) for k, v in values]
 
 
 def _destination_key(to: str, enc_key: Any, encryption_key: Any, new_encryption_key: Any) -> Any:

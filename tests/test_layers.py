@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"storage", "posix", "posixdirs", "posixfs", "lock",
      "objclient", "objfiles", "objstore", "objlock", "obstoreclient", "s3client", "azclient", "awsprofile", "gcsclient", "gcsread",
      "gcsupload"},  # bytes <-> files (objects), the commit
-    {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
+    {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_mindspore_write", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
     {"layout", "manifests", "writer", "readplan", "reader", "placement", "localcopy"},  # thread pools; host -> device
     {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
     {"interop"},                                       # every format behind the public functions, convert

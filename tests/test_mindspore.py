@@ -15,6 +15,7 @@ import pytest
 
 from jaxckpt import fmt_mindspore as ms
 from jaxckpt import fmt_mindspore_crypto as crypto
+from jaxckpt import fmt_mindspore_write as msw
 from jaxckpt.errors import (CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DecryptionError,
                             UnsupportedValueError)
 
@@ -126,7 +127,7 @@ ROUND_TRIPS = [{}, {"crc_check": True}, {"slice_bytes": 7}, {"slice_bytes": 64, 
                                                                       for k, v in kw.items()) or "plain")
 def test_round_trip_every_dtype(tmp_path, kw):
     path, vals = tmp_path / "x.ckpt", _values()
-    ms.write(path, vals.items(), **kw)
+    msw.write(path, vals.items(), **kw)
     dec = {"dec_key": kw["enc_key"], "dec_mode": kw["enc_mode"]} if "enc_key" in kw else {}
     got = ms.read(path, **dec)
     _same(got, vals)
@@ -137,6 +138,57 @@ def test_round_trip_every_dtype(tmp_path, kw):
     assert not [p for p in os.listdir(tmp_path) if p != "x.ckpt"]  # the temporary file is gone
 
 
+@pytest.mark.parametrize("kw", ROUND_TRIPS, ids=lambda kw: ",".join(f"{k}={v if k != 'enc_key' else len(v)}"
+                                                                      for k, v in kw.items()) or "plain")
+def test_a_layout_gives_the_exact_size_before_the_first_byte(tmp_path, kw, monkeypatch):
+    """With ``layout`` the writer announces the file's size (what lets a bucket
+    stream it up); the bytes are those written without it (same size and
+    content when encrypted: the IVs differ)."""
+    vals = {k: v for k, v in _values().items() if k != "note"}
+    layout = [(k, np.asarray(v).dtype, np.asarray(v).shape) for k, v in vals.items()]
+    sizes, write_file = [], msw.storage.write_file
+    monkeypatch.setattr(msw.storage, "write_file", lambda p, fill, size=None: (sizes.append(size),
+                                                                               write_file(p, fill, size))[1])
+    msw.write(tmp_path / "plain.ckpt", vals.items(), **kw)
+    msw.write(tmp_path / "laid.ckpt", vals.items(), layout=layout, **kw)
+    plain, laid = (tmp_path / "plain.ckpt").read_bytes(), (tmp_path / "laid.ckpt").read_bytes()
+    assert sizes == [None, len(laid)] and len(plain) == len(laid)
+    if "enc_key" not in kw:
+        assert plain == laid
+    else:
+        _same(ms.read(tmp_path / "laid.ckpt", dec_key=kw["enc_key"], dec_mode=kw["enc_mode"]), vals)
+    # A str's bytes depend on its value: a layout holding one announces no size (the file is staged).
+    notes = [("w", np.arange(3.0)), ("note", np.array("héllo ✓"))]
+    msw.write(tmp_path / "note.ckpt", notes, layout=[(k, v.dtype, v.shape) for k, v in notes], **kw)
+    assert sizes[-1] is None
+
+
+def test_items_that_differ_from_the_layout_write_nothing(tmp_path):
+    items = [("a", np.zeros(4, np.float32)), ("b", np.ones((2, 2), np.int8))]
+    layout = [("a", "float32", (4,)), ("b", "int8", (2, 2))]
+    for bad, why in [(layout[::-1], "tensor 'a' (float32[4]) came where the layout announced 'b' (int8[2, 2])"),
+                     ([("a", "float32", (4,)), ("b", "int8", (4,))],
+                      "tensor 'b' (int8[2, 2]) came where the layout announced 'b' (int8[4])"),
+                     (layout[:1], "tensor 'b' (int8[2, 2]) came where the layout announced nothing more"),
+                     (layout + [("c", "bool", ())], "tensors never given: ['c']")]:
+        with pytest.raises(UnsupportedValueError) as e:
+            msw.write(tmp_path / "x.ckpt", items, layout=bad)
+        assert str(e.value) == why
+        assert os.listdir(tmp_path) == []  # neither the file nor a temporary one
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_sealed_size_is_what_the_block_writer_writes(mode):
+    import io
+    for block in (16, 100, 4096):
+        for n in (0, 1, 15, 16, 17, block - 1, block, block + 1, 3 * block + 5):
+            f = io.BytesIO()
+            w = crypto.BlockWriter(f, bytes(16), mode, block)
+            w.write(bytes(n))
+            w.flush()
+            assert crypto.sealed_size(n, mode, block) == len(f.getvalue()), (block, n)
+
+
 def test_many_records_across_read_buffers(tmp_path):
     """Records and varints straddle the reader's 64 KiB look-ahead and the encrypted blocks."""
     rng = np.random.default_rng(0)
@@ -145,7 +197,7 @@ def test_many_records_across_read_buffers(tmp_path):
     vals["big"] = rng.normal(size=70_000)
     for kw, dec in (({}, {}), ({"crc_check": True}, {}), ({"enc_key": bytes(16), "block_bytes": 40_000},
                                                            {"dec_key": bytes(16)})):
-        ms.write(tmp_path / "m.ckpt", vals.items(), slice_bytes=100_000, **kw)
+        msw.write(tmp_path / "m.ckpt", vals.items(), slice_bytes=100_000, **kw)
         _same(ms.read(tmp_path / "m.ckpt", **dec), {k: v for k, v in vals.items()})
 
 
@@ -153,7 +205,7 @@ def test_many_records_across_read_buffers(tmp_path):
 def test_varint_across_the_look_ahead(tmp_path, left):
     """A first record that leaves ``left`` bytes of the first look-ahead: the next key and length straddle it."""
     n = ms._LOOKAHEAD - left - 26  # 26: the framing of a record with a 1-byte tag and 3-byte varints
-    ms.write(tmp_path / "v.ckpt", [("a", np.ones(n, np.uint8)), ("b", np.arange(3, dtype=np.int64))])
+    msw.write(tmp_path / "v.ckpt", [("a", np.ones(n, np.uint8)), ("b", np.arange(3, dtype=np.int64))])
     data = (tmp_path / "v.ckpt").read_bytes()
     assert data[ms._LOOKAHEAD - left:ms._LOOKAHEAD - left + 1] == b"\x0a"
     got = ms.read(tmp_path / "v.ckpt")
@@ -163,7 +215,7 @@ def test_varint_across_the_look_ahead(tmp_path, left):
 def test_writer_normalises_inputs(tmp_path):
     vals = {"be": np.arange(6, dtype=">i4").reshape(2, 3), "strided": np.arange(40.0).reshape(5, 8)[::2, 1::3],
             "fortran": np.asfortranarray(np.arange(6, dtype=np.int8).reshape(2, 3)), "py": 3, "s": "x"}
-    ms.write(tmp_path / "x.ckpt", vals.items())
+    msw.write(tmp_path / "x.ckpt", vals.items())
     got = ms.read(tmp_path / "x.ckpt")
     assert got["be"].dtype == np.int32 and got["be"].tolist() == vals["be"].tolist()
     assert got["strided"].tolist() == vals["strided"].tolist() and got["fortran"].tolist() == vals["fortran"].tolist()
@@ -200,7 +252,7 @@ def _tiny_decode(buf: bytes) -> list[tuple[str, list[int], str, bytes]]:
 
 
 def test_layout_by_an_independent_decoder(tmp_path):
-    ms.write(tmp_path / "x.ckpt", [("w", np.arange(6, dtype=np.float32).reshape(2, 3)), ("s", np.int64(-5)),
+    msw.write(tmp_path / "x.ckpt", [("w", np.arange(6, dtype=np.float32).reshape(2, 3)), ("s", np.int64(-5)),
                                    ("t", np.array("ab")), ("sl", np.arange(30, dtype=np.int16))], slice_bytes=24)
     with open(tmp_path / "x.ckpt", "rb") as f:
         recs = _tiny_decode(f.read())
@@ -227,7 +279,7 @@ def test_layout_by_protobuf_itself(tmp_path):
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
     Checkpoint = message_factory.GetMessageClass(pool.FindMessageTypeByName("jaxckpt_test.Checkpoint"))
-    ms.write(tmp_path / "x.ckpt", [("a.b", np.arange(4, dtype=np.uint8)), ("c", np.float64(2.0))])
+    msw.write(tmp_path / "x.ckpt", [("a.b", np.arange(4, dtype=np.uint8)), ("c", np.float64(2.0))])
     ckpt = Checkpoint.FromString((tmp_path / "x.ckpt").read_bytes())
     assert [(v.tag, list(v.tensor.dims), v.tensor.tensor_type, v.tensor.tensor_content) for v in ckpt.value] == \
         [("a.b", [4], "UInt8", b"\0\1\2\3"), ("c", [], "Float64", np.float64(2.0).tobytes())]
@@ -246,13 +298,13 @@ def test_layout_by_protobuf_itself(tmp_path):
     (np.array(["a", "b"]), "str only as a single value")])
 def test_writer_refuses_what_mindspore_cannot_hold(tmp_path, value, what):
     with pytest.raises(UnsupportedValueError, match=f"'bad'.*{what}|{what}.*'bad'|'bad'"):
-        ms.write(tmp_path / "x.ckpt", [("ok", np.ones(2)), ("bad", value)])
+        msw.write(tmp_path / "x.ckpt", [("ok", np.ones(2)), ("bad", value)])
     assert not os.listdir(tmp_path)  # nothing half-written is left, not even the temporary file
 
 
 def test_writer_is_atomic_and_checks_options(tmp_path):
     path = tmp_path / "x.ckpt"
-    ms.write(path, [("a", np.ones(3))])
+    msw.write(path, [("a", np.ones(3))])
     before = path.read_bytes()
 
     def failing():
@@ -260,23 +312,23 @@ def test_writer_is_atomic_and_checks_options(tmp_path):
         raise RuntimeError("source failed")
 
     with pytest.raises(RuntimeError):
-        ms.write(path, failing())
+        msw.write(path, failing())
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["x.ckpt"]
     for bad in ([("a", 1), ("a", 2)], [(3, np.ones(1))], [("", np.ones(1))]):
         with pytest.raises(UnsupportedValueError):
-            ms.write(path, bad)
+            msw.write(path, bad)
     for kw in ({"enc_key": b"k" * 15}, {"enc_key": "k" * 16}, {"enc_key": b"k" * 24, "enc_mode": "SM4-CBC"},
                {"enc_key": b"k" * 16, "enc_mode": "AES-CTR"}, {"enc_key": b"k" * 16, "crc_check": True},
                {"slice_bytes": 0}, {"enc_key": b"k" * 16, "block_bytes": 65 << 20}):
         with pytest.raises(ValueError):
-            ms.write(path, [("a", np.ones(1))], **kw)
+            msw.write(path, [("a", np.ones(1))], **kw)
     assert path.read_bytes() == before
 
 
 # --------------------------------------------------------------------- keys and modes
 def _enc_file(tmp_path, mode="AES-GCM", n=16, **kw):
     path = tmp_path / f"{mode}.ckpt"
-    ms.write(path, [("w", np.arange(50, dtype=np.float32)), ("b", np.int32(3))], enc_key=bytes(range(n)),
+    msw.write(path, [("w", np.arange(50, dtype=np.float32)), ("b", np.int32(3))], enc_key=bytes(range(n)),
              enc_mode=mode, **kw)
     return path, bytes(range(n))
 
@@ -295,7 +347,7 @@ def test_key_errors(tmp_path, mode):
         ms.read(path, dec_key=key, dec_mode=other)
     with pytest.raises(ValueError):
         ms.read(path, dec_key=key, dec_mode="AES-XYZ")
-    ms.write(tmp_path / "plain.ckpt", [("a", np.ones(1))])
+    msw.write(tmp_path / "plain.ckpt", [("a", np.ones(1))])
     with pytest.raises(DecryptionError, match="not encrypted"):
         ms.read(tmp_path / "plain.ckpt", dec_key=key, dec_mode=mode)
 
@@ -303,7 +355,7 @@ def test_key_errors(tmp_path, mode):
 @pytest.mark.parametrize("mode", MODES)
 def test_wrong_key_is_found_on_the_first_block(tmp_path, mode, monkeypatch):
     path = tmp_path / "big.ckpt"
-    ms.write(path, [("w", np.zeros(1 << 20, np.float32))], enc_key=bytes(16), enc_mode=mode, block_bytes=1 << 16)
+    msw.write(path, [("w", np.zeros(1 << 20, np.float32))], enc_key=bytes(16), enc_mode=mode, block_bytes=1 << 16)
     calls = []
     real = crypto._decrypt_block
     monkeypatch.setattr(crypto, "_decrypt_block", lambda *a: calls.append(1) or real(*a))
@@ -318,7 +370,7 @@ def test_missing_file_and_missing_cryptography(tmp_path, monkeypatch):
     path, key = _enc_file(tmp_path)
     for mod in [m for m in sys.modules if m == "cryptography" or m.startswith("cryptography.")]:
         monkeypatch.setitem(sys.modules, mod, None)
-    for call in (lambda: ms.read(path, dec_key=key), lambda: ms.write(tmp_path / "e.ckpt", [], enc_key=key)):
+    for call in (lambda: ms.read(path, dec_key=key), lambda: msw.write(tmp_path / "e.ckpt", [], enc_key=key)):
         with pytest.raises(UnsupportedValueError, match=r"pip install 'jaxckpt\[mindspore\]'"):
             call()
 
@@ -326,7 +378,7 @@ def test_missing_file_and_missing_cryptography(tmp_path, monkeypatch):
 # --------------------------------------------------------------------- damage
 def _small(tmp_path, **kw):
     path = tmp_path / "s.ckpt"
-    ms.write(path, [("a", np.arange(3, dtype=np.int16)), ("bb", np.float32(1.5)), ("c", np.array([True, False]))],
+    msw.write(path, [("a", np.arange(3, dtype=np.int16)), ("bb", np.float32(1.5)), ("c", np.array([True, False]))],
              **kw)
     return path, path.read_bytes()
 
@@ -519,7 +571,7 @@ def test_unknown_fields_are_skipped(tmp_path):
 
 def test_iter_tensors_streams(tmp_path):
     path = tmp_path / "s.ckpt"
-    ms.write(path, [("a", np.ones(4)), ("b", np.zeros(4))])
+    msw.write(path, [("a", np.ones(4)), ("b", np.zeros(4))])
     path.write_bytes(path.read_bytes()[:-3])  # the second tensor is truncated
     it = ms.iter_tensors(path)
     name, arr = next(it)  # the first comes before the damage is seen

@@ -20,7 +20,7 @@ from flax import serialization
 import azservers
 import jaxckpt
 import objservers
-from jaxckpt import cli, fmt_mindspore, fmt_safetensors, storage
+from jaxckpt import cli, fmt_mindspore_write, fmt_safetensors, storage
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -158,10 +158,16 @@ def test_safetensors_and_flax_files_restore_and_load_into_a_target(store, tmp_pa
 
 # ----------------------------------------------------------------------------- converting and writing
 @pytest.mark.parametrize("to, suffix", [("safetensors", ".safetensors"), ("mindspore", ".ckpt")])
-def test_convert_writes_the_same_bytes_into_a_bucket_as_to_disk(store, tmp_path, to, suffix):
+def test_convert_writes_the_same_bytes_into_a_bucket_as_to_disk(store, tmp_path, to, suffix, monkeypatch):
+    from jaxckpt import objfiles
+
     tree = sample_tree()
     jaxckpt.save(tmp_path / "ck", tree)
     jaxckpt.convert(tmp_path / "ck", tmp_path / f"out{suffix}", to=to)
+
+    def no_staging(*a, **kw):
+        raise AssertionError("a checkpoint's values are at hand: the file streams up, no temporary file")
+    monkeypatch.setattr(objfiles, "tempfile", types.SimpleNamespace(TemporaryFile=no_staging))
     jaxckpt.convert(tmp_path / "ck", f"{store.url}/exports/out{suffix}", to=to, storage_options=store.options)
     assert store.get(f"exports/out{suffix}") == (tmp_path / f"out{suffix}").read_bytes()
     assert store.keys() == [f"exports/out{suffix}"]  # no temporary object left behind
@@ -399,7 +405,7 @@ def test_a_full_staging_disk_is_named_with_the_fix(store, tmp_path, monkeypatch)
     with pytest.raises(jaxckpt.CheckpointError, match=rf"^{store.url}/big.safetensors: staging the upload in a "
                        rf"temporary file in {tempfile.gettempdir()} failed: \[Errno 28\] No space left on device "
                        r"\(set TMPDIR to a disk with room for the whole file\)$"):
-        fmt_mindspore.write(jaxckpt.storage.Location.parse(f"{store.url}/big.safetensors", store.options),
+        fmt_mindspore_write.write(jaxckpt.storage.Location.parse(f"{store.url}/big.safetensors", store.options),
                             [("w", np.zeros(4096, np.float32))])  # MindSpore's size is known only once written
     assert store.keys() == []
 
@@ -463,3 +469,29 @@ def test_a_conversion_whose_source_is_in_file_order_streams_up(store, monkeypatc
         fmt_safetensors.write_streamed(storage.Location.parse(f"{store.url}/bad.safetensors", store.options),
                                        layout, items, in_order=True)
     assert store.keys() == ["out.safetensors"]
+
+
+@pytest.mark.parametrize("enc", [None, "AES-GCM", "SM4-CBC"])
+def test_a_mindspore_conversion_from_a_file_streams_up(store, monkeypatch, tmp_path, enc):
+    """To MindSpore from a safetensors file: its layout gives the exact size
+    (encrypted too), so the file goes up front to back with no local copy."""
+    from jaxckpt import objfiles
+
+    rng = np.random.default_rng(8)
+    flat = {f"layer{i}.w": rng.standard_normal(3 << 20 >> 2, dtype=np.float32) for i in range(6)}  # 18 MiB
+    flat["norm"] = np.ones(64, ml_dtypes.bfloat16)
+    flat["step"] = np.array(3, np.int64)
+    fmt_safetensors.write(tmp_path / "in.safetensors", flat)
+    key = {"enc_key": bytes(range(16)), "enc_mode": enc} if enc else {}
+    jaxckpt.convert(tmp_path / "in.safetensors", tmp_path / "out.ckpt", to="mindspore", **key)
+
+    def no_staging(*a, **kw):
+        raise AssertionError("a conversion with a known layout must not stage a temporary file")
+    monkeypatch.setattr(objfiles, "tempfile", types.SimpleNamespace(TemporaryFile=no_staging))
+    url = f"{store.url}/ms/out.ckpt"
+    jaxckpt.convert(tmp_path / "in.safetensors", url, to="mindspore", storage_options=store.options, **key)
+    got, local = store.get("ms/out.ckpt"), (tmp_path / "out.ckpt").read_bytes()
+    assert got == local if enc is None else len(got) == len(local)  # encrypted: fresh IVs, the same size
+    dec = {"dec_key": key["enc_key"], "dec_mode": enc} if enc else {}
+    assert same_flat(jaxckpt.load_checkpoint(url, storage_options=store.options, **dec), flat, ordered=False)
+    assert store.keys() == ["ms/out.ckpt"]

@@ -15,7 +15,7 @@ import sys
 import ml_dtypes
 import numpy as np
 
-from jaxckpt import fmt_mindspore
+from jaxckpt import fmt_mindspore, fmt_mindspore_write
 
 
 def values() -> dict[str, np.ndarray]:
@@ -64,7 +64,7 @@ def main(out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     manifest, vals = {}, values()
     for name, (write_kw, load_kw) in CASES.items():
-        fmt_mindspore.write(os.path.join(out_dir, name), vals.items(), **write_kw)
+        fmt_mindspore_write.write(os.path.join(out_dir, name), vals.items(), **write_kw)
         notes = {k: _note(v) for k, v in vals.items()}
         np.savez(os.path.join(out_dir, name + ".npz"), **{k: a for k, (a, _) in notes.items()})
         manifest[name] = {"load_kwargs": {k: v.hex() if isinstance(v, bytes) else v for k, v in load_kw.items()},
@@ -85,7 +85,7 @@ def big(folder: str) -> None:
     if got["big"].tobytes() != want.tobytes() or int(got["s"]) != 3 or len(slices) != 3:
         raise SystemExit(f"MISMATCH reading {path}: records of {slices} bytes")
     print("read MindSpore's", path, "records of", slices, "bytes: bit-exact")
-    fmt_mindspore.write(os.path.join(folder, "ours_big.ckpt"), got.items())
+    fmt_mindspore_write.write(os.path.join(folder, "ours_big.ckpt"), got.items())
 
 
 if __name__ == "__main__":
