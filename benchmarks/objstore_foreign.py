@@ -15,8 +15,10 @@ method reads into fresh memory every round):
   ``load_checkpoint`` of the local copy;
 * write: ``jaxckpt.convert`` to ``url --to safetensors`` of the local file
   and of a local jaxckpt checkpoint of the same tensors (both written front
-  to back, so streamed up with no local copy), against obstore alone putting
-  the same bytes as a 16 MiB-part multipart upload.
+  to back, so streamed up with no local copy), and to ``url --to mindspore``
+  of the local file (streamed too: its layout gives the size; about the same
+  number of bytes), against obstore alone putting the safetensors bytes as a
+  16 MiB-part multipart upload.
 
 Medians of the per-round ratios; results in ``benchmarks/results/<stamp>-objstore-foreign.{json,md}``.
 """
@@ -116,7 +118,8 @@ def run_rounds(srv, local: str, flat: dict, rounds: int) -> dict:
         raise SystemExit("the bucket's file did not read back bit for bit")
     ck = os.path.join(os.path.dirname(local), "ck")
     jaxckpt.save(ck, dict(got))  # the same tensors as a jaxckpt checkpoint, for the export
-    t = {k: [] for k in ("client_get", "jaxckpt_read", "local_read", "client_put", "jaxckpt_write", "jaxckpt_export")}
+    t = {k: [] for k in ("client_get", "jaxckpt_read", "local_read", "client_put", "jaxckpt_write", "jaxckpt_export",
+                         "jaxckpt_mindspore")}
     for _ in range(rounds):
         t["client_get"].append(timed(lambda: alone.get("model.safetensors", size)))
         t["jaxckpt_read"].append(timed(lambda: jaxckpt.load_checkpoint(url, storage_options=opts)))
@@ -126,6 +129,8 @@ def run_rounds(srv, local: str, flat: dict, rounds: int) -> dict:
                                                                to="safetensors", storage_options=opts)))
         t["jaxckpt_export"].append(timed(lambda: jaxckpt.convert(ck, f"s3://{BUCKET}/export.safetensors",
                                                                 to="safetensors", storage_options=opts)))
+        t["jaxckpt_mindspore"].append(timed(lambda: jaxckpt.convert(local, f"s3://{BUCKET}/out.ckpt",
+                                                                   to="mindspore", storage_options=opts)))
     if alone.get("out.safetensors", size).tobytes() != data:
         raise SystemExit("the converted object differs from the local file")
     t.update(run_orbax_rounds(srv, opts, alone, os.path.dirname(local), flat, rounds))
@@ -136,7 +141,8 @@ def run_rounds(srv, local: str, flat: dict, rounds: int) -> dict:
             "read_vs_client": ratio("jaxckpt_read", "client_get"),
             "read_vs_local": ratio("jaxckpt_read", "local_read"),
             "write_vs_client": ratio("jaxckpt_write", "client_put"),
-            "export_vs_client": ratio("jaxckpt_export", "client_put"), "orbax_bytes": orbax_bytes,
+            "export_vs_client": ratio("jaxckpt_export", "client_put"),
+            "mindspore_vs_client": ratio("jaxckpt_mindspore", "client_put"), "orbax_bytes": orbax_bytes,
             "orbax_vs_client": ratio("jaxckpt_orbax", "client_orbax_get"),
             "orbax_vs_local": ratio("jaxckpt_orbax", "orbax_local")}
 
@@ -183,7 +189,8 @@ def render(r: dict) -> str:
             ("jaxckpt.load_checkpoint(local copy)", m["local_read"]),
             ("client alone: multipart put", m["client_put"]),
             ("jaxckpt.convert(local safetensors file, url, to='safetensors')", m["jaxckpt_write"]),
-            ("jaxckpt.convert(local jaxckpt checkpoint, url, to='safetensors')", m["jaxckpt_export"])]
+            ("jaxckpt.convert(local jaxckpt checkpoint, url, to='safetensors')", m["jaxckpt_export"]),
+            ("jaxckpt.convert(local safetensors file, url, to='mindspore')", m["jaxckpt_mindspore"])]
     orbax = [("client alone: GETs of every object of the orbax step", m["client_orbax_get"]),
              ("jaxckpt.restore(url of the orbax step): local copy, then orbax", m["jaxckpt_orbax"]),
              ("jaxckpt.restore(local orbax step)", m["orbax_local"])]
@@ -198,7 +205,8 @@ def render(r: dict) -> str:
     lines += [f"| {name} | {s * 1000:.0f} ms | {omib / s:.0f} |" for name, s in orbax]
     lines += ["", f"Medians of per-round ratios: read {r['read_vs_client']:.2f}x the client alone's GETs "
               f"({r['read_vs_local']:.2f}x the local read); write {r['write_vs_client']:.2f}x (from the file) and "
-              f"{r['export_vs_client']:.2f}x (from a jaxckpt checkpoint) the client alone's put; the orbax step {r['orbax_vs_client']:.2f}x the client alone's GETs of its objects "
+              f"{r['export_vs_client']:.2f}x (from a jaxckpt checkpoint) the client alone's put, as MindSpore "
+              f"{r['mindspore_vs_client']:.2f}x; the orbax step {r['orbax_vs_client']:.2f}x the client alone's GETs of its objects "
               f"({r['orbax_vs_local']:.2f}x restoring the local step).", ""]
     return "\n".join(lines)
 
