@@ -167,8 +167,9 @@ class ObjectData(objfiles.RangedReads, storage.DataSource):
     missing or short object is found by the GETs that need its bytes, and
     named as the open used to name it."""
 
-    def __init__(self, client: ObjectClient, key: str, size: int, manifest_key: str):
-        self.client, self.key, self.size, self._manifest_key = client, key, size, manifest_key
+    def __init__(self, client: ObjectClient, key: str, size: int, manifest: tuple[str, str | None]):
+        self.client, self.key, self.size = client, key, size
+        self._manifest = manifest  # (key, version read): whether the checkpoint is still the one being read
 
     def _get(self, buf: memoryview, offset: int, what: str) -> None:
         where = self.client.describe(self.key)
@@ -176,8 +177,9 @@ class ObjectData(objfiles.RangedReads, storage.DataSource):
         try:
             got = self.client.read_into(self.key, buf, offset)
         except NotFound:
-            if self.client.head(self._manifest_key) is None:  # the whole checkpoint went (a rotation)
-                raise CheckpointNotFoundError(f"{where}: the checkpoint was deleted while being read "
+            now = self.client.head(self._manifest[0])
+            if now is None or now.etag != self._manifest[1]:  # deleted (a rotation) or overwritten meanwhile
+                raise CheckpointNotFoundError(f"{where}: the checkpoint was deleted or replaced while being read "
                                               f"{detail}".rstrip()) from None
             raise CorruptCheckpointError(f"{where}: data object missing (the manifest names it) "
                                          f"{detail}".rstrip()) from None
@@ -210,11 +212,13 @@ class ObjectSource(storage.Source):
         # Nothing is sent yet: read_manifest's GET says whether a checkpoint is committed here.
         self.client, self.location = client, loc
         self.prefix = key_of(loc)
+        self._version: str | None = None  # of the manifest read
 
     def read_manifest(self, cap: int) -> bytes:
         key = _join(self.prefix, MANIFEST_NAME)
         try:
-            return self.client.get(key, cap)[0]
+            data, self._version = self.client.get(key, cap)
+            return data
         except NotFound:
             self.client.check_bucket()
             raise CheckpointNotFoundError(f"{self.location}: no committed checkpoint here "
@@ -223,7 +227,8 @@ class ObjectSource(storage.Source):
             raise CorruptCheckpointError(f"{self.client.describe(key)}: manifest too large: {e}") from None
 
     def open_data(self, name: str, size: int) -> ObjectData:
-        return ObjectData(self.client, _join(self.prefix, name), size, _join(self.prefix, MANIFEST_NAME))
+        manifest = (_join(self.prefix, MANIFEST_NAME), self._version)
+        return ObjectData(self.client, _join(self.prefix, name), size, manifest)
 
     def describe(self, name: str) -> str:
         return self.client.describe(_join(self.prefix, name))

@@ -270,10 +270,19 @@ def test_missing_and_short_data_objects_are_named_by_the_reads_that_need_them(bu
         objs.delete("d/manifest.msgpack")
         with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
             r.read([(r.by_path["a"], None)])
-    assert str(e.value) == f"{where}: the checkpoint was deleted while being read (leaf 'a')"
+    assert str(e.value) == f"{where}: the checkpoint was deleted or replaced while being read (leaf 'a')"
     with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
         jaxckpt.restore(f"{url}/d", storage_options=opts)
     assert str(e.value) == f"{url}/d: no committed checkpoint here (manifest.msgpack is missing)"
+    # Overwritten after the reader read the manifest (the old data deleted after the new commit): replaced.
+    jaxckpt.save(f"{url}/r", tree, storage_options=opts)
+    with CheckpointReader(f"{url}/r", storage_options=opts) as r:
+        old_key = next(k for k in objs.keys("r/") if "data-" in k)
+        jaxckpt.save(f"{url}/r", tree, storage_options=opts, overwrite=True)
+        assert old_key not in objs.keys("r/")
+        with pytest.raises(jaxckpt.CheckpointNotFoundError) as e:
+            r.read([(r.by_path["a"], None)])
+    assert str(e.value) == f"{url}/{old_key}: the checkpoint was deleted or replaced while being read (leaf 'a')"
 
 
 def test_the_manifest_commit_is_a_conditional_create(bucket):
