@@ -48,3 +48,29 @@ def check_conditional_commit(url: str, options: dict) -> None:
         staging.commit(overwrite=False)
     staging.abandon()
     assert jaxckpt.restore(f"{url}/once", storage_options=options)["x"].tolist() == [0, 1, 2]
+
+
+def check_short_and_missing_data(url: str, options: dict, where: str, size: int, cut, delete) -> None:
+    """The checkpoint ``url`` (leaves 'a': 256 int64 at byte 0, and 'b' after
+    it, in the data object ``where`` of ``size`` bytes) with that object cut
+    to 1000 bytes (``cut(1000)``, through the store's own client), then deleted
+    (``delete()``): each is named by the read that needs the bytes, with the leaf."""
+    import re
+
+    import numpy as np
+    import pytest
+
+    import jaxckpt
+
+    cut(1000)  # 'a' (2048 bytes at 0) cut short; 'b' starts past the end (a range there is answered 416)
+    with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
+        jaxckpt.restore(url, target={"a": np.zeros(256, np.int64)}, partial=True, storage_options=options)
+    assert str(e.value) == (f"{where}: truncated: the manifest records {size} bytes, the object ends at byte 1000 "
+                            "(leaf 'a')")
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match=re.escape(
+            f"{where}: truncated: the manifest records {size} bytes, the object ends at or before byte ")):
+        jaxckpt.restore(url, target={"b": np.zeros(1000, np.float32)}, partial=True, storage_options=options)
+    delete()
+    with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
+        jaxckpt.restore(url, storage_options=options)
+    assert str(e.value) == f"{where}: data object missing (the manifest names it) (leaves 'a' .. 'b')"
