@@ -30,6 +30,7 @@ import http.server
 import json
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -535,6 +536,12 @@ class FaultProxy:
       been forwarded, the proxy "dies": the connection being uploaded on is
       reset (TCP RST) mid-body and every later connection is reset at once,
       until :meth:`revive`. ``None`` disables it.
+    * ``bucket_region``: answer as AWS S3 does for a bucket in that region:
+      a request signed for another region (the credential scope of its
+      SigV4 ``Authorization`` header), or not signed, gets ``301
+      PermanentRedirect`` with an ``x-amz-bucket-region`` header and no
+      ``Location``; one signed for ``bucket_region`` is passed on. ``None``
+      (the default): every region is passed on.
     * :meth:`stop_now`: die at once, resetting connections in flight.
 
     Counters (thread-safe; read copies): ``counts`` (requests received, by
@@ -543,7 +550,8 @@ class FaultProxy:
     """
 
     def __init__(self, upstream_endpoint: str, fail_fraction: float = 0.0, seed: int = 0,
-                 fail_after_bytes: int | None = None, fail_methods=None, fail_query: str | None = None):
+                 fail_after_bytes: int | None = None, fail_methods=None, fail_query: str | None = None,
+                 bucket_region: str | None = None):
         url = urllib.parse.urlsplit(upstream_endpoint)
         if url.scheme != "http":
             raise ValueError(f"FaultProxy speaks plain http only, not {upstream_endpoint!r}")
@@ -552,6 +560,7 @@ class FaultProxy:
         self.fail_after_bytes = fail_after_bytes
         self.fail_methods = fail_methods
         self.fail_query = fail_query
+        self.bucket_region = bucket_region
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
@@ -650,6 +659,13 @@ class FaultProxy:
         return allowed
 
 
+def _signed_region(authorization: str) -> str | None:
+    """The region of a SigV4 ``Authorization`` header's credential scope
+    (``Credential=<key>/<date>/<region>/s3/aws4_request``); None if unsigned."""
+    m = re.search(r"Credential=[^/,]*/[0-9]{8}/([^/,]+)/", authorization)
+    return m.group(1) if m else None
+
+
 def _reset(sock: socket.socket) -> None:
     """Make ``sock``'s close send a TCP RST (SO_LINGER 0) and wake any thread
     blocked reading it (SHUT_RD sends nothing to the peer). The thread that
@@ -727,6 +743,11 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self._drain_body()
             self._send_fault(fail_status)
             return
+        region = self.proxy.bucket_region
+        if region is not None and _signed_region(self.headers.get("Authorization", "")) != region:
+            self._drain_body()
+            self._send_redirect(region)
+            return
         host, port = self.proxy.upstream
         upstream = http.client.HTTPConnection(host, port, timeout=120)
         try:
@@ -798,6 +819,20 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.send_response_only(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_redirect(self, region: str) -> None:
+        """S3's answer to a request for a bucket of another region (no Location: the client must re-sign)."""
+        body = (f'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code><Message>The '
+                "bucket you are attempting to access must be addressed using the specified endpoint. Please send "
+                f"all future requests to this endpoint.</Message><Endpoint>s3.{region}.amazonaws.com</Endpoint>"
+                "<RequestId>faultproxy</RequestId></Error>").encode()
+        self.send_response_only(301)
+        self.send_header("x-amz-bucket-region", region)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", "0" if self.command == "HEAD" else str(len(body)))
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

@@ -581,3 +581,35 @@ def test_parts_grow_past_16_mib_where_the_part_count_would_not_suffice(s3bucket,
                                                    r"is more than one object can hold here \(3 parts of at most 32 MiB, "):
         jaxckpt.save(f"{url}/big2", {"w": w}, storage_options=opts)
     assert objs.keys("big2/") == []
+
+
+def test_a_bucket_in_another_region_names_the_region_to_set(moto, s3bucket, monkeypatch):
+    """S3 answers a request signed for another region than the bucket's with
+    301 PermanentRedirect and no Location (the proxy answers so for region
+    eu-west-1); the error says which region is in use, where it came from, and
+    the bucket's own, asked of the server."""
+    url, opts, _, _ = s3bucket
+    tree = {"w": np.arange(1000, dtype=np.float32), "n": 3}
+    proxy = objservers.FaultProxy(moto.endpoint, bucket_region="eu-west-1")
+    try:
+        popts = dict(opts, endpoint=proxy.endpoint)
+        fix = "set AWS_REGION=eu-west-1 or storage_options={'region': 'eu-west-1'}"
+        with pytest.raises(jaxckpt.StorageError) as e:
+            jaxckpt.save(f"{url}/r/1", tree, storage_options=popts)
+        assert type(e.value) is jaxckpt.StorageError
+        assert str(e.value) == (f"{url}/r/1/manifest.msgpack: could not look up: the bucket is in region "
+                                f"'eu-west-1', not 'us-east-1' (from storage_options): {fix}")
+        monkeypatch.setenv("AWS_REGION", "ap-south-1")
+        no_region = {k: v for k, v in popts.items() if k != "region"}
+        with pytest.raises(jaxckpt.StorageError, match=r"^" + re.escape(
+                f"{url}/r/: could not list: the bucket is in region 'eu-west-1', not 'ap-south-1' "
+                f"(from AWS_REGION): {fix}") + "$"):
+            jaxckpt.CheckpointManager(f"{url}/r", read_only=True, storage_options=no_region).all_steps()
+        fixed = dict(no_region, region="eu-west-1")  # what the message said to set
+        with jaxckpt.CheckpointManager(f"{url}/r", storage_options=fixed) as mgr:
+            mgr.save(1, tree, force=True)
+        out = jaxckpt.restore(f"{url}/r/1", storage_options=fixed)
+        assert same(out["w"], tree["w"]) and out["n"] == 3
+        assert proxy.counts.get("PUT", 0) >= 2  # the save went through the proxy, signed for eu-west-1
+    finally:
+        proxy.stop()
