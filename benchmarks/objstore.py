@@ -32,7 +32,11 @@ round starts from a different one):
   (the GCS client libraries' fastest upload here, and jaxckpt's; obstore's
   GCS PUTs fail on fake-gcs-server), read back with parallel ranged GETs
   through obstore; the same reads through google-cloud-storage are timed
-  once more for comparison.
+  once more for comparison. Then (``get``, a fresh process, as jaxckpt's
+  restore is) the same parallel GETs of the object it left, after the same
+  small warm-up as the restore's: the figure the restore target is checked
+  against (the first one, after the put in one process, is warmer; see
+  ``phase_client_get``).
 * ``curl-<store>``: the server's own limit, no Python client at all: curl
   uploads the state's bytes as 16 MiB objects over 4, 8 and 16 connections
   and downloads them into ``/dev/null``; the best of each
@@ -417,12 +421,43 @@ def phase_client(spec: dict) -> dict:
     if spec["store"] == "gs":  # for comparison: the same reads through google-cloud-storage (gcsclient's library)
         client.python_reads = True
         python_get = _get_parallel(client, key, len(view), int(best_get))[1]
-    client.delete([key, warm])
-    return {"bytes": len(view), "puts": puts, "gets": gets, "put_concurrency": int(best_put),
+    kept = key if spec.get("keep") else None  # for phase_client_get, which deletes it
+    client.delete([warm] if kept else [key, warm])
+    return {"kept": kept, "pieces": getattr(client, "_pieces", {}).get(key),
+            "bytes": len(view), "puts": puts, "gets": gets, "put_concurrency": int(best_put),
             "get_threads": int(best_get), "total_s": puts[best_put]["s"], "restore_s": gets[best_get]["s"],
             "gcs_python_get_s": python_get, "fresh_get_s": fresh_get,
             "put_mibps": len(view) / puts[best_put]["s"] / 2**20,
             "get_mibps": len(view) / gets[best_get]["s"] / 2**20}
+
+
+def phase_client_get(spec: dict) -> dict:
+    """The client alone's GET of the object a ``client`` phase kept, in a fresh
+    process of its own, as jaxckpt's restore runs: the same kind of warm-up
+    (1 KiB put and got back), then parallel 16 MiB ranged GETs at the tuned
+    thread count into memory touched beforehand (untimed); checked against
+    the state's bytes afterwards, then the object is deleted. The ``client``
+    phase's own GETs follow its puts in one process, with the allocator's
+    heap and the connections already warm: later reads of one process took
+    0.24-0.43 s against 0.40-0.83 s for the first of a fresh process (W1 at
+    scale 0.25 on fake-gcs-server, 2026-12-07), which is where a restore
+    starts (benchmarks/RESULTS.md, fourteenth run)."""
+    import numpy as np
+
+    w = get_workload(spec["workload"], spec["scale"])
+    client = (_GcsAlone if spec["store"] == "gs" else _S3Alone)(spec)
+    key, n, threads = spec["key"], spec["bytes"], spec["get_threads"][0]
+    if spec.get("pieces"):
+        client._pieces[key] = spec["pieces"]
+    warm = f"{spec['prefix']}/warmup-get.bin"
+    client.put(warm, memoryview(bytes(1024)), 1)
+    _get_parallel(client, warm, 1024, 1)
+    out, seconds = _get_parallel(client, key, n, threads)
+    same = np.array_equal(out, _host_buffer(w)[:n])
+    client.delete([key, warm])
+    if not same:
+        raise measure.RestoreMismatch(f"{spec['store']}: the object read back in a fresh process differs")
+    return {"bytes": n, "get_threads": threads, "restore_s": seconds, "get_mibps": n / seconds / 2**20}
 
 
 # ---------------------------------------------------------------------------- jaxckpt
@@ -665,6 +700,7 @@ def phase_curl(spec: dict) -> dict:
 
 
 PHASES = {"describe": phase_describe, "reference": phase_reference, "client": phase_client, "curl": phase_curl,
+          "client_get": phase_client_get,
           "jaxckpt_save": phase_jaxckpt_save, "jaxckpt_restore": phase_jaxckpt_restore,
           "orbax_save": phase_orbax_save, "orbax_restore": phase_orbax_restore, "count": phase_count}
 
@@ -865,8 +901,13 @@ def measure_all(run: Run, workload_names: list[str], methods: list[str]) -> None
                     run.call(common | {"phase": "curl"}, base | {"phase": "curl"})
                 elif kind == "client":
                     tuned = run.data["tuning"][f"{store}/{wname}"]
-                    run.call(common | {"phase": "client", "put_concurrency": [tuned["put_concurrency"]],
-                                       "get_threads": [tuned["get_threads"]]}, base | {"phase": "client"})
+                    got = run.call(common | {"phase": "client", "put_concurrency": [tuned["put_concurrency"]],
+                                             "get_threads": [tuned["get_threads"]], "keep": True},
+                                   base | {"phase": "client"})
+                    if got["ok"] and got.get("kept"):
+                        run.call(common | {"phase": "client_get", "key": got["kept"], "pieces": got["pieces"],
+                                           "bytes": got["bytes"], "get_threads": [tuned["get_threads"]]},
+                                 base | {"phase": "get"})
                 else:
                     saved = run.call(common | {"phase": f"{kind}_save"}, base | {"phase": "save"})
                     if saved["ok"]:
