@@ -22,8 +22,13 @@ ranged data reads through obstore (the XML API).
   the object appears whole or not at all. Sources are pinned by generation,
   so parts replaced by a concurrent writer of the key fail the call rather
   than mix. (Nearline/Coldline buckets bill parts their minimum duration.)
-* ``get``: metadata first (the ``cap`` check), then a download pinned to that
-  generation and checked by CRC32C (google-cloud-storage).
+* ``get``: one GET through obstore (``gcsread``): the answer's size is
+  checked against the ``cap`` before its body is read, and its generation
+  comes with the body. (No CRC32C on these reads, as on the ranged ones: what
+  is read this way, a manifest or a lease, carries its own checksum or is
+  checked by the code that reads it.) Keys obstore would rewrite: metadata
+  first (the ``cap`` check), then a download pinned to that generation and
+  checked by CRC32C (google-cloud-storage).
 * ``read_into`` (the data reads of restores): one ranged GET through obstore's
   ``GCSStore`` (``jaxckpt/gcsread.py``: same endpoint and credentials, retries
   and timeouts from the same options), copied into the buffer. Keys obstore
@@ -321,6 +326,8 @@ class GcsClient(objclient.ObjectClient):
 
     # ------------------------------------------------------------------ reads
     def get(self, key: str, cap: int) -> tuple[bytes, str | None]:
+        if gcsread.parsable(key):
+            return self._reader.get(key, cap)
         with self._translated(key):
             for _ in range(GET_ATTEMPTS):
                 blob = self._bucket().blob(key)

@@ -1,7 +1,9 @@
-"""Ranged reads of one GCS bucket through obstore's ``GCSStore`` (Rust's
-``object_store``, GCS's XML API): the data reads of restores, which
-google-cloud-storage makes several times slower. Used by ``gcsclient.GcsClient``,
-which keeps every write (and ``get``) on google-cloud-storage.
+"""Reads of one GCS bucket through obstore's ``GCSStore`` (Rust's
+``object_store``, GCS's XML API): the ranged data reads of restores, which
+google-cloud-storage makes several times slower, and whole-object gets (a
+manifest, a lease: one request, where google-cloud-storage's pinned download
+takes two). Used by ``gcsclient.GcsClient``, which keeps every write on
+google-cloud-storage.
 
 Authentication is the client's: ``GcsClient`` resolves the google-auth
 credentials once (``gcsclient._resolve_auth``) and :class:`GcsReader` hands
@@ -126,6 +128,23 @@ class GcsReader:
                 return 0  # the range starts at or past the end
             raise self._error(e, key) from None
         return objclient.copy_into(view, got, f"{self.url}/{key}")
+
+    def get(self, key: str, cap: int) -> tuple[bytes, str | None]:
+        """The whole object ``key`` and its generation, with one GET (the body
+        and the ``x-goog-generation`` of one answer); ``ValueError`` if the
+        answer announces more than ``cap`` bytes, before its body is read."""
+        try:
+            answer = self._ob.get(self._store, key)
+        except Exception as e:
+            raise self._error(e, key) from None
+        size = answer.meta["size"]
+        if size > cap:
+            raise ValueError(f"{self.url}/{key}: object of {size} bytes, more than the {cap} expected at most")
+        try:
+            data = bytes(answer.bytes())
+        except Exception as e:
+            raise self._error(e, key) from None
+        return data, answer.meta.get("version")
 
     def _error(self, exc: Exception, key: str) -> Exception:
         """The objclient / jaxckpt exception for obstore's ``exc`` (naming the
