@@ -2,8 +2,8 @@
 per object, through google-auth's ``AuthorizedSession`` (the requests session
 google-cloud-storage itself is built on), for ``gcsclient.GcsClient``.
 
-The body is sent straight from the snapshot's buffers (:class:`_Body`, no
-copy), its CRC32C in ``X-Goog-Hash`` for GCS to check, and the CRC32C and size
+The body is sent straight from the snapshot's buffers (:class:`_Body`: large
+views as they are, runs of small ones joined into blocks of up to 1 MiB), its CRC32C in ``X-Goog-Hash`` for GCS to check, and the CRC32C and size
 GCS answers are checked again (emulators do not check). Transient errors are
 retried with google-cloud-storage's own retry policy. Measured against
 fake-gcs-server here, 288 MiB in 8 threads: media uploads of 16 or 32 MiB
@@ -128,8 +128,19 @@ def split(chunks: Iterable[memoryview], part: int, where: str, size: int) -> Ite
 
 
 class _Body:
-    """A request body read from byte views in order without copying them (requests
-    sends a file-like object block by block; ``len`` gives its Content-Length)."""
+    """A request body read from byte views in order (``len`` gives its
+    Content-Length). urllib3 reads a file-like body in blocks of 16 KiB and
+    sends each block it gets, whatever its size; so ``read`` ignores ``n`` and
+    returns a whole view of 256 KiB or more as it is (one ``sendall``, the GIL
+    released throughout), and joins a run of smaller ones into one block of up
+    to 1 MiB (a copy of those bytes only). Sent 16 KiB at a time, the ~10,000
+    small leaves of W2 took 2,000-4,000 sends per 32 MiB object; with the
+    blocks its save to fake-gcs-server took a median 0.94 s against 1.05 s
+    and 1.00 s in two sets of 12 and 16 alternated fresh processes
+    (2026-12-07; W1, of large leaves, the same within the noise)."""
+
+    BLOCK = 1 << 20   # the most bytes joined into one block
+    WHOLE = 256 << 10  # views this large are sent as they are
 
     def __init__(self, views: list[memoryview]):
         self._views = [v for v in views if v.nbytes]
@@ -140,11 +151,13 @@ class _Body:
         return self._size
 
     def read(self, n: int = -1) -> memoryview | bytes:
-        if self._next == len(self._views):
+        views, i = self._views, self._next
+        if i == len(views):
             return b""
-        view = self._views[self._next]
-        if 0 <= n < view.nbytes:
-            self._views[self._next] = view[n:]
-            return view[:n]
-        self._next += 1
-        return view
+        end, size = i + 1, views[i].nbytes
+        if size < self.WHOLE:
+            while end < len(views) and size + views[end].nbytes <= self.BLOCK:
+                size += views[end].nbytes
+                end += 1
+        self._next = end
+        return views[i] if end == i + 1 else b"".join(views[i:end])

@@ -362,6 +362,18 @@ def test_put_stream_up_to_a_part_is_one_object(client, prefix):
     assert keys(client.list(prefix)) == [prefix + "e", prefix + "s"]
 
 
+def test_put_stream_of_small_and_large_views_in_any_order_is_bit_exact(client, prefix):
+    """Runs of small views go up joined into blocks, large ones as they are,
+    the two mixed as a tree's leaves are: every byte in its place."""
+    data = random_bytes(6 << 20, seed=4)
+    view = memoryview(data)
+    sizes = [1, 7, 8192, 300 << 10, 5, 1 << 20, (1 << 20) - 3, 2 << 20, 64 << 10] + [4000] * 300
+    cuts = np.cumsum([0] + sizes)
+    chunks = [view[a:b] for a, b in zip(cuts[:-1], cuts[1:])] + [view[cuts[-1]:]]
+    client.put_stream(prefix + "mixed", chunks, data.nbytes)
+    assert client.get(prefix + "mixed", cap=data.nbytes)[0] == data.tobytes()
+
+
 def test_put_stream_composes_in_rounds(client, prefix, monkeypatch):
     monkeypatch.setattr(objclient, "PART_BYTES", 1000)
     monkeypatch.setattr(gcsclient, "SINGLE_BYTES", 1000)
