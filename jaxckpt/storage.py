@@ -451,24 +451,35 @@ class Backend(abc.ABC):
         relative to ``loc`` (``/``-separated, as stored: not checked) and size."""
 
 
-_backends: dict[tuple, "Backend"] = {}
+_backends: dict[tuple, tuple[tuple, "Backend"]] = {}
 _backends_lock = threading.Lock()
+# The environment the object-store clients configure themselves from (region,
+# endpoint, credentials, emulators): a client is rebuilt when any of it changed.
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCE_", "AZURE_", "STORAGE_EMULATOR_HOST")
+
+
+def _client_environment() -> tuple:
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
 
 
 def backend(loc: Location) -> "Backend":
-    """The backend that serves ``loc``: one per bucket and ``storage_options``,
-    shared by every reader and writer of the process. (Backends are imported
-    when first used: object-store clients are optional extras.)"""
+    """The backend that serves ``loc``: one per bucket, ``storage_options`` and
+    cloud environment (the ``AWS_*``, ``GOOGLE_*``, ``GCE_*``, ``AZURE_*`` and
+    ``STORAGE_EMULATOR_HOST`` variables), shared by every reader and writer of
+    the process: setting ``AWS_REGION`` after an error, say, takes effect on the
+    next call. (Backends are imported when first used: object-store clients are
+    optional extras.)"""
     if loc.scheme == "file":
         from jaxckpt import posix
         return posix.BACKEND
     bucket = loc.path.partition("/")[0]
     key = (loc.scheme, bucket, loc.options)
+    env = _client_environment()
     with _backends_lock:
         found = _backends.get(key)
-        if found is None:
-            found = _backends[key] = _object_backend(loc.scheme, bucket, dict(loc.options))
-        return found
+        if found is None or found[0] != env:  # a backend still in use keeps its client
+            found = _backends[key] = (env, _object_backend(loc.scheme, bucket, dict(loc.options)))
+        return found[1]
 
 
 def _object_backend(scheme: str, bucket: str, options: dict) -> "Backend":

@@ -605,7 +605,10 @@ def test_a_bucket_in_another_region_names_the_region_to_set(moto, s3bucket, monk
                 f"{url}/r/: could not list: the bucket is in region 'eu-west-1', not 'ap-south-1' "
                 f"(from AWS_REGION): {fix}") + "$"):
             jaxckpt.CheckpointManager(f"{url}/r", read_only=True, storage_options=no_region).all_steps()
-        fixed = dict(no_region, region="eu-west-1")  # what the message said to set
+        monkeypatch.setenv("AWS_REGION", "eu-west-1")  # the first fix the message names, in the same process
+        assert jaxckpt.CheckpointManager(f"{url}/r", read_only=True, storage_options=no_region).all_steps() == []
+        monkeypatch.setenv("AWS_REGION", "ap-south-1")
+        fixed = dict(no_region, region="eu-west-1")  # the second fix it names
         with jaxckpt.CheckpointManager(f"{url}/r", storage_options=fixed) as mgr:
             mgr.save(1, tree, force=True)
         out = jaxckpt.restore(f"{url}/r/1", storage_options=fixed)
