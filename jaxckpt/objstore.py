@@ -240,11 +240,14 @@ def _marker(lock_token: str | None) -> bytes:
 
 
 class ObjectBackend(storage.Backend):
-    """One bucket of one object store, through ``client``."""
+    """One bucket of one object store, through ``client``; one that replaces
+    ``previous`` (the same bucket and options, a changed environment) shares
+    the leases this process holds there."""
 
-    def __init__(self, client: ObjectClient):
+    def __init__(self, client: ObjectClient, previous: storage.Backend | None = None):
         self.client = client
-        self._leases: dict[str, objlock.Lease] = {}  # root key -> the lease this process holds on it
+        # root key -> the lease this process holds on it
+        self._leases: dict[str, objlock.Lease] = previous._leases if isinstance(previous, ObjectBackend) else {}
 
     # ------------------------------------------------------------ saves
     def exists(self, loc: Location) -> bool:

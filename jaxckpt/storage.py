@@ -477,20 +477,21 @@ def backend(loc: Location) -> "Backend":
     env = _client_environment()
     with _backends_lock:
         found = _backends.get(key)
-        if found is None or found[0] != env:  # a backend still in use keeps its client
-            found = _backends[key] = (env, _object_backend(loc.scheme, bucket, dict(loc.options)))
+        if found is None or found[0] != env:  # one still in use keeps its client; the new one, its leases
+            previous = found[1] if found else None
+            found = _backends[key] = (env, _object_backend(loc.scheme, bucket, dict(loc.options), previous))
         return found[1]
 
 
-def _object_backend(scheme: str, bucket: str, options: dict) -> "Backend":
+def _object_backend(scheme: str, bucket: str, options: dict, previous: "Backend | None") -> "Backend":
     from jaxckpt import objstore
     if scheme == "s3":
         from jaxckpt import s3client
-        return objstore.ObjectBackend(s3client.S3Client(bucket, options))
+        return objstore.ObjectBackend(s3client.S3Client(bucket, options), previous)
     if scheme == "gs":
         from jaxckpt import gcsclient
-        return objstore.ObjectBackend(gcsclient.GcsClient(bucket, options))
+        return objstore.ObjectBackend(gcsclient.GcsClient(bucket, options), previous)
     if scheme == "az":
         from jaxckpt import azclient
-        return objstore.ObjectBackend(azclient.AzureClient(bucket, options))
+        return objstore.ObjectBackend(azclient.AzureClient(bucket, options), previous)
     raise UnsupportedLocationError(f"{scheme}://{bucket}: no storage backend for {scheme}://")

@@ -331,10 +331,13 @@ def test_a_second_writer_is_refused_and_an_expired_lease_is_taken_over(bucket, c
         jaxckpt.CheckpointManager(f"{url}/lk", storage_options=opts)
 
 
-def test_a_holder_that_lost_its_lease_does_not_commit(bucket, caplog):
+@pytest.mark.parametrize("env_changed", [False, True])
+def test_a_holder_that_lost_its_lease_does_not_commit(bucket, caplog, monkeypatch, env_changed):
     url, opts, objs, name = bucket
     with config.tuned(lease_seconds=0.6):  # renewed every 0.2 s
         mgr = jaxckpt.CheckpointManager(f"{url}/lost", storage_options=opts, async_save=False)
+    if env_changed:  # the bucket's client is rebuilt for the saves: the lease this process holds goes with it
+        monkeypatch.setenv("AWS_DEFAULT_OUTPUT", "json")
     rec = {"kind": "jaxckpt-lease", "host": "elsewhere", "pid": 1, "start": 1, "token": "u" * 32,
            "time": time.time(), "expires": time.time() + 60}
     objs.put("lost/.jaxckpt-lock", msgpack.packb(rec))  # taken over meanwhile
