@@ -20,6 +20,7 @@ usage error (bad arguments, a path that is not a directory, nothing to verify).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -255,6 +256,20 @@ def _format_metrics(metrics: dict | None) -> str:
     return " ".join(f"{k}={_format_value(v)}" for k, v in metrics.items())
 
 
+def _records(mgr: jaxckpt.CheckpointManager, steps: list[int]) -> list[Any]:
+    """Each step's record, or the error reading it raised; up to 16 manifests
+    read at once (in a bucket each is a round trip)."""
+    def one(step: int) -> Any:
+        try:
+            return mgr.metadata(step)
+        except (CheckpointError, OSError) as e:
+            return e
+    if len(steps) < 2:
+        return [one(s) for s in steps]
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(steps)), thread_name_prefix="jaxckpt-ls") as pool:
+        return list(pool.map(one, steps))
+
+
 def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
     d = _check_location(args.dir)
     _require_dir(d)
@@ -268,18 +283,16 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
         raise UsageError(str(e)) from None
     with mgr:
         steps = mgr.all_steps()
-        for step in steps:
-            try:
-                meta = mgr.metadata(step)
-            except DecryptionError as e:  # listed by name; its record is sealed
+        for step, meta in zip(steps, _records(mgr, steps)):
+            if isinstance(meta, DecryptionError):  # listed by name; its record is sealed
                 rows.append([str(step), "?", "?", "?", "?", "encrypted (--key-file to show)"])
-                records.append({"step": step, "encrypted": True, "error": _message(e)})
+                records.append({"step": step, "encrypted": True, "error": _message(meta)})
                 continue
-            except (CheckpointError, OSError) as e:
+            if isinstance(meta, Exception):
                 failed += 1
-                print(f"jaxckpt ls: step {step}: {_message(e)}", file=err)
+                print(f"jaxckpt ls: step {step}: {_message(meta)}", file=err)
                 rows.append([str(step), "?", "?", "?", "?", "UNREADABLE"])
-                records.append({"step": step, "error": _message(e)})
+                records.append({"step": step, "error": _message(meta)})
                 continue
             rows.append([str(step), "-" if meta.epoch is None else str(meta.epoch), display.local_time(meta.timestamp, sep="T"),
                          display.format_bytes(meta.nbytes), _format_metrics(meta.metrics), meta.reason or "-"])

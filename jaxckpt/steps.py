@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
 from jaxckpt import api
@@ -40,6 +41,7 @@ from jaxckpt.policies import KeepPolicy, RetentionInfo, StepMetadata, StepNaming
 
 logger = logging.getLogger("jaxckpt")
 
+MANIFEST_READERS = 16  # StepDirectory.lookup_all: manifests read at once
 MAX_RELISTS = 100  # StepDirectory.restore: re-listings after the latest step was deleted under a follower
 
 
@@ -258,6 +260,23 @@ class StepDirectory:
             self._table.cache(name, hit)
         return hit
 
+    def lookup_all(self, steps: list[int]) -> dict[int, tuple[StepMetadata, bool] | Exception]:
+        """``lookup`` of each step, or the error it raised (``CheckpointError``,
+        ``OSError``); the manifests not read yet are read ``MANIFEST_READERS`` at
+        a time: in a bucket each is a round trip, and a resumed run may hold
+        hundreds of steps."""
+        def one(step: int) -> tuple[StepMetadata, bool] | Exception:
+            try:
+                return self.lookup(step)
+            except (CheckpointError, OSError) as e:
+                return e
+        unread = [s for s in steps if (n := self._table.name(s)) is None or self._table.cached(n) is None]
+        if len(unread) < 2:
+            return {s: one(s) for s in steps}
+        with ThreadPoolExecutor(min(MANIFEST_READERS, len(unread)), thread_name_prefix="jaxckpt-lookup") as pool:
+            found = dict(zip(unread, pool.map(one, unread)))
+        return {s: found[s] if s in found else one(s) for s in steps}
+
     def gone(self, step: int) -> CheckpointNotFoundError | None:
         """If the directory of ``step`` no longer exists (a writer's retention
         deleted it while we read it), re-list the directory and return the
@@ -346,11 +365,10 @@ class Retention:
             if not committed:
                 return
             infos = []
-            for step in committed:
-                try:
-                    meta, managed = self._directory.lookup(step)
-                except (CheckpointError, OSError):
+            for step, hit in self._directory.lookup_all(sorted(committed)).items():
+                if isinstance(hit, Exception):
                     continue  # unreadable: never ours to delete
+                meta, managed = hit
                 if managed:
                     infos.append(RetentionInfo(step, meta.timestamp, self.policy.metric(meta.metrics)))
             keep = self.policy.keep(infos) | busy | {max(committed)}

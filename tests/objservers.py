@@ -542,16 +542,19 @@ class FaultProxy:
       PermanentRedirect`` with an ``x-amz-bucket-region`` header and no
       ``Location``; one signed for ``bucket_region`` is passed on. ``None``
       (the default): every region is passed on.
+    * ``latency_s``: every request is held that long before it is answered
+      or passed on (a round trip to a distant store).
     * :meth:`stop_now`: die at once, resetting connections in flight.
 
     Counters (thread-safe; read copies): ``counts`` (requests received, by
     method, failed ones included), ``faults`` (injected failures by method),
-    ``bytes_up`` (request-body bytes forwarded).
+    ``bytes_up`` (request-body bytes forwarded), ``peak_in_flight`` (the most
+    requests being handled at once).
     """
 
     def __init__(self, upstream_endpoint: str, fail_fraction: float = 0.0, seed: int = 0,
                  fail_after_bytes: int | None = None, fail_methods=None, fail_query: str | None = None,
-                 bucket_region: str | None = None):
+                 bucket_region: str | None = None, latency_s: float = 0.0):
         url = urllib.parse.urlsplit(upstream_endpoint)
         if url.scheme != "http":
             raise ValueError(f"FaultProxy speaks plain http only, not {upstream_endpoint!r}")
@@ -561,6 +564,8 @@ class FaultProxy:
         self.fail_methods = fail_methods
         self.fail_query = fail_query
         self.bucket_region = bucket_region
+        self.latency_s = latency_s
+        self._in_flight = self._peak = 0
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
@@ -591,6 +596,11 @@ class FaultProxy:
             return self._bytes_up
 
     @property
+    def peak_in_flight(self) -> int:
+        with self._lock:
+            return self._peak
+
+    @property
     def dead(self) -> bool:
         return self._dead
 
@@ -598,6 +608,7 @@ class FaultProxy:
         with self._lock:
             self._counts.clear()
             self._faults.clear()
+            self._peak = self._in_flight
 
     # ------------------------------------------------------------------ life and death
     def stop_now(self) -> None:
@@ -633,6 +644,11 @@ class FaultProxy:
     def _track(self, sock: socket.socket, live: bool) -> None:
         with self._lock:
             (self._live.add if live else self._live.discard)(sock)
+
+    def _in_flight_by(self, n: int) -> None:
+        with self._lock:
+            self._in_flight += n
+            self._peak = max(self._peak, self._in_flight)
 
     def _received(self, method: str, path: str) -> int | None:
         """Count a request; return the status to fail it with, or None."""
@@ -738,6 +754,15 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------------ one request
     def _relay(self) -> None:
+        self.proxy._in_flight_by(1)
+        try:
+            if self.proxy.latency_s:
+                time.sleep(self.proxy.latency_s)
+            self._answer()
+        finally:
+            self.proxy._in_flight_by(-1)
+
+    def _answer(self) -> None:
         fail_status = self.proxy._received(self.command, self.path)
         if fail_status is not None:
             self._drain_body()

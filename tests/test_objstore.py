@@ -555,6 +555,35 @@ def test_cli_ls_show_verify_on_a_bucket(bucket, monkeypatch, capsys):
     assert f"FAILED  {url}/cli/1: " in capsys.readouterr().out
 
 
+def test_ls_and_rotation_read_the_manifests_of_many_steps_at_once(store, bucket, monkeypatch, capsys):
+    """In a bucket each manifest is a round trip (0.1 s through this proxy):
+    `jaxckpt ls` and the first rotation of a resumed run read a dozen of them
+    several at a time, not one after the other (which would keep one request
+    in flight at most)."""
+    url, opts, objs, name = bucket
+    with jaxckpt.CheckpointManager(f"{url}/many", storage_options=opts) as mgr:
+        for step in range(12):
+            mgr.save(step, {"x": np.arange(4) + step}, metrics={"loss": float(12 - step)}, force=True)
+    proxy = objservers.FaultProxy(upstream(store), latency_s=0.1)
+    try:
+        popts = store[2](proxy.endpoint)
+        for k, v in environment(objs.scheme, popts["endpoint"]).items():
+            monkeypatch.setenv(k, v)
+        assert cli.main(["ls", f"{url}/many"]) == 0
+        rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+        assert [(r[0], r[-2]) for r in rows] == [(str(s), f"loss={12 - s}") for s in range(12)]
+        assert proxy.peak_in_flight >= 4
+        with jaxckpt.CheckpointManager(f"{url}/many", max_to_keep=10, storage_options=popts) as mgr:
+            proxy.reset_counts()
+            mgr.save(12, {"x": np.arange(4) + 12}, metrics={"loss": 0.0}, force=True)
+            mgr.wait_until_finished()
+            assert proxy.peak_in_flight >= 4  # the save itself sends one request at a time
+            assert mgr.all_steps() == list(range(3, 13))
+    finally:
+        proxy.stop()
+    assert sorted(int(k.split("/")[1]) for k in objs.keys("many/") if k.endswith(MANIFEST_NAME)) == list(range(3, 13))
+
+
 def test_a_get_body_is_copied_into_place_and_a_longer_one_is_refused():
     from jaxckpt import objclient
 
