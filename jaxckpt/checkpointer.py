@@ -31,7 +31,7 @@ from jaxckpt import multihost
 from jaxckpt import snapshot as snapshot_mod
 from jaxckpt import storage
 from jaxckpt import writer
-from jaxckpt.errors import CheckpointError, CheckpointExistsError, UnsupportedValueError
+from jaxckpt.errors import CheckpointError, UnsupportedValueError
 
 logger = logging.getLogger("jaxckpt")
 
@@ -141,7 +141,10 @@ def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, 
                      metadata_checked: bool = False, storage_options: dict | None = None) -> storage.Location:
     """Checks done on the calling thread so that mistakes raise where they are made
     (else only the background write would fail). Returns the location.
-    ``metadata_checked``: the caller checked ``metadata`` already (see ``AsyncCheckpointer.save``)."""
+    ``metadata_checked``: the caller checked ``metadata`` already (see ``AsyncCheckpointer.save``).
+    Whether a checkpoint is there already is checked here on a local disk (a
+    stat), and left to the save thread on an object store, where it is a round
+    trip the training loop must not wait for (see ``_check_absent``)."""
     loc = storage.Location.parse(path, storage_options)
     if "\x00" in loc.path:
         raise ValueError(f"{str(loc)!r}: embedded null byte in the checkpoint path")
@@ -150,9 +153,14 @@ def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, 
             fmt.check_metadata(metadata)
         except TypeError as e:
             raise UnsupportedValueError(f"{loc}: {e}") from None
-    if not overwrite and storage.backend(loc).exists(loc):
-        raise CheckpointExistsError(f"{loc}: a checkpoint already exists (pass overwrite=True to replace it)")
+    if not overwrite and loc.is_local:
+        writer.refuse_existing(loc)
     return loc
+
+
+def _check_absent(loc: storage.Location, overwrite: bool) -> bool:
+    """Whether the writer must check that nothing is at ``loc`` (``validate_request`` did not)."""
+    return not overwrite and not loc.is_local
 
 
 def _check_per_process(loc: storage.Location, metadata: Any, per_process: Any) -> None:
@@ -249,6 +257,9 @@ class AsyncCheckpointer:
              timeout: float | None = None, metadata_checked: bool = False,
              per_process: tuple[str, Any] | None = None) -> SaveHandle:
         """Snapshot ``tree`` to host memory and return; the write runs in the background.
+        A checkpoint already at ``path`` (and ``overwrite=False``) raises
+        ``CheckpointExistsError`` here on a local disk, and from the handle on
+        an object store, where checking is a request that ``save`` does not wait for.
 
         ``label``: how messages name this save (default: the path; the manager
         says "step 42"). ``on_commit(handle)``: called on the background thread
@@ -347,7 +358,8 @@ class AsyncCheckpointer:
         ctx = writer.Context(self._io, self.max_workers, self._staging, job, writer.waiter(deadline, handle.label),
                              self._multi, key, deadline, save.per_process, save.encryption_key, self.modes)
         try:
-            res = writer.write_checkpoint(snap, save.location, metadata=metadata, overwrite=overwrite, ctx=ctx)
+            res = writer.write_checkpoint(snap, save.location, metadata=metadata, overwrite=overwrite, ctx=ctx,
+                                          check_absent=_check_absent(save.location, overwrite))
             # Only now: after a failure or timeout an abandoned worker may still read the
             # copies, so they are not handed back (the pool drops them).
             to_prepare = self._copies.committed(save.copied, handle.label)
@@ -402,4 +414,5 @@ def save_sync(path: str | os.PathLike, tree: Any, *, metadata: Any = None, overw
                              writer.waiter(None, label or path), multi, key, per_process=per_process,
                              encryption_key=crypto.resolve_key(encryption_key),
                              modes=storage.Modes(file_mode, dir_mode))
-        return writer.write_checkpoint(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)
+        return writer.write_checkpoint(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx,
+                                       check_absent=_check_absent(loc, overwrite))

@@ -37,7 +37,7 @@ from jaxckpt import layout as layout_mod
 from jaxckpt import manifests
 from jaxckpt import multihost
 from jaxckpt import storage
-from jaxckpt.errors import CheckpointError, SaveTimeoutError
+from jaxckpt.errors import CheckpointError, CheckpointExistsError, SaveTimeoutError
 from jaxckpt.snapshot import Snapshot
 
 @dataclasses.dataclass(frozen=True)
@@ -261,15 +261,25 @@ def _commit(staging: storage.Staging, manifest: bytes, overwrite: bool, ctx: Con
 _PAUSE_WHOLE_SAVE_LEAVES = 2048
 
 
+def refuse_existing(loc: storage.Location) -> None:
+    """``CheckpointExistsError`` if a checkpoint (or anything but a save in flight) is at ``loc``."""
+    if storage.backend(loc).exists(loc):
+        raise CheckpointExistsError(f"{loc}: a checkpoint already exists (pass overwrite=True to replace it)")
+
+
 def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: Any, overwrite: bool,
-                     ctx: Context) -> WriteResult:
+                     ctx: Context, check_absent: bool = False) -> WriteResult:
     """The whole save: data, manifest, commit. Cleans up on failure.
+    ``check_absent``: first ``refuse_existing`` (process 0 alone, for every
+    process), where the caller left that to the save thread (object stores).
 
     (all processes) call it with the same ``ctx.key``; see ``_write_multi``.
     """
     loc = storage.Location.parse(path)
     if ctx.coord.process_count > 1:
-        return _write_multi(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx)
+        return _write_multi(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx, check_absent=check_absent)
+    if check_absent:
+        refuse_existing(loc)
     staging = storage.backend(loc).begin_save(loc, None, ctx.modes)
     try:
         # Trees of many leaves: one pause of the cyclic collector for the whole
@@ -299,7 +309,7 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
 
 
 def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwrite: bool,
-                 ctx: Context) -> WriteResult:
+                 ctx: Context, check_absent: bool) -> WriteResult:
     """Multi-process save (the steps of ``jaxckpt/storage.py``, over the coordination service).
 
     1. (primary) begin the save, publish its staging token.
@@ -312,7 +322,7 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
     4. (others) wait for the outcome: the save succeeds everywhere or nowhere.
     """
     coord, key, label = ctx.coord, ctx.key, ctx.job.label
-    staging = _begin_multi(loc, ctx)
+    staging = _begin_multi(loc, ctx, check_absent)
     try:
         if staging is None:
             staging = _join_multi(loc, ctx)
@@ -344,10 +354,17 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
     return written
 
 
-def _begin_multi(loc: storage.Location, ctx: Context) -> storage.Staging | None:
-    """(primary) Begin the save under a name derived from its key and publish the token; None elsewhere."""
+def _begin_multi(loc: storage.Location, ctx: Context, check_absent: bool) -> storage.Staging | None:
+    """(primary) Begin the save under a name derived from its key and publish the token
+    (or ``!`` and why the save cannot begin); None elsewhere."""
     if not ctx.coord.is_primary:
         return None
+    if check_absent:
+        try:
+            refuse_existing(loc)
+        except CheckpointExistsError as e:
+            ctx.coord.set(f"{ctx.key}/tmp", b"!" + str(e).encode())
+            raise
     staging = storage.backend(loc).begin_save(loc, hashlib.sha256(ctx.key.encode()).hexdigest()[:16], ctx.modes)
     ctx.coord.set(f"{ctx.key}/tmp", staging.token.encode())
     return staging
@@ -358,6 +375,8 @@ def _join_multi(loc: storage.Location, ctx: Context) -> storage.Staging:
     coord = ctx.coord
     token = coord.get(f"{ctx.key}/tmp", ctx.deadline, f"process 0 to start the save of {ctx.job.label}",
                       from_process=0).decode()
+    if token.startswith("!"):
+        raise CheckpointExistsError(f"{coord.tag()} save of {ctx.job.label} refused by process 0: {token[1:]}")
     try:
         return storage.backend(loc).join_save(loc, token, ctx.modes)
     except CheckpointError as e:

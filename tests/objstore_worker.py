@@ -235,8 +235,32 @@ def scenario_restore(ctx: dict) -> dict:
             "objects_read": sorted({k.rpartition("/")[2] for k, _, _ in reads})}
 
 
+def scenario_refused(ctx: dict) -> dict:
+    """``run/4`` saved, then saved again by an ``AsyncCheckpointer``: process 0's
+    save thread finds the checkpoint there and refuses; process 1 hears so from
+    process 0 (not from its own timeout)."""
+    import jaxckpt
+    from jax.sharding import PartitionSpec as P
+
+    m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
+    v = global_values()
+    tree = {"w": _place(v["params"]["w"], m, P("x", "y")), "step": v["step"]}
+    url = f"{SCHEME}://{ctx['bucket']}/run/4"
+    _in_step()
+    jaxckpt.save(url, tree)
+    _in_step()
+    out: dict = {"refused": None}
+    with jaxckpt.AsyncCheckpointer(timeout=60, storage_options=ctx["options"]) as ck:
+        handle = ck.save(url, tree)
+        try:
+            handle.result()
+        except Exception as e:
+            out = {"refused": {"type": type(e).__name__, "message": str(e)[:500]}}
+    return out
+
+
 SCENARIOS = {"save": scenario_save, "manager": scenario_manager, "late_joiner": scenario_late_joiner,
-             "split": scenario_split, "restore": scenario_restore}
+             "split": scenario_split, "restore": scenario_restore, "refused": scenario_refused}
 
 
 def multi_main(argv: list[str]) -> None:

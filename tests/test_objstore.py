@@ -184,14 +184,24 @@ def test_sharded_partial_and_load_into_on_a_bucket(bucket):
     assert same(new["b"], tree["b"]) and same(new["opt"]["m"], tree["opt"]["m"]) and report.unexpected == ["w"]
 
 
-def test_async_checkpointer_and_overwrite_replace_the_manifest_atomically(bucket):
+def test_async_checkpointer_and_overwrite_replace_the_manifest_atomically(store, bucket):
+    """An existing checkpoint is refused by the save thread (on a bucket the
+    check is a round trip, which save() does not wait for): the handle raises,
+    nothing is written; overwrite=True replaces it."""
     url, opts, objs, name = bucket
-    with jaxckpt.AsyncCheckpointer(storage_options=opts) as ck:
+    proxy = objservers.FaultProxy(upstream(store))
+    with jaxckpt.AsyncCheckpointer(storage_options=store[2](proxy.endpoint)) as ck:
         ck.save(f"{url}/a", {"x": np.arange(10)}).wait()
-        with pytest.raises(jaxckpt.CheckpointExistsError, match=f"{url}/a: a checkpoint already exists"):
-            ck.save(f"{url}/a", {"x": np.arange(3)})
         old = objs.keys()
+        proxy.reset_counts()
+        refused = ck.save(f"{url}/a", {"x": np.arange(3)})
+        assert proxy.counts == {}  # save() returned without a request
+        with pytest.raises(jaxckpt.CheckpointExistsError) as e:
+            refused.result()
+        assert str(e.value) == f"{url}/a: a checkpoint already exists (pass overwrite=True to replace it)"
+        assert objs.keys() == old and set(proxy.counts) == {"GET"}  # one listing, nothing written
         ck.save(f"{url}/a", {"x": np.arange(3)}, overwrite=True).wait()
+    proxy.stop()
     new = objs.keys()
     assert len(new) == 2 and set(new) & set(old) == {"a/manifest.msgpack"}  # old data deleted after the commit
     assert same(jaxckpt.restore(f"{url}/a", storage_options=opts)["x"], np.arange(3))
@@ -374,6 +384,37 @@ def test_leftovers_of_abandoned_saves_are_cleaned_by_the_next_manager(bucket):
     assert len(named) == 1 and [k for k in left if "data-" in k] == named
     assert "cl/1/notes.txt" in left and not any("tmp" in k or k.startswith(("cl/2/", "cl/3/")) for k in left)
     assert same(jaxckpt.restore(f"{url}/cl/1", storage_options=opts)["x"], np.arange(5))
+
+
+def test_opening_a_manager_reads_no_manifest_of_a_cleanly_committed_step(store, bucket):
+    """The cleaner reads a step's manifest only where another attempt's objects
+    lie beside it (to learn which it names); requests at start do not grow
+    with the steps. The leftover of an overwrite killed before its commit is
+    still found and deleted."""
+    url, opts, objs, name = bucket
+    proxy = objservers.FaultProxy(upstream(store))
+    try:
+        popts = store[2](proxy.endpoint)
+        counts = []
+        for steps in (2, 6):
+            with jaxckpt.CheckpointManager(f"{url}/open{steps}", storage_options=popts) as mgr:
+                for step in range(steps):
+                    mgr.save(step, {"x": np.arange(3) + step}, force=True)
+            proxy.reset_counts()
+            jaxckpt.CheckpointManager(f"{url}/open{steps}", storage_options=popts).close()
+            counts.append(proxy.counts)
+        assert counts[0] == counts[1]
+        dead = {"kind": "jaxckpt-save", **_dead_process(), "time": time.time(), "lock": None}
+        objs.put("open6/3/.jaxckpt-tmp-00000000000000dd", msgpack.packb(dead))
+        objs.put("open6/3/data-00000-00000000000000dd.bin", b"an overwrite killed before its commit")
+        with jaxckpt.CheckpointManager(f"{url}/open6", storage_options=popts) as mgr:
+            assert mgr.all_steps() == list(range(6))
+            assert same(mgr.restore(3)["x"], np.arange(3) + 3)
+    finally:
+        proxy.stop()
+    left = objs.keys("open6/3/")
+    assert "open6/3/data-00000-00000000000000dd.bin" not in left and "open6/3/.jaxckpt-tmp-00000000000000dd" not in left
+    assert sum("data-" in k for k in left) == 1
 
 
 def _hold_uploads(monkeypatch, until: threading.Event, after_s: float = 0.0) -> list[bool]:
@@ -629,7 +670,7 @@ def test_a_bucket_in_another_region_names_the_region_to_set(moto, s3bucket, monk
         with pytest.raises(jaxckpt.StorageError) as e:
             jaxckpt.save(f"{url}/r/1", tree, storage_options=popts)
         assert type(e.value) is jaxckpt.StorageError
-        assert str(e.value) == (f"{url}/r/1/manifest.msgpack: could not look up: the bucket is in region "
+        assert str(e.value) == (f"{url}/r/1/: could not list: the bucket is in region "
                                 f"'eu-west-1', not 'us-east-1' (from storage_options): {fix}")
         monkeypatch.setenv("AWS_REGION", "ap-south-1")
         no_region = {k: v for k, v in popts.items() if k != "region"}

@@ -222,14 +222,30 @@ def test_restore_without_target_as_numpy(moto, saved):
 
 def test_a_process_that_calls_save_after_process_0_began_joins_the_save(moto, tmp_path):
     # Process 1 arrives once process 0's marker (.jaxckpt-tmp-<attempt>) is
-    # under run/3/: its existence check must not mistake that save for a
-    # committed checkpoint (it would refuse, and process 0 would wait in vain).
+    # under run/3/: nothing it does may mistake that save for a committed
+    # checkpoint (it would refuse, and process 0 would wait in vain). (Only
+    # process 0 checks whether a checkpoint is there, before it begins.)
     run_job(moto, "late_joiner", tmp_path)
     objs = list_bucket(moto, "run/3/")
     attempts = data_objects(objs)
     assert sorted(objs) == [f"data-00000-{attempts[0]}.bin", f"data-00001-{attempts[0]}.bin", "manifest.msgpack"]
     got = jaxckpt.restore(f"s3://{BUCKET}/run/3", storage_options=options(moto))
     assert same(got, {"w": ow.global_values()["params"]["w"], "step": 7})
+
+
+def test_an_existing_checkpoint_is_refused_by_process_0_for_both(moto, tmp_path):
+    """The check that nothing is there yet runs on process 0's save thread
+    (a round trip the training loops do not wait for); process 1 gets its
+    answer through the coordination service. Nothing is written."""
+    results = run_job(moto, "refused", tmp_path)
+    url = f"s3://{BUCKET}/run/4"
+    exists = f"{url}: a checkpoint already exists (pass overwrite=True to replace it)"
+    assert results[0]["refused"] == {"type": "CheckpointExistsError", "message": exists}, results
+    assert results[1]["refused"] == {"type": "CheckpointExistsError",
+                                     "message": f"[process=1] save of {url} refused by process 0: {exists}"}, results
+    objs = list_bucket(moto, "run/4/")
+    attempts = data_objects(objs)
+    assert sorted(objs) == [f"data-00000-{attempts[0]}.bin", f"data-00001-{attempts[0]}.bin", "manifest.msgpack"]
 
 
 # ----------------------------------------------------------------------------- a manager
