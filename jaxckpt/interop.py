@@ -70,6 +70,11 @@ def detect(path: str | os.PathLike) -> str:
             raise CheckpointNotFoundError(f"{p}: no such file or directory")
     elif be.is_committed(loc):  # first: one request for the common case
         return "jaxckpt"
+    return _detect_uncommitted(loc, be)
+
+
+def _detect_uncommitted(loc: storage.Location, be: Any) -> str:
+    """``detect`` where no jaxckpt manifest is (or a directory on disk is not)."""
     try:
         with be.open_file(loc) as f:
             head, size = f.pread(_HEAD_BYTES, 0), f.size
@@ -137,6 +142,28 @@ def _format_of(path: Any, format: str | None) -> str:
     return format
 
 
+def _jaxckpt_first(path: Any, format: str | None, options: dict | None,
+                   read: Callable[[], Any]) -> tuple[str | None, Any]:
+    """``(None, read())`` for a jaxckpt checkpoint (``read``: jaxckpt's own
+    read of it), else ``(the format's name, None)``. On a URL with no
+    ``format``, ``read`` comes first: its manifest GET tells a jaxckpt
+    checkpoint with no request of its own (a HEAD before it was a round trip
+    more per restore); other formats are looked for only once it found no
+    manifest there."""
+    where = path if options is None else storage.Location.parse(path, options)
+    if format is None and not storage.Location.parse(path, options).is_local:
+        try:
+            return None, read()
+        except CheckpointNotFoundError:
+            loc = storage.Location.parse(where)
+            fmt_name = _detect_uncommitted(loc, storage.backend(loc))
+            if fmt_name == "jaxckpt":
+                raise
+            return fmt_name, None
+    fmt_name = _format_of(where, format)
+    return (None, read()) if fmt_name == "jaxckpt" else (fmt_name, None)
+
+
 def _where(path: Any, fmt_name: str, options: dict | None = None) -> Any:
     """Where a foreign checkpoint is read or written: the ``Location`` (a path or
     a URL) of a single-file format; the local directory of an orbax checkpoint."""
@@ -170,11 +197,11 @@ def load_checkpoint(path: str | os.PathLike, *, format: str | None = None, dec_k
     stored dtype (0-d for scalars); ``verify``, ``progress``, ``mmap``,
     ``storage_options`` and ``encryption_key`` are those of ``restore``
     (jaxckpt checkpoints)."""
-    fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
-                          format)
-    if fmt_name == "jaxckpt":
-        return api.load_checkpoint(path, verify=verify, progress=progress, mmap=mmap,
-                                   storage_options=storage_options, encryption_key=encryption_key)
+    fmt_name, flat = _jaxckpt_first(path, format, storage_options, lambda: api.load_checkpoint(
+        path, verify=verify, progress=progress, mmap=mmap, storage_options=storage_options,
+        encryption_key=encryption_key))
+    if fmt_name is None:
+        return flat
     with _readable(path, fmt_name, storage_options) as where:
         return _module(fmt_name).read(where, **_decryption(fmt_name, dec_key, dec_mode))
 
@@ -185,10 +212,10 @@ def inspect(path: str | os.PathLike, *, format: str | None = None, dec_key: byte
     """Names, shapes, dtypes and sizes of any supported checkpoint (no array
     data read where the format allows), and what it stores besides
     (``metadata``: jaxckpt's metadata; a foreign format's extras)."""
-    fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
-                          format)
-    if fmt_name == "jaxckpt":
-        return api.inspect(path, storage_options=storage_options, encryption_key=encryption_key)
+    fmt_name, info = _jaxckpt_first(path, format, storage_options, lambda: api.inspect(
+        path, storage_options=storage_options, encryption_key=encryption_key))
+    if fmt_name is None:
+        return info
     with _readable(path, fmt_name, storage_options) as where:
         found = _module(fmt_name).describe(where, **_decryption(fmt_name, dec_key, dec_mode))
     rows, extra = (found, {}) if fmt_name == "mindspore" else found
@@ -205,11 +232,11 @@ def restore(path: str | os.PathLike, target: Any = None, *, format: str | None =
     restore the same way: ``target=None`` gives nested dicts of numpy arrays,
     a target gives its structure, dtypes and shardings (``partial=True``: a
     subset of the checkpoint's keys)."""
-    fmt_name = _format_of(path if storage_options is None else storage.Location.parse(path, storage_options),
-                          format)
-    if fmt_name == "jaxckpt":
-        return api.restore(path, target, partial=partial, verify=verify, progress=progress, mmap=mmap,
-                           storage_options=storage_options, encryption_key=encryption_key)
+    fmt_name, restored = _jaxckpt_first(path, format, storage_options, lambda: api.restore(
+        path, target, partial=partial, verify=verify, progress=progress, mmap=mmap,
+        storage_options=storage_options, encryption_key=encryption_key))
+    if fmt_name is None:
+        return restored
     if fmt_name not in ("orbax", "flax"):
         raise UnsupportedValueError(f"{path}: restore() reads jaxckpt, orbax and flax checkpoints; for a "
                                     f"{fmt_name} file use load_checkpoint() or load_into()")
@@ -236,11 +263,15 @@ def load_into(target: Any, source: str | os.PathLike | Mapping[str, Any], *, str
     if isinstance(source, Mapping):
         flat = source
     else:
-        fmt_name = _format_of(source if storage_options is None else storage.Location.parse(source,
-                                                                                           storage_options), format)
-        if fmt_name == "jaxckpt" and key_map is None:
-            return api.load_into(target, source, strict=strict, verify=verify, mmap=mmap,
-                                 storage_options=storage_options, encryption_key=encryption_key)
+        if key_map is None:
+            fmt_name, filled = _jaxckpt_first(source, format, storage_options, lambda: api.load_into(
+                target, source, strict=strict, verify=verify, mmap=mmap, storage_options=storage_options,
+                encryption_key=encryption_key))
+            if fmt_name is None:
+                return filled
+        else:
+            fmt_name = _format_of(source if storage_options is None else storage.Location.parse(
+                source, storage_options), format)
         flat = load_checkpoint(source, format=fmt_name, dec_key=dec_key, dec_mode=dec_mode, verify=verify,
                                mmap=mmap, storage_options=storage_options, encryption_key=encryption_key)
     if key_map is not None:
