@@ -770,6 +770,19 @@ class Servers:
             self.info["az"] = {"endpoint": a.endpoint, "account": azservers.ACCOUNT, "key": azservers.KEY,
                                "startup_s": a.startup_s, "command": a._proc.argv}
 
+    def delay(self, seconds: float) -> None:
+        """Put a proxy that holds every request ``seconds`` in front of each server
+        (``objservers.FaultProxy(latency_s=)``, in this process): a store as far
+        away as a cloud region's, for figures that hang on round trips."""
+        import urllib.parse
+
+        objservers = _objservers()
+        for info in self.info.values():
+            proxy = objservers.FaultProxy(info["endpoint"], latency_s=seconds)
+            self.handles.append(proxy)
+            path = urllib.parse.urlsplit(info["endpoint"]).path  # Azurite's account
+            info["upstream"], info["endpoint"] = info["endpoint"], proxy.endpoint + path
+
     def public(self) -> dict:
         return {k: {kk: vv for kk, vv in v.items() if kk not in ("secret_key", "key")} for k, v in self.info.items()}
 
@@ -1006,6 +1019,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per process")
     ap.add_argument("--no-counts", action="store_true", help="skip counting W2's HTTP requests")
     ap.add_argument("--profile", action="store_true", help="py-spy profiles of one jaxckpt save/restore per store")
+    ap.add_argument("--latency-ms", type=float, default=0.0,
+                    help="hold every request this long in a proxy in front of each server (a distant store)")
     ap.add_argument("--no-netns", action="store_true", help="do not run inside a fresh network namespace")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--render", metavar="JSON", help="only re-render the report of a results file (to stdout)")
@@ -1033,6 +1048,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     run.servers = Servers(run.root, args.stores)
     try:
+        if args.latency_ms:
+            run.servers.delay(args.latency_ms / 1000)
         pinned = _pin_environment(run.servers.info)
         run.runner = Runner("benchmarks.objstore", run.root, args.timeout, args.verbose, args=("--child",))
         desc = run.call({"phase": "describe"})
@@ -1045,7 +1062,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                 if a != "--in-netns"),
             "machine": machine.describe(run.root), "describe": {k: v for k, v in desc.items() if k != "ok"},
             "servers": run.servers.public(), "environment": pinned, "netns": args.in_netns,
-            "rounds": args.rounds, "scale": args.scale, "stores": args.stores, "methods": methods})
+            "rounds": args.rounds, "scale": args.scale, "stores": args.stores, "methods": methods,
+            "latency_ms": args.latency_ms})
         run.save()
         measure_all(run, workload_names, methods)
     finally:

@@ -98,6 +98,9 @@ def render(data: dict) -> str:
                                                   for k, v in data["servers"].items()) + ".", "",
              f"{data['rounds']} rounds, each method in fresh processes, interleaved; medians over rounds; ratios are "
              "medians of per-round ratios.", ""]
+    if data.get("latency_ms"):
+        lines += [f"Every request held {data['latency_ms']:g} ms by a proxy in front of each server "
+                  "(`--latency-ms`: a store as far away as a cloud region; the proxy also caps the bandwidth).", ""]
     if data["describe"].get("jaxckpt_gcs"):
         lines += [f"jaxckpt on gs:// not measured: `jaxckpt.gcsclient` did not import "
                   f"({data['describe']['jaxckpt_gcs']}).", ""]

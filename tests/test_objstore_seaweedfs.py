@@ -105,6 +105,6 @@ def test_credentials_from_an_aws_profile_are_signed_and_named(weed, tmp_path, mo
     with pytest.raises(jaxckpt.StorageAccessError) as e:
         jaxckpt.restore("s3://ckpts/profile/1", storage_options={**where, "profile": "bad"})
     msg = str(e.value)
-    assert msg.startswith("s3://ckpts/profile/1/manifest.msgpack: access denied while trying to look up; credentials "
+    assert msg.startswith("s3://ckpts/profile/1/manifest.msgpack: access denied while trying to read; credentials "
                           f"from AWS profile 'bad' (storage_options['profile']) in {creds}: ")
     assert "not-the-secret-value" not in msg and weed.secret_key not in msg
