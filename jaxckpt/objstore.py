@@ -308,12 +308,16 @@ class ObjectBackend(storage.Backend):
                 if accept(name) and any(o.key == _join(_join(prefix, name), MANIFEST_NAME) for o in objs)]
 
     def remove(self, loc: Location) -> None:
+        """One LIST (the manifest and the data it shows), then the manifest's
+        DELETE (un-committed from here on), then the data's. Objects of a save
+        that starts at the prefix after the LIST are left to it."""
         prefix = key_of(loc)
-        if self.client.head(_join(prefix, MANIFEST_NAME)) is None:
+        objs = self.client.list(prefix + "/")
+        manifest = _join(prefix, MANIFEST_NAME)
+        if not any(o.key == manifest for o in objs):
             raise FileNotFoundError(f"{loc}: no committed checkpoint to remove")
-        self.client.delete([_join(prefix, MANIFEST_NAME)])  # un-committed from here on
-        self.client.delete([o.key for o in self.client.list(prefix + "/")
-                            if _attempt_of(o.key.rpartition("/")[2]) is not None])
+        self.client.delete([manifest])
+        self.client.delete([o.key for o in objs if _attempt_of(o.key.rpartition("/")[2]) is not None])
 
     def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
         lease = self._leases.get(key_of(root))

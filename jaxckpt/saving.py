@@ -158,6 +158,7 @@ class StepSaver:
         logger.info("saved step %d (%s) to %s: blocked %.3f s, committed after %.3f s, %s, %s",
                     step, info.reason, path, info.blocking_s, info.total_s, display.format_bytes(info.bytes),
                     display.format_rate(info.throughput_gbps))
+        self._retention.remember(step, name, record)
         if replaced is not None and replaced != name:  # overwritten under a new name (another epoch)
             self._retention.delete(step, replaced)
         self._retention.apply()

@@ -353,6 +353,29 @@ class Retention:
         self._root = root
         self._is_primary = is_primary
         self._lock = threading.Lock()
+        self._written: dict[str, RetentionInfo] = {}  # name -> what this manager committed there
+
+    def remember(self, step: int, name: str, record: Mapping[str, Any]) -> None:
+        """The record this manager just committed as ``name`` (the manifest's
+        metadata, as written): the rotations read no manifest of it, which was a
+        round trip per save on a bucket. Only where the record is the manifest's:
+        in a multi-process job the others read process 0's, as their own
+        metrics and clocks may differ from it."""
+        if self._is_primary and self.policy.max_to_keep is not None:
+            with self._lock:
+                self._written[name] = RetentionInfo(step, record["timestamp"], self.policy.metric(record["metrics"]))
+
+    def _read_infos(self, committed: Mapping[int, str]) -> list[RetentionInfo]:
+        """What the rules look at for each committed step written by a manager:
+        its remembered record, else its manifest's (steps whose manifest cannot
+        be read are left out: never ours to delete)."""
+        self._written = {n: i for n, i in self._written.items() if i.step in committed and committed[i.step] == n}
+        known = {i.step: i for i in self._written.values()}
+        infos = list(known.values())
+        for step, hit in self._directory.lookup_all(sorted(set(committed) - set(known))).items():
+            if not isinstance(hit, Exception) and hit[1]:
+                infos.append(RetentionInfo(step, hit[0].timestamp, self.policy.metric(hit[0].metrics)))
+        return infos
 
     def apply(self) -> None:
         """Delete the manager's steps that no rule keeps. Never deleted: the
@@ -364,13 +387,7 @@ class Retention:
             committed, busy = self._table.snapshot()
             if not committed:
                 return
-            infos = []
-            for step, hit in self._directory.lookup_all(sorted(committed)).items():
-                if isinstance(hit, Exception):
-                    continue  # unreadable: never ours to delete
-                meta, managed = hit
-                if managed:
-                    infos.append(RetentionInfo(step, meta.timestamp, self.policy.metric(meta.metrics)))
+            infos = self._read_infos(committed)
             keep = self.policy.keep(infos) | busy | {max(committed)}
             for step in sorted(i.step for i in infos if i.step not in keep):
                 self.delete(step, committed[step])

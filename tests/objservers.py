@@ -547,7 +547,8 @@ class FaultProxy:
     * :meth:`stop_now`: die at once, resetting connections in flight.
 
     Counters (thread-safe; read copies): ``counts`` (requests received, by
-    method, failed ones included), ``faults`` (injected failures by method),
+    method, failed ones included), ``requests`` (each one's method and path
+    with its query, in the order received), ``faults`` (injected failures by method),
     ``bytes_up`` (request-body bytes forwarded), ``peak_in_flight`` (the most
     requests being handled at once).
     """
@@ -569,6 +570,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {}
+        self._requests: list[tuple[str, str]] = []
         self._faults: dict[str, int] = {}
         self._bytes_up = 0
         self._dead = False
@@ -584,6 +586,11 @@ class FaultProxy:
     def counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._counts)
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._requests)
 
     @property
     def faults(self) -> dict[str, int]:
@@ -607,6 +614,7 @@ class FaultProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self._counts.clear()
+            self._requests.clear()
             self._faults.clear()
             self._peak = self._in_flight
 
@@ -654,6 +662,7 @@ class FaultProxy:
         """Count a request; return the status to fail it with, or None."""
         with self._lock:
             self._counts[method] = self._counts.get(method, 0) + 1
+            self._requests.append((method, path))
             eligible = ((self.fail_methods is None or method in self.fail_methods)
                         and (self.fail_query is None
                              or self.fail_query in urllib.parse.parse_qs(urllib.parse.urlsplit(path).query,

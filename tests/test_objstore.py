@@ -417,6 +417,40 @@ def test_opening_a_manager_reads_no_manifest_of_a_cleanly_committed_step(store, 
     assert sum("data-" in k for k in left) == 1
 
 
+def test_a_manager_reads_no_manifest_of_what_it_saved(store, bucket):
+    """A rotation ranks the steps this manager committed by the records it
+    wrote (no GET of their manifests, which was a round trip per save), and
+    deletes a step with a LIST and its DELETEs (no HEAD of the manifest
+    first); the steps of an earlier run are read once each. The best-metric
+    rule keeps what the metrics say."""
+    url, opts, objs, name = bucket
+    proxy = objservers.FaultProxy(upstream(store))
+    read = re.compile(r"/rot/(\d+)/manifest\.msgpack")
+
+    def manifests_read() -> list[int]:
+        return sorted(int(m.group(1)) for method, path in proxy.requests if method in ("GET", "HEAD")
+                      if (m := read.search(path)))
+    try:
+        popts = store[2](proxy.endpoint)
+        with jaxckpt.CheckpointManager(f"{url}/rot", max_to_keep=2, best_metric="loss", storage_options=popts) as mgr:
+            for step, loss in enumerate([3.0, 1.0, 4.0, 5.0, 2.0]):
+                proxy.reset_counts()
+                mgr.save(step, {"x": np.arange(3) + step}, metrics={"loss": loss}, force=True)
+                mgr.wait_until_finished()
+                assert manifests_read() == [], proxy.requests
+            assert mgr.all_steps() == [1, 4]  # the newest, and the two lowest losses (1.0, 2.0)
+        with jaxckpt.CheckpointManager(f"{url}/rot", max_to_keep=2, best_metric="loss", storage_options=popts) as mgr:
+            proxy.reset_counts()
+            mgr.save(5, {"x": np.arange(3) + 5}, metrics={"loss": 0.5}, force=True)
+            mgr.wait_until_finished()
+            assert manifests_read() == [1, 4]  # the earlier run's steps, once; not step 5
+            assert mgr.all_steps() == [1, 5]
+            assert same(mgr.restore(1)["x"], np.arange(3) + 1)
+    finally:
+        proxy.stop()
+    assert sorted({k.split("/")[1] for k in objs.keys("rot/") if k.count("/") >= 2}) == ["1", "5"]
+
+
 def _hold_uploads(monkeypatch, until: threading.Event, after_s: float = 0.0) -> list[bool]:
     """Make each data upload read its whole stream (every checksum computed),
     then wait for ``until`` (at most 10 s) and ``after_s`` more before it
