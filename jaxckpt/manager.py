@@ -98,15 +98,16 @@ def _one_of(given: Any, built: Any, name: str, keywords: str) -> Any:
 
 
 def _open_for_writing(mgr: "CheckpointManager", save_timeout: float | None, copy_cpu_arrays: bool | None
-                      ) -> tuple[ckpt_mod.AsyncCheckpointer, Callable[[], Any]]:
-    """(checkpointer, release of the lock) of a writing manager; the primary takes the lock and cleans up."""
+                      ) -> tuple[ckpt_mod.AsyncCheckpointer, Callable[[], Any], list[str] | None]:
+    """(checkpointer, release of the lock, the committed names the cleaning listed) of a
+    writing manager; the primary takes the lock and cleans up (the others list nothing here)."""
     backend, root = mgr._backend, mgr._root
     backend.ensure_root(root, mgr._modes)
     copy_cpu = None if copy_cpu_arrays is None else bool(copy_cpu_arrays)
     ckptr = functools.partial(ckpt_mod.AsyncCheckpointer, timeout=save_timeout, copy_cpu_arrays=copy_cpu,
                               encryption_key=mgr._key, file_mode=mgr._modes.file, dir_mode=mgr._modes.dir)
     if not mgr._multi.is_primary:  # the primary holds the lock and cleans up for the whole job
-        return ckptr(), lambda: None
+        return ckptr(), lambda: None, None
     token, stale = backend.acquire_lock(root, mgr._modes)
     # Released by close(), or when the manager is garbage-collected / the interpreter exits unclosed.
     release = weakref.finalize(mgr, _release, backend, root, token, mgr._watch)
@@ -114,9 +115,10 @@ def _open_for_writing(mgr: "CheckpointManager", save_timeout: float | None, copy
         logger.warning("%s: took over the lock of a writer that is gone (host %r, pid %s)",
                        mgr.directory, stale.get("host"), stale.get("pid"))
     try:
-        for path in backend.clean_stale(root, mgr._naming.parse):
+        removed, committed = backend.clean_stale(root, mgr._naming.parse)
+        for path in removed:
             logger.info("removed the leftover of an interrupted save or deletion: %s", path)
-        return ckptr(), release
+        return ckptr(), release, committed
     except BaseException:
         release()
         raise
@@ -209,12 +211,12 @@ class CheckpointManager:
         self._restored_step: int | None = None
         self._closed = False
         self._watch = SigtermWatch()
-        self._ckptr, self._release = ((None, lambda: None) if self.read_only
-                                      else _open_for_writing(self, save_timeout, copy_cpu_arrays))
+        self._ckptr, self._release, listed = ((None, lambda: None, None) if self.read_only
+                                              else _open_for_writing(self, save_timeout, copy_cpu_arrays))
         self._saver = StepSaver(self._ckptr, self._steps, self._retention, self._naming, _clock, self.async_save,
                                 self.directory, started=_clock())
         try:
-            self.reload()
+            self._dir.reload(listed)  # a listing of the cleaning's, where it made one
         except BaseException:
             self.close()
             raise

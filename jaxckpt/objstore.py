@@ -239,6 +239,14 @@ def _marker(lock_token: str | None) -> bytes:
     return msgpack.packb({"kind": "jaxckpt-save", **procs.identity(), "time": time.time(), "lock": lock_token})
 
 
+def _committed(prefix: str, children: dict[str, list[objclient.ObjectInfo]], accept: Callable[[str], Any]
+               ) -> list[str]:
+    """The names among ``children`` (objects by name under ``prefix``) that
+    ``accept`` recognises and whose manifest is there."""
+    return [name for name, objs in children.items()
+            if accept(name) and any(o.key == _join(_join(prefix, name), MANIFEST_NAME) for o in objs)]
+
+
 class ObjectBackend(storage.Backend):
     """One bucket of one object store, through ``client``; one that replaces
     ``previous`` (the same bucket and options, a changed environment) shares
@@ -303,9 +311,7 @@ class ObjectBackend(storage.Backend):
         return out
 
     def list_committed(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
-        prefix = key_of(root)
-        return [name for name, objs in self._children(root).items()
-                if accept(name) and any(o.key == _join(_join(prefix, name), MANIFEST_NAME) for o in objs)]
+        return _committed(key_of(root), self._children(root), accept)
 
     def remove(self, loc: Location) -> None:
         """One LIST (the manifest and the data it shows), then the manifest's
@@ -319,13 +325,15 @@ class ObjectBackend(storage.Backend):
         self.client.delete([manifest])
         self.client.delete([o.key for o in objs if _attempt_of(o.key.rpartition("/")[2]) is not None])
 
-    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
+    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> tuple[list[str], list[str]]:
+        """One listing for both: the cleaning deletes no manifest."""
         lease = self._leases.get(key_of(root))
         removed = []
-        for name, objs in self._children(root).items():
+        children = self._children(root)
+        for name, objs in children.items():
             if accept(name):
                 removed.extend(self._clean_one(_join(key_of(root), name), objs, lease))
-        return removed
+        return removed, _committed(key_of(root), children, accept)
 
     def _clean_one(self, prefix: str, objs: list[objclient.ObjectInfo], lease: objlock.Lease | None) -> list[str]:
         """Our objects under one checkpoint's prefix that no live save and no manifest needs."""

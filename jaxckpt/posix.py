@@ -194,8 +194,8 @@ class PosixBackend(storage.Backend):
     def remove(self, loc: Location) -> None:
         posixdirs.remove_checkpoint(loc.path)
 
-    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
-        return posixdirs.clean_stale(root.path, accept)
+    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> tuple[list[str], list[str]]:
+        return posixdirs.clean_stale(root.path, accept), self.list_committed(root, accept)
 
     def acquire_lock(self, root: Location, modes: storage.Modes = storage.Modes()) -> tuple[str, dict | None]:
         return lock.acquire(root.path, modes.file)

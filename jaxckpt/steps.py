@@ -218,10 +218,11 @@ class StepDirectory:
         self._read_only = read_only
         self.directory = str(root)
 
-    def reload(self) -> None:
-        """Re-list the committed steps (and forget the cached records)."""
+    def reload(self, listed: list[str] | None = None) -> None:
+        """Re-list the committed steps (and forget the cached records); ``listed``:
+        what ``list_committed`` just returned, where the caller has it."""
         found: dict[int, tuple[int, str]] = {}
-        for entry in self._backend.list_committed(self._root, self._naming.parse):
+        for entry in self._backend.list_committed(self._root, self._naming.parse) if listed is None else listed:
             step, epoch = self._naming.parse(entry)
             rank = (epoch if epoch is not None else -1, entry)  # two names for one step: the larger epoch wins
             if step not in found or rank > found[step]:

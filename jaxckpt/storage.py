@@ -58,7 +58,7 @@ after a commit)::
 
     backend.ensure_root(root)
     token, stale = backend.acquire_lock(root); ...; backend.release_lock(root, token)
-    backend.clean_stale(root, accept)          # leftovers of interrupted saves and deletions
+    backend.clean_stale(root, accept)          # leftovers of interrupted saves and deletions; and then
     backend.list_committed(root, accept)       # names of committed checkpoints only
     backend.remove(loc)                        # un-commit first (atomic), then delete the data
 """
@@ -425,9 +425,10 @@ class Backend(abc.ABC):
         """Delete a committed checkpoint: un-commit first, then the data. ``FileNotFoundError`` if gone."""
 
     @abc.abstractmethod
-    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> list[str]:
+    def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> tuple[list[str], list[str]]:
         """Remove leftovers of interrupted saves and deletions of the names ``accept``
-        recognises whose writer is gone; returns what was removed. Lock held."""
+        recognises whose writer is gone. Lock held. Returns what was removed, and
+        what ``list_committed`` lists after (a store may take both from one listing)."""
 
     @abc.abstractmethod
     def acquire_lock(self, root: Location, modes: Modes = Modes()) -> tuple[str, dict | None]:

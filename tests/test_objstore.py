@@ -421,8 +421,9 @@ def test_a_manager_reads_no_manifest_of_what_it_saved(store, bucket):
     """A rotation ranks the steps this manager committed by the records it
     wrote (no GET of their manifests, which was a round trip per save), and
     deletes a step with a LIST and its DELETEs (no HEAD of the manifest
-    first); the steps of an earlier run are read once each. The best-metric
-    rule keeps what the metrics say."""
+    first); the steps of an earlier run are read once each. Opening a
+    manager lists its directory once. The best-metric rule keeps what the
+    metrics say."""
     url, opts, objs, name = bucket
     proxy = objservers.FaultProxy(upstream(store))
     read = re.compile(r"/rot/(\d+)/manifest\.msgpack")
@@ -439,7 +440,10 @@ def test_a_manager_reads_no_manifest_of_what_it_saved(store, bucket):
                 mgr.wait_until_finished()
                 assert manifests_read() == [], proxy.requests
             assert mgr.all_steps() == [1, 4]  # the newest, and the two lowest losses (1.0, 2.0)
+        proxy.reset_counts()
         with jaxckpt.CheckpointManager(f"{url}/rot", max_to_keep=2, best_metric="loss", storage_options=popts) as mgr:
+            root_lists = [p for _, p in proxy.requests if re.search(r"prefix=rot(/|%2F)(&|$)", p)]
+            assert len(root_lists) == 1, proxy.requests  # the cleaning's listing serves the step list too
             proxy.reset_counts()
             mgr.save(5, {"x": np.arange(3) + 5}, metrics={"loss": 0.5}, force=True)
             mgr.wait_until_finished()
