@@ -93,6 +93,7 @@ class SaveHandle:
         self.label = label
         self._future: Future = Future()
         self._stats: SaveStats | None = None
+        self._committed: tuple[Any] | None = None
         self._reported = False
         self._lock = threading.Lock()
 
@@ -121,6 +122,14 @@ class SaveHandle:
     def stats(self) -> SaveStats | None:
         """The save's figures once it committed; None before (or after a failure)."""
         return self._stats
+
+    @property
+    def committed_metadata(self) -> tuple[Any] | None:
+        """``(metadata,)``: what the manifest holds as metadata (in a
+        multi-process job, process 0's), once committed; None before, after a
+        failure, or on another process where process 0's did not fit in the
+        commit's message (``writer.OUTCOME_METADATA_BYTES``)."""
+        return self._committed
 
     def _take_error(self) -> BaseException | None:
         """The error, the first time it is asked for (each error is raised once)."""
@@ -365,6 +374,7 @@ class AsyncCheckpointer:
             to_prepare = self._copies.committed(save.copied, handle.label)
             total = time.perf_counter() - t0
             handle._stats = SaveStats(save.blocking, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
+            handle._committed = res.metadata
             if save.on_commit is not None:
                 save.on_commit(handle)
         except BaseException as e:

@@ -117,39 +117,40 @@ class StepSaver:
                                           per_process=req.per_process)
                 self._table.attach(step, handle)
             else:
-                stats = self._save_here(path, req, record, overwrite)
+                stats, committed = self._save_here(path, req, record, overwrite)
         except BaseException:
             self._table.fail(step)
             raise
         self.last_save_time = now
         if not background:
-            self._committed(step, name, record, replaced, stats)
+            self._committed(step, name, record, replaced, stats, committed)
         elif wait:
             handle.result()
 
     def _save_here(self, path: storage.Location, req: SaveRequest, record: dict, overwrite: bool
-                   ) -> ckpt_mod.SaveStats:
+                   ) -> tuple[ckpt_mod.SaveStats, tuple[Any] | None]:
         """A synchronous save on the calling thread (numpy inputs are not copied), with
-        the manager's checkpointer's key and modes."""
+        the manager's checkpointer's key and modes: (its figures, (the metadata committed,))."""
         t0 = time.perf_counter()
         ck = self._ckptr
         res = ckpt_mod.save_sync(path, req.state, metadata=record, overwrite=overwrite, metadata_checked=True,
                                  per_process=req.per_process, encryption_key=ck.encryption_key,
                                  file_mode=ck.modes.file, dir_mode=ck.modes.dir)
         total = time.perf_counter() - t0
-        return ckpt_mod.SaveStats(total, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9)
+        return ckpt_mod.SaveStats(total, total, res.bytes, res.files, res.bytes / max(total, 1e-9) / 1e9), res.metadata
 
     def _on_commit(self, step: int, name: str, record: dict, replaced: str | None,
                    handle: ckpt_mod.SaveHandle) -> None:
         """Runs on the background thread right after the commit."""
         try:
-            self._committed(step, name, record, replaced, handle.stats)
+            self._committed(step, name, record, replaced, handle.stats, handle.committed_metadata)
         except Exception:  # the checkpoint is committed: bookkeeping trouble must not fail the save
             logger.exception("after committing step %d", step)
 
     def _committed(self, step: int, name: str, record: dict, replaced: str | None,
-                   stats: ckpt_mod.SaveStats) -> None:
-        """Step 3: record, log and rotate after the commit of ``step`` as ``name``."""
+                   stats: ckpt_mod.SaveStats, committed: tuple[Any] | None) -> None:
+        """Step 3: record, log and rotate after the commit of ``step`` as ``name``
+        (``committed``: ``(the manifest's metadata,)``, where this process has it)."""
         path = self._table.path(name)
         info = StepSaveStats(step, record["reason"], path, stats.blocking_s, stats.total_s, stats.bytes,
                              stats.files, stats.throughput_gbps)
@@ -158,7 +159,8 @@ class StepSaver:
         logger.info("saved step %d (%s) to %s: blocked %.3f s, committed after %.3f s, %s, %s",
                     step, info.reason, path, info.blocking_s, info.total_s, display.format_bytes(info.bytes),
                     display.format_rate(info.throughput_gbps))
-        self._retention.remember(step, name, record)
+        if committed is not None:
+            self._retention.remember(step, name, committed[0])
         if replaced is not None and replaced != name:  # overwritten under a new name (another epoch)
             self._retention.delete(step, replaced)
         self._retention.apply()

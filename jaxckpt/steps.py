@@ -21,8 +21,8 @@ Three pieces, wired by ``CheckpointManager``:
   ``KeepPolicy`` which steps go and delete them crash-safely through
   ``storage.Backend.remove`` (un-commit first, then delete). Only a newer
   commit ever deletes anything. In a multi-process job the primary deletes;
-  the others, which take the same decision from the same manifests, only
-  forget the steps.
+  the others, which take the same decision from the same records (process
+  0's, as the manifests hold them), only forget the steps.
 """
 
 from __future__ import annotations
@@ -356,15 +356,17 @@ class Retention:
         self._lock = threading.Lock()
         self._written: dict[str, RetentionInfo] = {}  # name -> what this manager committed there
 
-    def remember(self, step: int, name: str, record: Mapping[str, Any]) -> None:
-        """The record this manager just committed as ``name`` (the manifest's
-        metadata, as written): the rotations read no manifest of it, which was a
-        round trip per save on a bucket. Only where the record is the manifest's:
-        in a multi-process job the others read process 0's, as their own
-        metrics and clocks may differ from it."""
-        if self._is_primary and self.policy.max_to_keep is not None:
+    def remember(self, step: int, name: str, committed: Any) -> None:
+        """The metadata the manifest of ``step``, just committed as ``name``,
+        holds (in a multi-process job process 0's, whose record every process
+        ranks by: their own metrics and clocks may differ): the rotations read
+        no manifest of it, which was a round trip per save and process."""
+        if self.policy.max_to_keep is None or not isinstance(committed, Mapping):
+            return
+        stamp, metrics = committed.get("timestamp"), committed.get("metrics")
+        if isinstance(stamp, (int, float)) and (metrics is None or isinstance(metrics, Mapping)):
             with self._lock:
-                self._written[name] = RetentionInfo(step, record["timestamp"], self.policy.metric(record["metrics"]))
+                self._written[name] = RetentionInfo(step, float(stamp), self.policy.metric(metrics))
 
     def _read_infos(self, committed: Mapping[int, str]) -> list[RetentionInfo]:
         """What the rules look at for each committed step written by a manager:

@@ -44,6 +44,13 @@ from jaxckpt.snapshot import Snapshot
 class WriteResult:
     bytes: int  # data bytes this process wrote
     files: int  # files this process wrote
+    # (the metadata the manifest holds,) where this process has it: its own
+    # (one process, process 0), or process 0's sent with the outcome (when it
+    # packs into OUTCOME_METADATA_BYTES); else None
+    metadata: tuple[Any] | None = None
+
+
+OUTCOME_METADATA_BYTES = 64 << 10
 
 
 class Job:
@@ -301,7 +308,7 @@ def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: 
             sealed = [f.sealed for f in written if f.sealed is not None]
             del written, sums  # a unit per shard: gone before the collector runs again
             _commit(staging, manifest, overwrite, ctx, sealed)
-            return WriteResult(size, len(files) + 1)
+            return WriteResult(size, len(files) + 1, (metadata,))
     except BaseException:
         ctx.job.try_abort()  # stop workers still writing into the staging area
         staging.abandon()
@@ -344,13 +351,18 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
                                             from_process=0))
         if not outcome["ok"]:
             raise CheckpointError(f"{coord.tag()} save of {label} failed: {outcome['error']}")
-        return WriteResult(sum(size for _, size in report["files"]), len(report["files"]))
+        committed = outcome.get("metadata")
+        return WriteResult(sum(size for _, size in report["files"]), len(report["files"]),
+                           None if committed is None else (msgpack.unpackb(committed, raw=False,
+                                                                           strict_map_key=False),))
     try:
         written = _commit_multi(snap, staging, report, metadata, overwrite, loc, ctx)
     except BaseException as e:
         _fail_multi(staging, key, coord, f"{type(e).__name__}: {e}")
         raise
-    coord.set(f"{key}/outcome", msgpack.packb({"ok": True}))
+    packed = msgpack.packb(written.metadata[0], use_bin_type=True)
+    coord.set(f"{key}/outcome", msgpack.packb(
+        {"ok": True, "metadata": packed if len(packed) <= OUTCOME_METADATA_BYTES else None}))
     return written
 
 
@@ -406,7 +418,7 @@ def _commit_multi(snap: Snapshot, staging: storage.Staging, report: dict, metada
     metadata = manifests.with_per_process(metadata, ctx.per_process, [r.get("value") for r in reports])
     manifest = manifests.encode(snap, metadata, files, shards, str(loc), full_check=True)
     _commit(staging, manifest, overwrite, ctx, sealed)
-    return WriteResult(sum(f.size for f in files), len(files) + 1)
+    return WriteResult(sum(f.size for f in files), len(files) + 1, (metadata,))
 
 
 def _fail_multi(staging: storage.Staging | None, key: str, coord: multihost.Coordinator, why: str) -> None:

@@ -150,21 +150,39 @@ def scenario_split(ctx: dict) -> dict:
     return {"saved": ["split/1", "splitenc/1"]}
 
 
+MANAGER_LOSSES = ([3.0, 1.0, 4.0, 2.0], [2.0, 4.0, 1.0, 3.0])  # per process: process 0's are the manifests'
+
+
 def scenario_manager(ctx: dict) -> dict:
-    """Steps 0, 1, 2 with ``max_to_keep=2`` into ``s3://BUCKET/mgr``."""
+    """Steps 0-3 with ``max_to_keep=2, best_metric="loss"`` into
+    ``s3://BUCKET/mgr``, each process giving its own losses
+    (``MANAGER_LOSSES``). Reports the steps each kept and the manifests each
+    read (counted on the client's whole-object GETs)."""
     import jaxckpt
     from jax.sharding import PartitionSpec as P
+    from jaxckpt import azclient, gcsclient, s3client
 
+    client = {"s3": s3client.S3Client, "az": azclient.AzureClient, "gs": gcsclient.GcsClient}[SCHEME]
+    gets: list[str] = []
+    get = client.get
+
+    def counted(self, key, cap):
+        gets.append(key)
+        return get(self, key, cap)
+
+    client.get = counted
     m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
     url = f"{SCHEME}://{ctx['bucket']}/mgr"
-    with jaxckpt.CheckpointManager(url, max_to_keep=2, save_timeout=60, storage_options=ctx["options"]) as mgr:
-        for step in range(3):
+    losses = MANAGER_LOSSES[ctx["pid"] % 2]
+    with jaxckpt.CheckpointManager(url, max_to_keep=2, best_metric="loss", save_timeout=60,
+                                   storage_options=ctx["options"]) as mgr:
+        for step in range(4):
             s = step_values(step)
             _in_step()
-            mgr.save(step, {"w": _place(s["w"], m, P("x", "y")), "step": s["step"]})
+            mgr.save(step, {"w": _place(s["w"], m, P("x", "y")), "step": s["step"]}, metrics={"loss": losses[step]})
         mgr.wait_until_finished()
         steps = mgr.all_steps()
-    return {"steps": steps}
+    return {"steps": steps, "manifests_read": [k for k in gets if k.endswith("manifest.msgpack")]}
 
 
 def scenario_late_joiner(ctx: dict) -> dict:
