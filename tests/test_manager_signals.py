@@ -275,3 +275,32 @@ def test_sigterm_after_close_off_the_main_thread_acts_as_before(ckdir):
     proc = subprocess.run([sys.executable, "-c", script, str(ckdir)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == -signal.SIGTERM, proc.stderr
     assert proc.stdout == "closed\n"
+
+
+def test_sigterm_commits_its_step_to_a_bucket(tmp_path):
+    """The preemption save of a training loop that checkpoints to S3 (a moto
+    server; the child has nothing on disk but its working directory) is
+    committed to the bucket before the loop stops: the manager's lock is
+    released, no marker of a save is left, and the rotation kept 20 and 23."""
+    import objservers
+
+    srv = objservers.start_moto()
+    try:
+        objservers.make_bucket(srv.endpoint, "pre")
+        env = dict(os.environ, AWS_ENDPOINT_URL=srv.endpoint, AWS_ALLOW_HTTP="true")
+        child = subprocess.Popen([sys.executable, "-c", TRAIN_LOOP, "s3://pre/run", "self"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+        out, err = child.communicate(timeout=120)
+        assert child.returncode == 0, err
+        assert out.splitlines() == [f"preempted at 23, latest 23, chained [{int(signal.SIGTERM)}]",
+                                    "handler restored: True"]
+        opts = {"endpoint": srv.endpoint}
+        with jaxckpt.CheckpointManager("s3://pre/run", read_only=True, storage_options=opts) as ro:
+            assert ro.all_steps() == [20, 23] and ro.metadata(23).reason == "preemption"
+            np.testing.assert_array_equal(ro.restore()["w"], np.full(16, 23, np.float32))
+        keys = [o["Key"] for o in objservers.s3_client(srv.endpoint).list_objects_v2(Bucket="pre").get("Contents", [])]
+        assert sorted({k.split("/")[1] for k in keys}) == ["20", "23"], keys  # no .jaxckpt-lock
+        assert not [k for k in keys if ".jaxckpt-tmp-" in k], keys
+        assert os.listdir(tmp_path) == []
+    finally:
+        srv.stop()
