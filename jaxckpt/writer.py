@@ -360,10 +360,18 @@ def _write_multi(snap: Snapshot, loc: storage.Location, *, metadata: Any, overwr
     except BaseException as e:
         _fail_multi(staging, key, coord, f"{type(e).__name__}: {e}")
         raise
-    packed = msgpack.packb(written.metadata[0], use_bin_type=True)
-    coord.set(f"{key}/outcome", msgpack.packb(
-        {"ok": True, "metadata": packed if len(packed) <= OUTCOME_METADATA_BYTES else None}))
+    coord.set(f"{key}/outcome", msgpack.packb({"ok": True, "metadata": _outcome_metadata(written.metadata[0])}))
     return written
+
+
+def _outcome_metadata(metadata: Any) -> bytes | None:
+    """The committed metadata for the outcome message, packed, if it packs into
+    ``OUTCOME_METADATA_BYTES`` (else None: the others read the manifest if they need it)."""
+    try:
+        packed = msgpack.packb(metadata, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError):  # packed once already, into the manifest
+        return None
+    return packed if len(packed) <= OUTCOME_METADATA_BYTES else None
 
 
 def _begin_multi(loc: storage.Location, ctx: Context, check_absent: bool) -> storage.Staging | None:
