@@ -30,6 +30,11 @@ class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
 class CheckpointExistsError(CheckpointError, FileExistsError):
     """A checkpoint already exists where a new one was to be written."""
 
+    @classmethod
+    def at(cls, where: object) -> "CheckpointExistsError":
+        """The error of a save to ``where`` without ``overwrite``."""
+        return cls(f"{where}: a checkpoint already exists (pass overwrite=True to replace it)")
+
 
 class CheckpointLockedError(CheckpointError):
     """Another live writer holds the checkpoint directory's lock."""

@@ -99,8 +99,9 @@ class ObjectSink(storage.DataSink):
 class ObjectStaging(storage.Staging):
     """One save attempt: data objects named with ``attempt``, then the manifest PUT."""
 
-    def __init__(self, backend: "ObjectBackend", loc: Location, attempt: str):
+    def __init__(self, backend: "ObjectBackend", loc: Location, attempt: str, bare: bool = False):
         self.backend, self.loc, self.token = backend, loc, attempt
+        self._bare = bare  # nothing was under the prefix before this attempt's marker
         self.client = backend.client
         self.file_bytes = self.client.file_bytes
         self.prefix = key_of(loc)
@@ -137,7 +138,10 @@ class ObjectStaging(storage.Staging):
             raise CheckpointExistsError(f"{self.loc}: a checkpoint was committed here by another writer meanwhile"
                                         ) from None
         try:
-            self._after_commit()
+            if self._bare and old is None:  # nothing to replace or left over: no listing
+                self.client.delete([_join(self.prefix, MARK + self.token)])
+            else:
+                self._after_commit()
         except Exception as e:  # committed: a leftover is cleaned later, never fatal
             logger.warning("jaxckpt: %s committed, but cleaning up after it failed: %s", self.loc, e)
 
@@ -239,6 +243,11 @@ def _marker(lock_token: str | None) -> bytes:
     return msgpack.packb({"kind": "jaxckpt-save", **procs.identity(), "time": time.time(), "lock": lock_token})
 
 
+def _foreign(prefix: str, objs: list[objclient.ObjectInfo]) -> bool:
+    """Whether any of ``objs`` (under ``prefix``) is not an object of a save attempt."""
+    return any(_attempt_of(o.key[len(prefix) + 1:]) is None for o in objs)
+
+
 def _committed(prefix: str, children: dict[str, list[objclient.ObjectInfo]], accept: Callable[[str], Any]
                ) -> list[str]:
     """The names among ``children`` (objects by name under ``prefix``) that
@@ -267,19 +276,25 @@ class ObjectBackend(storage.Backend):
         prefix = key_of(loc)
         if not prefix:
             return self.is_committed(loc)  # the bucket's root, which begin_save refuses
-        return any(_attempt_of(o.key[len(prefix) + 1:]) is None for o in self.client.list(prefix + "/"))
+        return _foreign(prefix, self.client.list(prefix + "/"))
 
     def is_committed(self, loc: Location, follow: bool = False) -> bool:
         return self.client.head(_join(key_of(loc), MANIFEST_NAME)) is not None
 
     def begin_save(self, loc: Location, attempt: str | None = None,
-                   modes: storage.Modes = storage.Modes()) -> ObjectStaging:
+                   modes: storage.Modes = storage.Modes(), absent: bool = False) -> ObjectStaging:
         if not key_of(loc):
             raise CheckpointError(f"{loc}: a checkpoint needs a path inside the bucket (e.g. {loc}/run/100)")
+        bare = False
+        if absent:  # the LIST of ``exists``, which also tells whether the commit has anything to clean up
+            objs = self.client.list(key_of(loc) + "/")
+            if _foreign(key_of(loc), objs):
+                raise CheckpointExistsError.at(loc)
+            bare = not objs
         attempt = attempt or uuid.uuid4().hex[:16]
         lease = self._leases.get(key_of(loc.parent))
         self.client.put(_join(key_of(loc), MARK + attempt), _marker(lease.token if lease else None))
-        return ObjectStaging(self, loc, attempt)
+        return ObjectStaging(self, loc, attempt, bare)
 
     def join_save(self, loc: Location, token: str, modes: storage.Modes = storage.Modes()) -> ObjectStaging:
         if not re.fullmatch(_ATTEMPT, token) or self.client.head(_join(key_of(loc), MARK + token)) is None:

@@ -16,7 +16,7 @@ from jaxckpt import memory
 from jaxckpt import posixdirs
 from jaxckpt import posixfs
 from jaxckpt import storage
-from jaxckpt.errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from jaxckpt.errors import CheckpointError, CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError
 from jaxckpt.format import MANIFEST_NAME
 from jaxckpt.storage import Location
 
@@ -170,7 +170,9 @@ class PosixBackend(storage.Backend):
         return posixdirs.is_committed(loc.path, follow)
 
     def begin_save(self, loc: Location, attempt: str | None = None,
-                   modes: storage.Modes = storage.Modes()) -> PosixStaging:
+                   modes: storage.Modes = storage.Modes(), absent: bool = False) -> PosixStaging:
+        if absent and self.exists(loc):
+            raise CheckpointExistsError.at(loc)
         if attempt is not None:  # a stale one of the same attempt, from a crashed run
             posixdirs.remove_tree(posixdirs.aux_name(loc.path, posixdirs.TMP_MARK, attempt))
         return PosixStaging(loc.path, posixdirs.make_temp_dir(loc.path, attempt, modes.file, modes.dir), modes)

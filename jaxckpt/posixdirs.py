@@ -128,7 +128,7 @@ def commit(tmp: str, final: str, overwrite: bool) -> None:
     parent = os.path.dirname(os.path.abspath(final))
     if os.path.lexists(final):
         if not overwrite:
-            raise CheckpointExistsError(f"{final}: a checkpoint already exists (pass overwrite=True to replace it)")
+            raise CheckpointExistsError.at(final)
         if not is_ours(final):  # overwrite replaces checkpoints, never a user's other files
             raise CheckpointExistsError(f"{final}: exists and is not a jaxckpt checkpoint; refusing to replace it")
         if libc.renameat2_exchange(tmp, final):

@@ -15,8 +15,8 @@ Call order of one save. Threads: [T] the caller's (training) thread, [S] the
 save's background thread, [P] an I/O pool thread. Processes: (all) every
 process of the job, (P0) process 0 only.
 
-1. (all) [T]   ``backend.exists(loc)``: an existing checkpoint is refused where
-   the mistake is made (unless ``overwrite``).
+1. (all) [T]   ``backend.exists(loc)``: an existing checkpoint is refused where the mistake
+   is made (unless ``overwrite``); on an object store ``begin_save(absent=True)`` does it.
 2. (P0) [S]    ``staging = backend.begin_save(loc, attempt)``: a place for the
    data that nothing lists. ``attempt`` (multi-process: derived from the
    save's coordination key) names it, so a crashed run's leftover of the same
@@ -100,11 +100,10 @@ def _hashable(options: dict | None) -> tuple:
 class Location:
     """Where a checkpoint (or a directory of them) is: a scheme and a path.
 
-    ``scheme`` is ``"file"`` for local paths (``path`` absolute and
-    normalised), ``"s3"`` or ``"gs"`` for object storage (``path`` is
-    ``bucket/key/prefix``, no trailing slash). ``options`` are the user's
-    ``storage_options`` (never shown: they may hold secrets). ``str(location)``
-    is what messages show: the local path itself, or the URL."""
+    ``scheme`` is ``"file"`` for local paths (``path`` absolute and normalised),
+    ``"s3"``, ``"gs"`` or ``"az"`` for object storage (``path`` is ``bucket/key/prefix``,
+    no trailing slash). ``options`` are the user's ``storage_options`` (never shown:
+    they may hold secrets). ``str(location)`` is what messages show: the path or URL."""
     scheme: str
     path: str
     options: tuple = dataclasses.field(default=(), repr=False)
@@ -405,7 +404,9 @@ class Backend(abc.ABC):
         """Whether ``loc`` is a committed checkpoint (``follow``: ``loc`` itself may be a link the user named)."""
 
     @abc.abstractmethod
-    def begin_save(self, loc: Location, attempt: str | None = None, modes: Modes = Modes()) -> Staging: ...
+    def begin_save(self, loc: Location, attempt: str | None = None, modes: Modes = Modes(),
+                   absent: bool = False) -> Staging:
+        """``absent``: first ``CheckpointExistsError.at(loc)`` if ``exists(loc)``."""
 
     @abc.abstractmethod
     def join_save(self, loc: Location, token: str, modes: Modes = Modes()) -> Staging: ...

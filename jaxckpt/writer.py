@@ -271,23 +271,22 @@ _PAUSE_WHOLE_SAVE_LEAVES = 2048
 def refuse_existing(loc: storage.Location) -> None:
     """``CheckpointExistsError`` if a checkpoint (or anything but a save in flight) is at ``loc``."""
     if storage.backend(loc).exists(loc):
-        raise CheckpointExistsError(f"{loc}: a checkpoint already exists (pass overwrite=True to replace it)")
+        raise CheckpointExistsError.at(loc)
 
 
 def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: Any, overwrite: bool,
                      ctx: Context, check_absent: bool = False) -> WriteResult:
     """The whole save: data, manifest, commit. Cleans up on failure.
-    ``check_absent``: first ``refuse_existing`` (process 0 alone, for every
-    process), where the caller left that to the save thread (object stores).
+    ``check_absent``: refuse an existing checkpoint as the save begins
+    (process 0 alone, for every process; ``begin_save(..., absent=True)``),
+    where the caller left that to the save thread (object stores).
 
     (all processes) call it with the same ``ctx.key``; see ``_write_multi``.
     """
     loc = storage.Location.parse(path)
     if ctx.coord.process_count > 1:
         return _write_multi(snap, loc, metadata=metadata, overwrite=overwrite, ctx=ctx, check_absent=check_absent)
-    if check_absent:
-        refuse_existing(loc)
-    staging = storage.backend(loc).begin_save(loc, None, ctx.modes)
+    staging = storage.backend(loc).begin_save(loc, None, ctx.modes, absent=check_absent)
     try:
         # Trees of many leaves: one pause of the cyclic collector for the whole
         # save (see jaxckpt/gcpause.py). Paused stage by stage, each stage's
@@ -379,13 +378,12 @@ def _begin_multi(loc: storage.Location, ctx: Context, check_absent: bool) -> sto
     (or ``!`` and why the save cannot begin); None elsewhere."""
     if not ctx.coord.is_primary:
         return None
-    if check_absent:
-        try:
-            refuse_existing(loc)
-        except CheckpointExistsError as e:
-            ctx.coord.set(f"{ctx.key}/tmp", b"!" + str(e).encode())
-            raise
-    staging = storage.backend(loc).begin_save(loc, hashlib.sha256(ctx.key.encode()).hexdigest()[:16], ctx.modes)
+    try:
+        staging = storage.backend(loc).begin_save(loc, hashlib.sha256(ctx.key.encode()).hexdigest()[:16], ctx.modes,
+                                                  absent=check_absent)
+    except CheckpointExistsError as e:
+        ctx.coord.set(f"{ctx.key}/tmp", b"!" + str(e).encode())
+        raise
     ctx.coord.set(f"{ctx.key}/tmp", staging.token.encode())
     return staging
 

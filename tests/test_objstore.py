@@ -455,6 +455,33 @@ def test_a_manager_reads_no_manifest_of_what_it_saved(store, bucket):
     assert sorted({k.split("/")[1] for k in objs.keys("rot/") if k.count("/") >= 2}) == ["1", "5"]
 
 
+def test_a_save_to_an_empty_prefix_lists_it_once(store, bucket):
+    """The existence check's LIST tells the commit whether anything was there
+    before the save: into an empty prefix, the commit deletes the save's
+    marker without listing again. Where a crashed deletion left data behind,
+    the commit lists and deletes it as before."""
+    url, opts, objs, name = bucket
+    proxy = objservers.FaultProxy(upstream(store))
+
+    def lists() -> int:
+        return sum(1 for method, path in proxy.requests if method == "GET" and re.search(r"[?&]prefix=", path))
+    try:
+        popts = store[2](proxy.endpoint)
+        jaxckpt.save(f"{url}/fresh", {"x": np.arange(4)}, storage_options=popts)
+        assert lists() == 1, proxy.requests
+        assert sum(proxy.counts.values()) == 5, proxy.requests  # LIST, marker, data, manifest, marker's DELETE
+        objs.put("left/data-00000-00000000000000ee.bin", b"a deletion killed after its manifest went")
+        proxy.reset_counts()
+        jaxckpt.save(f"{url}/left", {"x": np.arange(4)}, storage_options=popts)
+        assert lists() == 2, proxy.requests
+    finally:
+        proxy.stop()
+    assert [k for k in objs.keys("fresh/") if ".jaxckpt-tmp-" in k] == []
+    left = objs.keys("left/")
+    assert "left/data-00000-00000000000000ee.bin" not in left and sum("data-" in k for k in left) == 1, left
+    assert same(jaxckpt.restore(f"{url}/left", storage_options=opts)["x"], np.arange(4))
+
+
 def _hold_uploads(monkeypatch, until: threading.Event, after_s: float = 0.0) -> list[bool]:
     """Make each data upload read its whole stream (every checksum computed),
     then wait for ``until`` (at most 10 s) and ``after_s`` more before it
