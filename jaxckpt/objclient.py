@@ -20,6 +20,7 @@ retries). Transient errors are retried inside the client, with backoff.
 from __future__ import annotations
 
 import abc
+import time
 from typing import Iterable, NamedTuple
 
 import numpy as np
@@ -30,6 +31,11 @@ from jaxckpt.errors import StorageError
 # that request overhead is small (a few ms per request against ~20-100 ms of
 # transfer), small enough that several are in flight for a 100 MB object.
 PART_BYTES = 16 << 20
+
+# A bucket found to exist this recently is not probed again: the probe only
+# decides what a missing object's error says (the format detection of a URL
+# with no checkpoint asked up to five times, a round trip each).
+BUCKET_SEEN_S = 10.0
 
 
 def copy_into(view: memoryview, data, where: str) -> int:
@@ -67,6 +73,7 @@ class ObjectClient(abc.ABC):
     # Data objects of about this size (a process's data cut between leaves,
     # ``layout.file_groups``), or None for one object per process.
     file_bytes: int | None = None
+    _bucket_seen = float("-inf")  # when check_bucket last found the bucket (time.monotonic)
 
     def describe(self, key: str) -> str:
         return f"{self.url}/{key}"
@@ -108,11 +115,15 @@ class ObjectClient(abc.ABC):
         """Delete the objects; a missing one is not an error."""
 
     def check_bucket(self) -> None:
-        """Raise ``BucketNotFoundError`` if the bucket does not exist (one cheap request)."""
+        """Raise ``BucketNotFoundError`` if the bucket does not exist (one cheap
+        request, none if it was found in the last ``BUCKET_SEEN_S``)."""
+        if time.monotonic() - self._bucket_seen < BUCKET_SEEN_S:
+            return
         try:
             self.get(".jaxckpt-probe", 0)
         except (NotFound, ValueError):
             pass
+        self._bucket_seen = time.monotonic()
 
     def close(self) -> None:
         pass

@@ -482,6 +482,24 @@ def test_a_save_to_an_empty_prefix_lists_it_once(store, bucket):
     assert same(jaxckpt.restore(f"{url}/left", storage_options=opts)["x"], np.arange(4))
 
 
+def test_no_checkpoint_at_a_url_is_told_after_one_probe_of_the_bucket(store, bucket):
+    """A restore where nothing is: the manifest's GET, one probe that the bucket
+    exists (the error says which is missing), then a HEAD per file that another
+    format would have; a missing bucket is still named as such."""
+    url, opts, objs, name = bucket
+    proxy = objservers.FaultProxy(upstream(store))
+    try:
+        popts = store[2](proxy.endpoint)
+        with pytest.raises(jaxckpt.CheckpointNotFoundError, match=r"/nope: no committed checkpoint here"):
+            jaxckpt.restore(f"{url}/nope", storage_options=popts)
+        probes = [path for _, path in proxy.requests if ".jaxckpt-probe" in path]
+        assert len(probes) == 1 and len(proxy.requests) == 6, proxy.requests  # GET, probe, 4 HEADs
+        with pytest.raises(jaxckpt.BucketNotFoundError, match="does not exist"):
+            jaxckpt.restore(f"{url}-missing/x", storage_options=popts)
+    finally:
+        proxy.stop()
+
+
 def _hold_uploads(monkeypatch, until: threading.Event, after_s: float = 0.0) -> list[bool]:
     """Make each data upload read its whole stream (every checksum computed),
     then wait for ``until`` (at most 10 s) and ``after_s`` more before it
