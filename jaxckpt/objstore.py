@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from typing import Any, BinaryIO, Callable, Iterable
@@ -106,6 +107,8 @@ class ObjectStaging(storage.Staging):
         self.file_bytes = self.client.file_bytes
         self.prefix = key_of(loc)
         self._manifest: bytes | None = None
+        self._listed: dict[str, objclient.ObjectInfo] | None = None  # check_visible's one listing
+        self._listing = threading.Lock()
 
     def data_name(self, base: str) -> str:
         stem, dot, ext = base.rpartition(".")
@@ -115,7 +118,14 @@ class ObjectStaging(storage.Staging):
         return ObjectSink(self.client, _join(self.prefix, name))
 
     def check_visible(self, name: str, size: int, process: int) -> None:
-        info = self.client.head(_join(self.prefix, name))
+        """Every process's objects, from one LIST of the prefix (taken once all
+        reported their uploads done; a HEAD per object was a request per process
+        per save), an object the listing lacks looked up again on its own."""
+        key = _join(self.prefix, name)
+        with self._listing:
+            if self._listed is None:
+                self._listed = {o.key: o for o in self.client.list(self.prefix + "/")}
+        info = self._listed.get(key) or self.client.head(key)
         if info is None or info.size != size:
             found = "nothing" if info is None else f"{info.size} bytes"
             raise CheckpointError(

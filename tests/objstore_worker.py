@@ -156,21 +156,27 @@ MANAGER_LOSSES = ([3.0, 1.0, 4.0, 2.0], [2.0, 4.0, 1.0, 3.0])  # per process: pr
 def scenario_manager(ctx: dict) -> dict:
     """Steps 0-3 with ``max_to_keep=2, best_metric="loss"`` into
     ``s3://BUCKET/mgr``, each process giving its own losses
-    (``MANAGER_LOSSES``). Reports the steps each kept and the manifests each
-    read (counted on the client's whole-object GETs)."""
+    (``MANAGER_LOSSES``). Reports the steps each kept, the manifests each
+    read (counted on the client's whole-object GETs) and the data objects each
+    looked up one by one (HEADs)."""
     import jaxckpt
     from jax.sharding import PartitionSpec as P
     from jaxckpt import azclient, gcsclient, s3client
 
     client = {"s3": s3client.S3Client, "az": azclient.AzureClient, "gs": gcsclient.GcsClient}[SCHEME]
     gets: list[str] = []
-    get = client.get
+    heads: list[str] = []
+    get, head = client.get, client.head
 
     def counted(self, key, cap):
         gets.append(key)
         return get(self, key, cap)
 
-    client.get = counted
+    def counted_head(self, key):
+        heads.append(key)
+        return head(self, key)
+
+    client.get, client.head = counted, counted_head
     m = _mesh((ctx["nproc"], ctx["ndev"]), MESH_AXES)
     url = f"{SCHEME}://{ctx['bucket']}/mgr"
     losses = MANAGER_LOSSES[ctx["pid"] % 2]
@@ -182,7 +188,8 @@ def scenario_manager(ctx: dict) -> dict:
             mgr.save(step, {"w": _place(s["w"], m, P("x", "y")), "step": s["step"]}, metrics={"loss": losses[step]})
         mgr.wait_until_finished()
         steps = mgr.all_steps()
-    return {"steps": steps, "manifests_read": [k for k in gets if k.endswith("manifest.msgpack")]}
+    return {"steps": steps, "manifests_read": [k for k in gets if k.endswith("manifest.msgpack")],
+            "data_looked_up": [k for k in heads if "/data-" in k]}
 
 
 def scenario_late_joiner(ctx: dict) -> dict:

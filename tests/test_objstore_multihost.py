@@ -252,12 +252,14 @@ def test_an_existing_checkpoint_is_refused_by_process_0_for_both(moto, tmp_path)
 def test_manager_across_two_processes_keeps_two_steps_and_releases_the_lock(moto, tmp_path):
     """Both processes keep the steps process 0's losses (the manifests')
     choose, though process 1 gave other losses, and neither reads a manifest
-    back: process 1 has process 0's record with the commit's outcome."""
+    back: process 1 has process 0's record with the commit's outcome. Process
+    0 sees every process's data in one listing per save, not a HEAD each."""
     results = run_job(moto, "manager", tmp_path)
     # process 0's losses [3, 1, 4, 2]: the newest (3) and the two lowest (1, 3); by
     # process 1's [2, 4, 1, 3] step 3 would keep 0 and 2 as well
     assert [r["steps"] for r in results] == [[1, 3], [1, 3]], results
     assert [r["manifests_read"] for r in results] == [[], []], results
+    assert [r["data_looked_up"] for r in results] == [[], []], results
     objs = list_bucket(moto, "mgr/")
     assert ".jaxckpt-lock" not in objs, sorted(objs)
     assert not [k for k in objs if ".jaxckpt-tmp-" in k], sorted(objs)
