@@ -18,7 +18,7 @@ LAYERS: list[set[str]] = [
     {"tree"},                                          # pytree flattening
     {"snapshot", "hostcopy", "accelcopy"},             # device -> host
     {"format", "crypto"},                              # manifest <-> bytes, pure; encryption
-    {"storage", "posix", "posixdirs", "posixfs", "lock",
+    {"storage", "location", "posix", "posixdirs", "posixfs", "lock",
      "objclient", "objfiles", "objstore", "objlock", "obstoreclient", "s3client", "azclient", "awsprofile", "gcsclient", "gcsread",
      "gcsupload"},  # bytes <-> files (objects), the commit
     {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_mindspore_write", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
