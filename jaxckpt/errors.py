@@ -35,6 +35,11 @@ class CheckpointExistsError(CheckpointError, FileExistsError):
         """The error of a save to ``where`` without ``overwrite``."""
         return cls(f"{where}: a checkpoint already exists (pass overwrite=True to replace it)")
 
+    @classmethod
+    def foreign(cls, where: object) -> "CheckpointExistsError":
+        """The error of an overwrite of ``where`` that holds something other than a checkpoint."""
+        return cls(f"{where}: exists and is not a jaxckpt checkpoint; refusing to replace it")
+
 
 class CheckpointLockedError(CheckpointError):
     """Another live writer holds the checkpoint directory's lock."""

@@ -57,6 +57,7 @@ _OURS_RE = re.compile(rf"^(?:data-\d{{5}}(?:-\d{{5}})?-(?P<data>{_ATTEMPT})\.bin
                       rf"\.jaxckpt-tmp-(?P<mark>{_ATTEMPT}))$")
 _NAMED_RE = re.compile(rb"data-\d{5}(?:-\d{5})?-(" + _ATTEMPT.encode() + rb")\.bin")
 MARKER_CAP = 64 << 10
+OVERWRITE_TRIES = 5  # an overwrite that loses the race to another writer's commit tries this often in all
 UNMANAGED_STALE_SECONDS = 24 * 3600  # a save's marker written outside any lock is abandoned after this long
 logger = logging.getLogger("jaxckpt")
 
@@ -138,31 +139,69 @@ class ObjectStaging(storage.Staging):
     def commit(self, overwrite: bool) -> None:
         self.backend.check_lease(self.loc.parent)
         key = _join(self.prefix, MANIFEST_NAME)
-        try:
-            old = self.client.head(key) if overwrite else None
-            if old is None:
-                self.client.put(key, self._manifest, create=True)
-            else:
-                self.client.put(key, self._manifest, if_match=old.etag)
-        except Conflict:
-            raise CheckpointExistsError(f"{self.loc}: a checkpoint was committed here by another writer meanwhile"
-                                        ) from None
+        for tries_left in range(OVERWRITE_TRIES - 1, -1, -1):
+            try:
+                old = self._replacing(key) if overwrite else None
+                if old is None:
+                    self.client.put(key, self._manifest, create=True)
+                else:
+                    self.client.put(key, self._manifest, if_match=old.etag)
+                break
+            except Conflict:  # another writer committed first: an overwrite replaces it in turn (the last wins)
+                if not (overwrite and tries_left):
+                    raise CheckpointExistsError(f"{self.loc}: a checkpoint was committed here by another writer "
+                                                "meanwhile") from None
         try:
             if self._bare and old is None:  # nothing to replace or left over: no listing
                 self.client.delete([_join(self.prefix, MARK + self.token)])
             else:
-                self._after_commit()
+                self._after_commit(old is not None)
         except Exception as e:  # committed: a leftover is cleaned later, never fatal
             logger.warning("jaxckpt: %s committed, but cleaning up after it failed: %s", self.loc, e)
 
-    def _after_commit(self) -> None:
-        """Delete our marker, and the data of attempts the new manifest replaced (no live marker)."""
+    def _replacing(self, key: str) -> objclient.ObjectInfo | None:
+        """An overwrite's HEAD of the manifest it replaces. Where there is none,
+        a prefix holding objects of anything but save attempts is refused, as on
+        disk (that LIST also tells whether the commit has anything to clean up)."""
+        old = self.client.head(key)
+        if old is None:
+            objs = self.client.list(self.prefix + "/")
+            if _foreign(self.prefix, objs):
+                raise CheckpointExistsError.foreign(self.loc)
+            self._bare = all(_attempt_of(o.key.rpartition("/")[2]) == self.token or _is_folder(self.prefix, o)
+                             for o in objs)
+        return old
+
+    def _after_commit(self, replaced: bool) -> None:
+        """Delete our marker and the data of attempts the new manifest replaced
+        (no live marker); after an overwrite, everything else the prefix held,
+        as the replaced directory goes on disk (a checkpoint nested in it
+        manifest first). If another save was live meanwhile and its commit
+        replaced ours, our data goes too: nothing names it any more."""
         objs = self.client.list(self.prefix + "/")
-        names = [o.key[len(self.prefix) + 1:] if self.prefix else o.key for o in objs]
+        names = [o.key[len(self.prefix) + 1:] for o in objs]
         live = {_attempt_of(n) for n in names if n.startswith(MARK)} - {self.token}
-        doomed = [_join(self.prefix, n) for n in names if _attempt_of(n) not in (None, self.token) and
-                  not n.startswith(MARK) and _attempt_of(n) not in live]
-        self.client.delete(doomed + [_join(self.prefix, MARK + self.token)])
+        keep = {MANIFEST_NAME} | {n for n in names if _attempt_of(n) in live | {self.token}}
+        doomed = [n for n in names if n not in keep and (replaced or _attempt_of(n) is not None)]
+        nested = [n for n in doomed if n.endswith("/" + MANIFEST_NAME)]
+        if nested:
+            self.client.delete([_join(self.prefix, n) for n in nested])
+        self.client.delete([_join(self.prefix, n) for n in doomed if n not in nested] +
+                           [_join(self.prefix, MARK + self.token)])
+        if live and not self._still_ours():
+            self.client.delete([_join(self.prefix, n) for n in names
+                                if _attempt_of(n) == self.token and not n.startswith(MARK)])
+
+    def _still_ours(self) -> bool:
+        """Whether the manifest is still the one this attempt published (its
+        bytes: they name this attempt's data); True where it cannot be read."""
+        try:
+            data, _ = self.client.get(_join(self.prefix, MANIFEST_NAME), len(self._manifest))
+        except NotFound:  # deleted meanwhile: whoever deleted it deletes the rest
+            return True
+        except ValueError:  # larger than ours: another one
+            return False
+        return data == self._manifest
 
     def abandon(self) -> None:
         try:
@@ -254,8 +293,14 @@ def _marker(lock_token: str | None) -> bytes:
 
 
 def _foreign(prefix: str, objs: list[objclient.ObjectInfo]) -> bool:
-    """Whether any of ``objs`` (under ``prefix``) is not an object of a save attempt."""
-    return any(_attempt_of(o.key[len(prefix) + 1:]) is None for o in objs)
+    """Whether any of ``objs`` (under ``prefix``) is not an object of a save
+    attempt. A zero-byte ``prefix/`` (the folder a console's "Create folder"
+    makes) is no more than the empty directory a save may take on disk."""
+    return any(_attempt_of(o.key[len(prefix) + 1:]) is None and not _is_folder(prefix, o) for o in objs)
+
+
+def _is_folder(prefix: str, o: objclient.ObjectInfo) -> bool:
+    return o.size == 0 and o.key in (prefix, prefix + "/")  # obstore lists 'name/' as 'name'
 
 
 def _committed(prefix: str, children: dict[str, list[objclient.ObjectInfo]], accept: Callable[[str], Any]
@@ -300,7 +345,7 @@ class ObjectBackend(storage.Backend):
             objs = self.client.list(key_of(loc) + "/")
             if _foreign(key_of(loc), objs):
                 raise CheckpointExistsError.at(loc)
-            bare = not objs
+            bare = all(_is_folder(key_of(loc), o) for o in objs)
         attempt = attempt or uuid.uuid4().hex[:16]
         lease = self._leases.get(key_of(loc.parent))
         self.client.put(_join(key_of(loc), MARK + attempt), _marker(lease.token if lease else None))
@@ -339,16 +384,21 @@ class ObjectBackend(storage.Backend):
         return _committed(key_of(root), self._children(root), accept)
 
     def remove(self, loc: Location) -> None:
-        """One LIST (the manifest and the data it shows), then the manifest's
-        DELETE (un-committed from here on), then the data's. Objects of a save
-        that starts at the prefix after the LIST are left to it."""
+        """One LIST, then the manifest's DELETE (un-committed from here on), then
+        everything else under the prefix, as a directory goes on disk (a
+        checkpoint nested in it manifest first). Objects of a save that starts
+        at the prefix after the LIST are left to it."""
         prefix = key_of(loc)
         objs = self.client.list(prefix + "/")
         manifest = _join(prefix, MANIFEST_NAME)
         if not any(o.key == manifest for o in objs):
             raise FileNotFoundError(f"{loc}: no committed checkpoint to remove")
         self.client.delete([manifest])
-        self.client.delete([o.key for o in objs if _attempt_of(o.key.rpartition("/")[2]) is not None])
+        rest = [o.key for o in objs if o.key != manifest]
+        nested = [k for k in rest if k.endswith("/" + MANIFEST_NAME)]
+        if nested:
+            self.client.delete(nested)
+        self.client.delete([k for k in rest if k not in nested])
 
     def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> tuple[list[str], list[str]]:
         """One listing for both: the cleaning deletes no manifest."""

@@ -164,7 +164,7 @@ class PosixSource(storage.Source):
 
 class PosixBackend(storage.Backend):
     def exists(self, loc: Location) -> bool:
-        return os.path.lexists(loc.path)
+        return os.path.lexists(loc.path) and not posixdirs.is_empty_dir(loc.path)
 
     def is_committed(self, loc: Location, follow: bool = False) -> bool:
         return posixdirs.is_committed(loc.path, follow)

@@ -78,6 +78,18 @@ def make_temp_dir(final: str, ident: str | None = None, file_mode: int | None = 
     return tmp
 
 
+def is_empty_dir(path: str) -> bool:
+    """Whether ``path`` is a directory (not a link to one) with nothing in it: a
+    directory made ahead of the save (``mkdir -p``), which a save may take."""
+    try:
+        if not stat.S_ISDIR(os.lstat(path).st_mode):
+            return False
+        with os.scandir(path) as it:
+            return next(it, None) is None
+    except OSError:
+        return False
+
+
 def is_ours(path: str) -> bool:
     """True when ``path`` is a directory that jaxckpt created (owner marker or manifest)."""
     try:
@@ -126,11 +138,11 @@ def commit(tmp: str, final: str, overwrite: bool) -> None:
     """
     posixfs.fsync_dir(tmp)
     parent = os.path.dirname(os.path.abspath(final))
-    if os.path.lexists(final):
+    if os.path.lexists(final) and not is_empty_dir(final):  # an empty directory is replaced by the rename below
         if not overwrite:
             raise CheckpointExistsError.at(final)
         if not is_ours(final):  # overwrite replaces checkpoints, never a user's other files
-            raise CheckpointExistsError(f"{final}: exists and is not a jaxckpt checkpoint; refusing to replace it")
+            raise CheckpointExistsError.foreign(final)
         if libc.renameat2_exchange(tmp, final):
             posixfs.fsync_dir(parent)
             remove_tree(tmp)  # the old checkpoint; identifying files last, so a crash leaves it recognisable
