@@ -344,7 +344,9 @@ class ObjectBackend(storage.Backend):
         if absent:  # the LIST of ``exists``, which also tells whether the commit has anything to clean up
             objs = self.client.list(key_of(loc) + "/")
             if _foreign(key_of(loc), objs):
-                raise CheckpointExistsError.at(loc)
+                manifest = _join(key_of(loc), MANIFEST_NAME)
+                raise (CheckpointExistsError.at(loc) if any(o.key == manifest for o in objs)
+                       else CheckpointExistsError.foreign(loc))
             bare = all(_is_folder(key_of(loc), o) for o in objs)
         attempt = attempt or uuid.uuid4().hex[:16]
         lease = self._leases.get(key_of(loc.parent))

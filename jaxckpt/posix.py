@@ -172,7 +172,7 @@ class PosixBackend(storage.Backend):
     def begin_save(self, loc: Location, attempt: str | None = None,
                    modes: storage.Modes = storage.Modes(), absent: bool = False) -> PosixStaging:
         if absent and self.exists(loc):
-            raise CheckpointExistsError.at(loc)
+            raise CheckpointExistsError.at(loc) if self.is_committed(loc) else CheckpointExistsError.foreign(loc)
         if attempt is not None:  # a stale one of the same attempt, from a crashed run
             posixdirs.remove_tree(posixdirs.aux_name(loc.path, posixdirs.TMP_MARK, attempt))
         return PosixStaging(loc.path, posixdirs.make_temp_dir(loc.path, attempt, modes.file, modes.dir), modes)

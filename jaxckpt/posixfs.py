@@ -19,7 +19,7 @@ from typing import Any, BinaryIO, Callable
 import msgpack
 
 from jaxckpt import memory
-from jaxckpt.errors import CorruptCheckpointError
+from jaxckpt.errors import CheckpointError, CheckpointExistsError, CorruptCheckpointError
 
 O_DIRECT = getattr(os, "O_DIRECT", 0)  # 0: never tried (tests set it to force buffered writes)
 RECORD_CAP = 4096  # bytes of a small record file (owner marker, lock)
@@ -58,7 +58,7 @@ def ensure_dir(path: str, mode: int | None = None) -> None:
         os.mkdir(path)
     except FileExistsError:
         if not os.path.isdir(path):
-            raise
+            raise CheckpointError(f"{path}: exists and is not a directory, so nothing can be made under it") from None
         return
     if mode is not None:
         os.chmod(path, mode)
@@ -167,6 +167,9 @@ def write_atomic(path: str, fill: Callable[[BinaryIO], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except IsADirectoryError:
+        os.unlink(tmp)
+        raise CheckpointExistsError(f"{path}: a directory is there; refusing to replace it with a file") from None
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

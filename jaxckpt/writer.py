@@ -270,8 +270,9 @@ _PAUSE_WHOLE_SAVE_LEAVES = 2048
 
 def refuse_existing(loc: storage.Location) -> None:
     """``CheckpointExistsError`` if a checkpoint (or anything but a save in flight) is at ``loc``."""
-    if storage.backend(loc).exists(loc):
-        raise CheckpointExistsError.at(loc)
+    b = storage.backend(loc)
+    if b.exists(loc):
+        raise CheckpointExistsError.at(loc) if b.is_committed(loc) else CheckpointExistsError.foreign(loc)
 
 
 def write_checkpoint(snap: Snapshot, path: str | storage.Location, *, metadata: Any, overwrite: bool,

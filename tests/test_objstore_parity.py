@@ -185,3 +185,29 @@ def test_a_control_character_in_a_path_is_refused_before_anything_is_sent(url):
         jaxckpt.save(url, state(1))
     assert str(e.value).startswith(repr(url) + ": ")
     assert ("NUL" if "\0" in url else "control character") in str(e.value)
+
+
+def test_something_other_than_a_checkpoint_in_the_way_is_named_as_such(place):
+    place.put("file", b"a user's file")
+    place.put("dir/notes.txt", b"a user's file")
+    for name in (["file"] if place.kind == "local" else []) + ["dir"]:
+        for overwrite in (False, True):
+            with pytest.raises(jaxckpt.CheckpointExistsError) as e:
+                jaxckpt.save(place.url(name), state(1), overwrite=overwrite, storage_options=place.options)
+            assert str(e.value) == f"{place.url(name)}: exists and is not a jaxckpt checkpoint; refusing to replace it"
+    assert place.files("dir") == ["notes.txt"]
+
+
+def test_a_file_in_the_way_of_a_directory_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")
+    for make in (lambda: jaxckpt.save(tmp_path / "file" / "ck", state(1)),
+                 lambda: jaxckpt.CheckpointManager(tmp_path / "file" / "run")):
+        with pytest.raises(jaxckpt.CheckpointError) as e:
+            make()
+        assert str(e.value) == f"{tmp_path / 'file'}: exists and is not a directory, so nothing can be made under it"
+    jaxckpt.save(tmp_path / "ck", state(1))
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(jaxckpt.CheckpointExistsError) as e:
+        jaxckpt.convert(tmp_path / "ck", tmp_path / "dir", to="safetensors")
+    assert str(e.value) == f"{tmp_path / 'dir'}: a directory is there; refusing to replace it with a file"
+    assert os.listdir(tmp_path / "dir") == [] and sorted(os.listdir(tmp_path)) == ["ck", "dir", "file"]
