@@ -21,25 +21,19 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import dataclasses
 import json
 import os
 import pprint
 import sys
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import jaxckpt
 from jaxckpt import display
 from jaxckpt import format as fmt
-from jaxckpt import progress as progress_mod
 from jaxckpt import storage
-from jaxckpt.errors import CheckpointError, DecryptionError
-from jaxckpt.reader import CheckpointReader
-
-# Bytes of leaf data asked of the reader at once. A slab of a shard larger than
-# this goes through a temporary buffer rounded out to whole checksum chunks, so
-# at most 2 x 112 MiB + 2 chunks of 16 MiB = 256 MiB are in flight.
-VERIFY_BATCH_BYTES = 112 << 20
+from jaxckpt.errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError, DecryptionError,
+                            UnsupportedLocationError)
+from jaxckpt.verify import VERIFY_BATCH_BYTES, VerifyResult, error_message, verify_checkpoint  # noqa: F401 (public here)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -84,10 +78,10 @@ def _natural_key(name: str) -> tuple:
 
 
 def _check_location(path: str) -> str:
-    """``path`` as given, once it is known to be one this version can read (a URL of
-    another scheme raises ``UnsupportedLocationError``; it never becomes a local path)."""
-    storage.Location.parse(path)
-    return path
+    """``path`` as given (a file:// URL: its local path), once it is known to be one this version can
+    read (a URL of another scheme raises ``UnsupportedLocationError``; it never becomes a local path)."""
+    loc = storage.Location.parse(path)
+    return loc.path if loc.is_local else path
 
 
 def _is_local(path: str) -> bool:
@@ -95,13 +89,25 @@ def _is_local(path: str) -> bool:
 
 
 def _require_dir(path: str) -> None:
-    """A local ``path`` must be a directory (a bucket prefix always "is" one)."""
-    if _is_local(path) and not os.path.isdir(path):
+    """A local ``path`` must be a directory, a bucket prefix must hold something (a bucket's root always does)."""
+    loc = storage.Location.parse(path)
+    if loc.is_local and not os.path.isdir(path):
         raise UsageError(f"{path}: no such directory" if not os.path.lexists(path) else f"{path}: not a directory")
+    if not loc.is_local and "/" in loc.path and not storage.backend(loc).exists(loc):
+        raise UsageError(f"{path}: not a directory (an object, not a prefix)" if _is_file(path) else
+                         f"{path}: nothing there (no object under this prefix)")
 
 
-def _exists(path: str) -> bool:
-    return storage.backend(storage.Location.parse(path)).exists(storage.Location.parse(path))
+def _is_file(path: str) -> bool:
+    """Whether ``path`` is a single file: a local one, or an object (a safetensors, MindSpore or flax file)."""
+    loc = storage.Location.parse(path)
+    if loc.is_local:
+        return os.path.isfile(path)
+    try:
+        storage.open_file(loc).close()
+    except CheckpointNotFoundError:
+        return False
+    return True
 
 
 def _base_name(path: str) -> str:
@@ -130,90 +136,6 @@ def find_checkpoints(path: str) -> tuple[bool, list[str]]:
             if is_checkpoint(sub) or _looks_damaged(sub):
                 found.append(e.name)
     return False, [os.path.join(path, n) for n in sorted(found, key=_natural_key)]
-
-
-# ----------------------------------------------------------------------------- verify
-@dataclasses.dataclass(frozen=True)
-class VerifyResult:
-    path: str
-    ok: bool
-    leaves: int = 0
-    nbytes: int = 0
-    error: str | None = None
-    gone: bool = False  # deleted while being verified (a running manager rotated it away)
-
-
-def _pieces(leaf: fmt.LeafRecord, batch_bytes: int) -> list[tuple[Any, int]]:
-    """``(box, nbytes)`` requests that read every byte of ``leaf`` once, each of at
-    most ``batch_bytes`` where possible. A leaf larger than that is read shard by
-    shard (a box equal to a shard is read straight into place, nothing rounded
-    out), and a shard larger than that in slabs of rows (one row at least)."""
-    if leaf.kind == "value" or leaf.nbytes == 0:
-        return []
-    if leaf.nbytes <= batch_bytes:
-        return [(None, leaf.nbytes)]
-    out = []
-    for s in leaf.shards:
-        if s.length == 0:
-            continue
-        if s.length <= batch_bytes or not s.box:
-            out.append((s.box, s.length))
-            continue
-        (lo, hi), rest = s.box[0], s.box[1:]
-        row_bytes = s.length // (hi - lo)
-        rows = max(1, batch_bytes // row_bytes)
-        out.extend((((r, min(r + rows, hi)),) + rest, (min(r + rows, hi) - r) * row_bytes) for r in range(lo, hi, rows))
-    return out
-
-
-def _batches(manifest: fmt.Manifest, batch_bytes: int) -> Iterator[tuple[list[tuple[int, Any]], int, int]]:
-    """``(requests, nbytes, leaves finished)``: every array byte once, in batches
-    of at most ``batch_bytes`` (but one piece per batch at least)."""
-    batch: list[tuple[int, Any]] = []
-    size = finished = 0
-    for i, leaf in enumerate(manifest.leaves):
-        for box, n in _pieces(leaf, batch_bytes):
-            if batch and size + n > batch_bytes:
-                yield batch, size, finished
-                batch, size, finished = [], 0, 0
-            batch.append((i, box))
-            size += n
-        finished += 1
-    if batch or finished:
-        yield batch, size, finished
-
-
-def verify_checkpoint(path: str, *, progress: bool | None = None, batch_bytes: int = VERIFY_BATCH_BYTES,
-                      stream: Any = None, encryption_key: bytes | None = None) -> VerifyResult:
-    """Re-read and re-hash every chunk of every shard of the checkpoint at ``path``."""
-    try:
-        with CheckpointReader(path, encryption_key=encryption_key) as r:
-            m = r.manifest
-            bar = progress_mod.progress_bar(f"verify {path}", m.total_bytes, len(m.leaves), enabled=progress,
-                                            stream=stream, leave=False)
-            with bar:
-                for requests, nbytes, finished in _batches(m, batch_bytes):
-                    counted = 0
-
-                    def step(n: int) -> None:
-                        # reads rounded out to whole chunks may exceed the batch: count each byte once
-                        nonlocal counted
-                        n = min(n, nbytes - counted)
-                        counted += n
-                        bar.update(n)
-
-                    if requests:  # mapped where possible: the page cache's pages are hashed, not copies of them
-                        r.read(requests, verify=True, progress=step, mappable=[True] * len(requests))
-                    bar.update(nbytes - counted, leaves=finished)
-            return VerifyResult(path, True, len(m.leaves), m.total_bytes)
-    except (CheckpointError, OSError) as e:
-        return VerifyResult(path, False, error=_message(e), gone=not _exists(path))
-
-
-def _message(e: BaseException) -> str:
-    if isinstance(e, CheckpointError):
-        return str(e)
-    return f"{type(e).__name__}: {e}"  # an OSError's text alone ("[Errno 5] ...") hides what it is
 
 
 def _cmd_verify(args: argparse.Namespace, out: Any, err: Any) -> int:
@@ -285,14 +207,16 @@ def _cmd_ls(args: argparse.Namespace, out: Any, err: Any) -> int:
         steps = mgr.all_steps()
         for step, meta in zip(steps, _records(mgr, steps)):
             if isinstance(meta, DecryptionError):  # listed by name; its record is sealed
-                rows.append([str(step), "?", "?", "?", "?", "encrypted (--key-file to show)"])
-                records.append({"step": step, "encrypted": True, "error": _message(meta)})
+                keyed = _key(args) is not None  # a key that does not open it is a failure, not a missing option
+                failed += keyed
+                rows.append([str(step), "?", "?", "?", "?", "WRONG KEY" if keyed else "encrypted (--key-file to show)"])
+                records.append({"step": step, "encrypted": True, "error": error_message(meta)})
                 continue
             if isinstance(meta, Exception):
                 failed += 1
-                print(f"jaxckpt ls: step {step}: {_message(meta)}", file=err)
+                print(f"jaxckpt ls: step {step}: {error_message(meta)}", file=err)
                 rows.append([str(step), "?", "?", "?", "?", "UNREADABLE"])
-                records.append({"step": step, "error": _message(meta)})
+                records.append({"step": step, "error": error_message(meta)})
                 continue
             rows.append([str(step), "-" if meta.epoch is None else str(meta.epoch), display.local_time(meta.timestamp, sep="T"),
                          display.format_bytes(meta.nbytes), _format_metrics(meta.metrics), meta.reason or "-"])
@@ -323,10 +247,8 @@ def _leaf_row(leaf: jaxckpt.LeafInfo) -> list[str]:
 
 def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
     p = _check_location(args.path)
-    foreign_file = _is_local(p) and os.path.isfile(p)  # a MindSpore, safetensors or flax file
-    if not foreign_file:
+    if not is_checkpoint(p, follow=True) and not _is_file(p):  # a MindSpore, safetensors or flax file is shown as is
         _require_dir(p)
-    if not foreign_file and not is_checkpoint(p, follow=True):
         is_single, found = find_checkpoints(p)
         if found and not is_single:
             names = ", ".join(_base_name(x) for x in found[-5:])
@@ -385,9 +307,14 @@ def _read_key(path: str | None) -> bytes | None:
 def _cmd_convert(args: argparse.Namespace, out: Any, err: Any) -> int:
     src, dst = _check_location(args.src), _check_location(args.dst)
     progress = False if args.no_progress else (True if args.progress else None)
-    jaxckpt.convert(src, dst, to=args.to, format=args.from_format, dec_key=_read_key(args.dec_key_file),
-                    dec_mode=args.dec_mode, enc_key=_read_key(args.enc_key_file), enc_mode=args.enc_mode,
-                    progress=progress, encryption_key=_key(args), new_encryption_key=_read_key(args.new_key_file))
+    try:
+        jaxckpt.convert(src, dst, to=args.to, format=args.from_format, dec_key=_read_key(args.dec_key_file),
+                        dec_mode=args.dec_mode, enc_key=_read_key(args.enc_key_file), enc_mode=args.enc_mode,
+                        progress=progress, encryption_key=_key(args), new_encryption_key=_read_key(args.new_key_file),
+                        overwrite=args.overwrite)
+    except CheckpointExistsError as e:  # the option's name here, not the keyword's
+        raise CheckpointExistsError(str(e).replace("pass overwrite=True, or --overwrite on the command line,",
+                                                   "pass --overwrite").replace("overwrite=True", "--overwrite")) from None
     print(f"wrote {dst} ({args.to})", file=out)
     return EXIT_OK
 
@@ -445,11 +372,14 @@ def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert a checkpoint between jaxckpt, orbax, flax, MindSpore and safetensors",
                        description="Read SRC (any supported format, detected unless --from is given) and write it "
                                    "as a new checkpoint DST in the format --to (default jaxckpt). Either may be a "
-                                   "local path or an s3://, gs:// or az:// URL (orbax: local directories only).")
+                                   "local path or an s3://, gs:// or az:// URL (an orbax DST: a local directory). An existing "
+                                   "DST is refused unless --overwrite.")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     _key_option(p)
     p.add_argument("--new-key-file", default=None, help="encrypt DST (jaxckpt) with this key instead: key rotation")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST (a jaxckpt, safetensors or "
+                                                             "MindSpore one; atomically)")
     p.add_argument("--to", default="jaxckpt", choices=("jaxckpt", "orbax", "safetensors", "mindspore"))
     p.add_argument("--from", dest="from_format", default=None, choices=formats, help="the format of SRC")
     p.add_argument("--dec-key-file", default=None, help="key of an encrypted MindSpore SRC (raw bytes)")
@@ -476,14 +406,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     out, err = sys.stdout, sys.stderr
     try:
         return args.run(args, out, err)
-    except UsageError as e:
+    except (UsageError, UnsupportedLocationError) as e:  # UnsupportedLocationError: a path no store takes
         print(f"jaxckpt {args.command}: {e}", file=err)
         return EXIT_USAGE
     except (CheckpointError, OSError) as e:
         if isinstance(e, BrokenPipeError):  # `jaxckpt ls | head`: the reader went away, not an error of ours
             _silence_stdout()
             return EXIT_FAILED
-        print(f"jaxckpt {args.command}: {_message(e)}", file=err)
+        print(f"jaxckpt {args.command}: {error_message(e)}", file=err)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"jaxckpt {args.command}: interrupted", file=err)

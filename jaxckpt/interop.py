@@ -28,7 +28,8 @@ from jaxckpt import localcopy
 from jaxckpt import progress as progress_mod
 from jaxckpt import storage
 from jaxckpt import tree as tree_mod
-from jaxckpt.errors import CheckpointNotFoundError, UnsupportedLocationError, UnsupportedValueError
+from jaxckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, UnsupportedLocationError,
+                            UnsupportedValueError)
 
 FORMATS = ("jaxckpt", "orbax", "flax", "mindspore", "safetensors")
 EXPORTS = ("jaxckpt", "orbax", "safetensors", "mindspore")
@@ -311,7 +312,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
             dec_key: bytes | None = None, dec_mode: str = "AES-GCM", enc_key: bytes | None = None,
             enc_mode: str = "AES-GCM", progress: bool | None = None,
             storage_options: dict | None = None, encryption_key: crypto.Key | None = None,
-            new_encryption_key: crypto.Key | None = None, dst_storage_options: dict | None = None) -> None:
+            new_encryption_key: crypto.Key | None = None, dst_storage_options: dict | None = None,
+            overwrite: bool = False) -> None:
     """Write the checkpoint ``src`` (any supported format) as a new checkpoint
     ``dst`` in format ``to`` (one of ``EXPORTS``). ``dec_key`` / ``dec_mode``:
     an encrypted MindSpore source; ``enc_key`` / ``enc_mode``: encrypt a
@@ -320,20 +322,23 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
     orbax destinations are written from the whole tree. What a destination
     cannot hold (a PRNG key or a string into safetensors, ...) raises
     ``UnsupportedValueError`` naming the key, before ``dst`` is created.
-    ``encryption_key``: the key of an encrypted jaxckpt ``src``, and of a
-    jaxckpt ``dst`` (encrypted with it); ``new_encryption_key``: encrypt a
-    jaxckpt ``dst`` with this key instead (key rotation: nothing is written
-    in plaintext). ``storage_options``: for ``src``, and for ``dst`` too unless
-    ``dst_storage_options`` is given (s3:// to gs://: one dict each)."""
+    ``encryption_key``: the key of an encrypted jaxckpt ``src``, and of a jaxckpt
+    ``dst`` (other formats are written in plaintext); ``new_encryption_key``:
+    encrypt a jaxckpt ``dst`` with it instead (key rotation). A jaxckpt ``src``'s
+    metadata goes with it. ``storage_options``: for ``src``, and ``dst`` unless
+    ``dst_storage_options`` is given. An existing ``dst`` raises
+    ``CheckpointExistsError`` unless ``overwrite`` (then replaced atomically;
+    an orbax one never is)."""
     dst_key = _destination_key(to, enc_key, encryption_key, new_encryption_key)
     src = storage.Location.parse(src, storage_options)  # each side keeps its own options from here on
     dst = storage.Location.parse(dst, storage_options if dst_storage_options is None else dst_storage_options)
     src_fmt = _format_of(src, format)
     out = _where(dst, to)  # an orbax URL is refused before anything is read
+    _check_destination(out, to, overwrite)
     if (bucket := _orbax_in_bucket(src, src_fmt, None)) is not None:
         with localcopy.copied(bucket) as local:  # one local copy serves the whole conversion
             return convert(local, dst, to=to, format="orbax", enc_key=enc_key, enc_mode=enc_mode, progress=progress,
-                           new_encryption_key=dst_key)
+                           new_encryption_key=dst_key, overwrite=overwrite)
     items = _source_items(src, src_fmt, dec_key, dec_mode, encryption_key)
     with progress_mod.progress_bar(f"convert {src} -> {dst}",
                                    _total_bytes(src, src_fmt, encryption_key),
@@ -351,11 +356,46 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
                                          metadata=_carried_metadata(src, src_fmt, encryption_key))
         elif to == "orbax":
             _module("orbax").write(out, dict(items))
-        elif src_fmt == "jaxckpt":
-            tree = api.restore(src, encryption_key=encryption_key)
-            checkpointer.save_sync(dst, tree, encryption_key=dst_key)
         else:
-            checkpointer.save_sync(dst, _nested(dict(items)), encryption_key=dst_key)
+            _save_jaxckpt(src, src_fmt, dst, items, encryption_key, dst_key, overwrite)
+
+
+def _save_jaxckpt(src: storage.Location, src_fmt: str, dst: storage.Location, items: Iterable[tuple[str, Any]],
+                  encryption_key: Any, dst_key: Any, overwrite: bool) -> None:
+    """A jaxckpt destination: a jaxckpt source whole, with its metadata (a manager's step record: time,
+    metrics), or the flat items nested."""
+    if src_fmt == "jaxckpt":
+        tree, meta = api.restore(src, encryption_key=encryption_key), api.inspect(src, encryption_key=encryption_key)
+        checkpointer.save_sync(dst, tree, metadata=meta.metadata, encryption_key=dst_key, overwrite=overwrite)
+    else:
+        checkpointer.save_sync(dst, _nested(dict(items)), encryption_key=dst_key, overwrite=overwrite)
+
+
+def _check_destination(out: Any, to: str, overwrite: bool) -> None:
+    """A file destination (safetensors, MindSpore) that exists is replaced only with ``overwrite``, and never
+    where a directory (a bucket prefix in use: a checkpoint, say) is; an orbax one is never replaced."""
+    if to == "orbax" and overwrite:
+        raise UnsupportedValueError(f"{out}: overwrite: an orbax destination is never replaced; remove it first")
+    if to not in ("safetensors", "mindspore"):
+        return  # jaxckpt: the save refuses (or replaces) it; orbax: its writer refuses it
+    if out.is_local:
+        directory, there = os.path.isdir(out.path), os.path.lexists(out.path)
+    else:
+        directory = storage.backend(out).exists(out)
+        there = directory or _file_there(out)
+    if directory:
+        raise CheckpointExistsError(f"{out}: a directory is there; refusing to replace it with a file")
+    if there and not overwrite:
+        raise CheckpointExistsError(f"{out}: exists (pass overwrite=True, or --overwrite on the command line, "
+                                    "to replace it)")
+
+
+def _file_there(loc: storage.Location) -> bool:
+    try:
+        storage.open_file(loc).close()
+    except CheckpointNotFoundError:
+        return False
+    return True
 
 
 def _laid_out(src: storage.Location, src_fmt: str, to: str, plain: Iterator[tuple[str, np.ndarray]],
@@ -382,11 +422,12 @@ def _destination_key(to: str, enc_key: Any, encryption_key: Any, new_encryption_
         raise UnknownFormatError(f"cannot convert to {to!r} (supported: {', '.join(EXPORTS)})")
     if enc_key is not None and to != "mindspore":
         raise UnsupportedValueError("enc_key encrypts MindSpore destinations only")
-    dst_key = encryption_key if new_encryption_key is None else new_encryption_key
-    if dst_key is not None and to != "jaxckpt":
-        raise UnsupportedValueError(f"encryption_key / new_encryption_key encrypt jaxckpt destinations; {to} "
-                                    "files are written in plaintext (MindSpore: enc_key=)")
-    return dst_key
+    if to != "jaxckpt":  # encryption_key only decrypts the source here
+        if new_encryption_key is not None:
+            raise UnsupportedValueError(f"new_encryption_key encrypts jaxckpt destinations; {to} files are written "
+                                        "in plaintext (MindSpore: enc_key=)")
+        return None
+    return encryption_key if new_encryption_key is None else new_encryption_key
 
 
 def _total_bytes(src: storage.Location, src_fmt: str, encryption_key: Any) -> int:

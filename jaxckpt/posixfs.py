@@ -157,8 +157,10 @@ def pread_into(fd: int, buf: memoryview, offset: int, path: str) -> None:
 def write_atomic(path: str, fill: Callable[[BinaryIO], None]) -> None:
     """Create or replace ``path`` by ``fill(file)`` into a temporary sibling
     (mode 0o666 less the umask, as any new file), fsync, rename over ``path``,
-    fsync the directory; the temporary file is removed if anything fails."""
+    fsync the directory (made first, with its parents, if missing); the
+    temporary file is removed if anything fails."""
     directory = os.path.dirname(os.path.abspath(path))
+    ensure_dir(directory)  # as a checkpoint's save makes its parents
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:

@@ -200,12 +200,16 @@ def test_damaged_step_is_not_mistaken_for_a_deleted_one(writer_and_follower):
     """Only a step whose directory is gone counts as deleted: a step directory
     that lost its data file is damage, reported as such."""
     d, w, r = writer_and_follower
-    os.unlink(os.path.join(d, "1", "data-00000.bin"))
+    data = os.path.join(d, "1", "data-00000.bin")
+    os.rename(data, data + ".moved")
     with pytest.raises(jaxckpt.CorruptCheckpointError, match=r"data-00000.bin: file is missing"):
         r.restore()
     os.unlink(os.path.join(d, "1", "manifest.msgpack"))
     with pytest.raises(jaxckpt.CheckpointNotFoundError,
                        match=r"not a committed checkpoint \(manifest.msgpack is missing\)"):
+        r.restore()
+    os.unlink(data + ".moved")  # an empty directory is nothing, as a save that may take it sees it
+    with pytest.raises(jaxckpt.CheckpointNotFoundError, match=r"run: no committed checkpoint$"):
         r.restore()
 
 

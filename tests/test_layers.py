@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
      "gcsupload"},  # bytes <-> files (objects), the commit
     {"fmt_mindspore", "fmt_mindspore_crypto", "fmt_mindspore_write", "fmt_safetensors", "fmt_flax", "fmt_orbax"},  # foreign formats' files <-> flat dicts
     {"layout", "manifests", "writer", "readplan", "reader", "placement", "localcopy"},  # thread pools; host -> device
-    {"checkpointer", "targets", "api"},                # the functional API, AsyncCheckpointer
+    {"checkpointer", "targets", "api", "verify"},      # the functional API, AsyncCheckpointer; verifying
     {"interop"},                                       # every format behind the public functions, convert
     {"policies", "steps", "saving", "preemption", "manager", "interval", "dataiter"},  # when to save, what to keep
     {"__init__"},                                      # the public face

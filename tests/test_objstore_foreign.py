@@ -229,7 +229,7 @@ def test_a_failed_write_leaves_the_old_object_whole(store, tmp_path):
     before = store.get("out.safetensors")
     jaxckpt.save(tmp_path / "ck2", {"w": np.ones(3, np.float32), "k": jax.random.key(0)})
     with pytest.raises(jaxckpt.UnsupportedValueError, match="'k': a PRNG key cannot be carried into safetensors"):
-        jaxckpt.convert(tmp_path / "ck2", url, to="safetensors", storage_options=store.options)
+        jaxckpt.convert(tmp_path / "ck2", url, to="safetensors", overwrite=True, storage_options=store.options)
     layout = [("a", "float32", (4,)), ("b", "float32", (2,))]
     with pytest.raises(jaxckpt.UnsupportedValueError, match=r"tensors never given: \['b'\]"):
         fmt_safetensors.write_streamed(jaxckpt.storage.Location.parse(url, store.options), layout,
