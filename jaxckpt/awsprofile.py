@@ -50,6 +50,8 @@ def direct_source(options: Mapping[str, Any], environ: Mapping[str, str] = os.en
     ``options`` (as in the AWS CLI), in words (never a secret); None if none."""
     if options.get("skip_signature"):
         return "none (skip_signature: anonymous requests)"
+    if environ.get("AWS_SKIP_SIGNATURE", "").lower() in ("true", "1"):  # obstore reads it too
+        return "none (AWS_SKIP_SIGNATURE: anonymous requests)"
     if _OPTION_KEYS & set(options):
         return "storage_options['access_key_id']"
     if environ.get("AWS_ACCESS_KEY_ID"):

@@ -103,7 +103,8 @@ class S3Client(obstoreclient.ObstoreClient):
             raise StorageAccessError(
                 f"{self.url}: no AWS credentials: none in storage_options, the environment (AWS_ACCESS_KEY_ID) or "
                 "an AWS profile (~/.aws/credentials), and AWS_EC2_METADATA_DISABLED=true rules out the instance "
-                "metadata service; for a public bucket pass storage_options={'skip_signature': True}")
+                "metadata service; for a public bucket set AWS_SKIP_SIGNATURE=true or pass "
+                "storage_options={'skip_signature': True}")
         config, client, retry = obstoreclient.split_options(options)
         self._region = region_in_use(config, profile.config if profile else {})
         if profile:

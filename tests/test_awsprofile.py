@@ -112,7 +112,7 @@ def test_no_credentials_with_the_metadata_service_disabled_fail_at_once(tmp_path
     assert str(e.value) == (
         "s3://no-creds-bucket: no AWS credentials: none in storage_options, the environment (AWS_ACCESS_KEY_ID) or "
         "an AWS profile (~/.aws/credentials), and AWS_EC2_METADATA_DISABLED=true rules out the instance metadata "
-        "service; for a public bucket pass storage_options={'skip_signature': True}")
+        "service; for a public bucket set AWS_SKIP_SIGNATURE=true or pass storage_options={'skip_signature': True}")
     monkeypatch.setenv("AWS_PROFILE", "gone")
     with pytest.raises(jaxckpt.StorageAccessError, match=r"^s3://no-creds-bucket: AWS profile 'gone' \(from "
                                                          r"AWS_PROFILE\) is in neither /dev/null nor /dev/null$"):

@@ -5,6 +5,8 @@ destination, its keys and its metadata."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -119,3 +121,22 @@ def test_convert_carries_a_step_record_and_exports_an_encrypted_checkpoint(tmp_p
     with pytest.raises(jaxckpt.UnsupportedValueError, match="new_encryption_key encrypts jaxckpt destinations"):
         jaxckpt.convert(tmp_path / "run" / "2", tmp_path / "x.safetensors", to="safetensors", encryption_key=KEY,
                         new_encryption_key=OTHER_KEY)
+
+
+def test_a_public_bucket_is_read_without_credentials_given_aws_skip_signature(moto, s3, monkeypatch, capsys):
+    """What the no-credentials error tells a command-line user to set (storage_options are the API's only).
+    (moto checks HEAD against an action of its own, s3:HeadObject; S3 against s3:GetObject.)"""
+    jaxckpt.save(f"{s3}/public/ck", {"w": np.arange(3)})
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Principal": "*",
+              "Action": ["s3:GetObject", "s3:HeadObject", "s3:ListBucket"], "Resource": ["arn:aws:s3:::cli-paths",
+                                                                         "arn:aws:s3:::cli-paths/*"]}]}
+    objservers.s3_client(moto.endpoint).put_bucket_policy(Bucket="cli-paths", Policy=json.dumps(policy))
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    rc, _, err = run(capsys, "show", f"{s3}/public/ck")
+    assert rc == 1 and "for a public bucket set AWS_SKIP_SIGNATURE=true" in err
+    monkeypatch.setenv("AWS_SKIP_SIGNATURE", "true")
+    rc, out, err = run(capsys, "show", f"{s3}/public/ck")
+    assert rc == 0 and out.startswith(f"{s3}/public/ck\n"), err
+    assert jaxckpt.restore(f"{s3}/public/ck")["w"].tolist() == [0, 1, 2]
