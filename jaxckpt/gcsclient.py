@@ -144,6 +144,7 @@ class GcsClient(objclient.ObjectClient):
         deadline = float(options.get("retry_deadline", DEFAULT_RETRY_DEADLINE))
         self._retry = self._g.retry.DEFAULT_RETRY.with_timeout(deadline)
         endpoint, self._credentials, project, self.credential_source = _resolve_auth(self._g, self.url, options)
+        self._endpoint, self._deadline = endpoint or "https://storage.googleapis.com", deadline
         self._project = options.get("project", project)
         self._client_options = {"api_endpoint": endpoint} if endpoint else None
         self._reader = gcsread.GcsReader(self.url, bucket, endpoint, self._credentials,  # the ranged data reads
@@ -204,6 +205,11 @@ class GcsClient(objclient.ObjectClient):
         except g.refused as e:
             raise errors.StorageAccessError(f"{self.describe(key)}: access refused with "
                                             f"{self.credential_source}: {_message(e)}") from e
+        except g.api.RetryError as e:  # its own text is only "Timeout of 120.0s exceeded"
+            cause = e.cause if e.cause is not None else e
+            raise errors.StorageError(
+                f"{self.describe(key)}: no success from {self._endpoint} after retrying for {self._deadline:g} s "
+                f"(retry_deadline); the last error: {type(cause).__name__}: {_message(cause)}") from e
         except g.transport as e:
             raise errors.StorageError(f"{self.describe(key)}: {type(e).__name__}: {_message(e)}") from e
 

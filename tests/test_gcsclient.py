@@ -555,3 +555,19 @@ def test_calls_from_many_threads_at_once(client, prefix):
         assert all(pool.map(work, range(32)))
     client.delete([i.key for i in client.list(prefix)])
     assert client.list(prefix) == []
+
+
+def test_an_endpoint_that_never_answers_is_named_with_the_last_error():
+    """api_core's RetryError says only "Timeout of 120.0s exceeded": the
+    message names the endpoint, the deadline that ran out and the cause."""
+    (port,) = objservers.free_ports(1)  # nothing listens there
+    endpoint = f"http://127.0.0.1:{port}"
+    client = gcsclient.GcsClient("dead-bucket", {"endpoint": endpoint, "anonymous": True, "retry_deadline": 1})
+    try:
+        with pytest.raises(errors.StorageError) as e:
+            client.head("ck/manifest.msgpack")
+    finally:
+        client.close()
+    assert str(e.value).startswith(f"gs://dead-bucket/ck/manifest.msgpack: no success from {endpoint} after "
+                                   "retrying for 1 s (retry_deadline); the last error: ConnectionError: ")
+    assert "Connection refused" in str(e.value)
