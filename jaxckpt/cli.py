@@ -254,7 +254,7 @@ def _cmd_show(args: argparse.Namespace, out: Any, err: Any) -> int:
             names = ", ".join(_base_name(x) for x in found[-5:])
             raise UsageError(f"{p} is a directory of checkpoints ({names}); show one of them, e.g. "
                              f"jaxckpt show {found[-1]}")
-    info = jaxckpt.inspect(p, encryption_key=_key(args))
+    info = jaxckpt.inspect(p, encryption_key=_key(args), dec_key=_read_key(args.dec_key_file), dec_mode=args.dec_mode)
     if args.json:
         doc = {"path": info.path, "format_version": info.format_version, "library": info.library,
                "created": info.created, "total_bytes": info.total_bytes, "metadata": info.metadata,
@@ -355,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "is read).")
     p.add_argument("path", metavar="PATH")
     _key_option(p)
+    _dec_options(p, "an encrypted MindSpore file")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_show)
 
@@ -365,6 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _key_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-file", default=None, help=f"the key (16, 24 or 32 raw bytes) of encrypted jaxckpt "
                                                     f"checkpoints (default: ${KEY_FILE_ENV})")
+
+
+def _dec_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--dec-key-file", default=None, help=f"key of {what} (raw bytes)")
+    p.add_argument("--dec-mode", default="AES-GCM", choices=("AES-GCM", "AES-CBC", "SM4-CBC"))
 
 
 def _add_convert(sub: Any) -> None:
@@ -382,8 +388,7 @@ def _add_convert(sub: Any) -> None:
                                                              "MindSpore one; atomically)")
     p.add_argument("--to", default="jaxckpt", choices=("jaxckpt", "orbax", "safetensors", "mindspore"))
     p.add_argument("--from", dest="from_format", default=None, choices=formats, help="the format of SRC")
-    p.add_argument("--dec-key-file", default=None, help="key of an encrypted MindSpore SRC (raw bytes)")
-    p.add_argument("--dec-mode", default="AES-GCM", choices=("AES-GCM", "AES-CBC", "SM4-CBC"))
+    _dec_options(p, "an encrypted MindSpore SRC")
     p.add_argument("--enc-key-file", default=None, help="encrypt a MindSpore DST with this key (raw bytes)")
     p.add_argument("--enc-mode", default="AES-GCM", choices=("AES-GCM", "AES-CBC", "SM4-CBC"))
     bar = p.add_mutually_exclusive_group()

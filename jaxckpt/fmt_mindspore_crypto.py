@@ -83,7 +83,8 @@ def sealed_size(plain: int, mode: str, block_bytes: int) -> int:
 def check_key(where: str, dec_key: bytes | None, dec_mode: str, mode: str) -> None:
     """DecryptionError unless ``dec_key`` and ``dec_mode`` can decrypt a file encrypted with ``mode``."""
     if dec_key is None:
-        raise DecryptionError(f"{where}: the file is encrypted ({mode}); pass dec_key= (and dec_mode={mode!r})")
+        raise DecryptionError(f"{where}: the file is encrypted ({mode}); pass dec_key= (and dec_mode={mode!r}; "
+                              f"--dec-key-file and --dec-mode {mode} on the command line)")
     if dec_mode not in MAGIC:
         raise ValueError(f"dec_mode must be one of {sorted(MAGIC)}, not {dec_mode!r}")
     if dec_mode != mode:

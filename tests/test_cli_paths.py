@@ -140,3 +140,18 @@ def test_a_public_bucket_is_read_without_credentials_given_aws_skip_signature(mo
     rc, out, err = run(capsys, "show", f"{s3}/public/ck")
     assert rc == 0 and out.startswith(f"{s3}/public/ck\n"), err
     assert jaxckpt.restore(f"{s3}/public/ck")["w"].tolist() == [0, 1, 2]
+
+
+def test_show_opens_an_encrypted_mindspore_file_with_its_key(tmp_path, capsys):
+    from jaxckpt import fmt_mindspore_write
+
+    key = bytes(range(16))
+    (tmp_path / "ms.key").write_bytes(key)
+    fmt_mindspore_write.write(str(tmp_path / "net.ckpt"), [("w", np.arange(6, dtype=np.float32))], enc_key=key,
+                              enc_mode="AES-CBC")
+    rc, _, err = run(capsys, "show", tmp_path / "net.ckpt")
+    assert rc == 1 and err.endswith("is encrypted (AES-CBC); pass dec_key= (and dec_mode='AES-CBC'; --dec-key-file "
+                                    "and --dec-mode AES-CBC on the command line)\n")
+    rc, out, _ = run(capsys, "show", tmp_path / "net.ckpt", "--dec-key-file", tmp_path / "ms.key", "--dec-mode", "AES-CBC")
+    assert rc == 0 and "mindspore checkpoint" in out and out.split("\n\n")[1].splitlines()[1].split()[:3] == [
+        "w", "(6,)", "float32"]
