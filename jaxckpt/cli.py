@@ -14,7 +14,8 @@ memory, not 500 GiB.
 
 Exit status: 0 all good; 1 a checkpoint failed verification or could not be
 read (the message goes to stderr, or to the FAILED line of ``verify``); 2 a
-usage error (bad arguments, a path that is not a directory, nothing to verify).
+usage error (bad arguments, a URL no store takes, a path that is not a
+directory or has nothing there, nothing to verify).
 """
 
 from __future__ import annotations

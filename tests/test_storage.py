@@ -83,7 +83,7 @@ def test_a_url_never_becomes_a_local_directory(tmp_path, monkeypatch, url, found
 @pytest.mark.parametrize("command", ["ls", "show", "verify"])
 def test_the_cli_refuses_a_url_it_cannot_read(tmp_path, monkeypatch, capsys, command):
     monkeypatch.chdir(tmp_path)
-    assert cli.main([command, "r2://bucket/run"]) == cli.EXIT_FAILED
+    assert cli.main([command, "r2://bucket/run"]) == cli.EXIT_USAGE  # a path no store takes: a usage error
     assert capsys.readouterr().err == (f"jaxckpt {command}: r2://bucket/run: r2:// object storage is not supported "
                                        f"by this version of jaxckpt {SUPPORTED}\n")
     assert os.listdir(tmp_path) == []
