@@ -310,10 +310,9 @@ def _as_targets(flat: Mapping[str, Any], target: Any) -> Mapping[str, Any]:
 # ----------------------------------------------------------------------------- converting
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckpt", format: str | None = None,
             dec_key: bytes | None = None, dec_mode: str = "AES-GCM", enc_key: bytes | None = None,
-            enc_mode: str = "AES-GCM", progress: bool | None = None,
-            storage_options: dict | None = None, encryption_key: crypto.Key | None = None,
-            new_encryption_key: crypto.Key | None = None, dst_storage_options: dict | None = None,
-            overwrite: bool = False) -> None:
+            enc_mode: str = "AES-GCM", progress: bool | None = None, storage_options: dict | None = None,
+            encryption_key: crypto.Key | None = None, new_encryption_key: crypto.Key | None = None,
+            dst_storage_options: dict | None = None, overwrite: bool = False) -> None:
     """Write the checkpoint ``src`` (any supported format) as a new checkpoint
     ``dst`` in format ``to`` (one of ``EXPORTS``). ``dec_key`` / ``dec_mode``:
     an encrypted MindSpore source; ``enc_key`` / ``enc_mode``: encrypt a
@@ -350,7 +349,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str = "jaxckp
 
             fmt_mindspore_write.write(out, plain, enc_key=enc_key, enc_mode=enc_mode, layout=layout)
         elif to == "safetensors" and layout is not None:
-            _module("safetensors").write_streamed(out, layout, plain, in_order=True)
+            _module("safetensors").write_streamed(out, layout, plain, in_order=True,
+                                                  metadata=_carried_metadata(src, src_fmt, None))
         elif to == "safetensors":  # jaxckpt / orbax values: mapped files / one restore, not streamed
             _module("safetensors").write(out, list(plain),
                                          metadata=_carried_metadata(src, src_fmt, encryption_key))
@@ -438,7 +438,10 @@ def _total_bytes(src: storage.Location, src_fmt: str, encryption_key: Any) -> in
 
 
 def _carried_metadata(src: storage.Location, src_fmt: str, encryption_key: Any) -> dict[str, str] | None:
-    """A jaxckpt source's metadata for safetensors' ``__metadata__`` (str -> str: as JSON)."""
+    """What a safetensors destination's ``__metadata__`` carries (str -> str): a safetensors source's own,
+    a jaxckpt source's metadata as JSON."""
+    if src_fmt == "safetensors":
+        return _module("safetensors").describe(src)[1]["metadata"]
     if src_fmt != "jaxckpt":
         return None
     import json

@@ -155,3 +155,11 @@ def test_show_opens_an_encrypted_mindspore_file_with_its_key(tmp_path, capsys):
     rc, out, _ = run(capsys, "show", tmp_path / "net.ckpt", "--dec-key-file", tmp_path / "ms.key", "--dec-mode", "AES-CBC")
     assert rc == 0 and "mindspore checkpoint" in out and out.split("\n\n")[1].splitlines()[1].split()[:3] == [
         "w", "(6,)", "float32"]
+
+
+def test_safetensors_to_safetensors_keeps_its_metadata(tmp_path, capsys):
+    safetensors.numpy.save_file({"t": np.arange(4, dtype=np.float32)}, str(tmp_path / "a.safetensors"),
+                                metadata={"format": "pt", "note": "kept"})
+    assert run(capsys, "convert", tmp_path / "a.safetensors", tmp_path / "b.safetensors", "--to", "safetensors")[0] == 0
+    with safetensors.safe_open(str(tmp_path / "b.safetensors"), "np") as f:
+        assert f.metadata() == {"format": "pt", "note": "kept"} and f.get_tensor("t").tolist() == [0, 1, 2, 3]
