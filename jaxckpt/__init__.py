@@ -20,7 +20,7 @@ from jaxckpt.errors import (
     UnsupportedLocationError,
     UnsupportedValueError,
 )
-from jaxckpt.interop import convert, inspect, load_checkpoint, load_into, restore
+from jaxckpt.interop import UnknownFormatError, convert, inspect, load_checkpoint, load_into, restore
 from jaxckpt.interval import SaveInterval
 from jaxckpt.manager import CheckpointManager
 from jaxckpt.policies import KeepPolicy, SavePolicy, StepMetadata
@@ -49,6 +49,7 @@ __all__ = [
     "BucketNotFoundError",
     "StepMetadata",
     "StructureMismatchError",
+    "UnknownFormatError",
     "UnsupportedLocationError",
     "UnsupportedValueError",
     "__version__",

@@ -50,6 +50,35 @@ def dtype_name(dtype: Any) -> str | None:
 
 
 # --------------------------------------------------------------------- boxes
+_KINDS = ("bool", "unsigned integer", "signed integer", "floating point", "complex")
+
+
+def cast_kind(dtype: Any) -> int | None:
+    """The kind of ``dtype`` as a rank: bool < unsigned < signed < floating
+    point < complex (ml_dtypes' types by what they hold: numpy calls them all
+    'V', and ``np.can_cast`` answers oddly for them); None if none of these."""
+    dt = np.dtype(dtype)
+    if dt.kind in "buifc":
+        return "buifc".index(dt.kind)
+    for info, kind in ((ml_dtypes.finfo, 3), (ml_dtypes.iinfo, None)):
+        try:
+            found = info(dt)
+        except (ValueError, TypeError):
+            continue
+        return kind if kind is not None else (2 if found.min < 0 else 1)
+    return None
+
+
+def lossy_cast(src: Any, dst: Any) -> str | None:
+    """Why casting ``src`` values to ``dst`` changes them by kind (numpy's
+    'same_kind' rule: float -> int, complex -> real, signed -> unsigned, any ->
+    bool), in words; None if it keeps the kind or widens it."""
+    a, b = cast_kind(src), cast_kind(dst)
+    if a is None or b is None or a <= b:
+        return None
+    return f"a cast from {_KINDS[a]} to {_KINDS[b]} changes values"
+
+
 def full_box(shape: tuple[int, ...]) -> Box:
     """The box of a whole array."""
     return tuple([(0, d) for d in shape])

@@ -65,6 +65,7 @@ class Location:
             raise UnsupportedLocationError(f"{text!r}: a path cannot hold a NUL character")
         m = _URL_RE.match(text)
         if m is None:
+            _refuse_broken_url(text)
             return cls("file", os.path.abspath(text), _hashable(options))
         scheme, rest = m.group("scheme").lower(), m.group("rest")
         if scheme == "file":
@@ -106,6 +107,17 @@ class Location:
         if self.scheme != "file":
             return dataclasses.replace(self, path=f"{self.path.rstrip('/')}/{name}")
         return dataclasses.replace(self, path=os.path.join(self.path, name))
+
+
+def _refuse_broken_url(text: str) -> None:
+    """``s3:/bucket/x`` (or ``gs:bucket``) is a URL with a slash missing, not a local directory named ``s3:``
+    (``./s3:/x`` is one, if that is really meant)."""
+    head = text.split("/", 1)[0]
+    scheme = head.partition(":")[0]
+    known = scheme.lower() in _OBJECT_STORES or (head == scheme + ":" and scheme.lower() in _UNSUPPORTED_STORES + ("file",))
+    if ":" in head and known:
+        raise UnsupportedLocationError(f"{text}: looks like {scheme}://... with a '/' missing (a local path that "
+                                       f"starts this way: ./{text})")
 
 
 def _object_path(text: str, rest: str, backend: str) -> str:

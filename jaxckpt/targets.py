@@ -92,6 +92,18 @@ def _check_leaf(where: str, path: str, rec: fmt.LeafRecord, t: Any, info: tuple)
     if tuple(found) != tuple(shape):
         raise StructureMismatchError(f"{where}: leaf {path!r}: shape mismatch: the target expects {tuple(shape)}, "
                                      f"the checkpoint has {tuple(found)}")
+    if not is_key and rec.dtype != getattr(info[1], "name", info[1]):
+        _refuse_lossy(where, path, arrayinfo.DTYPES[rec.dtype], info[1], "checkpoint")
+
+
+def _refuse_lossy(where: str, path: str, found: Any, expected: Any, side: str) -> None:
+    """A target of another dtype gets the values cast to it (float32 -> bfloat16, int32 -> float32: as asked),
+    unless the cast changes their kind (float -> int, complex -> real, ...), which would change the values."""
+    why = arrayinfo.lossy_cast(found, expected)
+    if why:
+        raise StructureMismatchError(f"{where}: leaf {path!r}: dtype mismatch: the target expects {np.dtype(expected)}, "
+                                     f"the {side} has {np.dtype(found)}, and {why} (restore without a target and "
+                                     "cast it yourself)")
 
 
 def _device_boxes(info: tuple, rec: fmt.LeafRecord, cache: dict[int, tuple[Any, bool]]
@@ -301,6 +313,8 @@ def convert_checked(where: str, path: str, value: Any, t: Any) -> Any:
     if shape is not None and tuple(found) != tuple(shape):
         raise StructureMismatchError(f"{where}: leaf {path!r}: shape mismatch: the target expects {tuple(shape)}, "
                                      f"the source has {tuple(found)}")
+    if shape is not None and hasattr(value, "dtype") and not arrayinfo.is_key_array(value):
+        _refuse_lossy(where, path, value.dtype, _target_info(t)[1], "source")
     if isinstance(value, str) != isinstance(t, str) or (
             shape is None and not isinstance(t, complex) and (isinstance(value, complex) or np.iscomplexobj(value))):
         raise StructureMismatchError(f"{where}: leaf {path!r}: the target expects {type(t).__name__}, "

@@ -228,6 +228,31 @@ def test_target_dtype_casts(ckdir):
     assert type(got["py"]) is float and got["py"] == 2.5
 
 
+def test_a_cast_that_changes_the_kind_of_the_values_is_refused(ckdir):
+    """float32 [0.7, 1e10] into int32 would come back as [0, -2147483648]: a
+    target of another kind is a mismatch, as a shape is; within a kind (or
+    widening it: int -> float, real -> complex) the values are cast."""
+    vals = np.array([0.7, 1e10], np.float32)
+    jaxckpt.save(ckdir / "c", {"w": vals, "z": vals.astype(np.complex64), "s": np.array([-1, 2], np.int16)})
+    base = {"w": np.zeros(2, np.float32), "z": np.zeros(2, np.complex64), "s": np.zeros(2, np.int16)}
+    for key, t, found, why in (
+            ("w", np.zeros(2, np.int32), "float32", "floating point to signed integer"),
+            ("w", jax.ShapeDtypeStruct((2,), np.uint8), "float32", "floating point to unsigned integer"),
+            ("z", jnp.zeros(2, jnp.float32), "complex64", "complex to floating point"),
+            ("s", np.zeros(2, np.uint16), "int16", "signed integer to unsigned integer"),
+            ("s", np.zeros(2, bool), "int16", "signed integer to bool")):
+        with pytest.raises(jaxckpt.StructureMismatchError) as ei:
+            jaxckpt.restore(ckdir / "c", {**base, key: t})
+        assert str(ei.value) == (f"{ckdir / 'c'}: leaf {key!r}: dtype mismatch: the target expects {np.dtype(t.dtype)}, "
+                                 f"the checkpoint has {found}, and a cast from {why} changes values (restore without a "
+                                 "target and cast it yourself)")
+        with pytest.raises(jaxckpt.StructureMismatchError, match=f"the source has {found}, and a cast from {why}"):
+            jaxckpt.load_into({key: t}, {key: jaxckpt.restore(ckdir / "c")[key]})
+    got = jaxckpt.restore(ckdir / "c", {"w": jnp.zeros(2, jnp.bfloat16), "z": np.zeros(2, np.complex128),
+                                        "s": np.zeros(2, ml_dtypes.int4)})
+    assert got["w"].dtype == jnp.bfloat16 and got["z"].dtype == np.complex128 and got["s"].tolist() == [-1, 2]
+
+
 def test_shape_mismatch_names_path_and_shapes(ckdir):
     jaxckpt.save(ckdir / "c", {"params": {"w": np.zeros((4, 3), np.float32)}, "b": np.zeros(2)})
     for t in (np.zeros((3, 4), np.float32), jnp.zeros((3, 4)), jax.ShapeDtypeStruct((3, 4), jnp.float32)):

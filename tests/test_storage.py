@@ -61,6 +61,9 @@ SUPPORTED = "(supported: local paths, file://, s3://, gs:// and az://)"
                         "'_')"),
     ("gs://bucket/run/../other", "'.' and '..' are not path components in a bucket"),
     ("file://otherhost/run", "a file:// URL names a local path (file:///abs/path); found host 'otherhost'"),
+    ("s3:/bucket/run", "looks like s3://... with a '/' missing (a local path that starts this way: ./s3:/bucket/run)"),
+    ("GS:bucket/run", "looks like GS://... with a '/' missing (a local path that starts this way: ./GS:bucket/run)"),
+    ("abfs:/c/run", "looks like abfs://... with a '/' missing (a local path that starts this way: ./abfs:/c/run)"),
 ])
 def test_a_url_never_becomes_a_local_directory(tmp_path, monkeypatch, url, found):
     monkeypatch.chdir(tmp_path)
