@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from jaxckpt import format as fmt
@@ -74,3 +75,11 @@ def check_short_and_missing_data(url: str, options: dict, where: str, size: int,
     with pytest.raises(jaxckpt.CorruptCheckpointError) as e:
         jaxckpt.restore(url, storage_options=options)
     assert str(e.value) == f"{where}: data object missing (the manifest names it) (leaves 'a' .. 'b')"
+
+
+def worker_result(out: str):
+    """The JSON after the last ``RESULT `` line of a worker's output, or None. A
+    native library writing to the same stream (gloo's "[Gloo] Rank 0 is
+    connected ...") can land on that line after the JSON: it is ignored."""
+    lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+    return json.JSONDecoder().raw_decode(lines[-1][7:])[0] if lines else None

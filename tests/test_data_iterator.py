@@ -21,6 +21,7 @@ import sys
 import numpy as np
 import pytest
 
+import helpers
 import jaxckpt
 from jaxckpt import dataiter
 
@@ -203,11 +204,11 @@ def run_job(tmp_path, scenario, nproc=2, timeout=150):
         for p in procs:
             out, _ = p.communicate(timeout=timeout)
             logs.append(out)
-            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-            results.append(json.loads(lines[-1][7:]) if lines else None)
+            results.append(helpers.worker_result(out))
     finally:
         for p in procs:
             p.kill()
+            p.wait()  # reaped: a failed job leaves no running process for a later test's warnings
     assert all(results), "\n".join(logs)[-4000:]
     return results
 

@@ -5,7 +5,6 @@ its own CPU devices and gloo collectives, and a free port for the coordinator.
 Every run is bounded in time so that a hang fails fast.
 """
 
-import json
 import os
 import socket
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import jaxckpt
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
@@ -40,11 +40,11 @@ def run_job(scenario, nproc, ndev, workdir, timeout=120, **extra_env):
         for p in procs:
             out, _ = p.communicate(timeout=timeout)
             logs.append(out)
-            lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
-            results.append(json.loads(lines[-1][7:]) if lines else None)
+            results.append(helpers.worker_result(out))
     finally:
         for p in procs:
             p.kill()
+            p.wait()  # reaped: a failed job leaves no running process for a later test's warnings
     return results, logs
 
 

@@ -11,7 +11,6 @@ shardings.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -23,6 +22,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import helpers
 import jaxckpt
 from jaxckpt.reader import CheckpointReader
 
@@ -92,8 +92,7 @@ def run_job(moto, scenario: str, tmp_path, nproc: int = 2, ndev: int = 4, timeou
         log.close()
     results = []
     for text in texts:
-        lines = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
-        results.append(json.loads(lines[-1][7:]) if lines else None)
+        results.append(helpers.worker_result(text))
     assert all(r is not None for r in results), "\n----\n".join(t[-3000:] for t in texts)
     assert all(not r.get("error") for r in results), results
     for home in homes:
