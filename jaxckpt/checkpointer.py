@@ -95,6 +95,7 @@ class SaveHandle:
         self._stats: SaveStats | None = None
         self._committed: tuple[Any] | None = None
         self._reported = False
+        self._started = self._given_up = False
         self._lock = threading.Lock()
 
     def done(self) -> bool:
@@ -130,6 +131,23 @@ class SaveHandle:
         failure, or on another process where process 0's did not fit in the
         commit's message (``writer.OUTCOME_METADATA_BYTES``)."""
         return self._committed
+
+    def _start(self) -> bool:
+        """(save thread) Claim the save; False if ``save()`` gave it up first."""
+        with self._lock:
+            self._started = not self._given_up
+            return self._started
+
+    def _give_up(self, why: BaseException) -> None:
+        """``save()`` was interrupted (a KeyboardInterrupt) as it queued the job: unless the save thread
+        has claimed it, it never runs, and the handle ends now (else waits on it would never end). The
+        error is not raised again: the interrupt was."""
+        with self._lock:
+            if self._started:
+                return
+            self._given_up = self._reported = True
+        self._future.set_exception(CheckpointError(f"{self.label}: the save was interrupted ({type(why).__name__}) "
+                                                   "before it began; nothing was written"))
 
     def _take_error(self) -> BaseException | None:
         """The error, the first time it is asked for (each error is raised once)."""
@@ -302,8 +320,12 @@ class AsyncCheckpointer:
         key = f"jaxckpt/{self._instance}/{self._seq}/{loc.name}"
         with self._lock:
             self._handles.append(handle)
-        self._bg.submit(self._run, _Save(handle, copied, metadata, overwrite, t0, blocking, on_commit, key,
-                                         self.timeout if timeout is None else timeout, loc, per_process, enc_key))
+        try:
+            self._bg.submit(self._run, _Save(handle, copied, metadata, overwrite, t0, blocking, on_commit, key,
+                                             self.timeout if timeout is None else timeout, loc, per_process, enc_key))
+        except BaseException as e:
+            handle._give_up(e)
+            raise
         return handle
 
     def prepare(self, tree: Any) -> Future:
@@ -361,6 +383,8 @@ class AsyncCheckpointer:
     def _run(self, save: _Save) -> None:
         """(save thread) Write and commit one save, hand its copies back, resolve its handle."""
         handle, snap, t0, key = save.handle, save.copied.snapshot, save.t0, save.key
+        if not handle._start():  # given up by an interrupted save()
+            return
         metadata, overwrite = save.metadata, save.overwrite
         deadline = None if save.timeout is None else time.monotonic() + save.timeout - (time.perf_counter() - t0)
         job = writer.Job(handle.label)

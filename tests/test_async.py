@@ -129,6 +129,43 @@ def test_context_exit_keeps_the_body_exception(ckdir, monkeypatch):
             raise KeyError("body")
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("via", ["checkpointer", "manager"])
+def test_an_interrupt_as_save_queues_its_job_leaves_nothing_to_wait_for(ckdir, via):
+    """Ctrl-C landing in save() after its handle was registered and before its
+    job was queued (simulated: the pool's submit raises it) left a handle that
+    never resolved: close(), wait_until_finished() and a manager's exception
+    save waited forever, and its SIGTERM handler kept the process alive."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if via == "checkpointer":
+        ck = jaxckpt.AsyncCheckpointer()
+        ck._bg.submit = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            ck.save(ckdir / "x", {"w": np.ones(4)})
+        (handle,) = ck._handles
+        assert handle.done() and handle.wait(timeout=0)
+        with pytest.raises(jaxckpt.CheckpointError, match=r"x: the save was interrupted \(KeyboardInterrupt\) "
+                                                          "before it began; nothing was written"):
+            handle.result()
+        ck.wait_until_finished()  # the interrupt was the error: not raised again
+        ck.close()
+        assert not (ckdir / "x").exists()
+        return
+    with pytest.raises(KeyboardInterrupt):
+        with jaxckpt.CheckpointManager(ckdir / "run", save_on_exception=True) as mgr:
+            mgr.save(1, {"w": np.ones(4)})
+            mgr.wait_until_finished()
+            real = mgr._ckptr._bg.submit
+            mgr._ckptr._bg.submit = interrupted
+            try:
+                mgr.save(2, {"w": np.full(4, 2.0)})
+            finally:
+                mgr._ckptr._bg.submit = real  # the exception save on the way out may queue its job
+    assert jaxckpt.CheckpointManager(ckdir / "run", read_only=True).all_steps()[0] == 1
+
+
 def test_max_in_flight_is_honoured(ckdir, monkeypatch):
     active, peak, lock = [0], [0], threading.Lock()
     release = threading.Semaphore(0)
