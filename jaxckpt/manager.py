@@ -259,8 +259,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ saving
     def should_save(self, step: int) -> bool:
-        """Whether ``save(step, ...)`` would save now (policies and preemption; not ``force``)."""
-        return self._decide(as_step(step), False) is not None
+        """Whether ``save(step, ...)`` would save now (policies, preemption; not ``force``; never when it raises)."""
+        return not (self._closed or self.read_only) and self._decide(as_step(step), False) is not None
 
     def _decide(self, step: int, force: bool) -> str | None:
         """Why ``step`` is saved now, or None. In a multi-process job every

@@ -330,7 +330,8 @@ class KeepPolicy:
             ranked = [i for i in infos if i.metric is not None]
             sign = 1.0 if self.best_mode == "min" else -1.0
             ranked.sort(key=lambda i: (sign * i.metric, -i.step))  # ties: the newer wins
-            kept.update(i.step for i in ranked[:self.max_to_keep])
+            unranked = [i for i in reversed(infos) if i.metric is None]  # rank last, the newer first
+            kept.update(i.step for i in (ranked + unranked)[:self.max_to_keep])
         if self.period is not None:
             kept.update(i.step for i in infos if i.step % self.period == 0)
         if self.time_interval is not None:

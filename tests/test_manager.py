@@ -288,6 +288,11 @@ def test_keep_policy_best_n_keeps_the_newest_too():
     # Steps without the metric rank last; ties go to the newer step.
     tied = {1: 0.1, 2: 0.1, 3: None, 4: 0.3}
     assert KeepPolicy(max_to_keep=1, best_metric="loss").keep(infos(range(1, 5), metrics=tied)) == {2, 4}
+    # Ranking last, they fill the slots the ranked ones leave, the newer first (they were all deleted but the
+    # newest, however much room there was: a final save without metrics took the others with it).
+    sparse = {1: None, 2: 0.4, 3: None, 4: None}
+    assert KeepPolicy(max_to_keep=3, best_metric="loss").keep(infos(range(1, 5), metrics=sparse)) == {2, 3, 4}
+    assert KeepPolicy(max_to_keep=5, best_metric="loss").keep(infos(range(1, 4), metrics={})) == {1, 2, 3}
 
 
 def test_time_window_choice_is_stable_as_checkpoints_arrive():
@@ -663,11 +668,16 @@ def test_restore_waits_for_the_save_in_flight(ckdir, held_commits):
 
 def test_closed_manager_refuses_saves(ckdir):
     mgr = jaxckpt.CheckpointManager(ckdir)
+    assert mgr.should_save(1)
     mgr.close()
     mgr.close()
     with pytest.raises(jaxckpt.CheckpointError) as e:
         mgr.save(1, state_at(1))
     assert str(e.value) == f"{ckdir}: this CheckpointManager is closed; it cannot save"
+    assert not mgr.should_save(1)  # "would save(step) save now": it would raise
+    reader = jaxckpt.CheckpointManager(ckdir, read_only=True)
+    assert not reader.should_save(1)
+    reader.close()
 
 
 # ----------------------------------------------------------------------------- resume
