@@ -183,11 +183,7 @@ class ObjectStaging(storage.Staging):
         live = {_attempt_of(n) for n in names if n.startswith(MARK)} - {self.token}
         keep = {MANIFEST_NAME} | {n for n in names if _attempt_of(n) in live | {self.token}}
         doomed = [n for n in names if n not in keep and (replaced or _attempt_of(n) is not None)]
-        nested = [n for n in doomed if n.endswith("/" + MANIFEST_NAME)]
-        if nested:
-            self.client.delete([_join(self.prefix, n) for n in nested])
-        self.client.delete([_join(self.prefix, n) for n in doomed if n not in nested] +
-                           [_join(self.prefix, MARK + self.token)])
+        _delete_manifests_first(self.client, [_join(self.prefix, n) for n in doomed + [MARK + self.token]])
         if live and not self._still_ours():
             self.client.delete([_join(self.prefix, n) for n in names
                                 if _attempt_of(n) == self.token and not n.startswith(MARK)])
@@ -299,6 +295,15 @@ def _foreign(prefix: str, objs: list[objclient.ObjectInfo]) -> bool:
     return any(_attempt_of(o.key[len(prefix) + 1:]) is None and not _is_folder(prefix, o) for o in objs)
 
 
+def _delete_manifests_first(client: ObjectClient, keys: list[str]) -> None:
+    """Delete ``keys``: the manifests among them first, so that a checkpoint nested in what is deleted
+    is un-committed before its data goes (a crash between leaves no listed checkpoint without data)."""
+    manifests = [k for k in keys if k.rpartition("/")[2] == MANIFEST_NAME]
+    if manifests:
+        client.delete(manifests)
+    client.delete([k for k in keys if k.rpartition("/")[2] != MANIFEST_NAME])
+
+
 def _is_folder(prefix: str, o: objclient.ObjectInfo) -> bool:
     return o.size == 0 and o.key in (prefix, prefix + "/")  # obstore lists 'name/' as 'name'
 
@@ -396,11 +401,7 @@ class ObjectBackend(storage.Backend):
         if not any(o.key == manifest for o in objs):
             raise FileNotFoundError(f"{loc}: no committed checkpoint to remove")
         self.client.delete([manifest])
-        rest = [o.key for o in objs if o.key != manifest]
-        nested = [k for k in rest if k.endswith("/" + MANIFEST_NAME)]
-        if nested:
-            self.client.delete(nested)
-        self.client.delete([k for k in rest if k not in nested])
+        _delete_manifests_first(self.client, [o.key for o in objs if o.key != manifest])
 
     def clean_stale(self, root: Location, accept: Callable[[str], Any]) -> tuple[list[str], list[str]]:
         """One listing for both: the cleaning deletes no manifest."""
