@@ -32,8 +32,7 @@ import jaxckpt
 from jaxckpt import display
 from jaxckpt import format as fmt
 from jaxckpt import storage
-from jaxckpt.errors import (CheckpointError, CheckpointExistsError, CheckpointNotFoundError, DecryptionError,
-                            UnsupportedLocationError)
+from jaxckpt.errors import CheckpointError, CheckpointExistsError, DecryptionError, UnsupportedLocationError
 from jaxckpt.verify import VERIFY_BATCH_BYTES, VerifyResult, error_message, verify_checkpoint  # noqa: F401 (public here)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -101,14 +100,7 @@ def _require_dir(path: str) -> None:
 
 def _is_file(path: str) -> bool:
     """Whether ``path`` is a single file: a local one, or an object (a safetensors, MindSpore or flax file)."""
-    loc = storage.Location.parse(path)
-    if loc.is_local:
-        return os.path.isfile(path)
-    try:
-        storage.open_file(loc).close()
-    except CheckpointNotFoundError:
-        return False
-    return True
+    return os.path.isfile(path) if _is_local(path) else storage.is_file(path)
 
 
 def _base_name(path: str) -> str:

@@ -82,19 +82,13 @@ def _detect_uncommitted(loc: storage.Location, be: Any) -> str:
     except CheckpointNotFoundError:
         if loc.is_local:
             raise
-        return "orbax" if _has_orbax_files(be, loc) else "jaxckpt"  # else jaxckpt's reader says what is missing
+        return "orbax" if _has_orbax_files(loc) else "jaxckpt"  # else jaxckpt's reader says what is missing
     return _sniffed(str(loc), size, head)
 
 
-def _has_orbax_files(be: Any, loc: Any) -> bool:
+def _has_orbax_files(loc: Any) -> bool:
     """Whether the prefix ``loc`` holds one of the files of an orbax step or item (a HEAD each)."""
-    for name in _module("orbax").MARKERS:
-        try:
-            be.open_file(loc.join(name)).close()
-            return True
-        except CheckpointNotFoundError:
-            continue
-    return False
+    return any(storage.is_file(loc.join(name)) for name in _module("orbax").MARKERS)
 
 
 def _orbax_in_bucket(path: Any, fmt_name: str, options: dict | None) -> Any:
@@ -382,20 +376,12 @@ def _check_destination(out: Any, to: str, overwrite: bool) -> None:
         directory, there = os.path.isdir(out.path), os.path.lexists(out.path)
     else:
         directory = storage.backend(out).exists(out)
-        there = directory or _file_there(out)
+        there = directory or storage.is_file(out)
     if directory:
         raise CheckpointExistsError(f"{out}: a directory is there; refusing to replace it with a file")
     if there and not overwrite:
         raise CheckpointExistsError(f"{out}: exists (pass overwrite=True, or --overwrite on the command line, "
                                     "to replace it)")
-
-
-def _file_there(loc: storage.Location) -> bool:
-    try:
-        storage.open_file(loc).close()
-    except CheckpointNotFoundError:
-        return False
-    return True
 
 
 def _laid_out(src: storage.Location, src_fmt: str, to: str, plain: Iterator[tuple[str, np.ndarray]],

@@ -73,7 +73,7 @@ import threading
 from typing import Any, BinaryIO, Callable, Iterable
 
 from jaxckpt import location
-from jaxckpt.errors import UnsupportedLocationError
+from jaxckpt.errors import CheckpointNotFoundError, UnsupportedLocationError
 
 Location = location.Location  # re-exported: every layer names it through storage
 
@@ -273,6 +273,15 @@ def open_file(where: "str | os.PathLike | Location") -> FileSource:
     ``CheckpointNotFoundError`` if there is none."""
     loc = Location.parse(where)
     return backend(loc).open_file(loc)
+
+
+def is_file(where: "str | os.PathLike | Location") -> bool:
+    """Whether a single file (object) is at a path or URL."""
+    try:
+        open_file(where).close()
+    except CheckpointNotFoundError:
+        return False
+    return True
 
 
 def write_file(where: "str | os.PathLike | Location", fill: Callable[[BinaryIO], None],
