@@ -172,9 +172,7 @@ def validate_request(path: str | os.PathLike | storage.Location, metadata: Any, 
     Whether a checkpoint is there already is checked here on a local disk (a
     stat), and left to the save thread on an object store, where it is a round
     trip the training loop must not wait for (see ``_check_absent``)."""
-    loc = storage.Location.parse(path, storage_options)
-    if "\x00" in loc.path:
-        raise ValueError(f"{str(loc)!r}: embedded null byte in the checkpoint path")
+    loc = storage.Location.parse(path, storage_options)  # refuses a NUL in the path, among others
     if not metadata_checked:
         try:
             fmt.check_metadata(metadata)
